@@ -1,0 +1,79 @@
+"""A preallocated, slot-based KV cache.
+
+One cache holds `n_slots` sequences side by side: k/v are [n_layers, n_slots, n_kv_heads,
+max_len, head_dim]. A slot is one sequence (or one speculative branch). Nothing is ever
+erased: `truncate` only moves the committed length back, because the model attends a query at
+position p to keys 0..p only, and every key in that range is rewritten before it is read again.
+`fork` copies a prefix into other slots so several continuations of it decode as one batch.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """No free slot, or a sequence would outgrow max_len."""
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.lengths = [0] * n_slots
+        self._free = list(range(n_slots - 1, -1, -1))
+
+    @classmethod
+    def for_model(cls, args, n_slots: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
+        return cls(args.n_layers, n_slots, args.n_kv_heads, max_len, args.head_dim, dtype, device)
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+    def alloc(self) -> int:
+        if not self._free:
+            raise CacheFullError(f"all {self.n_slots} KV-cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        if slot in self._free:
+            raise ValueError(f"slot {slot} is already free")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll back to `length` committed positions (drop rejected draft tokens)."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of length {self.lengths[slot]} to {length}")
+        self.lengths[slot] = length
+
+    def advance(self, slot: int, length: int) -> None:
+        """Record that positions up to `length` of `slot` now hold valid keys/values."""
+        if length > self.max_len:
+            raise CacheFullError(f"sequence length {length} exceeds the cache's max_len {self.max_len}")
+        self.lengths[slot] = length
+
+    def fork(self, src: int, dsts: list[int], length: int | None = None) -> None:
+        """Copy the first `length` positions of `src` into every slot in `dsts`."""
+        n = self.lengths[src] if length is None else length
+        if dsts and n:
+            idx = torch.tensor(dsts, device=self.k.device)
+            self.k[:, idx, :, :n] = self.k[:, src:src + 1, :, :n]
+            self.v[:, idx, :, :n] = self.v[:, src:src + 1, :, :n]
+        for d in dsts:
+            self.lengths[d] = n
+
+    def copy_range(self, src: int, dst: int, start: int, end: int) -> None:
+        """Copy positions [start, end) of `src` into `dst` (adopting a speculative branch)."""
+        if end > start:
+            self.k[:, dst, :, start:end] = self.k[:, src, :, start:end]
+            self.v[:, dst, :, start:end] = self.v[:, src, :, start:end]

@@ -1,0 +1,72 @@
+"""Load a Hugging Face checkpoint directory from local disk into `Transformer`.
+
+Reads config.json plus model.safetensors or a sharded model.safetensors.index.json. Weights
+are built on the meta device and assigned straight from the safetensors files, so loading does
+not first allocate and randomly initialise a second copy.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from actors.config import CheckpointError, ModelArgs, rope_inv_freq
+from actors.model import Transformer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def weight_files(path: Path) -> list[Path]:
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (path / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in {index.name} are missing: {', '.join(missing)}")
+        return [path / s for s in shards]
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Transformer:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory does not exist")
+    args = ModelArgs.from_dir(path)
+    dt = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = Transformer(args)
+    state = {}
+    for f in weight_files(path):
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for name in sf.keys():
+                state[name] = sf.get_tensor(name).to(dt)
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k for k in model.state_dict() if not (args.tie_word_embeddings and k == "lm_head.weight")}
+    missing = sorted(expected - state.keys())
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    unexpected = sorted(k for k in state.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        log.warning("%s: ignoring %d unexpected tensors, e.g. %s", path, len(unexpected), unexpected[:3])
+    model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_inv_freq(args).to(device)  # the only non-checkpoint buffer, still on meta
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,151 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) in plain torch.
+
+Module names follow Hugging Face's (model.layers.N.self_attn.q_proj, ...), so a checkpoint's
+state dict loads without a name map and the demo builder saves files transformers can read.
+`forward` serves three callers: training (no cache, full causal), prefill/verify (T tokens per
+row written into the cache) and batched branch decoding (one token per slot). Every row carries
+its own positions, so rows of different lengths share one batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actors.config import ModelArgs, rope_inv_freq
+from actors.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementation, then cast back.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.window = a.sliding_window
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, slots, input_pos, kv_len):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            kc, vc = cache.k[layer], cache.v[layer]  # [S, H, M, D]
+            rows = slots[:, None].expand(B, T)
+            kc[rows, :, input_pos] = k.transpose(1, 2)
+            vc[rows, :, input_pos] = v.transpose(1, 2)
+            if B == 1:  # a view, no gather
+                s = int(slots[0])
+                k, v = kc[s:s + 1, :, :kv_len], vc[s:s + 1, :, :kv_len]
+            else:
+                k = kc[:, :, :kv_len].index_select(0, slots)
+                v = vc[:, :, :kv_len].index_select(0, slots)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(a)
+        self.mlp = MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+
+
+class Backbone(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V].
+
+        Without a cache: plain causal attention over the T tokens (training, reference).
+        With a cache: row b's tokens sit at positions input_pos[b] of cache slot slots[b]; they
+        are written into the cache and attend to every cached key at or before their position.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        mask = None
+        if cache is not None:
+            if slots is None:
+                raise ValueError("slots are required with a cache")
+            kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
+            keys = torch.arange(kv_len, device=tokens.device)
+            qpos = input_pos[:, None, :, None]
+            mask = keys <= qpos
+            if self.args.sliding_window is not None:
+                mask = mask & (keys > qpos - self.args.sliding_window)
+        elif self.args.sliding_window is not None and T > self.args.sliding_window:
+            keys = torch.arange(T, device=tokens.device)
+            qpos = input_pos[:, None, :, None]
+            mask = (keys <= qpos) & (keys > qpos - self.args.sliding_window)
+        # RoPE in float32 (as the reference does), applied in the activation dtype.
+        freqs = input_pos[:, None, :, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, i, cache, slots, input_pos, kv_len)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.model.norm(x))
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
