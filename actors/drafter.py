@@ -1,0 +1,300 @@
+"""The drafter: proposes K tokens per round and, in SSD mode, pre-drafts the next round for the
+likely verification outcomes while the verifier is busy.
+
+A step, as the drafter sees it (the verifier is the master of the ping-pong, see channel.py):
+
+  1. receive a frame: ADMIT (prompt + first token), OUTCOME (k, t*) per sequence, RELEASE;
+  2. per OUTCOME, look (k, t*) up in the speculation cache: a hit adopts the pre-drafted branch
+     (its tokens, q rows and KV slot) at no drafting cost; a miss runs the backup (`jit`: draft K
+     now; `ngram`: prompt lookup; `none`: no draft, the verifier decodes one token);
+  3. reply with one DRAFT per sequence;
+  4. SSD only: pre-speculate — for every depth j in 0..len(draft) take the top-F_j candidate
+     correction tokens (the drafted token d_{j+1} masked out: a rejected token is never the
+     correction) and draft K tokens after tokens + d_1..d_j + t*, all branches of all sequences
+     as one batch over forked KV slots. This runs while the verifier verifies.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.channel import Channel, Frame, Rec, Record
+from actors.fanout import AcceptanceTracker, geometric_fan_out
+from actors.kv_cache import KVCache
+from actors.loader import load_model
+from actors.ngram import propose_ngram
+from actors.sampling import SamplingParams, probs_from_logits, sample, saguaro_scale
+from actors.spec import EngineSpec
+from actors.wire import HIT, MISS, NO_LOOKUP, decode_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Branch:
+    slot: int
+    length: int
+    tokens: list[int]
+    q: torch.Tensor | None       # [K, V] probabilities the tokens were drawn from (sampling)
+    dists: torch.Tensor          # [K, V] unscaled drafter distributions, depth 0..K-1
+
+
+@dataclass
+class DraftSeq:
+    id: int
+    params: SamplingParams
+    gen: torch.Generator
+    tokens: list[int]            # committed prefix (prompt + generated)
+    slot: int
+    length: int = 0              # valid positions in `slot`
+    round: int = 0
+    draft: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None
+    dists: torch.Tensor | None = None   # row j: drafter distribution after tokens + draft[:j]
+    branches: dict[tuple[int, int], Branch] = field(default_factory=dict)
+    tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+
+
+@dataclass
+class DrafterTimes:
+    wait_s: float = 0.0          # blocked waiting for the verifier's next frame (idle)
+    reply_s: float = 0.0         # from frame received to reply sent (on the critical path)
+    prespec_s: float = 0.0       # pre-speculation (hidden behind verification)
+    branches: int = 0
+    frames: int = 0
+
+
+class Drafter:
+    def __init__(self, spec: EngineSpec):
+        torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.k = spec.k
+        self.device = spec.draft_device
+        self.model = load_model(spec.draft, spec.draft_dtype, self.device)
+        n_slots = spec.max_batch * (2 + spec.max_branches + spec.k)
+        self.cache = KVCache.for_model(self.model.args, n_slots, spec.max_seq_len + 2 * spec.k + 2,
+                                       self.model.dtype, self.device)
+        self.seqs: dict[int, DraftSeq] = {}
+        self.channel: Channel | None = None
+        self.times = DrafterTimes()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
+        self.channel = Channel(1, master_addr or self.spec.master_addr, master_port or self.spec.master_port,
+                               backend=self.spec.backend, device=self.device, timeout_s=self.spec.timeout_s)
+        self.channel.connect()
+
+    def run(self) -> None:
+        """Serve the verifier until it sends SHUTDOWN (or the channel breaks)."""
+        try:
+            while True:
+                t0 = time.perf_counter()
+                frame = self.channel.recv()
+                t1 = time.perf_counter()
+                self.times.wait_s += t1 - t0
+                self.times.frames += 1
+                if any(r.kind == Rec.SHUTDOWN for r in frame.records):
+                    return
+                reply = self.handle(frame, recv_posted_ns=int(t0 * 1e9), recv_done_ns=int(t1 * 1e9))
+                self.channel.send(reply)
+                t2 = time.perf_counter()
+                self.times.reply_s += t2 - t1
+                if self.spec.mode == "ssd":
+                    self.prespeculate()
+                    self.times.prespec_s += time.perf_counter() - t2
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+
+    def stats(self) -> dict:
+        return dict(vars(self.times))
+
+    # -- one frame -------------------------------------------------------------------------
+    def handle(self, frame: Frame, recv_posted_ns: int = 0, recv_done_ns: int = 0) -> Frame:
+        need_draft: list[DraftSeq] = []
+        replies: dict[int, int] = {}
+        for rec in frame.records:
+            if rec.kind == Rec.ADMIT:
+                s = self._admit(rec)
+                need_draft.append(s)
+                replies[s.id] = NO_LOOKUP
+            elif rec.kind == Rec.OUTCOME:
+                s = self.seqs.get(rec.seq)
+                if s is None:  # admitted before this drafter (re)joined: the verifier decodes alone
+                    continue
+                s.round = rec.round + 1
+                hit = self._apply_outcome(s, rec.a, rec.b)
+                replies[s.id] = hit
+                if hit != HIT:
+                    need_draft.append(s)
+            elif rec.kind == Rec.RELEASE:
+                self._release(rec.seq)
+        self._backup(need_draft)
+        records = [Record(Rec.PING, 0, recv_posted_ns, recv_done_ns, time.perf_counter_ns())]
+        for sid, hit in replies.items():
+            s = self.seqs[sid]
+            q = s.q if not s.params.greedy else None
+            records.append(Record(Rec.DRAFT, sid, s.round, hit, 0 if q is None else len(s.draft),
+                                  tokens=list(s.draft), floats=None if q is None else q.reshape(-1)))
+        return Frame(Rec.DRAFT, frame.step, records)
+
+    def _admit(self, rec: Record) -> DraftSeq:
+        params, seed, tokens = decode_params(rec.tokens)
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed((seed if seed is not None else 0) ^ 0x5EED)
+        s = DraftSeq(rec.seq, params, gen, list(tokens), self.cache.alloc())
+        self.seqs[s.id] = s
+        return s
+
+    def _prefill(self, s: DraftSeq, upto: int) -> None:
+        """Feed committed tokens the cache has not seen, up to (not including) index `upto`."""
+        if s.length < upto:
+            self._forward(torch.tensor([s.tokens[s.length:upto]]), torch.arange(s.length, upto)[None], [s.slot])
+            s.length = upto
+            self.cache.advance(s.slot, upto)
+
+    def _release(self, sid: int) -> None:
+        s = self.seqs.pop(sid, None)
+        if s is None:
+            return
+        self._drop_branches(s)
+        self.cache.free(s.slot)
+
+    def _drop_branches(self, s: DraftSeq, keep: Branch | None = None) -> None:
+        for br in s.branches.values():
+            if br is not keep:
+                self.cache.free(br.slot)
+        s.branches = {}
+
+    def _apply_outcome(self, s: DraftSeq, k: int, t_star: int) -> int:
+        """Commit (k, t*) and adopt the matching pre-drafted branch if there is one."""
+        n_old = len(s.tokens)
+        s.tracker.update(k, len(s.draft))
+        s.tokens += s.draft[:k] + [t_star]
+        br = s.branches.get((k, t_star))
+        self._drop_branches(s, keep=br)
+        if br is not None:
+            self.cache.free(s.slot)
+            s.slot, s.length, s.draft, s.q, s.dists = br.slot, br.length, br.tokens, br.q, br.dists
+            return HIT
+        s.length = min(s.length, n_old + k)
+        self.cache.truncate(s.slot, s.length)
+        s.draft, s.q, s.dists = [], None, None
+        return MISS if self.spec.mode == "ssd" else NO_LOOKUP
+
+    # -- drafting --------------------------------------------------------------------------
+    def _backup(self, seqs: list[DraftSeq]) -> None:
+        """Draft for sequences that have no cached draft this round."""
+        if not seqs:
+            return
+        backup = self.spec.backup if self.spec.mode == "ssd" else "jit"
+        jit = seqs if backup == "jit" else []
+        if backup == "ngram":
+            for s in seqs:
+                s.draft = propose_ngram(s.tokens, self.k)
+                s.q = torch.nn.functional.one_hot(torch.tensor(s.draft, dtype=torch.long),
+                                                  self.model.args.vocab_size).float() if s.draft else None
+        if jit:
+            for s in jit:
+                self._prefill(s, len(s.tokens) - 1)
+            rows = [(s, s.slot, s.length, s.tokens[-1], None) for s in jit]
+            for (s, *_), (toks, q, dists, length) in zip(rows, self._draft_rows(rows)):
+                s.draft, s.q, s.dists, s.length = toks, q, dists, length
+
+    def _draft_rows(self, rows) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor, int]]:
+        """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out),
+        one batched forward per step. Returns per row (tokens, q rows, dists, cache length)."""
+        K, B = self.k, len(rows)
+        slots = [r[1] for r in rows]
+        pos = torch.tensor([r[2] for r in rows])
+        cur = torch.tensor([r[3] for r in rows])
+        toks = torch.empty(B, K, dtype=torch.long)
+        dists = [[] for _ in range(B)]
+        qs = [[] for _ in range(B)]
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r[0].id, []).append(i)
+        for step in range(K):
+            logits = self._forward(cur[:, None], pos[:, None], slots)[:, 0]
+            nxt = torch.empty(B, dtype=torch.long)
+            for idx in groups.values():
+                s = rows[idx[0]][0]
+                lg = logits[idx]
+                if s.params.greedy:
+                    nxt[idx] = lg.argmax(-1)
+                    for i, row in zip(idx, lg):
+                        dists[i].append(row)
+                    continue
+                p = probs_from_logits(lg, s.params)
+                q = p
+                if self.spec.saguaro_c < 1.0:
+                    fan = torch.tensor([self._fan_out(s, K)[step] if step < K else 0 for _ in idx])
+                    q = saguaro_scale(p, fan, self.spec.saguaro_c)
+                nxt[idx] = sample(q, s.gen)
+                for i, prow, qrow in zip(idx, p, q):
+                    dists[i].append(prow)
+                    qs[i].append(qrow)
+            toks[:, step] = nxt
+            cur, pos = nxt, pos + 1
+        out = []
+        for i, r in enumerate(rows):
+            length = r[2] + K
+            self.cache.advance(slots[i], length)
+            q = torch.stack(qs[i]) if qs[i] else None
+            out.append((toks[i].tolist(), q, torch.stack(dists[i]), length))
+        return out
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            dev = self.device
+            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev))
+        return logits.float().cpu()
+
+    def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
+        if self.spec.fan_out is not None:
+            return list(self.spec.fan_out[:depth_max + 1])
+        return geometric_fan_out(self.spec.fan_out_budget, depth_max, s.tracker.alpha)
+
+    def _catch_up(self, s: DraftSeq) -> None:
+        """Feed the cache whatever it lacks of tokens + draft, so every depth has a distribution."""
+        full = s.tokens + s.draft
+        if s.length >= len(full):
+            return
+        new = full[s.length:]
+        logits = self._forward(torch.tensor([new]), torch.arange(s.length, len(full))[None], [s.slot])[0]
+        rows = logits if s.params.greedy else probs_from_logits(logits, s.params)
+        first_depth = s.length - (len(s.tokens) - 1)
+        s.dists = rows if s.dists is None or first_depth <= 0 else torch.cat([s.dists[:first_depth], rows])
+        s.length = len(full)
+        self.cache.advance(s.slot, s.length)
+
+    def prespeculate(self) -> None:
+        """Pre-draft the next round for the likely outcomes of the round being verified."""
+        rows, keys = [], []
+        for s in self.seqs.values():
+            self._catch_up(s)
+            n, depths = len(s.tokens), len(s.draft)
+            fan = self._fan_out(s, depths)
+            for j in range(depths + 1):
+                if fan[j] <= 0:
+                    continue
+                scores = s.dists[j].clone()
+                if j < depths:
+                    scores[s.draft[j]] = float("-inf")  # a rejected token is never the correction
+                cands = scores.topk(min(fan[j], scores.numel() - 1)).indices.tolist()
+                slots = [self.cache.alloc() for _ in cands]
+                self.cache.fork(s.slot, slots, n + j)
+                for t, slot in zip(cands, slots):
+                    rows.append((s, slot, n + j, t, j))
+                    keys.append((s, (j, t)))
+        if not rows:
+            return
+        for (s, key), row, (toks, q, dists, length) in zip(keys, rows, self._draft_rows(rows)):
+            s.branches[key] = Branch(row[1], length, toks, q, dists)
+        self.times.branches += len(rows)

@@ -1,0 +1,398 @@
+"""The verifier: owns the target model and the authoritative state of every sequence.
+
+Its loop is the engine's critical path. One step, top to bottom:
+
+  1. apply aborts and admit queued requests (prefill the prompt; its last logits give the first
+     token, streamed at once);
+  2. exchange one frame with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, get
+     one DRAFT per sequence back (in SSD mode usually straight from the drafter's speculation
+     cache, because the drafter pre-drafted it while this process ran step 3 of the last round);
+  3. verify every sequence's draft in one batched target forward over K+1 positions, apply the
+     lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
+     apply stop conditions and stream the new tokens out.
+
+Without a drafter (mode `ar`, a request that disabled speculation, or a drafter that died) a
+sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
+Other threads only touch the queues (submit, abort, poll), never torch or the channel.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.channel import Channel, ChannelClosed, Frame, Rec, Record
+from actors.kv_cache import KVCache
+from actors.loader import load_model
+from actors.sampling import SamplingParams, probs_from_logits, sample
+from actors.spec import EngineSpec
+from actors.stats import SpecStats
+from actors.verify import verify_batch_greedy, verify_greedy, verify_sampling
+from actors.wire import HIT, MISS, encode_params
+
+log = logging.getLogger(__name__)
+PING_EVERY_S = 1.0
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    speculate: bool = True
+
+
+@dataclass
+class Seq:
+    req: Request
+    slot: int
+    tokens: list[int]
+    seed: int
+    gen: torch.Generator
+    stats: SpecStats
+    t_submit: float
+    length: int = 0                    # valid positions in the target's KV slot
+    round: int = 0
+    draft: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None
+    outcome: tuple[int, int] | None = None   # (k, t*) not yet sent to the drafter
+    last_k: int = 0                          # depth of the last outcome (for hit-by-depth)
+    on_drafter: bool = False
+    t_first: float = 0.0
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - len(self.req.prompt)
+
+
+@dataclass
+class VerifierTimes:
+    steps: int = 0
+    verify_s: float = 0.0       # batched target forward + verification math
+    prefill_s: float = 0.0
+    wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
+    transport_s: float = 0.0    # estimated wire time inside wait_s
+    control_s: float = 0.0      # admission, aborts, stop checks, streaming out
+    idle_s: float = 0.0         # nothing to do
+    rounds: int = 0
+    tokens: int = 0
+
+
+class Verifier:
+    def __init__(self, spec: EngineSpec):
+        torch.set_num_threads(spec.num_threads)
+        self.spec = spec
+        self.k = spec.k
+        self.device = spec.target_device
+        self.model = load_model(spec.target, spec.target_dtype, self.device)
+        self.vocab = self.model.args.vocab_size
+        self.eos = frozenset(self.model.args.eos_token_ids)
+        self.cache = KVCache.for_model(self.model.args, spec.max_batch, spec.max_seq_len + spec.k + 2,
+                                       self.model.dtype, self.device)
+        self.seqs: dict[int, Seq] = {}
+        self.channel: Channel | None = None
+        self.drafter_ok = False
+        self.times = VerifierTimes()
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._waiting: list[Request] = []
+        self._events: queue.Queue[dict] = queue.Queue()
+        self._aborts: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reconnect: tuple[str, int] | None = None
+        self._release: list[int] = []
+        self._last_exchange = time.perf_counter()
+        self._step_no = 0
+
+    # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
+    def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
+        if not self.spec.speculative:
+            return
+        self.channel = Channel(0, master_addr or self.spec.master_addr, master_port or self.spec.master_port,
+                               backend=self.spec.backend, device=self.device, timeout_s=self.spec.timeout_s)
+        self.channel.connect()
+        self.drafter_ok = True
+        for s in self.seqs.values():
+            s.on_drafter, s.outcome, s.draft, s.q = False, None, [], None
+
+    def reconnect(self, master_addr: str, master_port: int) -> None:
+        """Ask the loop to join a restarted drafter (done in the loop thread: process groups
+        are process-global and not thread-safe)."""
+        self._reconnect = (master_addr, master_port)
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.step()
+        finally:
+            self._shutdown_drafter()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- thread-safe API ---------------------------------------------------------------------
+    def submit(self, req: Request | dict) -> None:
+        req = req if isinstance(req, Request) else Request(**req)
+        req.params.validate()
+        if not req.prompt:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in req.prompt if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab}); got {bad[:3]}")
+        if req.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {req.max_new_tokens}")
+        if len(req.prompt) + req.max_new_tokens > self.spec.max_seq_len:
+            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) "
+                             f"exceeds max_seq_len {self.spec.max_seq_len}")
+        self._inbox.put((req, time.perf_counter()))
+
+    def abort(self, request_id: int) -> None:
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def poll(self, timeout: float = 0.1) -> list[dict]:
+        """Events since the last poll: new tokens per request, and a final event per request."""
+        try:
+            out = [self._events.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                out.append(self._events.get_nowait())
+            except queue.Empty:
+                return out
+
+    def metrics(self) -> dict:
+        m = dict(vars(self.times))
+        m.update(active=len(self.seqs), waiting=len(self._waiting) + self._inbox.qsize(),
+                 drafter_ok=self.drafter_ok, mode=self.spec.mode)
+        return m
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        if self._reconnect is not None:
+            self._do_reconnect()
+        records = self._control()
+        t1 = time.perf_counter()
+        self.times.control_s += t1 - t0
+        if not self.seqs and not records:
+            self._idle()
+            return
+        if self.drafter_ok:
+            self._exchange(records)
+        if self.seqs:
+            self._verify(list(self.seqs.values()))
+        self.times.steps += 1
+
+    def _control(self) -> list[Record]:
+        """Aborts, admissions and pending releases, as records for the drafter."""
+        while True:
+            try:
+                self._waiting.append(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+        for rid in aborts:
+            if rid in self.seqs:
+                self._finish(self.seqs[rid], "abort")
+            elif any(w[0].id == rid for w in self._waiting):
+                self._waiting = [w for w in self._waiting if w[0].id != rid]
+                self._events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
+        records = [Record(Rec.RELEASE, sid) for sid in self._release]
+        self._release = []
+        while self._waiting and self.cache.n_free:
+            req, t_submit = self._waiting.pop(0)
+            s = self._admit(req, t_submit)
+            if s is not None and self.drafter_ok and req.speculate:
+                records.append(self._admit_record(s))
+        for s in self.seqs.values():  # re-admit after a drafter (re)join
+            if self.drafter_ok and s.req.speculate and not s.on_drafter:
+                records.append(self._admit_record(s))
+        return records
+
+    def _admit_record(self, s: Seq) -> Record:
+        s.on_drafter, s.outcome = True, None
+        return Record(Rec.ADMIT, s.req.id, s.round, tokens=encode_params(s.req.params, s.seed, s.tokens))
+
+    def _admit(self, req: Request, t_submit: float) -> Seq | None:
+        t0 = time.perf_counter()
+        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        s = Seq(req, self.cache.alloc(), list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
+        self.seqs[req.id] = s
+        n = len(req.prompt)
+        logits = self._forward(torch.tensor([req.prompt]), torch.arange(n)[None], [s.slot])[0, -1]
+        s.length = n
+        self.cache.advance(s.slot, n)
+        tok = int(logits.argmax()) if req.params.greedy else int(sample(probs_from_logits(logits, req.params), gen))
+        self.times.prefill_s += time.perf_counter() - t0
+        s.t_first = time.perf_counter()
+        done = self._commit(s, [tok])
+        return None if done else s
+
+    def _idle(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._waiting.append(self._inbox.get(timeout=0.05))
+        except queue.Empty:
+            pass
+        if self.drafter_ok and time.perf_counter() - self._last_exchange > PING_EVERY_S:
+            self._exchange([Record(Rec.PING, 0)])
+        self.times.idle_s += time.perf_counter() - t0
+
+    def _exchange(self, records: list[Record]) -> None:
+        for s in self.seqs.values():
+            if s.outcome is not None and s.on_drafter:
+                k, t = s.outcome
+                records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t))
+                s.outcome = None
+        t0 = time.perf_counter_ns()
+        try:
+            self.channel.send(Frame(Rec.OUTCOME, self._step_no, records))
+            reply = self.channel.recv()
+        except ChannelClosed as e:
+            self._drafter_lost(e)
+            return
+        t1 = time.perf_counter_ns()
+        self._step_no += 1
+        self._last_exchange = time.perf_counter()
+        self.times.wait_s += (t1 - t0) / 1e9
+        for r in reply.records:
+            if r.kind == Rec.PING:  # drafter timestamps: posted recv, got frame, sent reply
+                self.times.transport_s += (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
+            elif r.kind == Rec.DRAFT and r.seq in self.seqs:
+                s = self.seqs[r.seq]
+                s.draft = [int(t) for t in r.tokens]
+                s.q = r.floats.view(len(s.draft), self.vocab) if r.b else None
+                if r.a in (HIT, MISS) and s.stats.drafts:
+                    s.stats.record_lookup(s.last_k, r.a == HIT)
+
+    def _drafter_lost(self, err: Exception) -> None:
+        log.error("drafter lost (%s); continuing without speculation", err)
+        self.drafter_ok = False
+        if self.channel is not None:
+            self.channel.close()
+        for s in self.seqs.values():
+            s.on_drafter, s.draft, s.q, s.outcome = False, [], None, None
+
+    def _do_reconnect(self) -> None:
+        addr, port = self._reconnect
+        self._reconnect = None
+        if self.channel is not None:
+            self.channel.close()
+        try:
+            self.connect(addr, port)
+            log.info("drafter rejoined on %s:%d; speculation resumes", addr, port)
+        except Exception as e:  # keep serving without a drafter rather than dying
+            log.error("could not join the drafter on %s:%d: %s", addr, port, e)
+            self.drafter_ok = False
+
+    def _shutdown_drafter(self) -> None:
+        if self.drafter_ok and self.channel is not None:
+            try:
+                self.channel.send(Frame(Rec.SHUTDOWN, self._step_no, [Record(Rec.SHUTDOWN, 0)]))
+            except ChannelClosed:
+                pass
+        if self.channel is not None:
+            self.channel.close()
+        self.drafter_ok = False
+
+    # -- verification ------------------------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            dev = self.device
+            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev))
+        return logits.float().cpu()
+
+    def _verify(self, seqs: list[Seq]) -> None:
+        t0 = time.perf_counter()
+        rows = [s.tokens[s.length:] + s.draft for s in seqs]
+        T = max(len(r) for r in rows)
+        x = torch.zeros(len(seqs), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, :len(r)] = torch.tensor(r)
+        pos = torch.tensor([s.length for s in seqs])[:, None] + torch.arange(T)
+        logits = self._forward(x, pos, [s.slot for s in seqs])
+        outcomes = self._outcomes(seqs, rows, logits)
+        t1 = time.perf_counter()
+        self.times.verify_s += t1 - t0
+        for s, (k, t) in zip(seqs, outcomes):
+            n_draft = len(s.draft)
+            s.stats.record_round(n_draft, k)
+            new = s.draft[:k] + [t]
+            s.length = len(s.tokens) + k
+            self.cache.advance(s.slot, s.length)
+            s.draft, s.q, s.last_k = [], None, k
+            self.times.rounds += 1
+            if not self._commit(s, new) and s.on_drafter:
+                s.outcome = (k, t)
+                s.round += 1
+        self.times.control_s += time.perf_counter() - t1
+
+    def _outcomes(self, seqs: list[Seq], rows: list[list[int]], logits: torch.Tensor) -> list[tuple[int, int]]:
+        n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
+        same = len({len(s.draft) for s in seqs}) == 1 and len(set(n_pend)) == 1
+        if same and all(s.req.params.greedy for s in seqs):
+            kd = len(seqs[0].draft)
+            p0 = n_pend[0] - 1
+            drafts = torch.tensor([s.draft for s in seqs], dtype=torch.long).view(len(seqs), kd)
+            acc, tok = verify_batch_greedy(drafts, logits[:, p0:p0 + kd + 1])
+            return list(zip(acc.tolist(), tok.tolist()))
+        out = []
+        for i, s in enumerate(seqs):
+            kd, p0 = len(s.draft), n_pend[i] - 1
+            rows_i = logits[i, p0:p0 + kd + 1]
+            d = torch.tensor(s.draft, dtype=torch.long)
+            if s.req.params.greedy:
+                o = verify_greedy(d, rows_i)
+            elif kd == 0:
+                o = verify_sampling(d, torch.empty(0, self.vocab), probs_from_logits(rows_i, s.req.params), s.gen)
+            else:
+                o = verify_sampling(d, s.q, probs_from_logits(rows_i, s.req.params), s.gen)
+            out.append((o.accepted, o.token))
+        return out
+
+    # -- output ------------------------------------------------------------------------------
+    def _commit(self, s: Seq, new: list[int]) -> bool:
+        """Append newly committed tokens, apply token-level stops, stream; True when finished."""
+        reason = None
+        stops = self.eos | frozenset(s.req.stop_token_ids)
+        for i, t in enumerate(new):
+            if t in stops:
+                new, reason = new[:i + 1], "stop"
+                break
+        room = s.req.max_new_tokens - s.n_generated
+        if len(new) > room or (len(new) == room and reason is None):
+            new, reason = new[:room], "length"
+        s.tokens += new
+        self.times.tokens += len(new)
+        self._events.put({"id": s.req.id, "tokens": new, "done": False})
+        if reason is None:
+            return False
+        self._finish(s, reason)
+        return True
+
+    def _finish(self, s: Seq, reason: str) -> None:
+        now = time.perf_counter()
+        self.seqs.pop(s.req.id, None)
+        self.cache.free(s.slot)
+        if s.on_drafter:
+            self._release.append(s.req.id)
+        self._events.put({
+            "id": s.req.id, "tokens": [], "done": True, "reason": reason,
+            "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated,
+            "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,
+        })

@@ -1,0 +1,109 @@
+"""Lossless verification of a draft against the target (Leviathan et al., 2023).
+
+A round proposes K draft tokens d_0..d_{K-1}; the target scores K+1 positions.
+
+greedy:   accept the longest prefix with d_i == argmax p_i; k = its length; t* = argmax p_k.
+sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection,
+          position k, draw t* from normalize(max(p_k - q_k, 0)); if all K are accepted, draw the
+          bonus t* from p_K. Each emitted token is then distributed exactly as under p alone.
+
+Either way a round commits k + 1 tokens: the accepted prefix, then t*.
+
+A rejected draft token can never be the correction token (greedy: it differed from the argmax;
+sampling: a rejection needs p(d) < q(d), so the residual is zero there). The drafter relies on
+this when it picks the correction tokens to pre-draft for, and the edge cases below keep it true.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Outcome:
+    accepted: int   # k: draft tokens accepted, 0..K
+    token: int      # t*: the correction token, or the bonus token when k == K
+
+    @property
+    def tokens_committed(self) -> int:
+        return self.accepted + 1
+
+
+def _check_shapes(draft: torch.Tensor, rows: torch.Tensor, name: str) -> int:
+    K = draft.numel()
+    if draft.dim() != 1:
+        raise ValueError(f"draft must be 1-D [K], got shape {tuple(draft.shape)}")
+    if rows.dim() != 2 or rows.shape[0] != K + 1:
+        raise ValueError(f"{name} must be [K+1, V] = [{K + 1}, V], got shape {tuple(rows.shape)}")
+    return K
+
+
+def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Outcome:
+    """draft [K], target_logits [K+1, V] (logits or probabilities). K == 0 is plain decoding."""
+    K = _check_shapes(draft, target_logits, "target_logits")
+    best = target_logits.argmax(-1)
+    k = int((draft == best[:K]).long().cumprod(0).sum()) if K else 0
+    return Outcome(k, int(best[k]))
+
+
+def verify_batch_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """drafts [B, K], target_logits [B, K+1, V] -> (accepted [B], tokens [B]).
+
+    Vectorised over rows and positions for the batched verifier; agrees with verify_greedy row by row.
+    """
+    B, K = drafts.shape
+    if target_logits.dim() != 3 or tuple(target_logits.shape[:2]) != (B, K + 1):
+        raise ValueError(f"target_logits must be [B, K+1, V] = [{B}, {K + 1}, V], "
+                         f"got shape {tuple(target_logits.shape)}")
+    best = target_logits.argmax(-1)                                   # [B, K+1]
+    # The running product of matches is 1 up to the first mismatch, so its sum is k.
+    accepted = (drafts == best[:, :K]).long().cumprod(1).sum(1)
+    return accepted, best.gather(1, accepted[:, None]).squeeze(1)
+
+
+def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                    generator: torch.Generator | None = None) -> Outcome:
+    """draft [K], q [K, V], p [K+1, V] -> Outcome. All randomness comes from `generator`.
+
+    q must be the distribution each draft token was really drawn from (after temperature, top-k,
+    top-p and any Saguaro scaling); p is the target's rows processed with the same settings.
+
+    Edge cases:
+    - q(d) == 0: d could not have been drawn from q, so the draft is inconsistent; it is rejected
+      (no division by zero) and d is excluded from the correction draw, keeping the invariant
+      that a rejected token is never the correction token.
+    - the residual max(p - q, 0) sums to 0: only possible when p == q numerically on that row (so
+      the rejection itself had ~0 probability); t* is drawn from p with d excluded.
+    """
+    K = _check_shapes(draft, p, "p")
+    if tuple(q.shape) != (K, p.shape[1]):
+        raise ValueError(f"q must be [K, V] = [{K}, {p.shape[1]}], got shape {tuple(q.shape)}")
+    if K:
+        # float64 so tiny ratios and residuals are not flushed to zero.
+        idx = torch.arange(K, device=draft.device)
+        pd, qd = p[idx, draft].double(), q[idx, draft].double()
+        u = torch.rand(K, generator=generator, dtype=torch.float64, device=p.device)
+        # u < p/q written as u * q < p: no division, and q(d) == 0 is an explicit reject.
+        accept = (qd > 0) & (u * qd < pd)
+        rejected = (~accept).nonzero()
+        if rejected.numel():
+            k = int(rejected[0])
+            return Outcome(k, _correction(p[k], q[k], int(draft[k]), generator))
+    return Outcome(K, int(torch.multinomial(p[K].double(), 1, generator=generator)))
+
+
+def _correction(p_row: torch.Tensor, q_row: torch.Tensor, rejected: int,
+                generator: torch.Generator | None) -> int:
+    """Draw t* from normalize(max(p - q, 0)), never returning the rejected token."""
+    residual = (p_row.double() - q_row.double()).clamp_min(0)
+    # A genuine rejection already has a zero residual at d; this only matters when q(d) == 0.
+    residual[rejected] = 0
+    if residual.sum() <= 0:
+        residual = p_row.double().clone()
+        residual[rejected] = 0
+        if residual.sum() <= 0:
+            # p is entirely on d, yet d was rejected: inputs are malformed (q(d) == 0 with
+            # p(d) == 1). Returning d is the only choice that p allows.
+            return rejected
+    return int(torch.multinomial(residual, 1, generator=generator))

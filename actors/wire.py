@@ -1,0 +1,33 @@
+"""Record payload conventions shared by verifier and drafter (the frame itself is channel.py).
+
+ADMIT carries the request's sampling settings ahead of its tokens, as int64 words: floats travel
+as the bit pattern of a float64, so both sides see exactly the same temperature and top-p.
+DRAFT's `a` says what the speculation cache did for this round.
+"""
+from __future__ import annotations
+
+import struct
+
+from actors.sampling import SamplingParams
+
+MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (admission / SD)
+_N_PARAMS = 4
+
+
+def _f2i(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _i2f(i: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", int(i)))[0]
+
+
+def encode_params(params: SamplingParams, seed: int, tokens: list[int]) -> list[int]:
+    return [_f2i(params.temperature), params.top_k, _f2i(params.top_p), seed] + list(tokens)
+
+
+def decode_params(payload) -> tuple[SamplingParams, int, list[int]]:
+    words = payload.tolist() if hasattr(payload, "tolist") else list(payload)
+    temp, top_k, top_p, seed = words[:_N_PARAMS]
+    params = SamplingParams(temperature=_i2f(temp), top_k=int(top_k), top_p=_i2f(top_p), seed=int(seed))
+    return params, int(seed), [int(t) for t in words[_N_PARAMS:]]

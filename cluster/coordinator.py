@@ -1,0 +1,232 @@
+"""The coordinator: per-request state between clients and the engine.
+
+It assigns engine ids, bounds the queue, turns committed token ids into text deltas, applies
+stop strings (token-level stops are applied by the verifier, which sees them first), enforces
+deadlines, and fans engine events out to one queue per request. One poller thread long-polls
+the verifier for committed tokens; everything else is plain method calls, so the gRPC server,
+the CLI and the benchmarks all drive the engine the same way.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from actors.sampling import SamplingParams
+from actors.stats import SpecStats
+from actors.tokenizer import IncrementalDecoder, Tokenizer
+from actors.verifier import Request
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """More requests in flight than the server is configured to hold."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is down, draining, or lost the request."""
+
+
+@dataclass
+class Chunk:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class Final:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    stats: SpecStats
+    ttft_s: float
+    total_s: float
+    text: str = ""
+    error: str | None = None
+
+
+@dataclass
+class GenerateArgs:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    speculate: bool = True
+    deadline_s: float | None = None      # seconds from submission
+    request_id: str = ""
+
+
+class Handle:
+    """One request in flight: iterate it for Chunk objects, ending with one Final."""
+
+    def __init__(self, coord: "Coordinator", eid: int, args: GenerateArgs, tok: Tokenizer | None):
+        self.coord, self.eid, self.args = coord, eid, args
+        self.request_id = args.request_id or f"req-{eid}"
+        self.events: queue.Queue = queue.Queue()
+        self.decoder = IncrementalDecoder(tok) if tok is not None else None
+        self.text = ""
+        self.tokens: list[int] = []
+        self.t_submit = time.perf_counter()
+        self.deadline = self.t_submit + args.deadline_s if args.deadline_s else None
+        self.stopped_by_string = False
+        self.done = False
+
+    def __iter__(self):
+        while True:
+            timeout = None if self.deadline is None else max(0.0, self.deadline - time.perf_counter())
+            try:
+                item = self.events.get(timeout=timeout)
+            except queue.Empty:
+                self.coord.abort(self.eid, reason="deadline")
+                continue
+            yield item
+            if isinstance(item, Final):
+                return
+
+    def cancel(self) -> None:
+        self.coord.abort(self.eid)
+
+    def result(self) -> Final:
+        """Block until the end; returns the Final with the full text."""
+        final = None
+        for item in self:
+            final = item if isinstance(item, Final) else final
+        final.text = self.text
+        return final
+
+
+class Coordinator:
+    def __init__(self, engine, tokenizer: Tokenizer | None = None, max_queue: int = 64):
+        self.engine = engine
+        self.tok = tokenizer
+        self.max_queue = max_queue
+        self.handles: dict[int, Handle] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._abort_reasons: dict[int, str] = {}
+        self.draining = False
+        self.error: str | None = None
+        self._poller = threading.Thread(target=self._poll_loop, name="outrider-poller", daemon=True)
+        self._poller.start()
+
+    # -- requests ------------------------------------------------------------------------------
+    def submit(self, args: GenerateArgs) -> Handle:
+        if self.draining or self._stop.is_set():
+            raise EngineUnavailable("the server is draining and takes no new requests")
+        if self.error:
+            raise EngineUnavailable(f"the engine is down: {self.error}")
+        with self._lock:
+            if len(self.handles) >= self.max_queue:
+                raise QueueFull(f"{len(self.handles)} requests in flight (server.max_queue={self.max_queue})")
+            eid = next(self._ids)
+            h = Handle(self, eid, args, self.tok)
+            self.handles[eid] = h
+        try:
+            self.engine.submit(Request(eid, list(args.prompt_ids), args.max_new_tokens, args.params,
+                                       tuple(args.stop_token_ids), args.speculate))
+        except Exception:
+            with self._lock:
+                self.handles.pop(eid, None)
+            raise
+        return h
+
+    def generate(self, args: GenerateArgs) -> Final:
+        return self.submit(args).result()
+
+    def abort(self, eid: int, reason: str = "abort") -> bool:
+        with self._lock:
+            if eid not in self.handles:
+                return False
+            self._abort_reasons.setdefault(eid, reason)
+        self.engine.abort(eid)
+        return True
+
+    def find(self, request_id: str) -> Handle | None:
+        with self._lock:
+            return next((h for h in self.handles.values() if h.request_id == request_id), None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.handles)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._poller.join(timeout=5)
+
+    def fail_all(self, message: str) -> None:
+        """The engine died: end every open stream with an error (nothing hangs)."""
+        self.error = message
+        with self._lock:
+            handles, self.handles = list(self.handles.values()), {}
+        for h in handles:
+            h.events.put(Final("error", len(h.args.prompt_ids), len(h.tokens), SpecStats(), 0.0,
+                               time.perf_counter() - h.t_submit, error=message))
+
+    # -- events --------------------------------------------------------------------------------
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                events = self.engine.poll(0.05)
+            except Exception as e:  # engine gone: fail open requests, keep polling for recovery
+                if not self._stop.is_set():
+                    log.error("engine poll failed: %s", e)
+                    self.fail_all(f"engine unavailable: {e}")
+                    time.sleep(0.2)
+                continue
+            for ev in events:
+                self._dispatch(ev)
+            self._check_deadlines()
+
+    def _check_deadlines(self) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            late = [h.eid for h in self.handles.values() if h.deadline and now > h.deadline]
+        for eid in late:
+            self.abort(eid, reason="deadline")
+
+    def _dispatch(self, ev: dict) -> None:
+        with self._lock:
+            h = self.handles.get(ev["id"])
+        if h is None:
+            return
+        if ev["tokens"] and not h.stopped_by_string:
+            self._emit_tokens(h, ev["tokens"])
+        if ev["done"]:
+            with self._lock:
+                self.handles.pop(h.eid, None)
+                reason = self._abort_reasons.pop(h.eid, None)
+            finish = ev["reason"]
+            if h.stopped_by_string:
+                finish = "stop"
+            elif reason is not None and finish == "abort":
+                finish = reason
+            h.done = True
+            h.events.put(Final(finish, ev.get("prompt_tokens", len(h.args.prompt_ids)), len(h.tokens),
+                               SpecStats.from_dict(ev["stats"]) if ev.get("stats") else SpecStats(),
+                               ev.get("ttft_s", 0.0), ev.get("total_s", 0.0)))
+
+    def _emit_tokens(self, h: Handle, tokens: list[int]) -> None:
+        delta = h.decoder.push(tokens) if h.decoder is not None else ""
+        if h.args.stop and h.decoder is not None:
+            # A stop string may straddle chunks: search the tail of the text so far.
+            window = max(len(s) for s in h.args.stop) + len(delta)
+            full = h.text + delta
+            start = max(0, len(full) - window)
+            cut = min((i for i in (full.find(s, start) for s in h.args.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                delta = full[len(h.text):cut] if cut > len(h.text) else ""
+                h.text = full[:cut] if cut < len(h.text) else h.text + delta
+                h.tokens += tokens
+                h.stopped_by_string = True
+                h.events.put(Chunk(list(tokens), delta))
+                self.abort(h.eid, reason="stop")
+                return
+        h.tokens += tokens
+        h.text += delta
+        h.events.put(Chunk(list(tokens), delta))

@@ -1,0 +1,56 @@
+"""From a validated deployment config to running parts: model paths, EngineSpec, engine."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from actors.spec import EngineSpec
+from actors.tokenizer import Tokenizer
+from cluster.config import DeploymentConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(path: str) -> str:
+    """Checkpoint directory for a YAML `path`; `demo:<size>/<role>` builds the demo pair once."""
+    if path.startswith("demo:"):
+        from actors.demo.build import resolve_demo
+
+        return str(resolve_demo(path))
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model path {path!r} is not a directory")
+    return str(p)
+
+
+def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
+    m, sp, en = cfg.models, cfg.speculation, cfg.engine
+    for w in cfg.warnings():
+        log.warning("config: %s", w)
+    for role, spec in (("target", m.target), ("draft", m.draft)):
+        if spec is not None and spec.tensor_parallel_size > 1:
+            raise NotImplementedError(f"models.{role}.tensor_parallel_size={spec.tensor_parallel_size}: tensor "
+                                      "parallelism is not implemented yet; use 1")
+    draft = m.draft if sp.mode != "ar" else None
+    return EngineSpec(
+        target=resolve_model(m.target.path), draft=resolve_model(draft.path) if draft else None,
+        target_dtype=m.target.dtype, draft_dtype=draft.dtype if draft else "float32",
+        target_device=m.target.device, draft_device=draft.device if draft else "cpu",
+        mode=sp.mode, k=sp.k, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
+        fan_out_budget=sp.fan_out_budget, backup=sp.backup, saguaro_c=sp.saguaro_c,
+        max_batch=en.max_batch, max_seq_len=en.max_seq_len, timeout_s=en.data_plane_timeout_s,
+        master_port=en.master_port or 0, num_threads=m.target.num_threads,
+    )
+
+
+def tokenizer_for(spec: EngineSpec) -> Tokenizer:
+    return Tokenizer(spec.target)
+
+
+def start_engine(cfg: DeploymentConfig, spec: EngineSpec | None = None):
+    """Initialise Ray (embedded or joined) and bring the actors up."""
+    from cluster.engine import RayEngine, init_ray
+
+    spec = spec or engine_spec(cfg)
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
+    return RayEngine(spec, cfg.cluster.placement_strategy).start()

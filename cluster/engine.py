@@ -1,0 +1,179 @@
+"""Bring the engine up on Ray: the verifier and the drafter as actors on separate devices.
+
+Ray is the control plane only: it places the two processes (one placement-group bundle each, so
+each gets its own GPU, or its own CPU core on a laptop), starts, health-checks and restarts them.
+The per-round traffic goes over the torch.distributed channel the two actors form between
+themselves. The coordinator lives in the serving process (the Ray driver), which holds no Ray
+resources (the `num_cpus=0` role), and talks to the verifier through three small calls: submit,
+abort and a long-poll for committed tokens.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.drafter import Drafter
+from actors.spec import EngineSpec
+from actors.verifier import Verifier
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class VerifierActor(Verifier):
+    """The plain Verifier plus what only a Ray deployment needs to ask it."""
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        return _free_port()
+
+
+class DrafterActor(Drafter):
+    def pid(self) -> int:
+        import os
+        return os.getpid()
+
+
+def _bundle(device: str, num_threads: int) -> dict:
+    if device.startswith("cuda"):
+        return {"CPU": num_threads, "GPU": 1}
+    return {"CPU": num_threads}
+
+
+def _options(bundle: dict, pg, index: int, **kw) -> dict:
+    return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index), **kw)
+
+
+class RayEngine:
+    """Verifier + drafter actors and their data plane. `submit/abort/poll/metrics` mirror the
+    Verifier's own methods, so the coordinator works the same on Ray or in plain processes."""
+
+    def __init__(self, spec: EngineSpec, placement_strategy: str = "PACK", ready_timeout_s: float = 300.0):
+        if spec.draft is None and spec.mode != "ar":
+            raise ValueError("a draft model is required for sd and ssd")
+        self.spec = spec
+        self.placement_strategy = placement_strategy
+        self.ready_timeout_s = ready_timeout_s
+        self.verifier = None
+        self.drafter = None
+        self.pg = None
+        self._runs: list = []
+
+    # -- bring-up ------------------------------------------------------------------------------
+    def start(self) -> "RayEngine":
+        s = self.spec
+        bundles = [_bundle(s.target_device, s.num_threads)]
+        if s.speculative:
+            bundles.append(_bundle(s.draft_device, s.num_threads))
+        self.pg = placement_group(bundles, strategy=self.placement_strategy)
+        if not self.pg.wait(timeout_seconds=self.ready_timeout_s):
+            raise RuntimeError(f"the Ray cluster cannot place {bundles} ({self.placement_strategy}): "
+                               f"not enough CPUs/GPUs; see `ray status`")
+        self.verifier = ray.remote(VerifierActor).options(
+            **_options(bundles[0], self.pg, 0, max_concurrency=16, name=None, max_restarts=0)).remote(s)
+        if s.speculative:
+            self._start_drafter(bundles[1])
+        else:
+            self._runs.append(self.verifier.run.remote())
+        ray.get(self.verifier.ready.remote(), timeout=self.ready_timeout_s)
+        return self
+
+    def _start_drafter(self, bundle: dict | None = None) -> None:
+        bundle = bundle or _bundle(self.spec.draft_device, self.spec.num_threads)
+        addr = ray.get(self.verifier.node_ip.remote())
+        port = ray.get(self.verifier.free_port.remote())
+        self.drafter = ray.remote(DrafterActor).options(
+            **_options(bundle, self.pg, 1, max_concurrency=2)).remote(self.spec)
+        first = not self._runs
+        if first:  # the verifier's loop is not running yet: form the group directly
+            v = self.verifier.connect.remote(addr, port)
+            d = self.drafter.connect.remote(addr, port)
+            ray.get([v, d], timeout=self.ready_timeout_s)
+            self._runs.append(self.verifier.run.remote())
+        else:      # the loop is running: it joins the new group itself, between steps
+            self.verifier.reconnect.remote(addr, port)
+            ray.get(self.drafter.connect.remote(addr, port), timeout=self.ready_timeout_s)
+        self._drafter_run = self.drafter.run.remote()
+        log.info("engine up: mode=%s k=%d, data plane on %s:%d", self.spec.mode, self.spec.k, addr, port)
+
+    def restart_drafter(self) -> None:
+        """Replace a dead drafter; the verifier keeps serving (without drafts) meanwhile."""
+        if self.drafter is not None:
+            ray.kill(self.drafter, no_restart=True)
+        self._start_drafter()
+
+    # -- the verifier's API, through Ray -------------------------------------------------------
+    def submit(self, req) -> None:
+        ray.get(self.verifier.submit.remote(req))
+
+    def abort(self, request_id: int) -> None:
+        self.verifier.abort.remote(request_id)
+
+    def poll(self, timeout: float = 0.05) -> list[dict]:
+        return ray.get(self.verifier.poll.remote(timeout))
+
+    def metrics(self) -> dict:
+        m = ray.get(self.verifier.metrics.remote())
+        if self.drafter is not None:
+            try:
+                m["drafter"] = ray.get(self.drafter.stats.remote(), timeout=5)
+            except Exception:  # a dead drafter must not break metrics
+                m["drafter"] = None
+        return m
+
+    def drafter_pid(self) -> int:
+        return ray.get(self.drafter.pid.remote())
+
+    def check_drafter(self) -> bool:
+        """True when the drafter's run loop is still going (or cleanly finished)."""
+        ready, _ = ray.wait([self._drafter_run], timeout=0)
+        if not ready:
+            return True
+        try:
+            ray.get(ready[0])
+            return True
+        except Exception:
+            return False
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.verifier is not None:
+            try:
+                ray.get(self.verifier.stop.remote(), timeout=timeout_s)
+                ray.wait(self._runs, timeout=timeout_s)
+            except Exception as e:
+                log.warning("verifier did not stop cleanly: %s", e)
+        for a in (self.drafter, self.verifier):
+            if a is not None:
+                try:
+                    ray.kill(a)
+                except Exception:
+                    pass
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+        self.verifier = self.drafter = self.pg = None
+
+
+def init_ray(address: str | None, num_cpus: int | None = None, namespace: str = "outrider") -> None:
+    """Start an embedded local cluster (address None) or join one ("auto", "ray://...")."""
+    if ray.is_initialized():
+        return
+    t0 = time.perf_counter()
+    if address is None:
+        ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    else:
+        ray.init(address=address, namespace=namespace, log_to_driver=True, configure_logging=False)
+    log.info("ray up in %.1fs (%s)", time.perf_counter() - t0, address or "embedded")
