@@ -80,16 +80,15 @@ def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     if tuple(q.shape) != (K, p.shape[1]):
         raise ValueError(f"q must be [K, V] = [{K}, {p.shape[1]}], got shape {tuple(q.shape)}")
     if K:
-        # float64 so tiny ratios and residuals are not flushed to zero.
+        # Python floats are doubles, so tiny ratios are not flushed to zero; a few list reads are
+        # also far cheaper than a chain of small tensor ops in this per-sequence path.
         idx = torch.arange(K, device=draft.device)
-        pd, qd = p[idx, draft].double(), q[idx, draft].double()
-        u = torch.rand(K, generator=generator, dtype=torch.float64, device=p.device)
-        # u < p/q written as u * q < p: no division, and q(d) == 0 is an explicit reject.
-        accept = (qd > 0) & (u * qd < pd)
-        rejected = (~accept).nonzero()
-        if rejected.numel():
-            k = int(rejected[0])
-            return Outcome(k, _correction(p[k], q[k], int(draft[k]), generator))
+        pd, qd = p[idx, draft].tolist(), q[idx, draft].tolist()
+        u = torch.rand(K, generator=generator, dtype=torch.float64, device=p.device).tolist()
+        for i in range(K):
+            # u < p/q written as u * q < p: no division, and q(d) == 0 is an explicit reject.
+            if not (qd[i] > 0 and u[i] * qd[i] < pd[i]):
+                return Outcome(i, _correction(p[i], q[i], int(draft[i]), generator))
     return Outcome(K, int(torch.multinomial(p[K].double(), 1, generator=generator)))
 
 

@@ -1,0 +1,401 @@
+"""The verification rule and the sampling helpers it relies on.
+
+The distribution tests run many independent draft-and-verify rounds with fixed seeds and check,
+with a chi-square test, that what gets emitted follows the target p and not the drafter's q.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
+from actors.verify import Outcome, verify_batch_greedy, verify_greedy, verify_sampling
+
+N = 20_000  # rounds per distribution test
+ALPHA = 0.01
+
+torch.set_num_threads(1)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _dist(*probs: float) -> torch.Tensor:
+    t = torch.tensor(probs, dtype=torch.float32)
+    return t / t.sum()
+
+
+def _random_rows(n: int, V: int, seed: int, sharpness: float = 1.5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(sharpness * torch.randn(n, V, generator=g), -1)
+
+
+def _draw_drafts(q: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n independent drafts [n, K], position i drawn from q[i]."""
+    return torch.stack([torch.multinomial(q[i], n, replacement=True, generator=g) for i in range(q.shape[0])], 1)
+
+
+def _rounds(p: torch.Tensor, q: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, list[Outcome]]:
+    """Run n independent rounds: draft from q, verify against p."""
+    g = torch.Generator().manual_seed(seed)
+    drafts = _draw_drafts(q, n, g)
+    return drafts, [verify_sampling(drafts[j], q, p, g) for j in range(n)]
+
+
+def _first_tokens(drafts: torch.Tensor, outs: list[Outcome]) -> np.ndarray:
+    """The first token each round emits: the draft token if accepted, else the correction."""
+    d0 = drafts[:, 0].tolist()
+    return np.array([d0[j] if o.accepted >= 1 else o.token for j, o in enumerate(outs)])
+
+
+def _fit_pvalue(samples: np.ndarray, probs: torch.Tensor) -> float:
+    """Chi-square goodness-of-fit p-value; 0 if any sample falls outside probs' support."""
+    probs = probs.double().numpy()
+    counts = np.bincount(samples, minlength=len(probs)).astype(np.float64)
+    support = probs > 0
+    if counts[~support].sum() > 0:
+        return 0.0
+    expected = probs[support] / probs[support].sum() * counts.sum()
+    expected *= counts.sum() / expected.sum()  # scipy insists the totals agree to ~1e-8
+    return float(chisquare(counts[support], expected).pvalue)
+
+
+def _assert_distributed_as(samples: np.ndarray, probs: torch.Tensor) -> None:
+    pvalue = _fit_pvalue(samples, probs)
+    counts = np.bincount(samples, minlength=len(probs))
+    assert pvalue > ALPHA, f"counts {counts} vs p {probs.tolist()}: p-value {pvalue:.2e}"
+
+
+# -- sampling: distribution of emitted tokens -------------------------------------------------
+def _case(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p [K+1, V], q [K, V]) for the named scenario, V = 8."""
+    if name == "generic-K1":
+        return _random_rows(2, 8, 1), _random_rows(1, 8, 2)
+    if name == "generic-K3":
+        return _random_rows(4, 8, 3), _random_rows(3, 8, 4)
+    if name == "q-zeros":  # the drafter cannot propose tokens 5..7, the target likes them
+        p = _random_rows(3, 8, 5, sharpness=0.5)
+        q = _random_rows(2, 8, 6)
+        q[0, 5:] = 0
+        return p, q / q.sum(-1, keepdim=True)
+    if name == "p-zeros":  # the target rules out the drafter's favourite tokens 0 and 3
+        p = _random_rows(3, 8, 7)
+        p[0, [0, 3]] = 0
+        q = torch.stack([_dist(30, 5, 5, 30, 5, 5, 10, 10), _dist(*[1] * 8)])
+        return p / p.sum(-1, keepdim=True), q
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["generic-K1", "generic-K3", "q-zeros", "p-zeros"])
+def test_first_emitted_token_follows_p(name: str) -> None:
+    p, q = _case(name)
+    drafts, outs = _rounds(p, q, N, seed=11)
+    _assert_distributed_as(_first_tokens(drafts, outs), p[0])
+    # The test has power: the raw drafts (q) are rejected as samples of p.
+    assert _fit_pvalue(drafts[:, 0].numpy(), p[0]) < 1e-6
+    assert all(0 <= o.accepted <= q.shape[0] for o in outs)
+
+
+def test_two_token_joint_distribution_k2() -> None:
+    """With a position-independent p, tokens 1 and 2 of the output are i.i.d. p."""
+    V = 6
+    p_row = _dist(0.3, 0.25, 0.15, 0.12, 0.10, 0.08)
+    p = p_row.expand(3, V).contiguous()
+    q = torch.stack([_dist(0.1, 0.1, 0.4, 0.1, 0.2, 0.1), _dist(0.5, 0.05, 0.05, 0.1, 0.1, 0.2)])
+    g = torch.Generator().manual_seed(21)
+    drafts, again = _draw_drafts(q, N, g), _draw_drafts(q, N, g)
+    pairs = np.empty(N, dtype=np.int64)
+    for j in range(N):
+        o = verify_sampling(drafts[j], q, p, g)
+        d = drafts[j].tolist()
+        if o.accepted == 2:
+            x1, x2 = d
+        elif o.accepted == 1:
+            x1, x2 = d[0], o.token
+        else:  # one token this round; the second is the next round's first token
+            x1 = o.token
+            o2 = verify_sampling(again[j], q, p, g)
+            x2 = int(again[j, 0]) if o2.accepted >= 1 else o2.token
+        pairs[j] = x1 * V + x2
+    _assert_distributed_as(pairs, torch.outer(p_row, p_row).flatten())
+
+
+def test_k0_is_plain_sampling_from_p() -> None:
+    p = _random_rows(1, 8, 31)
+    g = torch.Generator().manual_seed(32)
+    outs = [verify_sampling(torch.empty(0, dtype=torch.long), torch.empty(0, 8), p, g) for _ in range(5000)]
+    assert all(o.accepted == 0 and o.tokens_committed == 1 for o in outs)
+    _assert_distributed_as(np.array([o.token for o in outs]), p[0])
+
+
+# -- sampling: edge cases ---------------------------------------------------------------------
+def test_draft_with_zero_q_is_rejected_and_not_the_correction() -> None:
+    p = torch.stack([_dist(0.7, 0.1, 0.1, 0.1), _dist(1, 1, 1, 1)])
+    q = _dist(0, 1, 0, 0)[None]  # token 0 could not have been drawn from q
+    g = torch.Generator().manual_seed(41)
+    for _ in range(200):
+        o = verify_sampling(torch.tensor([0]), q, p, g)
+        assert o.accepted == 0 and o.token in (2, 3)
+
+
+def test_zero_residual_falls_back_to_p_without_the_draft() -> None:
+    # p <= q everywhere (p slightly unnormalised, as rounding can leave it): a rejection finds an
+    # all-zero residual, and the correction must come from p with the rejected token excluded.
+    p = torch.tensor([[0.25, 0.5], [0.5, 0.5]])
+    q = torch.tensor([[0.5, 0.5]])
+    g = torch.Generator().manual_seed(42)
+    outs = {(o.accepted, o.token) for o in (verify_sampling(torch.tensor([0]), q, p, g) for _ in range(200))}
+    assert (0, 1) in outs and any(k == 1 for k, _ in outs)
+    assert all(t == 1 for k, t in outs if k == 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), K=st.integers(1, 3), V=st.integers(2, 6))
+def test_rejected_draft_is_never_the_correction(seed: int, K: int, V: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # Sparse rows (with zeros in p and q), and drafts that ignore q, so q(d) == 0 happens too.
+    p = torch.rand(K + 1, V, generator=g) * (torch.rand(K + 1, V, generator=g) < 0.7)
+    p[:, 0] += 0.1
+    p[:, 1] += 0.1
+    q = torch.rand(K, V, generator=g) * (torch.rand(K, V, generator=g) < 0.7)
+    q[:, -1] += 0.1
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    draft = torch.randint(0, V, (K,), generator=g)
+    for _ in range(20):
+        o = verify_sampling(draft, q, p, g)
+        assert 0 <= o.accepted <= K
+        if o.accepted < K:
+            assert o.token != int(draft[o.accepted])
+        assert p[o.accepted, o.token] > 0
+
+
+def test_shape_errors() -> None:
+    p, q = torch.full((3, 4), 0.25), torch.full((2, 4), 0.25)
+    with pytest.raises(ValueError, match="q must be"):
+        verify_sampling(torch.tensor([0, 1]), q[:1], p)
+    with pytest.raises(ValueError, match="p must be"):
+        verify_sampling(torch.tensor([0, 1]), q, p[:2])
+    with pytest.raises(ValueError, match="target_logits"):
+        verify_greedy(torch.tensor([0, 1]), p[:2])
+    with pytest.raises(ValueError, match="target_logits"):
+        verify_batch_greedy(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 2, 4))
+
+
+# -- greedy -----------------------------------------------------------------------------------
+def _logits_with_argmax(best: list[int], V: int = 6) -> torch.Tensor:
+    x = torch.zeros(len(best), V)
+    x[torch.arange(len(best)), torch.tensor(best)] = 5.0
+    return x
+
+
+def test_greedy_all_accepted_takes_bonus_from_last_row() -> None:
+    o = verify_greedy(torch.tensor([3, 1, 4]), _logits_with_argmax([3, 1, 4, 5]))
+    assert o == Outcome(3, 5) and o.tokens_committed == 4
+
+
+def test_greedy_first_rejected() -> None:
+    o = verify_greedy(torch.tensor([2, 1, 4]), _logits_with_argmax([3, 1, 4, 5]))
+    assert o == Outcome(0, 3) and o.tokens_committed == 1
+
+
+def test_greedy_stops_at_first_mismatch() -> None:
+    # The later match at position 2 must not count: acceptance is a prefix.
+    assert verify_greedy(torch.tensor([3, 0, 4]), _logits_with_argmax([3, 1, 4, 5])) == Outcome(1, 1)
+
+
+def test_greedy_k0_is_argmax_decoding() -> None:
+    assert verify_greedy(torch.empty(0, dtype=torch.long), _logits_with_argmax([2])) == Outcome(0, 2)
+    acc, tok = verify_batch_greedy(torch.empty(2, 0, dtype=torch.long), _logits_with_argmax([2, 4])[:, None])
+    assert acc.tolist() == [0, 0] and tok.tolist() == [2, 4]
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), B=st.integers(1, 5), K=st.integers(0, 4), V=st.integers(2, 6))
+def test_batch_greedy_matches_row_by_row(seed: int, B: int, K: int, V: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # Small integer logits, so argmax ties are common and both paths must break them alike.
+    logits = torch.randint(0, 3, (B, K + 1, V), generator=g).float()
+    best = logits.argmax(-1)[:, :K]
+    noise = torch.randint(0, V, (B, K), generator=g)
+    drafts = torch.where(torch.rand(B, K, generator=g) < 0.75, best, noise)
+    acc, tok = verify_batch_greedy(drafts, logits)
+    assert acc.dtype == torch.long and tok.dtype == torch.long
+    for b in range(B):
+        assert verify_greedy(drafts[b], logits[b]) == Outcome(int(acc[b]), int(tok[b]))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), K=st.integers(0, 4))
+def test_sampling_rule_on_one_hot_rows_is_greedy(seed: int, K: int) -> None:
+    """Greedy params turn both sides into one-hots, and the sampling rule then is the greedy one."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 3, (K + 1, 5), generator=g).float()
+    draft_logits = torch.randint(0, 3, (K, 5), generator=g).float()
+    greedy = SamplingParams()
+    q = probs_from_logits(draft_logits, greedy)
+    draft = sample(q, g)
+    o = verify_sampling(draft, q, probs_from_logits(target, greedy), g)
+    assert o == verify_greedy(draft, target)
+
+
+# -- sampling params --------------------------------------------------------------------------
+def _support(probs: torch.Tensor) -> set[int]:
+    return set(probs.nonzero().flatten().tolist())
+
+
+def test_temperature_only_is_softmax() -> None:
+    logits = torch.randn(3, 10, generator=torch.Generator().manual_seed(51))
+    probs = probs_from_logits(logits, SamplingParams(temperature=0.7))
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, torch.softmax(logits / 0.7, -1))
+
+
+def test_greedy_is_one_hot_argmax() -> None:
+    logits = torch.tensor([[0.1, 2.0, 2.0, -1.0], [3.0, 0.0, 0.0, 0.0]], dtype=torch.bfloat16)
+    probs = probs_from_logits(logits, SamplingParams(top_k=2, top_p=0.5))
+    assert probs.dtype == torch.float32
+    assert probs.tolist() == [[0, 1, 0, 0], [1, 0, 0, 0]]  # ties go to the first index
+    assert sample(probs, None).tolist() == [1, 0]
+
+
+def test_top_k_keeps_exactly_k() -> None:
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.0, 1.0, 2.5])
+    probs = probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=3))
+    assert _support(probs) == {1, 3, 5}
+    torch.testing.assert_close(probs[[1, 3, 5]], torch.softmax(logits[[1, 3, 5]], -1))
+    # Ties at the cut still give exactly k tokens.
+    tied = probs_from_logits(torch.tensor([1.0, 1.0, 1.0, 0.0]), SamplingParams(temperature=1.0, top_k=2))
+    assert len(_support(tied)) == 2
+    # k >= V is a no-op.
+    torch.testing.assert_close(probs_from_logits(logits, SamplingParams(temperature=1.0, top_k=50)),
+                               torch.softmax(logits, -1))
+
+
+@pytest.mark.parametrize("top_p, expected", [
+    (1e-6, {0}), (0.4, {0}), (0.6, {0, 1}), (0.85, {0, 1, 2}), (0.95, {0, 1, 2, 3}), (1.0, {0, 1, 2, 3}),
+])
+def test_top_p_keeps_smallest_set_reaching_p(top_p: float, expected: set[int]) -> None:
+    base = torch.tensor([0.5, 0.25, 0.15, 0.1])
+    # Shuffle the vocabulary so the kept set is found by probability, not by position.
+    perm = torch.tensor([2, 0, 3, 1])
+    probs = probs_from_logits(base.log()[perm], SamplingParams(temperature=1.0, top_p=top_p))
+    assert _support(probs) == {int(perm.argsort()[i]) for i in expected}
+    kept = [int(perm.argsort()[i]) for i in sorted(expected)]
+    torch.testing.assert_close(probs[kept], base[sorted(expected)] / base[sorted(expected)].sum())
+
+
+def test_top_k_then_top_p_and_batch_dims() -> None:
+    logits = torch.randn(2, 3, 12, generator=torch.Generator().manual_seed(52))
+    params = SamplingParams(temperature=0.8, top_k=5, top_p=0.7)
+    probs = probs_from_logits(logits, params)
+    assert probs.shape == logits.shape
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 3))
+    for row, out in zip(logits.reshape(-1, 12), probs.reshape(-1, 12)):
+        top5 = torch.softmax(row / 0.8, -1).topk(5)
+        renorm = top5.values / top5.values.sum()
+        n_keep = int((renorm.cumsum(0) - renorm < 0.7).sum())
+        assert _support(out) == set(top5.indices[:n_keep].tolist())
+        torch.testing.assert_close(out, probs_from_logits(row, params))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", -0.1), ("temperature", math.nan), ("temperature", math.inf),
+    ("top_k", -1), ("top_k", 2.5), ("top_p", 0.0), ("top_p", 1.5), ("top_p", math.nan), ("seed", 1.5),
+])
+def test_validate_names_the_bad_field(field: str, value: float) -> None:
+    params = SamplingParams(**{field: value})
+    with pytest.raises(ValueError, match=field):
+        params.validate()
+    with pytest.raises(ValueError, match=field):
+        probs_from_logits(torch.zeros(4), params)
+
+
+def test_validate_accepts_good_values() -> None:
+    assert SamplingParams().validate().greedy
+    assert not SamplingParams(temperature=0.7, top_k=40, top_p=0.9, seed=3).validate().greedy
+
+
+# -- sample -----------------------------------------------------------------------------------
+def test_sample_shapes_and_distribution() -> None:
+    g = torch.Generator().manual_seed(61)
+    probs = _dist(0.1, 0.0, 0.4, 0.2, 0.3)
+    draws = sample(probs.expand(N, 5), g)
+    assert draws.shape == (N,) and draws.dtype == torch.long
+    _assert_distributed_as(draws.numpy(), probs)
+    assert sample(torch.softmax(torch.randn(2, 3, 7), -1), g).shape == (2, 3)
+    assert sample(probs, g).shape == ()
+
+
+# -- Saguaro ----------------------------------------------------------------------------------
+def test_saguaro_scales_top_f_mass_by_c() -> None:
+    q = _random_rows(1, 8, 71)[0]
+    c, F = 0.4, 3
+    out = saguaro_scale(q, F, c)
+    top = set(q.topk(F).indices.tolist())
+    factor = torch.tensor([c if i in top else 1.0 for i in range(8)])
+    torch.testing.assert_close(out, q * factor / (q * factor).sum())
+    # Equivalently, ratios between a top-F token and any other token shrink by exactly c.
+    i, j = max(top), min(set(range(8)) - top)
+    torch.testing.assert_close(out[i] / out[j], c * q[i] / q[j])
+
+
+def test_saguaro_per_row_fan_out_and_identity() -> None:
+    q = _random_rows(3, 8, 72)
+    assert saguaro_scale(q, 2, 1.0) is q
+    out = saguaro_scale(q, torch.tensor([0, 1, 8]), 0.5)
+    torch.testing.assert_close(out[0], q[0])  # fan-out 0: untouched
+    torch.testing.assert_close(out[2], q[2])  # every token scaled alike: renormalises back
+    top1 = int(q[1].argmax())
+    others = [i for i in range(8) if i != top1]
+    ratio = out[1, others] / q[1, others]
+    torch.testing.assert_close(ratio, ratio[0].expand(7))
+    torch.testing.assert_close(out[1, top1] / q[1, top1], 0.5 * ratio[0])
+
+
+def test_saguaro_rejects_bad_arguments() -> None:
+    q = _random_rows(2, 8, 73)
+    for c in (0.0, -0.5, 1.5, math.nan):
+        with pytest.raises(ValueError, match="c must be"):
+            saguaro_scale(q, 2, c)
+    with pytest.raises(ValueError, match="fan_out"):
+        saguaro_scale(q, torch.tensor([1, 2, 3]), 0.5)
+
+
+def test_saguaro_is_lossless_and_steers_corrections_to_top_f() -> None:
+    F = 2
+    p = torch.stack([_dist(0.30, 0.20, 0.15, 0.10, 0.10, 0.08, 0.05, 0.02)] * 2 + [_dist(*[1] * 8)])
+    q_raw = torch.stack([_dist(0.40, 0.25, 0.05, 0.10, 0.05, 0.05, 0.05, 0.05), _random_rows(1, 8, 74)[0]])
+    top_f = set(q_raw[0].topk(F).indices.tolist())
+
+    def top_f_share(c: float, n: int) -> tuple[float, np.ndarray]:
+        q = saguaro_scale(q_raw, torch.tensor([F, F]), c)
+        drafts, outs = _rounds(p, q, n, seed=75)
+        fixes = [o.token for o in outs if o.accepted == 0]
+        return sum(t in top_f for t in fixes) / len(fixes), _first_tokens(drafts, outs)
+
+    share_plain, _ = top_f_share(1.0, N // 4)
+    share_saguaro, first = top_f_share(0.3, N)
+    _assert_distributed_as(first, p[0])
+    # Analytically 0 without scaling (p < q on the top-2) and about 0.68 with c = 0.3.
+    assert share_saguaro > share_plain + 0.3
+
+
+# -- reproducibility --------------------------------------------------------------------------
+def _seeded_run(seed: int) -> list[tuple[int, int]]:
+    p, q = _case("generic-K3")
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(200):
+        draft = sample(q, g)
+        o = verify_sampling(draft, q, p, g)
+        out.append((o.accepted, o.token))
+    return out
+
+
+def test_same_seed_same_outcomes() -> None:
+    assert _seeded_run(81) == _seeded_run(81)
+    assert _seeded_run(81) != _seeded_run(82)
