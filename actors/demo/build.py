@@ -52,8 +52,8 @@ SIZES = {
                      draft_lr=3e-3, train_files=40),
     # For benchmarks: target >= 10x the drafter's per-token cost on one core.
     "bench": PairSpec(vocab=4096, max_pos=2048, seq=256, target=Shape(8, 384, 6, 2, 1024),
-                      draft=Shape(1, 128, 4, 2, 352), target_steps=600, target_batch=8, target_lr=1.5e-3,
-                      draft_steps=900, draft_batch=16, draft_lr=3e-3, train_files=None),
+                      draft=Shape(1, 128, 4, 2, 352), target_steps=400, target_batch=8, target_lr=2e-3,
+                      draft_steps=500, draft_batch=8, draft_lr=3e-3, train_files=None),
 }
 
 

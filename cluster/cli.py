@@ -1,0 +1,98 @@
+"""`outrider` command line: models, generate, serve, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger("outrider")
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="outrider", description="SSD speculative-decoding inference cluster")
+    ap.add_argument("--log-level", default="INFO")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    m = sub.add_parser("models", help="build the local demo model pair")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    b = msub.add_parser("build", help="train and cache the demo target/drafter pair")
+    b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    b.add_argument("--out", default=None, help="models directory (default $OUTRIDER_MODELS_DIR or ~/.cache/outrider/models)")
+    b.add_argument("--force", action="store_true")
+
+    g = sub.add_parser("generate", help="generate text: in-process, on a local cluster, or from a server")
+    g.add_argument("prompt_pos", nargs="?", metavar="PROMPT")
+    g.add_argument("--prompt", default=None)
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--config", "-c", help="deployment YAML: run the engine on Ray")
+    src.add_argument("--server", help="HOST:PORT of a running `outrider serve`")
+    src.add_argument("--target", help="target checkpoint dir (in-process)")
+    g.add_argument("--draft", help="draft checkpoint dir (in-process)")
+    g.add_argument("--mode", choices=["ar", "sd", "ssd"], default=None)
+    g.add_argument("--k", type=int, default=None)
+    g.add_argument("--address", default=None, help="Ray address (auto joins a running cluster)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    _sampling_args(g)
+
+    s = sub.add_parser("serve", help="serve gRPC until SIGTERM")
+    s.add_argument("--config", "-c", default="configs/local-cpu.yaml")
+    s.add_argument("--address", default=None)
+    s.add_argument("--port", type=int, default=None)
+
+    bench = sub.add_parser("bench", help="AR vs SD vs SSD vs HF, side by side")
+    bench.add_argument("--config", "-c", default="configs/bench-cpu.yaml")
+    bench.add_argument("--out", default="bench-out")
+    bench.add_argument("--quick", action="store_true", help="few prompts and tokens (a smoke run)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.cmd == "models":
+            from actors.demo.build import cli_build
+
+            print(cli_build(args.size, args.out, args.force))
+            return 0
+        if args.cmd == "generate":
+            from cluster.generate_cmd import run_generate
+
+            return run_generate(args)
+        if args.cmd == "serve":
+            from cluster.server import serve_from_config
+
+            overrides = {"cluster.address": args.address} if args.address else {}
+            if args.port is not None:
+                overrides["server.port"] = args.port
+            return serve_from_config(args.config, overrides)
+        if args.cmd == "bench":
+            from cluster.bench import run_bench
+
+            return run_bench(args.config, args.out, quick=args.quick)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        log.error("%s", e)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

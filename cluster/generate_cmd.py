@@ -1,0 +1,115 @@
+"""`outrider generate`: one prompt, three ways to run it (in-process, Ray cluster, gRPC server)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from actors.sampling import SamplingParams
+from actors.stats import SpecStats
+
+log = logging.getLogger(__name__)
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.seed).validate()
+
+
+def _report(args, text: str, reason: str, n_tokens: int, stats: SpecStats, seconds: float, mode: str) -> None:
+    if args.json:
+        print(json.dumps({"text": text, "finish_reason": reason, "completion_tokens": n_tokens, "mode": mode,
+                          "seconds": round(seconds, 4), "stats": stats.to_dict()}))
+        return
+    print(text)
+    rate = n_tokens / seconds if seconds > 0 else 0.0
+    print(f"\n--- {mode}: {n_tokens} tokens in {seconds:.2f}s ({rate:.1f} tok/s), finish={reason}", file=sys.stderr)
+    if stats.drafts:
+        print(f"--- {stats.summary()}", file=sys.stderr)
+        print(f"--- accepted per position {stats.accepted_per_position}, hits by depth {stats.hits_by_depth}",
+              file=sys.stderr)
+
+
+def run_generate(args) -> int:
+    prompt = args.prompt if args.prompt is not None else args.prompt_pos
+    if not prompt:
+        raise ValueError("give a prompt (positional or --prompt)")
+    if args.server:
+        return _via_server(args, prompt)
+    if args.target:
+        return _in_process(args, prompt)
+    return _via_cluster(args, prompt)
+
+
+def _in_process(args, prompt: str) -> int:
+    from actors.generate import generate_ar, generate_sd
+    from actors.loader import load_model
+    from actors.stopping import StopCriteria
+    from actors.tokenizer import Tokenizer
+
+    mode = args.mode or ("sd" if args.draft else "ar")
+    if mode == "ssd":
+        raise ValueError("--mode ssd needs the cluster: use --config (in-process runs ar or sd)")
+    tok = Tokenizer(args.target)
+    target = load_model(args.target)
+    ids = tok.encode(prompt)
+    stop = StopCriteria(args.max_new_tokens, frozenset(target.args.eos_token_ids), tuple(args.stop))
+    if mode == "sd":
+        if not args.draft:
+            raise ValueError("--mode sd needs --draft")
+        g = generate_sd(target, load_model(args.draft), ids, stop, args.k or 4, _params(args), tok.decode)
+    else:
+        g = generate_ar(target, ids, stop, _params(args), tok.decode)
+    _report(args, g.text, g.finish_reason, len(g.tokens), g.stats, g.elapsed_s, mode)
+    return 0
+
+
+def _via_cluster(args, prompt: str) -> int:
+    from cluster.config import load_config
+    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.deployment import engine_spec, start_engine, tokenizer_for
+
+    overrides = {}
+    if args.mode:
+        overrides["speculation.mode"] = args.mode
+    if args.k:
+        overrides["speculation.k"] = args.k
+    if args.address:
+        overrides["cluster.address"] = args.address
+    cfg = load_config(args.config or "configs/local-cpu.yaml", overrides)
+    spec = engine_spec(cfg)
+    tok = tokenizer_for(spec)
+    engine = start_engine(cfg, spec)
+    coord = Coordinator(engine, tok, cfg.server.max_queue)
+    try:
+        ids = tok.encode(prompt)
+        final = coord.generate(GenerateArgs(ids, args.max_new_tokens, _params(args), tuple(args.stop)))
+        _report(args, final.text, final.finish_reason, final.completion_tokens, final.stats,
+                final.total_s, spec.mode)
+        m = engine.metrics()
+        log.info("verifier: wait %.3fs, verify %.3fs, transport %.3fs over %d steps", m["wait_s"], m["verify_s"],
+                 m["transport_s"], m["steps"])
+    finally:
+        coord.stop()
+        engine.stop()
+    return 0
+
+
+def _via_server(args, prompt: str) -> int:
+    from cluster.client import OutriderClient
+
+    with OutriderClient(args.server) as client:
+        final = None
+        for item in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):
+            if item.HasField("chunk"):
+                if not args.json:
+                    print(item.chunk.text, end="", flush=True)
+            else:
+                final = item.final
+        if not args.json:
+            print()
+        s = final.stats
+        log.info("finish=%s tokens=%d acceptance=%.2f mean_len=%.2f hit_rate=%.2f ttft=%.3fs %.1f tok/s",
+                 final.finish_reason, final.usage.completion_tokens, s.acceptance_rate, s.mean_acceptance_length,
+                 s.hit_rate, s.time_to_first_token_s, s.tokens_per_s)
+    return 0

@@ -1,0 +1,359 @@
+"""The verifier<->drafter data plane: wire format (pure) and real two-process gloo groups.
+
+The process tests spawn fresh interpreters (torch.distributed state is process-global) and bound
+every wait: channels use a short timeout_s and the parent joins children with a deadline, so a
+bug fails the test instead of hanging the suite.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import time
+import traceback
+
+import pytest
+import torch
+
+from actors.channel import (HEADER_LEN, MAGIC, Channel, ChannelClosed, Frame, ProtocolError, Rec, Record,
+                            decode, encode, free_port)
+
+log = logging.getLogger(__name__)
+CTX = mp.get_context("spawn")
+ADDR = "127.0.0.1"
+V = 5  # float row width in the process tests
+
+
+# ---------------------------------------------------------------------------------------------
+# pure encode / decode
+
+
+def _same(a: Record, b: Record) -> bool:
+    toks = a.tokens.tolist() if isinstance(a.tokens, torch.Tensor) else list(a.tokens)
+    if (a.kind, a.seq, a.round, a.a, a.b, toks) != (b.kind, b.seq, b.round, b.a, b.b, list(b.tokens)):
+        return False
+    if a.floats is None or a.floats.numel() == 0:
+        return b.floats is None
+    return b.floats is not None and torch.equal(a.floats.reshape(b.floats.shape).float(), b.floats)
+
+
+def _all_kinds() -> Frame:
+    return Frame(Rec.OUTCOME, 41, [
+        Record(Rec.ADMIT, 7, 0, 128, 0b101, [1, 2, 3, 4]),
+        Record(Rec.OUTCOME, 7, 3, 2, 99),
+        Record(Rec.RELEASE, 8),
+        Record(Rec.DRAFT, 7, 4, 1, 3, torch.tensor([5, 6, 7]), torch.randn(3, 11)),
+        Record(Rec.DRAFT, 9, 2, 0, 0, [8, 9]),  # greedy: tokens, no q rows
+        Record(Rec.DRAFT, 10, 1, 1, 2, [1, 2], torch.randn(22)),  # flat rows are fine
+        Record(Rec.PING, 0, 2**62, -5, 2**40),  # full int64 range survives
+        Record(Rec.SHUTDOWN, 0),
+    ])
+
+
+def test_round_trip_every_record_kind():
+    f = _all_kinds()
+    header, ints, floats = encode(f)
+    assert header.dtype == ints.dtype == torch.int64 and floats.dtype == torch.float32
+    assert header.tolist()[:7] == [MAGIC, 1, Rec.OUTCOME, 8, ints.numel(), 3 * 11 + 2 * 11, 41]
+    g = decode(header, ints, floats)
+    assert (g.kind, g.step, len(g.records)) == (Rec.OUTCOME, 41, 8)
+    for a, b in zip(f.records, g.records):
+        assert _same(a, b), (a, b)
+    assert g.records[3].floats.shape == (3, 11) and g.records[5].floats.shape == (2, 11)
+
+
+def test_empty_frame_sends_header_only():
+    header, ints, floats = encode(Frame(Rec.PING, 3, []))
+    assert header.numel() == HEADER_LEN and ints is None and floats is None
+    g = decode(header, ints, floats)
+    assert (g.kind, g.step, g.records) == (Rec.PING, 3, [])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    (0, 0x1234, "magic"), (1, 2, "version"), (2, 99, "frame kind"), (3, 9, "records"),
+    (4, 3, "ints"), (5, 7, "floats"),
+])
+def test_corrupted_header_is_a_protocol_error(field, value, match):
+    header, ints, floats = encode(_all_kinds())
+    header[field] = value
+    with pytest.raises(ProtocolError, match=match):
+        decode(header, ints, floats)
+
+
+def test_corrupted_body_is_a_protocol_error():
+    header, ints, floats = encode(_all_kinds())
+    bad = ints.clone()
+    bad[0] = 77  # unknown record kind
+    with pytest.raises(ProtocolError, match="unknown kind"):
+        decode(header, bad, floats)
+    bad = ints.clone()
+    bad[5] = 10_000  # payload length past the end
+    with pytest.raises(ProtocolError, match="overruns"):
+        decode(header, bad, floats)
+    with pytest.raises(ProtocolError, match="announces"):
+        decode(header, ints[:-1], floats)
+    with pytest.raises(ProtocolError, match="header has"):
+        decode(header[:7], ints, floats)
+
+
+def test_encode_rejects_inconsistent_floats():
+    with pytest.raises(ProtocolError, match="only DRAFT"):
+        encode(Frame(Rec.OUTCOME, 0, [Record(Rec.ADMIT, 1, floats=torch.ones(4))]))
+    with pytest.raises(ProtocolError, match="no floats"):
+        encode(Frame(Rec.DRAFT, 0, [Record(Rec.DRAFT, 1, b=2, tokens=[1, 2])]))
+    with pytest.raises(ProtocolError, match="do not make"):
+        encode(Frame(Rec.DRAFT, 0, [Record(Rec.DRAFT, 1, b=2, tokens=[1, 2], floats=torch.ones(5))]))
+    with pytest.raises(ProtocolError, match="earlier rows"):
+        encode(Frame(Rec.DRAFT, 0, [Record(Rec.DRAFT, 1, b=1, tokens=[1], floats=torch.ones(4)),
+                                    Record(Rec.DRAFT, 2, b=1, tokens=[1], floats=torch.ones(5))]))
+
+
+def test_encode_decode_is_cheap():
+    # One reply frame of a typical round: a PING plus 8 greedy drafts of K=8.
+    f = Frame(Rec.DRAFT, 1, [Record(Rec.PING, 0, 1, 2, 3)] +
+              [Record(Rec.DRAFT, i, 5, 1, 0, list(range(8))) for i in range(8)])
+    for _ in range(50):
+        decode(*encode(f))
+    n = 500
+    t0 = time.perf_counter()
+    for _ in range(n):
+        parts = encode(f)
+    t1 = time.perf_counter()
+    for _ in range(n):
+        decode(*parts)
+    t2 = time.perf_counter()
+    enc_us, dec_us = (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
+    log.info("encode %.1f us, decode %.1f us (9 records)", enc_us, dec_us)
+    assert enc_us + dec_us < 1000  # ~tens of us; the bound only catches an accidental O(n^2)
+
+
+def test_channel_rejects_bad_use():
+    with pytest.raises(ValueError):
+        Channel(2, ADDR, 1)
+    ch = Channel(0, ADDR, free_port())
+    assert ch.backend == "gloo"
+    with pytest.raises(ChannelClosed, match="not connected"):
+        ch.recv()
+    ch.close()
+    ch.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# process helpers
+
+
+def _child(q, name: str, fn, *args) -> None:
+    """Run fn in a spawned process and report ("ok", result) or ("err", traceback) to the parent."""
+    torch.set_num_threads(1)  # two shared cores: keep the peers from fighting over OpenMP threads
+    try:
+        q.put((name, "ok", fn(*args)))
+    except BaseException:
+        q.put((name, "err", traceback.format_exc()))
+        raise
+
+
+def _run(procs: dict[str, tuple], deadline_s: float = 30.0) -> tuple[dict, dict]:
+    """Start named children, collect their results and exit codes; kill anything past the deadline."""
+    q = CTX.Queue()
+    ps = {name: CTX.Process(target=_child, args=(q, name, fn, *args), daemon=True)
+          for name, (fn, *args) in procs.items()}
+    for p in ps.values():
+        p.start()
+    results: dict = {}
+    end = time.monotonic() + deadline_s
+    try:
+        while len(results) < len(ps) and time.monotonic() < end:
+            try:
+                name, status, value = q.get(timeout=0.2)
+                results[name] = (status, value)
+            except queue.Empty:
+                if all(not p.is_alive() for p in ps.values()):
+                    break  # whoever did not report died on purpose (os._exit) or crashed
+        for p in ps.values():
+            p.join(max(0.1, end - time.monotonic()))
+    finally:
+        for p in ps.values():
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return results, {name: p.exitcode for name, p in ps.items()}
+
+
+def _ok(results: dict, name: str):
+    assert name in results, f"{name} reported nothing"
+    status, value = results[name]
+    assert status == "ok", f"{name} failed:\n{value}"
+    return value
+
+
+def _q_rows(step: int, rows: int) -> torch.Tensor:
+    return torch.arange(rows * V, dtype=torch.float32).view(rows, V) + step
+
+
+def _step_frame(i: int) -> Frame:
+    recs = [Record(Rec.ADMIT, 1000 + i, 0, 64, i, list(range(i % 37)))] if i % 5 == 0 else []
+    recs += [Record(Rec.OUTCOME, s, i, s % 4, 100 + s) for s in range(i % 9)]
+    if i % 7 == 3:
+        recs.append(Record(Rec.RELEASE, i))
+    return Frame(Rec.OUTCOME, i, recs)
+
+
+def _echo_peer(port: int, timeout_s: float) -> dict:
+    """Drafter side: answer every frame with a DRAFT echoing its content, until SHUTDOWN."""
+    with Channel(1, ADDR, port, timeout_s=timeout_s) as ch:
+        while True:
+            f = ch.recv()
+            if any(r.kind == Rec.SHUTDOWN for r in f.records):
+                return ch.stats()
+            toks = [len(f.records)] + [x for r in f.records for x in (r.kind, r.seq, r.a, r.b, *r.tokens)]
+            rows = f.step % 4 if f.step % 3 == 0 else 0
+            reply = [Record(Rec.DRAFT, f.step, f.step, f.step % 2, rows, toks,
+                            _q_rows(f.step, rows) if rows else None)]
+            if f.step % 2:  # a second float-carrying record, so replies mix widths of payload
+                reply.append(Record(Rec.DRAFT, -f.step, 0, 0, 1, [], _q_rows(-f.step, 1)))
+            ch.send(Frame(Rec.DRAFT, f.step, reply))
+
+
+def _echo_master(port: int, n: int, n_ping: int, timeout_s: float) -> dict:
+    with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
+        for i in range(n):
+            sent = _step_frame(i)
+            ch.send(sent)
+            got = ch.recv()
+            assert (got.kind, got.step) == (Rec.DRAFT, i)
+            d = got.records[0]
+            want = [len(sent.records)] + [x for r in sent.records for x in (r.kind, r.seq, r.a, r.b, *r.tokens)]
+            assert (d.kind, d.seq, d.round, d.a, d.tokens) == (Rec.DRAFT, i, i, i % 2, want), i
+            rows = i % 4 if i % 3 == 0 else 0
+            assert d.b == rows and (d.floats is None if not rows else torch.equal(d.floats, _q_rows(i, rows)))
+            assert len(got.records) == 1 + i % 2
+            if i % 2:
+                assert torch.equal(got.records[1].floats, _q_rows(-i, 1))
+        t0 = time.perf_counter()
+        for i in range(n_ping):
+            ch.send(Frame(Rec.PING, n + i, [Record(Rec.PING, 0)]))
+            ch.recv()
+        ping_us = (time.perf_counter() - t0) / n_ping * 1e6
+        # The drafter exits on SHUTDOWN without replying; close() still waits for the isend.
+        ch.send(Frame(Rec.SHUTDOWN, n + n_ping, [Record(Rec.SHUTDOWN, 0)]))
+        return {**ch.stats(), "ping_us": ping_us}
+
+
+# ---------------------------------------------------------------------------------------------
+# process tests
+
+
+def test_echo_200_frames():
+    port, n, n_ping = free_port(), 200, 200
+    results, codes = _run({"master": (_echo_master, port, n, n_ping, 10.0), "peer": (_echo_peer, port, 10.0)})
+    m, p = _ok(results, "master"), _ok(results, "peer")
+    assert codes == {"master": 0, "peer": 0}
+    assert m["frames_sent"] == n + n_ping + 1 and m["frames_recv"] == n + n_ping
+    assert p["frames_recv"] == n + n_ping + 1 and p["frames_sent"] == n + n_ping
+    assert m["bytes_sent"] == p["bytes_recv"] and m["bytes_recv"] == p["bytes_sent"]
+    assert 0 < m["recv_wait_s"] < 30
+    log.info("ping-pong %.0f us/round trip; master waited %.2fs in recv", m["ping_us"], m["recv_wait_s"])
+
+
+def _master_sees_dead_peer(port: int, timeout_s: float) -> dict:
+    ch = Channel(0, ADDR, port, timeout_s=timeout_s)
+    ch.connect()
+    ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.PING, 0)]))
+    t0 = time.perf_counter()
+    try:
+        ch.recv()
+        raise AssertionError("recv from a dead peer returned")
+    except ChannelClosed as e:
+        elapsed, err = time.perf_counter() - t0, e
+    # A broken channel refuses further traffic at once instead of touching the dead group.
+    t1 = time.perf_counter()
+    for op in (lambda: ch.send(Frame(Rec.PING, 1, [])), ch.recv):
+        try:
+            op()
+            raise AssertionError("a broken channel accepted traffic")
+        except ChannelClosed:
+            pass
+    refused_s = time.perf_counter() - t1
+    ch.close()
+    ch.close()
+    return {"elapsed": elapsed, "refused_s": refused_s, "msg": str(err), "cause": type(err.__cause__).__name__}
+
+
+def _peer_dies(port: int, timeout_s: float) -> None:
+    ch = Channel(1, ADDR, port, timeout_s=timeout_s)
+    ch.connect()
+    ch.recv()
+    os._exit(3)  # no reply, no teardown: what a crash looks like to the verifier
+
+
+def test_dead_peer_raises_channel_closed():
+    port = free_port()
+    results, codes = _run({"master": (_master_sees_dead_peer, port, 3.0), "peer": (_peer_dies, port, 3.0)})
+    m = _ok(results, "master")
+    assert codes == {"master": 0, "peer": 3}
+    assert m["elapsed"] < 15 and m["refused_s"] < 1
+    assert "peer rank 1" in m["msg"]
+    log.info("dead peer noticed after %.3fs (%s): %s", m["elapsed"], m["cause"], m["msg"])
+
+
+def _survivor(ports: list[int], go: list, timeout_s: float) -> dict:
+    """The verifier outlives two drafters: one goes silent (timeout), then a healthy one joins."""
+    out = {}
+    go[0].set()
+    ch = Channel(0, ADDR, ports[0], timeout_s=timeout_s)
+    ch.connect()
+    ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.PING, 0)]))
+    t0 = time.perf_counter()
+    try:
+        ch.recv()
+        raise AssertionError("a silent peer answered")
+    except ChannelClosed as e:
+        out["timeout_elapsed"], out["timeout_msg"] = time.perf_counter() - t0, str(e)
+    ch.close()
+
+    go[1].set()
+    with Channel(0, ADDR, ports[1], timeout_s=timeout_s) as ch:
+        for i in range(20):
+            ch.send(_step_frame(i))
+            assert ch.recv().records[0].seq == i
+        ch.send(Frame(Rec.SHUTDOWN, 20, [Record(Rec.SHUTDOWN, 0)]))
+    return out
+
+
+def _silent_peer(port: int, go, timeout_s: float) -> dict:
+    """Connects, takes one frame, then stalls past the verifier's timeout. Once the verifier has
+    given up and torn its side down, this side's next operation must fail too, not hang."""
+    assert go.wait(30)
+    ch = Channel(1, ADDR, port, timeout_s=timeout_s)
+    ch.connect()
+    ch.recv()
+    time.sleep(timeout_s + 1.5)
+    t0 = time.perf_counter()
+    try:
+        ch.send(Frame(Rec.DRAFT, 0, []))
+        ch.recv()
+        raise AssertionError("the abandoned peer kept talking")
+    except ChannelClosed as e:
+        return {"elapsed": time.perf_counter() - t0, "msg": str(e)}
+    finally:
+        ch.close()
+
+
+def _late_peer(port: int, go, timeout_s: float) -> dict:
+    assert go.wait(30)  # imported torch already; joins only when the verifier is ready for it
+    return _echo_peer(port, timeout_s)
+
+
+def test_reform_after_timeout_on_fresh_port():
+    timeout_s = 3.0
+    ports, go = [free_port(), free_port()], [CTX.Event(), CTX.Event()]
+    results, codes = _run({"survivor": (_survivor, ports, go, timeout_s),
+                           "silent": (_silent_peer, ports[0], go[0], timeout_s),
+                           "late": (_late_peer, ports[1], go[1], timeout_s)}, deadline_s=35)
+    s, silent, late = _ok(results, "survivor"), _ok(results, "silent"), _ok(results, "late")
+    assert codes == {"survivor": 0, "silent": 0, "late": 0}
+    assert timeout_s - 0.5 < s["timeout_elapsed"] < 15 and "peer rank 1" in s["timeout_msg"]
+    assert silent["elapsed"] < timeout_s + 1 and "peer rank 0" in silent["msg"]
+    assert late["frames_recv"] == 21
+    log.info("silent peer timed out after %.2fs: %s", s["timeout_elapsed"], s["timeout_msg"])
