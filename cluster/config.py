@@ -1,0 +1,210 @@
+"""The deployment schema: one typed YAML file per deployment.
+
+Every section forbids unknown keys, so a typo is an error rather than a silently ignored
+setting. `load_config` turns every problem (unreadable file, bad YAML, wrong type, out of range)
+into one `ConfigError` whose message names the dotted key and the value that was given.
+Secrets never live in YAML: the file names the environment variable that holds them.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A deployment config that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(_Section):
+    address: str | None = None          # None: embedded local cluster; "auto": join `ray start`
+    num_cpus: int | None = Field(None, ge=1)   # embedded cluster only
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    namespace: str = "outrider"
+
+
+class ModelConfig(_Section):
+    path: str = Field(min_length=1)     # checkpoint directory, or demo:<size>/<target|draft>
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"                 # cpu | cuda | cuda:N
+    tensor_parallel_size: int = Field(1, ge=1)
+    num_threads: int = Field(1, ge=1)   # torch threads (and Ray CPUs) for this actor
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"must be cpu, cuda or cuda:N, got {v!r}")
+
+
+class ModelsConfig(_Section):
+    target: ModelConfig
+    draft: ModelConfig | None = None
+
+
+class SpeculationConfig(_Section):
+    mode: Literal["ar", "sd", "ssd"] = "ssd"
+    k: int = Field(4, ge=1, le=16)
+    fan_out: list[int] | None = None    # per depth 0..k; None = geometric from measured acceptance
+    fan_out_budget: int = Field(16, ge=1, le=256)
+    backup: Literal["jit", "ngram", "none"] = "jit"
+    saguaro_c: float = Field(1.0, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _fan_out_len(self):
+        if self.fan_out is not None:
+            if len(self.fan_out) != self.k + 1:
+                raise ValueError(f"fan_out: needs k+1 = {self.k + 1} entries (depth 0..k), got {self.fan_out}")
+            if any(f < 0 for f in self.fan_out):
+                raise ValueError(f"fan_out: entries must be >= 0, got {self.fan_out}")
+        return self
+
+
+class EngineConfig(_Section):
+    max_batch: int = Field(8, ge=1, le=1024)
+    max_seq_len: int = Field(1024, ge=16)
+    data_plane_timeout_s: float = Field(30.0, gt=0)
+    master_port: int | None = Field(None, ge=1, le=65535)
+
+
+class TLSConfig(_Section):
+    cert_file: str
+    key_file: str
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"             # loopback unless a deployment opens it on purpose
+    port: int = Field(50051, ge=0, le=65535)   # 0 = any free port
+    max_queue: int = Field(64, ge=1)
+    max_new_tokens_limit: int = Field(1024, ge=1)
+    default_max_new_tokens: int = Field(128, ge=1)
+    drain_grace_s: float = Field(10.0, ge=0)
+    workers: int = Field(64, ge=1)
+    auth_token_env: str | None = None   # name of the env var holding the bearer token
+    tls: TLSConfig | None = None
+
+    @model_validator(mode="after")
+    def _defaults_fit(self):
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"default_max_new_tokens: {self.default_max_new_tokens} exceeds "
+                             f"max_new_tokens_limit ({self.max_new_tokens_limit})")
+        return self
+
+    def auth_token(self) -> str | None:
+        if self.auth_token_env is None:
+            return None
+        token = os.environ.get(self.auth_token_env)
+        if not token:
+            raise ConfigError(f"server.auth_token_env: environment variable {self.auth_token_env!r} is not set "
+                              "or empty")
+        return token
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class DeploymentConfig(_Section):
+    cluster: ClusterConfig = ClusterConfig()
+    models: ModelsConfig
+    speculation: SpeculationConfig = SpeculationConfig()
+    engine: EngineConfig = EngineConfig()
+    server: ServerConfig = ServerConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _draft_needed(self):
+        if self.speculation.mode != "ar" and self.models.draft is None:
+            raise ValueError(f"models.draft: required by speculation.mode={self.speculation.mode}")
+        return self
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but do nothing here: said out loud, never silently ignored."""
+        out = []
+        sp = self.speculation
+        if sp.mode == "ar" and self.models.draft is not None:
+            out.append("speculation.mode=ar: models.draft is not loaded")
+        if sp.mode != "ssd" and (sp.fan_out is not None):
+            out.append(f"speculation.fan_out only applies to mode ssd (mode is {sp.mode})")
+        if self.cluster.address is not None and self.cluster.num_cpus is not None:
+            out.append("cluster.num_cpus only applies to the embedded cluster (cluster.address is set)")
+        return out
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if p not in ("function-after",))
+
+
+def _value_at(data: Any, loc: tuple) -> Any:
+    for p in loc:
+        if isinstance(data, dict) and p in data:
+            data = data[p]
+        elif isinstance(data, list) and isinstance(p, int) and p < len(data):
+            data = data[p]
+        else:
+            return None
+    return data
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def parse_config(data: Any, source: str = "config", overrides: dict[str, Any] | None = None) -> DeploymentConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return DeploymentConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = _loc(err["loc"])
+            value = err.get("input") if err["type"] != "missing" else None
+            shown = "" if err["type"] == "missing" else f" (got {value!r})"[:200]
+            if err["type"] == "extra_forbidden":
+                lines.append(f"{key}: unknown key")
+            elif err["type"] == "value_error" and isinstance(value, dict):
+                # A cross-field check: its message starts with the field it is about.
+                msg = err["msg"].removeprefix("Value error, ")
+                lines.append(f"{key}.{msg}" if key else msg)
+            elif err["type"] == "value_error":
+                lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+            else:
+                lines.append(f"{key}: {err['msg']}{shown}")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> DeploymentConfig:
+    """Read and validate a deployment YAML; `overrides` maps dotted keys to values (CLI flags)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return parse_config(data, str(path), overrides)

@@ -1,0 +1,132 @@
+"""The deployment schema: shipped configs load, every bad value is a ConfigError naming its key."""
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cluster.config import ConfigError, load_config, parse_config
+from cluster.deployment import engine_spec
+
+CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+BASE = {"models": {"target": {"path": "t"}, "draft": {"path": "d"}}}
+
+
+def _cfg(**sections):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    for name, body in sections.items():
+        data.setdefault(name, {}).update(body)
+    return data
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.models.target.path
+    assert cfg.speculation.mode in ("ar", "sd", "ssd")
+
+
+def test_local_cpu_is_embedded_ssd_on_two_cores():
+    cfg = load_config("configs/local-cpu.yaml")
+    assert cfg.cluster.address is None and cfg.cluster.num_cpus == 2
+    assert cfg.speculation.mode == "ssd" and cfg.server.host == "127.0.0.1"
+    assert cfg.models.target.path.startswith("demo:") and cfg.models.draft.path.startswith("demo:")
+
+
+@pytest.mark.parametrize("sections, key", [
+    ({"speculation": {"k": 0}}, "speculation.k"),
+    ({"speculation": {"mode": "turbo"}}, "speculation.mode"),
+    ({"speculation": {"fan_out": [1, 2]}}, "speculation.fan_out"),
+    ({"speculation": {"k": 2, "fan_out": [1, -1, 0]}}, "speculation.fan_out"),
+    ({"speculation": {"saguaro_c": 0}}, "speculation.saguaro_c"),
+    ({"speculation": {"backup": "magic"}}, "speculation.backup"),
+    ({"models": {"target": {"path": "t", "dtype": "int8"}}}, "models.target.dtype"),
+    ({"models": {"target": {"path": "t", "device": "tpu"}}}, "models.target.device"),
+    ({"models": {"target": {"path": "t", "tensor_parallel_size": 0}}}, "models.target.tensor_parallel_size"),
+    ({"server": {"port": 70000}}, "server.port"),
+    ({"server": {"prot": 1}}, "server.prot"),
+    ({"server": {"default_max_new_tokens": 900, "max_new_tokens_limit": 10}}, "server.default_max_new_tokens"),
+    ({"server": {"tls": {"cert_file": "a"}}}, "server.tls.key_file"),
+    ({"engine": {"max_batch": "lots"}}, "engine.max_batch"),
+    ({"cluster": {"placement_strategy": "ANYWHERE"}}, "cluster.placement_strategy"),
+    ({"metrics": {"enabled": "perhaps"}}, "metrics.enabled"),
+])
+def test_bad_values_name_the_key(sections, key):
+    with pytest.raises(ConfigError) as e:
+        parse_config(_cfg(**sections))
+    assert key in str(e.value)
+
+
+def test_draft_required_for_speculation():
+    with pytest.raises(ConfigError, match="models.draft"):
+        parse_config({"models": {"target": {"path": "t"}}})
+    assert parse_config({"models": {"target": {"path": "t"}}, "speculation": {"mode": "ar"}}).models.draft is None
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+
+
+def test_overrides_are_validated_too():
+    cfg = parse_config(_cfg(), overrides={"speculation.k": 7, "cluster.address": "auto"})
+    assert cfg.speculation.k == 7 and cfg.cluster.address == "auto"
+    with pytest.raises(ConfigError, match="speculation.k"):
+        parse_config(_cfg(), overrides={"speculation.k": -1})
+
+
+def test_token_comes_from_the_environment(monkeypatch):
+    cfg = parse_config(_cfg(server={"auth_token_env": "OUTRIDER_TEST_TOKEN"}))
+    monkeypatch.delenv("OUTRIDER_TEST_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="OUTRIDER_TEST_TOKEN"):
+        cfg.server.auth_token()
+    monkeypatch.setenv("OUTRIDER_TEST_TOKEN", "s3cret")
+    assert cfg.server.auth_token() == "s3cret"
+
+
+def test_ignored_settings_are_reported():
+    cfg = parse_config(_cfg(speculation={"mode": "ar"}))
+    assert any("models.draft" in w for w in cfg.warnings())
+
+
+def test_tensor_parallel_refused_clearly():
+    cfg = load_config("configs/llama70b-5gpu.yaml")
+    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
+        engine_spec(cfg)
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                     st.text(max_size=20))
+_yaml_values = st.recursive(_scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(
+        ["cluster", "models", "target", "draft", "path", "speculation", "k", "fan_out", "mode", "server", "port",
+         "tls", "engine", "metrics", "dtype", "device", "junk"]), inner, max_size=5)), max_leaves=20)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_yaml_values)
+def test_fuzzed_configs_error_cleanly(data):
+    """Adversarial structures: valid or ConfigError, never another exception."""
+    try:
+        parse_config(data)
+    except ConfigError as e:
+        assert str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzzed_yaml_bytes_error_cleanly(tmp_path_factory, blob):
+    path = tmp_path_factory.mktemp("fuzz") / "c.yaml"
+    path.write_bytes(blob)
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e)
