@@ -270,7 +270,7 @@ class Channel:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def connect(self) -> "Channel":
+    def connect(self) -> Channel:
         if self._connected or self._closed:
             raise RuntimeError("a Channel connects once; make a new one (fresh port) to re-form")
         if dist.is_initialized():
@@ -311,7 +311,7 @@ class Channel:
         except RuntimeError as e:  # a group whose peer died may fail to tear down cleanly
             log.warning("rank %d: destroy_process_group: %s", self.rank, e)
 
-    def __enter__(self) -> "Channel":
+    def __enter__(self) -> Channel:
         return self.connect()
 
     def __exit__(self, *exc) -> None:

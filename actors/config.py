@@ -42,7 +42,7 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
-    def from_hf(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+    def from_hf(cls, cfg: dict, source: str = "config.json") -> ModelArgs:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -55,7 +55,8 @@ class ModelArgs:
         theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported ({', '.join(SUPPORTED_ROPE_TYPES)})")
+            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported "
+                                  f"({', '.join(SUPPORTED_ROPE_TYPES)})")
         rope["rope_type"] = rope_type
         n_heads = int(cfg["num_attention_heads"])
         dim = int(cfg["hidden_size"])
@@ -87,14 +88,14 @@ class ModelArgs:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelArgs":
+    def from_dir(cls, path: str | Path) -> ModelArgs:
         f = Path(path) / "config.json"
         if not f.is_file():
             raise CheckpointError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
         return cls.from_hf(json.loads(f.read_text()), source=str(f))
 
 
-def rope_inv_freq(args: ModelArgs) -> "torch.Tensor":
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:  # noqa: F821 (torch imported lazily)
     """Inverse RoPE frequencies, including llama3's wavelength-dependent scaling."""
     import torch
 

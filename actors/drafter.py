@@ -26,7 +26,7 @@ from actors.fanout import AcceptanceTracker, geometric_fan_out
 from actors.kv_cache import KVCache
 from actors.loader import load_model
 from actors.ngram import propose_ngram
-from actors.sampling import SamplingParams, probs_from_logits, sample, saguaro_scale
+from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
 from actors.spec import EngineSpec
 from actors.wire import HIT, MISS, NO_LOOKUP, decode_params
 

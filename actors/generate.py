@@ -8,8 +8,8 @@ draft and verify, and a rollback is just moving the cache length back.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -26,7 +26,7 @@ class KVCache:
         self._free = list(range(n_slots - 1, -1, -1))
 
     @classmethod
-    def for_model(cls, args, n_slots: int, max_len: int, dtype=torch.float32, device="cpu") -> "KVCache":
+    def for_model(cls, args, n_slots: int, max_len: int, dtype=torch.float32, device="cpu") -> KVCache:
         return cls(args.n_layers, n_slots, args.n_kv_heads, max_len, args.head_dim, dtype, device)
 
     @property

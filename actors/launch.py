@@ -39,7 +39,7 @@ class LocalEngine:
         self.proc: mp.Process | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "LocalEngine":
+    def start(self) -> LocalEngine:
         if self.spec.speculative:
             port = self.spec.master_port or _free_port()
             # spawn, not fork: a forked child would inherit torch's thread pools and CUDA state.

@@ -128,7 +128,7 @@ class Transformer(nn.Module):
             mask = keys <= qpos
             if self.args.sliding_window is not None:
                 mask = mask & (keys > qpos - self.args.sliding_window)
-        elif self.args.sliding_window is not None and T > self.args.sliding_window:
+        elif self.args.sliding_window is not None and self.args.sliding_window < T:
             keys = torch.arange(T, device=tokens.device)
             qpos = input_pos[:, None, :, None]
             mask = (keys <= qpos) & (keys > qpos - self.args.sliding_window)

@@ -46,7 +46,7 @@ class SpecStats:
         else:
             self.cache_misses += 1
 
-    def merge(self, other: "SpecStats") -> None:
+    def merge(self, other: SpecStats) -> None:
         if other.k > self.k:  # widen to the larger K so per-position lists line up
             pad = other.k - self.k
             self.accepted_per_position += [0] * pad
@@ -89,7 +89,7 @@ class SpecStats:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpecStats":
+    def from_dict(cls, d: dict) -> SpecStats:
         keys = ("k", "drafts", "draft_tokens", "accepted_tokens", "accepted_per_position",
                 "cache_hits", "cache_misses", "lookups_by_depth", "hits_by_depth")
         return cls(**{k: d[k] for k in keys if k in d})

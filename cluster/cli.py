@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -32,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     msub = m.add_subparsers(dest="models_cmd", required=True)
     b = msub.add_parser("build", help="train and cache the demo target/drafter pair")
     b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
-    b.add_argument("--out", default=None, help="models directory (default $OUTRIDER_MODELS_DIR or ~/.cache/outrider/models)")
+    b.add_argument("--out", default=None,
+                   help="models directory (default $OUTRIDER_MODELS_DIR or ~/.cache/outrider/models)")
     b.add_argument("--force", action="store_true")
 
     g = sub.add_parser("generate", help="generate text: in-process, on a local cluster, or from a server")

@@ -147,9 +147,7 @@ def _loc(loc: tuple) -> str:
 
 def _value_at(data: Any, loc: tuple) -> Any:
     for p in loc:
-        if isinstance(data, dict) and p in data:
-            data = data[p]
-        elif isinstance(data, list) and isinstance(p, int) and p < len(data):
+        if isinstance(data, dict) and p in data or isinstance(data, list) and isinstance(p, int) and p < len(data):
             data = data[p]
         else:
             return None

@@ -64,7 +64,7 @@ class GenerateArgs:
 class Handle:
     """One request in flight: iterate it for Chunk objects, ending with one Final."""
 
-    def __init__(self, coord: "Coordinator", eid: int, args: GenerateArgs, tok: Tokenizer | None):
+    def __init__(self, coord: Coordinator, eid: int, args: GenerateArgs, tok: Tokenizer | None):
         self.coord, self.eid, self.args = coord, eid, args
         self.request_id = args.request_id or f"req-{eid}"
         self.events: queue.Queue = queue.Queue()

@@ -10,6 +10,7 @@ abort and a long-poll for committed tokens.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 
@@ -73,7 +74,7 @@ class RayEngine:
         self._runs: list = []
 
     # -- bring-up ------------------------------------------------------------------------------
-    def start(self) -> "RayEngine":
+    def start(self) -> RayEngine:
         s = self.spec
         bundles = [_bundle(s.target_device, s.num_threads)]
         if s.speculative:
@@ -166,12 +167,20 @@ class RayEngine:
         self.verifier = self.drafter = self.pg = None
 
 
+def embedded_ray_env() -> None:
+    """Ray starts its workers at niceness 15; the verifier and drafter are the critical path, so
+    on a busy host they would starve (a model actor took 25 s instead of 1 s to start). Must be
+    set before the raylet starts; `ray start` users set RAY_worker_niceness=0 themselves."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
 def init_ray(address: str | None, num_cpus: int | None = None, namespace: str = "outrider") -> None:
     """Start an embedded local cluster (address None) or join one ("auto", "ray://...")."""
     if ray.is_initialized():
         return
     t0 = time.perf_counter()
     if address is None:
+        embedded_ray_env()
         ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     else:

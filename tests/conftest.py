@@ -31,11 +31,50 @@ def held_out_prompts(tiny_tok):
     return [tiny_tok.encode(t)[-96:] for t in texts]
 
 
+HF_NEW = 64
+
+
+@pytest.fixture(scope="session")
+def hf_refs(tiny_pair, held_out_prompts):
+    """transformers' own greedy continuations of the held-out prompts: the independent reference."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
+    refs = []
+    with torch.inference_mode():
+        for p in held_out_prompts:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=HF_NEW, do_sample=False)
+            refs.append(out[0, len(p):].tolist())
+    return hf, refs
+
+
+def assert_matches_or_near_tie(hf, prompt: list[int], ours: list[int], ref: list[int]) -> bool:
+    """True if identical; a near-tie mismatch passes (returns False); anything else fails.
+
+    A mismatch is only acceptable where the target's top-2 logit gap at the first differing
+    position is below 1e-4 (a floating-point near-tie); the test says so when it happens."""
+    if ours == ref:
+        return True
+    i = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
+    assert i < min(len(ours), len(ref)), f"same prefix but different lengths: {len(ours)} vs {len(ref)}"
+    with torch.inference_mode():
+        logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1]
+    top2 = logits.topk(2).values
+    gap = float(top2[0] - top2[1])
+    assert gap < 1e-4, f"mismatch at generated position {i} with top-2 gap {gap:.2e}: a real bug"
+    print(f"near-tie at position {i} (gap {gap:.1e}): mismatch accepted")
+    return False
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real embedded Ray cluster on this machine, shared by the tests that need one."""
     import ray
 
+    from cluster.engine import embedded_ray_env
+
+    embedded_ray_env()
     if not ray.is_initialized():
         ray.init(num_cpus=int(os.environ.get("OUTRIDER_TEST_CPUS", "4")), include_dashboard=False,
                  namespace="outrider-tests", configure_logging=False, log_to_driver=False)

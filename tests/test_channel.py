@@ -16,8 +16,19 @@ import traceback
 import pytest
 import torch
 
-from actors.channel import (HEADER_LEN, MAGIC, Channel, ChannelClosed, Frame, ProtocolError, Rec, Record,
-                            decode, encode, free_port)
+from actors.channel import (
+    HEADER_LEN,
+    MAGIC,
+    Channel,
+    ChannelClosed,
+    Frame,
+    ProtocolError,
+    Rec,
+    Record,
+    decode,
+    encode,
+    free_port,
+)
 
 log = logging.getLogger(__name__)
 CTX = mp.get_context("spawn")

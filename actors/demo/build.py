@@ -21,8 +21,18 @@ from pathlib import Path
 import torch
 
 from actors.demo import corpus
-from actors.demo.train import (EOS, Shape, agreement, distill, encode_corpus, hf_config, new_model, pretrain,
-                               save_hf, train_tokenizer)
+from actors.demo.train import (
+    EOS,
+    Shape,
+    agreement,
+    distill,
+    encode_corpus,
+    hf_config,
+    new_model,
+    pretrain,
+    save_hf,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 VERSION = "v1"

@@ -69,7 +69,7 @@ def hf_config(shape: Shape, vocab: int, eos_id: int, max_pos: int) -> dict:
 def new_model(cfg: dict, seed: int) -> Transformer:
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.from_hf(cfg))
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.02)
     return model

@@ -1,0 +1,145 @@
+"""The SSD engine on a real local Ray cluster: drafter and verifier actors, a real gloo data plane.
+
+Exactness is checked against Hugging Face transformers' greedy output (the `hf_refs` fixture),
+never against outrider's own AR path.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+from scipy.stats import chi2_contingency
+
+from actors.generate import generate_ar
+from actors.loader import load_model
+from actors.sampling import SamplingParams
+from actors.stopping import StopCriteria
+from cluster.config import load_config
+from cluster.coordinator import Coordinator, GenerateArgs
+from cluster.deployment import engine_spec
+from cluster.engine import RayEngine
+from tests.conftest import HF_NEW, assert_matches_or_near_tie
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def _spec(**speculation):
+    overrides = {f"speculation.{k}": v for k, v in speculation.items()}
+    overrides["engine.max_batch"] = 8
+    return engine_spec(load_config("configs/local-cpu.yaml", overrides))
+
+
+def _run_all(coord: Coordinator, prompts, max_new=HF_NEW, params=None):
+    """Submit every prompt at once (several sequences in flight), collect tokens and finals."""
+    handles = [coord.submit(GenerateArgs(list(p), max_new, params or SamplingParams())) for p in prompts]
+    finals = [h.result() for h in handles]
+    return [h.tokens for h in handles], finals
+
+
+@pytest.fixture(scope="module")
+def ssd(ray_local, tiny_pair):
+    engine = RayEngine(_spec()).start()
+    coord = Coordinator(engine, None, max_queue=1024)
+    yield engine, coord
+    coord.stop()
+    engine.stop()
+
+
+def _check_exact(hf_refs, prompts, outs):
+    hf, refs = hf_refs
+    exact = sum(assert_matches_or_near_tie(hf, p, o, r) for p, o, r in zip(prompts, outs, refs))
+    assert exact >= len(outs) - 2, f"only {exact}/{len(outs)} identical"
+
+
+def test_ssd_greedy_equals_hf(ssd, hf_refs, held_out_prompts):
+    engine, coord = ssd
+    assert len(held_out_prompts) >= 20
+    outs, finals = _run_all(coord, held_out_prompts)
+    _check_exact(hf_refs, held_out_prompts, outs)
+    stats = finals[0].stats
+    for f in finals[1:]:
+        stats.merge(f.stats)
+    # Speculation really happened and the cache really served drafts.
+    assert stats.drafts > 0 and stats.accepted_tokens > 0
+    assert stats.cache_hits > 0, stats.summary()
+    assert sum(stats.hits_by_depth) == stats.cache_hits
+    assert 0.0 < stats.hit_rate <= 1.0
+    m = engine.metrics()
+    assert m["steps"] > 0 and m["drafter"]["prespec_s"] > 0 and m["drafter"]["branches"] > 0
+
+
+@pytest.mark.parametrize("speculation", [dict(fan_out=[0, 0, 0, 0, 0]), dict(k=1), dict(mode="sd", k=3)],
+                         ids=["fan_out_0", "k1", "sync_sd"])
+def test_other_schedules_stay_exact(ray_local, hf_refs, held_out_prompts, speculation):
+    engine = RayEngine(_spec(**speculation)).start()
+    coord = Coordinator(engine, None, max_queue=256)
+    try:
+        outs, finals = _run_all(coord, held_out_prompts)
+    finally:
+        coord.stop()
+        engine.stop()
+    _check_exact(hf_refs, held_out_prompts, outs)
+    hits = sum(f.stats.cache_hits for f in finals)
+    if speculation.get("fan_out") or speculation.get("mode") == "sd":
+        assert hits == 0  # nothing pre-drafted: every round drafted on demand
+    assert sum(f.stats.drafts for f in finals) > 0
+
+
+def test_ssd_sampling_matches_ar_distribution(ssd, tiny_pair, held_out_prompts):
+    """Tokens 2 and 3 of a continuation pass through speculation; their joint law must be the
+    target's. AR samples with one seed stream, SSD with another: compare the histograms."""
+    _, coord = ssd
+    prompt = held_out_prompts[3][-32:]
+    n, new = 400, 3
+    # A warped distribution (temperature, top-k) keeps enough mass on few outcomes to test.
+    params = [SamplingParams(temperature=0.8, top_k=6, seed=10_000 + i) for i in range(n)]
+    handles = [coord.submit(GenerateArgs(list(prompt), new, p)) for p in params]
+    for h in handles:
+        h.result()
+    ssd_tokens = [tuple(h.tokens[1:new]) for h in handles]
+    target = load_model(tiny_pair / "target")
+    ar_tokens = [tuple(generate_ar(target, prompt, StopCriteria(new), SamplingParams(0.8, 6, seed=i)).tokens[1:new])
+                 for i in range(n)]
+    a, b = collections.Counter(ar_tokens), collections.Counter(ssd_tokens)
+    # Pool rare outcomes so every expected count is large enough for the chi-square test.
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
+    table = [[a[k] for k in keys] + [n - sum(a[k] for k in keys)],
+             [b[k] for k in keys] + [n - sum(b[k] for k in keys)]]
+    assert len(keys) >= 3, f"too few common outcomes to test: {table}"
+    p = chi2_contingency(table).pvalue
+    assert p > 0.01, f"SSD sampling differs from AR (p={p:.4f}): {table}"
+
+
+def test_concurrent_mixed_lengths_and_aborts(ssd, hf_refs, held_out_prompts):
+    """Requests of different lengths interleave; aborted ones free their slots; the rest stay exact."""
+    _, coord = ssd
+    hf, refs = hf_refs
+    lens = [HF_NEW if i % 3 else 7 + i for i in range(12)]
+    victims = [coord.submit(GenerateArgs(list(held_out_prompts[i]), 500)) for i in range(3)]
+    handles = [coord.submit(GenerateArgs(list(held_out_prompts[i]), lens[i])) for i in range(12)]
+    for v in victims:
+        v.cancel()
+    for v in victims:
+        assert v.result().finish_reason == "abort"
+    for i, h in enumerate(handles):
+        f = h.result()
+        assert f.finish_reason == "length" and len(h.tokens) == lens[i]
+        assert_matches_or_near_tie(hf, held_out_prompts[i], h.tokens, refs[i][:lens[i]])
+    assert coord.in_flight == 0
+
+
+def test_plain_processes_without_ray(tiny_pair, hf_refs, held_out_prompts):
+    """The same actor classes, launched as a thread + a spawned process (a GPU box has no Ray)."""
+    from actors.launch import LocalEngine
+
+    spec = _spec()
+    engine = LocalEngine(spec).start()
+    coord = Coordinator(engine, None)
+    try:
+        outs, finals = _run_all(coord, held_out_prompts[:8])
+    finally:
+        coord.stop()
+        engine.stop()
+    _check_exact(hf_refs, held_out_prompts[:8], outs)
+    assert sum(f.stats.cache_hits for f in finals) > 0
+    assert not engine.proc.is_alive()
