@@ -181,7 +181,7 @@ def init_ray(address: str | None, num_cpus: int | None = None, namespace: str = 
     t0 = time.perf_counter()
     if address is None:
         embedded_ray_env()
-        ray.init(num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     else:
         ray.init(address=address, namespace=namespace, log_to_driver=True, configure_logging=False)

@@ -76,7 +76,7 @@ def ray_local():
 
     embedded_ray_env()
     if not ray.is_initialized():
-        ray.init(num_cpus=int(os.environ.get("OUTRIDER_TEST_CPUS", "4")), include_dashboard=False,
+        ray.init(address="local", num_cpus=int(os.environ.get("OUTRIDER_TEST_CPUS", "4")), include_dashboard=False,
                  namespace="outrider-tests", configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()

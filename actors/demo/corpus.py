@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -52,13 +53,15 @@ def _code_prompts(files: list[Path]) -> list[str]:
         lines = read(p).splitlines(keepends=True)
         for i, line in enumerate(lines):
             if line.lstrip().startswith(("def ", "class ")) and i > 0:
-                text = ""
-                for ln in lines[i:]:
-                    if len(text) + len(ln) > 300:
-                        break
-                    text += ln
-                if len(text) >= 120:
-                    out.append(text)
+                text, j = "", i
+                while j < len(lines) and len(text) + len(lines[j]) <= 300:
+                    text += lines[j]
+                    j += 1
+                # End inside the next line (its indentation and first word): a prompt that ends
+                # at a newline invites a weak model to answer with nothing but newlines.
+                head = re.match(r"\s*\S+", lines[j]) if j < len(lines) else None
+                if len(text) >= 120 and head:
+                    out.append(text + head.group(0))
     return out
 
 

@@ -1,0 +1,120 @@
+"""Prometheus metrics, named after vLLM's so existing dashboards read them.
+
+Per-request figures (speculation counters, latency histograms) are recorded when a request
+finishes. Engine-wide figures (verifier and drafter busy/idle seconds, rounds) are read from the
+actors at scrape time by a collector, so a scrape always shows the live totals.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from actors.stats import SpecStats
+
+log = logging.getLogger(__name__)
+P = "outrider:"
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class EngineCollector:
+    """Reads engine.metrics() on scrape (cached for a second: a scrape is one Ray call)."""
+
+    def __init__(self, engine_ref):
+        self.engine_ref = engine_ref   # a callable returning the current engine (it may be rebuilt)
+        self._cache: tuple[float, dict] = (0.0, {})
+
+    def _metrics(self) -> dict:
+        t, m = self._cache
+        if time.monotonic() - t > 1.0:
+            try:
+                m = self.engine_ref().metrics()
+            except Exception as e:  # a dead engine must not break the scrape
+                log.debug("engine metrics unavailable: %s", e)
+                m = {}
+            self._cache = (time.monotonic(), m)
+        return m
+
+    def collect(self):
+        m = self._metrics()
+        up = GaugeMetricFamily(P + "engine_up", "1 when the engine answered the last scrape")
+        up.add_metric([], 1.0 if m else 0.0)
+        yield up
+        if not m:
+            return
+        seconds = CounterMetricFamily(P + "verifier_seconds", "verifier time by activity", labels=["activity"])
+        for key in ("verify_s", "prefill_s", "wait_s", "transport_s", "control_s", "idle_s"):
+            seconds.add_metric([key.removesuffix("_s")], float(m.get(key, 0.0)))
+        yield seconds
+        steps = CounterMetricFamily(P + "verifier_steps", "verifier loop steps")
+        steps.add_metric([], float(m.get("steps", 0)))
+        yield steps
+        d = m.get("drafter") or {}
+        if d:
+            ds = CounterMetricFamily(P + "drafter_seconds", "drafter time by activity", labels=["activity"])
+            for key in ("wait_s", "reply_s", "prespec_s"):
+                ds.add_metric([key.removesuffix("_s")], float(d.get(key, 0.0)))
+            yield ds
+        ok = GaugeMetricFamily(P + "drafter_up", "1 while the drafter is on the data plane")
+        ok.add_metric([], 1.0 if m.get("drafter_ok") else 0.0)
+        yield ok
+
+
+class Metrics:
+    def __init__(self, engine_ref=None, registry: CollectorRegistry | None = None):
+        r = self.registry = registry or CollectorRegistry()
+        self.drafts = Counter(P + "spec_decode_num_drafts", "speculative rounds that verified a draft", registry=r)
+        self.draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "draft tokens proposed", registry=r)
+        self.accepted = Counter(P + "spec_decode_num_accepted_tokens", "draft tokens accepted", registry=r)
+        self.accepted_pos = Counter(P + "spec_decode_num_accepted_tokens_per_pos", "accepted draft tokens by position",
+                                    ["position"], registry=r)
+        self.hits = Counter(P + "spec_cache_hits", "speculation cache hits", registry=r)
+        self.misses = Counter(P + "spec_cache_misses", "speculation cache misses", registry=r)
+        self.requests = Counter(P + "request_success", "finished requests", ["finished_reason"], registry=r)
+        self.errors = Counter(P + "request_errors", "requests refused or failed", ["code"], registry=r)
+        self.prompt_tokens = Counter(P + "prompt_tokens", "prompt tokens processed", registry=r)
+        self.generation_tokens = Counter(P + "generation_tokens", "tokens generated", registry=r)
+        self.latency = Histogram(P + "e2e_request_latency_seconds", "request latency", buckets=_LATENCY, registry=r)
+        self.ttft = Histogram(P + "time_to_first_token_seconds", "time to first token", buckets=_LATENCY,
+                              registry=r)
+        self.tpot = Histogram(P + "time_per_output_token_seconds", "time per output token after the first",
+                              buckets=_TPOT, registry=r)
+        self.in_flight = Gauge(P + "num_requests_running", "requests in flight", registry=r)
+        if engine_ref is not None:
+            r.register(EngineCollector(engine_ref))
+        self._server = None
+
+    def observe_final(self, reason: str, prompt_tokens: int, completion_tokens: int, stats: SpecStats,
+                      ttft_s: float, total_s: float) -> None:
+        self.requests.labels(reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.drafts.inc(stats.drafts)
+        self.draft_tokens.inc(stats.draft_tokens)
+        self.accepted.inc(stats.accepted_tokens)
+        for pos, n in enumerate(stats.accepted_per_position):
+            if n:
+                self.accepted_pos.labels(str(pos)).inc(n)
+        self.hits.inc(stats.cache_hits)
+        self.misses.inc(stats.cache_misses)
+        self.latency.observe(total_s)
+        if completion_tokens:
+            self.ttft.observe(ttft_s)
+        if completion_tokens > 1:
+            self.tpot.observe((total_s - ttft_s) / (completion_tokens - 1))
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose /metrics over HTTP; returns the bound port (0 picks a free one)."""
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._server.server_port
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
