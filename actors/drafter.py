@@ -113,7 +113,7 @@ class Drafter:
             self.channel.close()
 
     def stats(self) -> dict:
-        return dict(vars(self.times))
+        return dict(vars(self.times), seqs=len(self.seqs))
 
     # -- one frame -------------------------------------------------------------------------
     def handle(self, frame: Frame, recv_posted_ns: int = 0, recv_done_ns: int = 0) -> Frame:

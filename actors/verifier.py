@@ -47,6 +47,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_token_ids: tuple[int, ...] = ()
     speculate: bool = True
+    ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
 
 
 @dataclass
@@ -369,7 +370,7 @@ class Verifier:
     def _commit(self, s: Seq, new: list[int]) -> bool:
         """Append newly committed tokens, apply token-level stops, stream; True when finished."""
         reason = None
-        stops = self.eos | frozenset(s.req.stop_token_ids)
+        stops = frozenset(s.req.stop_token_ids) | (frozenset() if s.req.ignore_eos else self.eos)
         for i, t in enumerate(new):
             if t in stops:
                 new, reason = new[:i + 1], "stop"

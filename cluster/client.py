@@ -41,10 +41,11 @@ class OutriderClient:
     def request(prompt: str | list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
                 top_k: int = 0, top_p: float | None = None, seed: int | None = None,
                 stop: list[str] | tuple[str, ...] = (), stop_token_ids: list[int] | tuple[int, ...] = (),
-                request_id: str = "", disable_speculation: bool = False) -> pb.GenerateRequest:
+                request_id: str = "", disable_speculation: bool = False,
+                ignore_eos: bool = False) -> pb.GenerateRequest:
         req = pb.GenerateRequest(temperature=temperature, top_k=top_k, stop=list(stop),
                                  stop_token_ids=list(stop_token_ids), request_id=request_id,
-                                 disable_speculation=disable_speculation)
+                                 disable_speculation=disable_speculation, ignore_eos=ignore_eos)
         if isinstance(prompt, str):
             req.prompt = prompt
         else:
@@ -69,22 +70,21 @@ class OutriderClient:
 
     def generate_text(self, prompt: str | list[int], **kw) -> tuple[str, pb.Final]:
         """Run to the end; return the full text and the Final message."""
-        parts, final = [], None
-        for item in self.generate(prompt, **kw):
-            if item.HasField("chunk"):
-                parts.append(item.chunk.text)
-            else:
-                final = item.final
-        return "".join(parts), final
+        chunks, final = self._collect(prompt, **kw)
+        return "".join(c.text for c in chunks), final
 
     def generate_ids(self, prompt: str | list[int], **kw) -> tuple[list[int], pb.Final]:
-        ids, final = [], None
+        chunks, final = self._collect(prompt, **kw)
+        return [t for c in chunks for t in c.token_ids], final
+
+    def _collect(self, prompt, **kw):
+        chunks, final = [], None
         for item in self.generate(prompt, **kw):
             if item.HasField("chunk"):
-                ids.extend(item.chunk.token_ids)
+                chunks.append(item.chunk)
             else:
                 final = item.final
-        return ids, final
+        return chunks, final
 
     def abort(self, request_id: str) -> bool:
         return self.stub.Abort(pb.AbortRequest(request_id=request_id), metadata=self.metadata).found

@@ -57,6 +57,7 @@ class GenerateArgs:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     speculate: bool = True
+    ignore_eos: bool = False
     deadline_s: float | None = None      # seconds from submission
     request_id: str = ""
 
@@ -129,7 +130,7 @@ class Coordinator:
             self.handles[eid] = h
         try:
             self.engine.submit(Request(eid, list(args.prompt_ids), args.max_new_tokens, args.params,
-                                       tuple(args.stop_token_ids), args.speculate))
+                                       tuple(args.stop_token_ids), args.speculate, args.ignore_eos))
         except Exception:
             with self._lock:
                 self.handles.pop(eid, None)

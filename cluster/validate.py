@@ -52,7 +52,7 @@ def to_generate_args(req, tok: Tokenizer, limits: Limits, deadline_s: float | No
     else:
         max_new = min(limits.default_max_new_tokens, room)
     return GenerateArgs(prompt_ids, max_new, _params(req), _stops(req), _stop_ids(req, limits),
-                        speculate=not req.disable_speculation, deadline_s=deadline_s,
+                        speculate=not req.disable_speculation, ignore_eos=req.ignore_eos, deadline_s=deadline_s,
                         request_id=_request_id(req))
 
 

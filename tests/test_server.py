@@ -1,0 +1,193 @@
+"""A real gRPC server on 127.0.0.1 (ephemeral port) over a real local Ray engine."""
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from cluster.client import OutriderClient
+from cluster.config import load_config
+from cluster.rpc.outrider.v1 import outrider_pb2 as pb
+from cluster.server import OutriderServer
+from tests.conftest import HF_NEW, assert_matches_or_near_tie
+
+ROOT = Path(__file__).parent.parent
+pytestmark = pytest.mark.timeout(600)
+
+
+def _wait(cond, timeout=30.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tiny_pair):
+    cfg = load_config(ROOT / "configs/local-cpu.yaml", {
+        "server.port": 0, "metrics.port": 0, "server.max_queue": 12, "server.max_new_tokens_limit": 400})
+    server = OutriderServer(cfg).start()
+    client = OutriderClient(f"127.0.0.1:{server.port}")
+    client.wait_ready()
+    yield server, client
+    client.close()
+    server.stop(grace_s=1)
+
+
+def test_concurrent_streams_equal_hf_greedy(served, hf_refs, held_out_prompts):
+    server, client = served
+    hf, refs = hf_refs
+    n = 10
+    results: dict[int, tuple] = {}
+
+    def one(i):
+        results[i] = client.generate_ids(held_out_prompts[i], max_new_tokens=HF_NEW)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(results) == n
+    exact = 0
+    for i, (ids, final) in results.items():
+        assert final.finish_reason == "length" and final.usage.completion_tokens == HF_NEW == len(ids)
+        exact += assert_matches_or_near_tie(hf, held_out_prompts[i], ids, refs[i])
+    assert exact >= n - 1
+    assert sum(r[1].stats.drafts for r in results.values()) > 0
+
+
+def test_text_stream_and_stats(served):
+    _, client = served
+    text, final = client.generate_text("def main():\n    return", max_new_tokens=24)
+    assert final.usage.completion_tokens == 24 and final.usage.prompt_tokens > 0
+    assert text and final.stats.time_to_first_token_s > 0 and final.stats.tokens_per_s > 0
+    assert final.stats.mean_acceptance_length >= 1.0
+
+
+def test_cancel_mid_stream_frees_the_sequence(served):
+    server, client = served
+    stream = client.generate("class Parser:\n    def", max_new_tokens=400)
+    got = 0
+    for item in stream:
+        got += len(item.chunk.token_ids)
+        if got >= 5:
+            stream.cancel()
+            break
+    _wait(lambda: server.coord.in_flight == 0)
+    m = server.engine.metrics()
+    _wait(lambda: server.engine.metrics()["active"] == 0)
+    _wait(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
+    assert m["drafter_ok"]
+    assert client.health() == "SERVING"
+    assert client.generate_text("x = ", max_new_tokens=4)[1].usage.completion_tokens == 4
+
+
+def test_deadline_exceeded_frees_the_sequence(served):
+    server, client = served
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_text("import os\nimport", max_new_tokens=400, timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait(lambda: server.coord.in_flight == 0)
+    _wait(lambda: server.engine.metrics()["active"] == 0)
+
+
+def test_abort_by_request_id(served):
+    server, client = served
+    stream = client.generate("def run(self):\n    for", max_new_tokens=400, request_id="job-7")
+    next(stream)
+    assert client.abort("job-7") is True
+    finals = [i.final for i in stream if i.HasField("final")]
+    assert finals and finals[0].finish_reason == "abort" and finals[0].request_id == "job-7"
+    assert client.abort("no-such-job") is False
+
+
+BAD = [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": [10**6]}, "vocab"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 100_000}, "limit"),
+    ({"prompt": [5] * 1000, "max_new_tokens": 100}, "context"),
+    ({"prompt": [5] * 2000}, "context"),
+    ({"temperature": -0.5}, "temperature"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"stop": [""]}, "stop"),
+    ({"stop": ["x"] * 100}, "stop"),
+    ({"stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"seed": 2**64 - 1}, "seed"),
+    ({"request_id": "r" * 1000}, "request_id"),
+]
+
+
+@pytest.mark.parametrize("fields, words", BAD, ids=[w for _, w in BAD])
+def test_invalid_requests_get_invalid_argument(served, fields, words):
+    _, client = served
+    kw = {"prompt": "hello", "max_new_tokens": 8} | fields
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_text(kw.pop("prompt"), **kw)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert words in e.value.details()
+    assert client.health() == "SERVING"
+
+
+def test_malformed_bytes_are_invalid_argument(served):
+    server, client = served
+    raw = client.channel.unary_stream("/outrider.v1.Outrider/Generate", request_serializer=None,
+                                      response_deserializer=pb.GenerateResponse.FromString)
+    bad_utf8 = b"\x0a\x02\xff\xfe"   # field 1 (prompt), length 2, not UTF-8
+    for blob in (bad_utf8, b"\xff\xff\xff"):
+        with pytest.raises(grpc.RpcError) as e:
+            list(raw(blob))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+
+
+def test_queue_full_is_resource_exhausted(served):
+    server, client = served
+    streams = [client.generate(f"def f{i}(x):\n    return", max_new_tokens=400, ignore_eos=True) for i in range(12)]
+    # 12 x 400 tokens keep the engine busy for seconds: the queue is full right after submission.
+    _wait(lambda: server.coord.in_flight == 12, timeout=10)
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_text("one too many", max_new_tokens=4)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
+    for s in streams:
+        s.cancel()
+    _wait(lambda: server.coord.in_flight == 0)
+
+
+def test_health_info_reflection_metrics(served):
+    server, client = served
+    assert client.health() == "SERVING" and client.health("outrider.v1.Outrider") == "SERVING"
+    info = client.info()
+    assert info.mode == "ssd" and info.k == 4 and info.versions["outrider"] and info.max_seq_len == 1024
+    db = ProtoReflectionDescriptorDatabase(client.channel)
+    services = db.get_services()
+    assert "outrider.v1.Outrider" in services and "grpc.health.v1.Health" in services
+    methods = {m.name for m in db.FindFileContainingSymbol("outrider.v1.Outrider").service[0].method}
+    assert methods == {"Generate", "Abort", "GetInfo"}
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    drafts = [ln for ln in body.splitlines() if ln.startswith("outrider:spec_decode_num_drafts_total ")]
+    assert drafts and float(drafts[0].split()[1]) > 0
+    for name in ("outrider:time_to_first_token_seconds_bucket", "outrider:verifier_seconds_total",
+                 "outrider:spec_cache_hits_total", "outrider:drafter_seconds_total"):
+        assert name in body, name
+
+
+def test_stubs_are_fresh(tmp_path):
+    """The committed stubs equal what `make proto` generates from the .proto today."""
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-Icluster/rpc=proto",
+                    f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                    "proto/outrider/v1/outrider.proto"], cwd=ROOT, check=True)
+    gen = tmp_path / "cluster/rpc/outrider/v1"
+    names = ["outrider_pb2.py", "outrider_pb2.pyi", "outrider_pb2_grpc.py"]
+    _, mismatch, errors = filecmp.cmpfiles(gen, ROOT / "cluster/rpc/outrider/v1", names, shallow=False)
+    assert not mismatch and not errors, f"stale stubs {mismatch + errors}: run `make proto`"
