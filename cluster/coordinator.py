@@ -160,6 +160,11 @@ class Coordinator:
         self._stop.set()
         self._poller.join(timeout=5)
 
+    def replace_engine(self, engine) -> None:
+        """Swap in a rebuilt engine; requests are accepted again."""
+        self.engine = engine
+        self.error = None
+
     def fail_all(self, message: str) -> None:
         """The engine died: end every open stream with an error (nothing hangs)."""
         self.error = message
@@ -176,8 +181,9 @@ class Coordinator:
                 events = self.engine.poll(0.05)
             except Exception as e:  # engine gone: fail open requests, keep polling for recovery
                 if not self._stop.is_set():
-                    log.error("engine poll failed: %s", e)
-                    self.fail_all(f"engine unavailable: {e}")
+                    if self.error is None:
+                        log.error("engine poll failed: %s", e)
+                    self.fail_all(f"engine unavailable: {type(e).__name__}")
                     time.sleep(0.2)
                 continue
             for ev in events:

@@ -40,10 +40,12 @@ class VerifierActor(Verifier):
     def free_port(self) -> int:
         return _free_port()
 
+    def pid(self) -> int:
+        return os.getpid()
+
 
 class DrafterActor(Drafter):
     def pid(self) -> int:
-        import os
         return os.getpid()
 
 
@@ -137,6 +139,22 @@ class RayEngine:
 
     def drafter_pid(self) -> int:
         return ray.get(self.drafter.pid.remote())
+
+    def verifier_alive(self) -> bool:
+        """False once the verifier's run loop has ended with an error (its process died)."""
+        if self.verifier is None or not self._runs:
+            return False
+        ready, _ = ray.wait([self._runs[0]], timeout=0)
+        if not ready:
+            return True
+        try:
+            ray.get(ready[0])
+            return True   # a clean return: stopped on purpose
+        except Exception:
+            return False
+
+    def verifier_pid(self) -> int:
+        return ray.get(self.verifier.pid.remote())
 
     def check_drafter(self) -> bool:
         """True when the drafter's run loop is still going (or cleanly finished)."""

@@ -25,6 +25,7 @@ from cluster.deployment import engine_spec, start_engine, tokenizer_for
 from cluster.metrics import Metrics
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 from cluster.service import SERVICE, OutriderService, info_for
+from cluster.supervisor import Supervisor
 from cluster.validate import Limits
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class OutriderServer:
         self.service = OutriderService(self.tok, limits, info_for(self.spec, cfg), self.metrics)
         self.grpc: grpc.Server | None = None
         self.port: int | None = None
+        self.supervisor: Supervisor | None = None
         self._stopped = threading.Event()
 
     # -- bring-up ------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ class OutriderServer:
         reflection.enable_server_reflection(
             (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.grpc)
-        self._set_health(False)
+        self.set_health(False)
         address = f"{s.host}:{s.port}"
         if s.tls is not None:
             self.port = self.grpc.add_secure_port(address, _tls_credentials(self.cfg))
@@ -117,15 +119,19 @@ class OutriderServer:
         log.info("listening on %s:%d (%s), loading the engine", s.host, self.port, "TLS" if s.tls else "plaintext")
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
-        self.engine = start_engine(self.cfg, self.spec)
+        self.engine = self.new_engine()
         self.coord = Coordinator(self.engine, self.tok, s.max_queue)
         self.service.coord = self.coord
-        self._set_health(True)
+        self.supervisor = Supervisor(self).start()
+        self.set_health(True)
         log.info("serving %s on %s:%d (mode=%s k=%d)", pb.DESCRIPTOR.package, s.host, self.port, self.spec.mode,
                  self.spec.k)
         return self
 
-    def _set_health(self, serving: bool) -> None:
+    def new_engine(self):
+        return start_engine(self.cfg, self.spec)
+
+    def set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
             self.health.set(name, status)
@@ -134,7 +140,7 @@ class OutriderServer:
     def drain(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, refuse new work, give in-flight requests `grace_s` to finish, abort the rest."""
         grace_s = self.cfg.server.drain_grace_s if grace_s is None else grace_s
-        self._set_health(False)
+        self.set_health(False)
         if self.coord is None:
             return
         self.coord.draining = True
@@ -155,6 +161,8 @@ class OutriderServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self.drain(grace_s)
         if self.grpc is not None:
             self.grpc.stop(grace=1.0).wait()
@@ -174,10 +182,17 @@ def serve_from_config(path: str, overrides: dict | None = None) -> int:
     cfg = load_config(path, overrides)
     server = OutriderServer(cfg)
     stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+        signal.signal(sig, on_signal)
     try:
         server.start()
+        # ray.init installs its own SIGTERM handler (a bare exit 15): take the signals back.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
         while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
             pass
         log.info("signal received: draining (grace %.1fs)", cfg.server.drain_grace_s)
