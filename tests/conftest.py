@@ -80,3 +80,27 @@ def ray_local():
                  namespace="outrider-tests", configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_tiny(ray_local, tiny_pair):
+    """Factory: a real OutriderServer (tiny pair, SSD, ephemeral ports) plus a connected client.
+    Every server it starts is stopped at the end of the session."""
+    from cluster.client import OutriderClient
+    from cluster.config import load_config
+    from cluster.server import OutriderServer
+
+    started = []
+
+    def start(overrides: dict | None = None, **client_kw):
+        cfg = load_config("configs/local-cpu.yaml", {"server.port": 0, "metrics.port": 0, **(overrides or {})})
+        server = OutriderServer(cfg).start()
+        started.append(server)
+        client = OutriderClient(f"127.0.0.1:{server.port}", **client_kw)
+        client.wait_ready()
+        return server, client
+
+    yield start
+    for server in started:
+        server.stop(grace_s=1)
+

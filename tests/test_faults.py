@@ -17,8 +17,6 @@ from actors.generate import generate_ar
 from actors.loader import load_model
 from actors.stopping import StopCriteria
 from cluster.client import OutriderClient
-from cluster.config import load_config
-from cluster.server import OutriderServer
 
 ROOT = Path(__file__).parent.parent
 NEW = 300
@@ -33,11 +31,8 @@ def _wait(cond, timeout=60.0, what="condition"):
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_pair):
-    cfg = load_config(ROOT / "configs/local-cpu.yaml", {"server.port": 0, "metrics.enabled": False})
-    server = OutriderServer(cfg).start()
-    client = OutriderClient(f"127.0.0.1:{server.port}")
-    client.wait_ready()
+def served(serve_tiny):
+    server, client = serve_tiny({"metrics.enabled": False})
     yield server, client
     client.close()
     server.stop(grace_s=1)

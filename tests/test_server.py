@@ -13,10 +13,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from cluster.client import OutriderClient
-from cluster.config import load_config
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
-from cluster.server import OutriderServer
 from tests.conftest import HF_NEW, assert_matches_or_near_tie
 
 ROOT = Path(__file__).parent.parent
@@ -31,12 +28,8 @@ def _wait(cond, timeout=30.0):
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tiny_pair):
-    cfg = load_config(ROOT / "configs/local-cpu.yaml", {
-        "server.port": 0, "metrics.port": 0, "server.max_queue": 12, "server.max_new_tokens_limit": 400})
-    server = OutriderServer(cfg).start()
-    client = OutriderClient(f"127.0.0.1:{server.port}")
-    client.wait_ready()
+def served(serve_tiny):
+    server, client = serve_tiny({"server.max_queue": 12, "server.max_new_tokens_limit": 400})
     yield server, client
     client.close()
     server.stop(grace_s=1)
