@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--k", type=int, default=None)
     g.add_argument("--address", default=None, help="Ray address (auto joins a running cluster)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
+    g.add_argument("--token-env", default=None, help="env var holding the server's bearer token (--server)")
+    g.add_argument("--tls-ca", default=None, help="PEM file of the CA that signed the server's certificate")
     _sampling_args(g)
 
     s = sub.add_parser("serve", help="serve gRPC until SIGTERM")

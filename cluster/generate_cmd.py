@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
+
+import grpc
 
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
@@ -97,19 +101,39 @@ def _via_cluster(args, prompt: str) -> int:
 def _via_server(args, prompt: str) -> int:
     from cluster.client import OutriderClient
 
-    with OutriderClient(args.server) as client:
-        final = None
-        for item in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):
-            if item.HasField("chunk"):
-                if not args.json:
-                    print(item.chunk.text, end="", flush=True)
-            else:
-                final = item.final
-        if not args.json:
-            print()
-        s = final.stats
-        log.info("finish=%s tokens=%d acceptance=%.2f mean_len=%.2f hit_rate=%.2f ttft=%.3fs %.1f tok/s",
-                 final.finish_reason, final.usage.completion_tokens, s.acceptance_rate, s.mean_acceptance_length,
-                 s.hit_rate, s.time_to_first_token_s, s.tokens_per_s)
+    token = None
+    if args.token_env:
+        token = os.environ.get(args.token_env)
+        if not token:
+            raise ValueError(f"--token-env: environment variable {args.token_env!r} is not set")
+    ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    with OutriderClient(args.server, token=token, root_certificates=ca) as client:
+        try:
+            final = _stream_from(client, args, prompt)
+        except grpc.RpcError as e:  # a refusal is the server's answer, not a crash
+            log.error("server answered %s: %s", e.code().name, e.details())
+            return 1
+    s = final.stats
+    log.info("finish=%s tokens=%d acceptance=%.2f mean_len=%.2f hit_rate=%.2f ttft=%.3fs %.1f tok/s",
+             final.finish_reason, final.usage.completion_tokens, s.acceptance_rate, s.mean_acceptance_length,
+             s.hit_rate, s.time_to_first_token_s, s.tokens_per_s)
     return 0
+
+
+def _stream_from(client, args, prompt: str):
+    final, parts = None, []
+    for item in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):
+        if item.HasField("chunk"):
+            parts.append(item.chunk.text)
+            if not args.json:
+                print(item.chunk.text, end="", flush=True)
+        else:
+            final = item.final
+    if args.json:
+        print(json.dumps({"text": "".join(parts), "finish_reason": final.finish_reason,
+                          "completion_tokens": final.usage.completion_tokens,
+                          "acceptance_rate": final.stats.acceptance_rate, "hit_rate": final.stats.hit_rate}))
+    else:
+        print()
+    return final
