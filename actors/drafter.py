@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.channel import Channel, Frame, Rec, Record
+from actors.channel import Channel
+from actors.frame import Frame, Rec, Record
 from actors.fanout import AcceptanceTracker, geometric_fan_out
 from actors.kv_cache import KVCache
 from actors.loader import load_model

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.channel import Channel, ChannelClosed, Frame, Rec, Record
+from actors.channel import Channel, ChannelClosed
+from actors.frame import Frame, Rec, Record
 from actors.kv_cache import KVCache
 from actors.loader import load_model
 from actors.sampling import SamplingParams, probs_from_logits, sample
