@@ -1,0 +1,355 @@
+"""`outrider bench`: outrider AR, sync SD (a K sweep), SSD and HF transformers side by side.
+
+Every mode decodes the same prompts from the same checkpoints: greedy, batch 1, a fixed number
+of new tokens (EOS ignored everywhere, so each run produces exactly that many). Repetitions are
+interleaved: for each prompt every mode runs once, in an order that rotates from prompt to
+prompt, so slow drift of a busy machine spreads over all modes alike. All outrider engines stay
+up side by side when the Ray cluster has room for them (a cluster this function starts gets
+enough logical CPUs); a smaller, already running cluster is used in phases of engines that fit.
+Per-round times come from the verifier's and drafter's counters (deltas around each timed run);
+t_verify(K+1) and t_draft(1) are measured directly in this process on one thread, in the same run.
+The report (JSON, Markdown, PNG) is written by cluster/bench_report.py.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from actors.sampling import SamplingParams
+from actors.stats import SpecStats
+from cluster.config import load_config
+from cluster.coordinator import Coordinator, GenerateArgs
+from cluster.deployment import engine_spec, tokenizer_for
+
+log = logging.getLogger(__name__)
+
+FULL = dict(n_code=6, n_text=6, new_tokens=128, sweep=(2, 3, 4, 5, 6), saguaro_prompts=4)
+QUICK = dict(n_code=1, n_text=1, new_tokens=24, sweep=(), saguaro_prompts=1)
+PROMPT_TOKENS = 128
+SAGUARO_T, SAGUARO_C = 0.7, 0.8
+KERNEL_REPS = 20
+VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "prefill_s", "wait_s", "transport_s", "control_s", "idle_s")
+DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "branches", "frames")
+
+
+@dataclass
+class Mode:
+    name: str
+    kind: str                        # outrider | hf | hf-assisted
+    overrides: dict = field(default_factory=dict)
+    threads: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    engine: object = None
+
+    @property
+    def cpus(self) -> int:
+        if self.kind != "outrider":
+            return 0
+        return self.threads * (1 if self.overrides["speculation.mode"] == "ar" else 2)
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    seconds: float
+    stats: SpecStats | None = None
+    verifier: dict | None = None     # counter deltas over the run
+    drafter: dict | None = None
+    ttft: float | None = None        # the verifier's time to first token (outrider only)
+
+    @property
+    def tok_s(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+def _outrider(name, mode, k, threads=1, **extra) -> Mode:
+    ov = {"speculation.mode": mode, "speculation.k": k, "models.target.num_threads": threads, "engine.max_batch": 1}
+    if mode == "ar":
+        ov["models.draft"] = None
+    if mode != "ssd":
+        ov["speculation.fan_out"] = None
+    params = extra.pop("params", SamplingParams())
+    ov.update(extra)
+    return Mode(name, "outrider", ov, threads, params)
+
+
+def build_modes(k: int, sweep: tuple[int, ...]) -> list[Mode]:
+    ks = sorted(set(sweep) | {k})
+    return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk) for kk in ks]
+            + [_outrider("ssd", "ssd", k), Mode("hf", "hf", threads=2), Mode("hf-assisted", "hf-assisted", threads=2),
+               _outrider("ar-2t", "ar", k, threads=2)])
+
+
+def saguaro_modes(k: int) -> list[Mode]:
+    return [_outrider(f"ssd-t{SAGUARO_T}-c{c}", "ssd", k, params=SamplingParams(temperature=SAGUARO_T),
+                      **{"speculation.saguaro_c": c}) for c in (1.0, SAGUARO_C)]
+
+
+def build_prompts(tok, n_code: int, n_text: int) -> tuple[list[list[int]], list[int]]:
+    """(timed prompts, warm-up prompt): held-out code and docstring prompts, last 128 tokens."""
+    from actors.demo.corpus import prompts
+
+    texts = prompts("code", n_code + 1) + prompts("text", n_text)
+    ids = [tok.encode(t)[-PROMPT_TOKENS:] for t in texts]
+    return ids[:n_code] + ids[n_code + 1:], ids[n_code]
+
+
+@contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# -- running one generation ------------------------------------------------------------------
+def _delta(before: dict | None, after: dict | None, keys) -> dict | None:
+    if not before or not after:
+        return None
+    return {k: after[k] - before[k] for k in keys}
+
+
+def run_outrider(mode: Mode, prompt: list[int], n: int, seed: int | None = None) -> Run:
+    eng = mode.engine
+    params = mode.params if seed is None or mode.params.greedy else SamplingParams(mode.params.temperature, seed=seed)
+    before = eng.metrics()
+    coord = Coordinator(eng, None)   # one poller at a time: idle pollers would eat the CPU being measured
+    try:
+        t0 = time.perf_counter()
+        h = coord.submit(GenerateArgs(list(prompt), n, params, ignore_eos=True))
+        final = h.result()
+        seconds = time.perf_counter() - t0
+    finally:
+        coord.stop()
+    if final.error or final.finish_reason not in ("length", "stop"):
+        raise RuntimeError(f"{mode.name}: generation ended with {final.finish_reason}: {final.error}")
+    after = eng.metrics()
+    return Run(list(h.tokens), seconds, final.stats, _delta(before, after, VERIFIER_KEYS),
+               _delta(before.get("drafter"), after.get("drafter"), DRAFTER_KEYS), final.ttft_s)
+
+
+class HF:
+    """transformers' own greedy and assisted generation, on the very same checkpoint files."""
+
+    def __init__(self, target_dir: str, draft_dir: str | None):
+        try:
+            import matplotlib  # noqa: F401 (the report's plot; fail before any engine starts)
+            import transformers
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            raise ValueError(f"outrider bench needs the dev extras (pip install -e '.[dev]'): {e}") from None
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.version = transformers.__version__
+        self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+        self.assistant = (AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+                          if draft_dir else None)
+
+    def run(self, mode: Mode, prompt: list[int], n: int) -> Run:
+        # EOS off (as outrider's ignore_eos) rather than min_new_tokens, which would mask EOS
+        # out of the argmax and so change the greedy tokens wherever EOS is the top choice.
+        gc = copy.deepcopy(self.model.generation_config)
+        gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, False, n, None
+        x = torch.tensor([prompt])
+        kw = {"assistant_model": self.assistant} if mode.kind == "hf-assisted" else {}
+        with _threads(mode.threads), torch.inference_mode():
+            t0 = time.perf_counter()
+            out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, **kw)
+            seconds = time.perf_counter() - t0
+        return Run(out[0, len(prompt):].tolist(), seconds)
+
+    def schedule(self) -> dict:
+        if self.assistant is None:
+            return {}
+        g = self.assistant.generation_config
+        try:  # transformers 5 leaves unset fields None and fills them in at generate()
+            defaults = g._get_default_generation_params()
+        except AttributeError:
+            defaults = {}
+        keys = ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+        return {k: getattr(g, k, None) if getattr(g, k, None) is not None else defaults.get(k) for k in keys}
+
+
+def run_one(mode: Mode, hf: HF | None, prompt: list[int], n: int, seed: int | None = None) -> Run:
+    return run_outrider(mode, prompt, n, seed) if mode.kind == "outrider" else hf.run(mode, prompt, n)
+
+
+# -- engines and phases ----------------------------------------------------------------------
+def plan_phases(modes: list[Mode], capacity: float) -> list[list[Mode]]:
+    """Pack outrider modes, in order, into groups whose engines fit the cluster at once; the HF
+    modes (no Ray resources) join the first group."""
+    phases, cur, used = [], [], 0
+    for m in modes:
+        if m.cpus > capacity:
+            raise ValueError(f"mode {m.name} needs {m.cpus} CPUs but the Ray cluster has {capacity:g} free")
+        if cur and used + m.cpus > capacity:
+            phases.append(cur)
+            cur, used = [], 0
+        cur.append(m)
+        used += m.cpus
+    phases.append(cur)
+    hf = [m for m in modes if m.kind != "outrider"]
+    return [hf + [m for m in phases[0] if m.kind == "outrider"]] + phases[1:]
+
+
+def start_engines(config_path: str, modes: list[Mode], strategy: str) -> None:
+    from cluster.engine import RayEngine
+
+    for m in modes:
+        if m.kind == "outrider" and m.engine is None:
+            t0 = time.perf_counter()
+            m.engine = RayEngine(engine_spec(load_config(config_path, m.overrides)), strategy).start()
+            log.info("engine %s up in %.1fs", m.name, time.perf_counter() - t0)
+
+
+def stop_engines(modes: list[Mode]) -> None:
+    for m in modes:
+        if m.engine is not None:
+            try:
+                m.engine.stop()
+            except Exception as e:  # keep stopping the others
+                log.warning("engine %s did not stop cleanly: %s", m.name, e)
+            m.engine = None
+
+
+def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=None) -> dict[str, list[Run]]:
+    """Each phase: engines up, one warm-up per mode, then prompt by prompt every mode once in a
+    rotating order; engines down. Returns the runs per mode, in prompt order."""
+    runs: dict[str, list[Run]] = {}
+    for phase in phases:
+        try:
+            start_engines(config_path, phase, strategy)
+            for m in phase:
+                run_one(m, hf, warm, n, seeds[0] if seeds else None)
+                runs[m.name] = []
+            for i, p in enumerate(prompts):
+                order = phase[i % len(phase):] + phase[:i % len(phase)]
+                out = {m.name: run_one(m, hf, p, n, seeds[i] if seeds else None) for m in order}
+                for m in phase:
+                    runs[m.name].append(out[m.name])
+                bar.update(1)
+                shown = [m for m in phase if m.name in ("ar", "ssd", "hf-assisted")] or phase[:3]
+                bar.set_postfix({m.name: f"{out[m.name].tok_s:.0f}" for m in shown}, refresh=False)
+        finally:
+            stop_engines(phase)
+    return runs
+
+
+# -- direct kernel timings -------------------------------------------------------------------
+@torch.inference_mode()
+def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int = KERNEL_REPS) -> float:
+    """Median seconds of one forward of `n_tokens` tokens after a `len(ctx)`-token cached prefix,
+    in a cache slot as long as the engine's (`max_len` positions)."""
+    from actors.kv_cache import KVCache
+
+    L = len(ctx)
+    cache = KVCache.for_model(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, model.device)
+    slot = torch.tensor([cache.alloc()])
+    model(torch.tensor([ctx]), torch.arange(L)[None], cache, slot)
+    x, pos = torch.tensor([ctx[-n_tokens:]]), torch.arange(L, L + n_tokens)[None]
+    times = []
+    for i in range(reps + 3):
+        t0 = time.perf_counter()
+        model(x, pos, cache, slot)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int) -> dict:
+    from actors.loader import load_model
+
+    with _threads(1):
+        target, draft = load_model(target_dir), load_model(draft_dir)
+        t_verify = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
+        return {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS,
+                "t_target_1_s": time_forward(target, ctx, 1, max_len),
+                "t_draft_1_s": time_forward(draft, ctx, 1, max_len), "t_verify_s": t_verify}
+
+
+# -- the command -----------------------------------------------------------------------------
+def _ray_up(cfg, need: int) -> tuple[bool, float]:
+    """(whether this call started Ray, logical CPUs free for engines)."""
+    import ray
+
+    from cluster.engine import init_ray
+
+    owned = not ray.is_initialized()
+    if owned:
+        init_ray(cfg.cluster.address, max(16, need) if cfg.cluster.address is None else None, cfg.cluster.namespace)
+    return owned, float(ray.available_resources().get("CPU", 0))
+
+
+def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
+    import ray
+    from tqdm import tqdm
+
+    from cluster.bench_report import check_greedy, summarize, write_report
+
+    t_start = time.perf_counter()
+    s = QUICK if quick else FULL
+    cfg = load_config(config_path)
+    k, n = cfg.speculation.k, s["new_tokens"]
+    base = engine_spec(load_config(config_path, {"speculation.mode": "ssd"}))
+    if base.draft is None:
+        raise ValueError(f"{config_path}: the bench needs models.draft")
+    prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
+    modes, sag = build_modes(k, s["sweep"]), saguaro_modes(k)
+    sag_prompts = prompts[:s["saguaro_prompts"]]
+    hf = HF(base.target, base.draft)
+    owned, capacity = _ray_up(cfg, sum(m.cpus for m in modes))
+    bar = None
+    try:
+        phases = plan_phases(modes, capacity)
+        sag_phases = plan_phases(sag, capacity) if sag_prompts else []
+        if len(phases) > 1:
+            log.warning("the Ray cluster has %g CPUs free: engines run in %d phases, interleaved within each",
+                        capacity, len(phases))
+        log.info("bench: %d prompts x %d new tokens, modes %s", len(prompts), n, ", ".join(m.name for m in modes))
+        bar = tqdm(total=len(prompts) * len(phases) + len(sag_prompts) * len(sag_phases), desc="bench",
+                   unit="rep", file=sys.stderr)
+        runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar)
+        greedy = check_greedy(runs, modes)
+        ks = sorted({int(m.overrides["speculation.k"]) for m in modes if m.kind == "outrider"})
+        # The mean context of a decode step: the mean prompt plus half the new tokens.
+        ctx_len = round(statistics.mean(len(p) for p in prompts) + n / 2)
+        ctx = [t for p, r in zip(prompts, runs["ar"]) for t in p + r.tokens][:ctx_len]
+        kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2)
+        seeds = [1000 + i for i in range(len(sag_prompts))]
+        sag_runs = run_phases(config_path, sag_phases, None, sag_prompts, warm, n, cfg.cluster.placement_strategy,
+                              bar, seeds)
+    finally:
+        if bar is not None:
+            bar.close()
+        stop_engines(modes + sag)
+        if owned:
+            ray.shutdown()
+    env = {"torch": torch.__version__, "transformers": hf.version, "ray": ray.__version__,
+           "python": sys.version.split()[0],
+           "cpu_count": os.cpu_count(), "bench_process_threads": torch.get_num_threads(), "ray_cpus_free": capacity,
+           "phases": [[m.name for m in p] for p in phases], "hf_assisted_schedule": hf.schedule(),
+           "target": base.target, "draft": base.draft, "config_path": str(config_path),
+           "config": cfg.model_dump(mode="json")}
+    settings = {"quick": quick, "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
+                "new_tokens": n, "k": k, "sweep": ks, "saguaro": {"temperature": SAGUARO_T, "c": SAGUARO_C,
+                                                                  "prompts": len(sag_prompts)}}
+    report = summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings)
+    report["wall_s"] = round(time.perf_counter() - t_start, 1)
+    write_report(report, Path(out_dir))
+    for line in report["summary_lines"]:
+        print(line)
+    print(report["summary_line"])
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,252 @@
+"""The bench report: per-mode figures, derived bounds and ratios, then JSON, Markdown and a PNG.
+
+Definitions (DESIGN.md §2): a round is one verify pass; E = mean acceptance length (vLLM's
+1 + accepted/drafts, tokens per round); the hidden-draft bound is E / t_verify(K+1); sync SD's
+ideal speed-up of SSD is (K·t_draft + t_verify) / t_verify at the same K. Per-round times are
+the verifier's view of its critical path: verify (target forward + verification), draft (time
+blocked on the drafter's reply, less the estimated wire time), transport (that wire time) and
+control (admission, stop checks, streaming: the coordinator work inside the verifier).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+from actors.stats import SpecStats
+
+log = logging.getLogger(__name__)
+
+
+def _r(x, nd: int = 4):
+    return None if x is None else round(float(x), nd)
+
+
+def _div(a, b):
+    return a / b if a is not None and b else None
+
+
+def _spread(xs: list[float]) -> dict:
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"min": _r(min(xs), 2), "q1": _r(q[0], 2), "q3": _r(q[2], 2), "max": _r(max(xs), 2)}
+
+
+def _breakdown(runs, mode) -> dict | None:
+    v = [r.verifier for r in runs if r.verifier]
+    if not v:
+        return None
+    tot = {key: sum(d[key] for d in v) for key in v[0]}
+    rounds = tot["rounds"] or 1
+    seconds = sum(r.seconds for r in runs)
+    # The verifier counts admission (the prefill) inside control_s: split it out.
+    per = {"verify": tot["verify_s"], "draft": tot["wait_s"] - tot["transport_s"], "transport": tot["transport_s"],
+           "control": tot["control_s"] - tot["prefill_s"], "prefill": tot["prefill_s"]}
+    per["other"] = seconds - tot["verify_s"] - tot["wait_s"] - tot["control_s"]
+    out = {"rounds": tot["rounds"], "rounds_per_run": _r(tot["rounds"] / len(runs), 2),
+           "wall_ms": _r(1e3 * seconds / rounds, 3), **{f"{k}_ms": _r(1e3 * s / rounds, 3) for k, s in per.items()},
+           "transport_plus_control_frac": _r((tot["transport_s"] + tot["control_s"]) / seconds)}
+    d = [r.drafter for r in runs if r.drafter]
+    if d:
+        dt = {key: sum(x[key] for x in d) for key in d[0]}
+        out.update(drafter_reply_ms=_r(1e3 * dt["reply_s"] / rounds, 3),
+                   drafter_prespec_ms=_r(1e3 * dt["prespec_s"] / rounds, 3),
+                   branches_per_round=_r(dt["branches"] / rounds, 2))
+    return out
+
+
+def mode_summary(mode, runs) -> dict:
+    tok_s = [r.tok_s for r in runs]
+    out = {"kind": mode.kind, "threads": mode.threads, "overrides": mode.overrides,
+           "temperature": mode.params.temperature, "runs": len(runs),
+           "tokens": sum(len(r.tokens) for r in runs), "seconds": _r(sum(r.seconds for r in runs)),
+           "tokens_per_s": _r(statistics.median(tok_s), 2), "tokens_per_s_spread": _spread(tok_s),
+           "tokens_per_s_aggregate": _r(sum(len(r.tokens) for r in runs) / sum(r.seconds for r in runs), 2),
+           "per_run": [{"tokens": len(r.tokens), "seconds": _r(r.seconds), "tok_s": _r(r.tok_s, 2)} for r in runs]}
+    if all(r.ttft is not None and r.seconds > r.ttft for r in runs):
+        # Decode only (after the first token): the steady state the bound E/t_verify describes.
+        dec = [(len(r.tokens) - 1) / (r.seconds - r.ttft) for r in runs]
+        out.update(decode_tokens_per_s=_r(statistics.median(dec), 2),
+                   ttft_ms=_r(1e3 * statistics.median(r.ttft for r in runs), 2))
+    stats = [r.stats for r in runs if r.stats is not None]
+    if stats:
+        m = SpecStats(k=max(s.k for s in stats))
+        for s in stats:
+            m.merge(s)
+        out["spec"] = m.to_dict()
+        out["acceptance_per_position"] = [_r(_div(a, m.drafts)) for a in m.accepted_per_position] if m.drafts else []
+        out["hit_rate_by_depth"] = ([_r(_div(h, n)) for h, n in zip(m.hits_by_depth, m.lookups_by_depth)]
+                                    if m.cache_hits + m.cache_misses else [])
+        out["breakdown_per_round"] = _breakdown(runs, mode)
+    return out
+
+
+def check_greedy(runs: dict, modes: list) -> dict[str, dict]:
+    """Every greedy mode's tokens against outrider AR's, prompt by prompt."""
+    ref = runs["ar"]
+    out = {}
+    for m in modes:
+        if m.name == "ar" or not m.params.greedy:
+            continue
+        firsts = []
+        for i, (a, b) in enumerate(zip(ref, runs[m.name])):
+            if a.tokens != b.tokens:
+                j = next((j for j, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y),
+                         min(len(a.tokens), len(b.tokens)))
+                firsts.append({"prompt": i, "position": j})
+        out[m.name] = {"mismatches": len(firsts), "first_divergence": firsts}
+        if firsts:
+            log.warning("%s differs from outrider AR on %d prompt(s): %s", m.name, len(firsts), firsts)
+    return out
+
+
+def derive(report: dict, k: int) -> dict:
+    ms, kern = report["modes"], report["kernels"]
+    tps = {name: m["tokens_per_s"] for name, m in ms.items()}
+    sd = {name: v for name, v in tps.items() if name.startswith("sd-k")}
+    best = max(sd, key=sd.get)
+    tv, td = kern["t_verify_s"][k], kern["t_draft_1_s"]
+    e_ssd = ms["ssd"]["spec"]["mean_acceptance_length"]
+    e_sd = ms[f"sd-k{k}"]["spec"]["mean_acceptance_length"]
+    bound = e_ssd / tv
+    ideal = (k * td + tv) / tv
+    ssd = tps["ssd"]
+    return {"k": k, "sd_best": best, "sd_best_k": int(best.removeprefix("sd-k")),
+            "mean_acceptance_length_ssd": e_ssd, "mean_acceptance_length_sd": e_sd,
+            "t_verify_ms": _r(1e3 * tv, 3), "t_draft_ms": _r(1e3 * td, 3),
+            "bound_tok_s": _r(bound, 2), "sd_ideal_ratio": _r(ideal),
+            "ar_model_tok_s": _r(1 / kern["t_target_1_s"], 2), "sd_model_tok_s": _r(e_sd / (k * td + tv), 2),
+            "ratios": {"SSD/AR": _r(ssd / tps["ar"]), "SSD/SD": _r(ssd / sd[best]),
+                       "SSD/SD-ideal": _r(ssd / tps[f"sd-k{k}"] / ideal), "SSD/HF": _r(ssd / tps["hf-assisted"]),
+                       "SSD/bound": _r(ssd / bound), "SSD/AR-2t": _r(ssd / tps["ar-2t"]),
+                       "SSD/HF-plain": _r(ssd / tps["hf"]), "SSD/SD-same-K": _r(ssd / tps[f"sd-k{k}"]),
+                       "SSD-decode/bound": _r(_div(ms["ssd"].get("decode_tokens_per_s"), bound))},
+            "verify_overhead_ms": _r(_verify_ms(ms["ssd"]) - 1e3 * tv if _verify_ms(ms["ssd"]) else None, 3)}
+
+
+def _verify_ms(m: dict) -> float | None:
+    return (m.get("breakdown_per_round") or {}).get("verify_ms")
+
+
+def summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings) -> dict:
+    k = settings["k"]
+    kern = {"context_tokens": kernels["context_tokens"], "threads": kernels["threads"], "reps": kernels["reps"],
+            "t_target_1_s": kernels["t_target_1_s"], "t_draft_1_s": kernels["t_draft_1_s"],
+            "t_verify_s": dict(kernels["t_verify_s"])}
+    report = {"settings": settings, "modes": {m.name: mode_summary(m, runs[m.name]) for m in modes},
+              "kernels": kern, "greedy_check": greedy,
+              "outrider_mismatches": sum(g["mismatches"] for name, g in greedy.items() if not name.startswith("hf")),
+              "hf_mismatches": sum(g["mismatches"] for name, g in greedy.items() if name.startswith("hf")),
+              "saguaro": {m.name: mode_summary(m, sag_runs[m.name]) for m in sag if m.name in sag_runs}, "env": env}
+    for name, g in greedy.items():
+        report["modes"][name]["mismatches"] = g["mismatches"]
+    d = report["derived"] = derive(report, k)
+    ra = d["ratios"]
+    report["summary_line"] = " ".join(f"{key}={ra[key]:.2f}" for key in
+                                      ("SSD/AR", "SSD/SD", "SSD/SD-ideal", "SSD/HF", "SSD/bound"))
+    lines = [f"{name:>18}: {m['tokens_per_s']:8.1f} tok/s  (min {m['tokens_per_s_spread']['min']:.1f}, "
+             f"max {m['tokens_per_s_spread']['max']:.1f})"
+             + (f"  E={m['spec']['mean_acceptance_length']:.2f}" if m.get("spec", {}).get("drafts") else "")
+             for name, m in {**report["modes"], **report["saguaro"]}.items()]
+    lines.append(f"{'bound':>18}: {d['bound_tok_s']:8.1f} tok/s  (E={d['mean_acceptance_length_ssd']:.2f} / "
+                 f"t_verify({k + 1})={d['t_verify_ms']:.2f} ms; t_draft={d['t_draft_ms']:.3f} ms; "
+                 f"greedy mismatches: outrider {report['outrider_mismatches']}, hf {report['hf_mismatches']})")
+    report["summary_lines"] = lines
+    return report
+
+
+# -- files -------------------------------------------------------------------------------------
+def _fmt(x, spec: str = ".1f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+def markdown(rep: dict) -> str:
+    s, d, env = rep["settings"], rep["derived"], rep["env"]
+    ar = rep["modes"]["ar"]["tokens_per_s"]
+    out = [f"# outrider bench{' (quick)' if s['quick'] else ''}", "",
+           f"{s['prompts']} prompts (≤128 tokens) × {s['new_tokens']} new tokens, greedy, batch 1, K={s['k']}; "
+           f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPUs; "
+           f"config `{env['config_path']}`; wall {rep.get('wall_s', 0):.0f} s.", "",
+           "| mode | threads | tok/s (median) | min–max | ×AR | decode tok/s | E[acc+1] | accept rate | hit rate | "
+           "verify ms | draft ms | transport ms | control ms | mismatches |", "|" + "---|" * 14]
+    for name, m in {**rep["modes"], **rep["saguaro"]}.items():
+        sp, b = m.get("spec") or {}, m.get("breakdown_per_round") or {}
+        spec_on = bool(sp.get("drafts"))
+        out.append(f"| {name} | {m['threads']} | {m['tokens_per_s']:.1f} | {m['tokens_per_s_spread']['min']:.1f}–"
+                   f"{m['tokens_per_s_spread']['max']:.1f} | {m['tokens_per_s'] / ar:.2f} | "
+                   f"{_fmt(m.get('decode_tokens_per_s'))} | "
+                   f"{_fmt(sp.get('mean_acceptance_length') if spec_on else None, '.2f')} | "
+                   f"{_fmt(sp.get('acceptance_rate') if spec_on else None, '.2f')} | "
+                   f"{_fmt(sp.get('hit_rate') if sp.get('cache_hits', 0) + sp.get('cache_misses', 0) else None, '.2f')}"
+                   f" | {_fmt(b.get('verify_ms'), '.2f')} | {_fmt(b.get('draft_ms'), '.2f')} | "
+                   f"{_fmt(b.get('transport_ms'), '.3f')} | {_fmt(b.get('control_ms'), '.3f')} | "
+                   f"{m.get('mismatches', '–')} |")
+    out += ["", "tok/s is end to end (submit to last token, prefill included); decode tok/s excludes the first "
+            "token. Per-round times are the verifier's critical path (ms per verify round); the Saguaro rows "
+            "(temperature 0.7) have no greedy check.", "", "## Derived", "",
+            f"- t_verify({s['k'] + 1}) = {d['t_verify_ms']:.2f} ms, t_draft(1) = {d['t_draft_ms']:.3f} ms, "
+            f"t_target(1) = {1e3 * rep['kernels']['t_target_1_s']:.2f} ms (one thread, "
+            f"{rep['kernels']['context_tokens']}-token context, median of {rep['kernels']['reps']})",
+            f"- hidden-draft bound E/t_verify = {d['bound_tok_s']:.1f} tok/s "
+            f"(E = {d['mean_acceptance_length_ssd']:.2f})",
+            f"- SD ideal ratio (K·t_draft + t_verify)/t_verify = {d['sd_ideal_ratio']:.3f}; "
+            f"best SD K = {d['sd_best_k']}",
+            f"- SSD's verify per round exceeds the direct t_verify by {_fmt(d['verify_overhead_ms'], '.2f')} ms",
+            "- ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in d["ratios"].items()), "",
+            "```", rep["summary_line"], "```", ""]
+    ssd = rep["modes"]["ssd"]
+    acc, hits = ssd.get("acceptance_per_position") or [], ssd.get("hit_rate_by_depth") or []
+    if acc or hits:
+        n = max(len(acc) + 1, len(hits))
+        out += ["## SSD by position / depth", "", "| i | " + " | ".join(str(i) for i in range(n)) + " |",
+                "|" + "---|" * (n + 1)]
+        if acc:
+            out.append("| drafts with position i accepted | – | " + " | ".join(_fmt(x, ".2f") for x in acc) + " |")
+        if hits:
+            out.append("| cache hit rate at depth i | " + " | ".join(_fmt(x, ".2f") for x in hits) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = {**rep["modes"], **rep["saguaro"]}
+    names = list(modes)
+    med = [modes[n]["tokens_per_s"] for n in names]
+    lo = [m - modes[n]["tokens_per_s_spread"]["min"] for n, m in zip(names, med)]
+    hi = [modes[n]["tokens_per_s_spread"]["max"] - m for n, m in zip(names, med)]
+    colors = ["tab:red" if n.startswith("ssd") else "tab:blue" if n.startswith("sd") else
+              "tab:green" if n.startswith("hf") else "tab:gray" for n in names]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    a.bar(names, med, yerr=[lo, hi], color=colors, capsize=3)
+    a.axhline(rep["derived"]["bound_tok_s"], color="black", linestyle="--",
+              label=f"hidden-draft bound E/t_verify = {rep['derived']['bound_tok_s']:.0f}")
+    a.set_ylabel("tokens/s (median, min–max)")
+    a.set_title(f"batch 1, {rep['settings']['new_tokens']} new tokens, {rep['settings']['prompts']} prompts")
+    a.tick_params(axis="x", rotation=45)
+    a.legend(loc="upper left", fontsize=8)
+    ssd, sd = rep["modes"]["ssd"], rep["modes"][rep["derived"]["sd_best"]]
+    for m, label, style in ((ssd, "SSD accepted at position", "o-"),
+                            (sd, f"{rep['derived']['sd_best']} accepted at position", "s--")):
+        acc = m.get("acceptance_per_position") or []
+        b.plot(range(1, len(acc) + 1), acc, style, label=label)
+    hits = ssd.get("hit_rate_by_depth") or []
+    b.plot(range(len(hits)), [h if h is not None else float("nan") for h in hits], "^-", label="SSD hit rate by depth")
+    b.set_xlabel("position (acceptance) / depth k (hit rate)")
+    b.set_ylim(0, 1.05)
+    b.legend(fontsize=8)
+    b.set_title("acceptance and speculation-cache hits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(rep: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+    (out / "report.md").write_text(markdown(rep))
+    plot(rep, out / "bench.png")
+    log.info("report written to %s (report.json, report.md, bench.png)", out)

@@ -1,0 +1,57 @@
+"""`outrider bench`: a quick smoke run on the tiny pair, and the full bench (slow) on the bench pair."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.bench import run_bench
+
+SUMMARY = re.compile(r"^SSD/AR=\d+\.\d\d SSD/SD=\d+\.\d\d SSD/SD-ideal=\d+\.\d\d SSD/HF=\d+\.\d\d SSD/bound=\d+\.\d\d$")
+MODES = {"ar", "sd-k4", "ssd", "hf", "hf-assisted", "ar-2t"}
+
+
+def _check_report(out: Path, stdout: str, modes: set[str]) -> dict:
+    for name in ("report.json", "report.md", "bench.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rep = json.loads((out / "report.json").read_text())
+    assert modes <= set(rep["modes"])
+    for name, m in {**rep["modes"], **rep["saguaro"]}.items():
+        assert m["tokens_per_s"] > 0, name
+    assert rep["outrider_mismatches"] == 0, rep["greedy_check"]
+    ssd = rep["modes"]["ssd"]
+    assert ssd["spec"]["drafts"] > 0 and ssd["breakdown_per_round"]["rounds"] > 0
+    assert len(ssd["hit_rate_by_depth"]) == rep["settings"]["k"] + 1
+    assert rep["derived"]["bound_tok_s"] > 0
+    lines = stdout.strip().splitlines()
+    assert SUMMARY.match(lines[-1]), lines[-1]
+    assert lines[-1] == rep["summary_line"]
+    return rep
+
+
+@pytest.mark.timeout(300)
+def test_bench_quick_tiny(ray_local, tiny_pair, tmp_path, capsys):
+    cfg = yaml.safe_load(Path("configs/local-cpu.yaml").read_text())
+    cfg["models"]["target"]["path"], cfg["models"]["draft"]["path"] = "demo:tiny/target", "demo:tiny/draft"
+    cfg["metrics"]["enabled"] = False
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    assert run_bench(str(path), str(out), quick=True) == 0
+    rep = _check_report(out, capsys.readouterr().out, MODES)
+    assert rep["settings"]["new_tokens"] == 24 and rep["settings"]["prompts"] == 2
+    for name in MODES:
+        assert rep["modes"][name]["tokens"] == 2 * 24, name  # EOS ignored: a fixed length everywhere
+    assert ray_local.is_initialized()  # a cluster run_bench did not start stays up
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_bench_full(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_bench("configs/bench-cpu.yaml", str(out), quick=False) == 0
+    rep = _check_report(out, capsys.readouterr().out, {"ar", "ssd", "hf", "hf-assisted", "ar-2t", "sd-k5"})
+    assert rep["wall_s"] < 600
