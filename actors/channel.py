@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from actors.frame import (  # noqa: F401 (re-exported: the channel speaks frames)
-    HEADER_LEN, MAGIC, ChannelClosed, Frame, ProtocolError, Rec, Record, check_header, decode, decode_parts, encode,
+    HEADER_LEN, INLINE_INTS, MAGIC, ChannelClosed, Frame, ProtocolError, Rec, Record, check_header, decode,
+    decode_parts, encode,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Channel:
         # gloo moves CPU tensors only; NCCL needs them on the GPU.
         self.device = torch.device(device if self.backend == "nccl" else "cpu")
         self.timeout_s = timeout_s
-        self._hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64, device=self.device)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # isends and the buffers they read
         self._connected = False
         self._closed = False
@@ -144,7 +145,17 @@ class Channel:
         then the frame's float payload (sent without a copy when there is one DRAFT part) must not
         be modified. Rank 1: blocking send."""
         self._check_usable("send")
-        tensors = [t.to(self.device) for t in encode(frame) if t is not None]
+        header, ints, floats = encode(frame)
+        first = torch.zeros(HEADER_LEN + INLINE_INTS, dtype=torch.int64)
+        first[:HEADER_LEN] = header
+        tensors = [first]
+        if ints is not None and ints.numel() <= INLINE_INTS:
+            first[HEADER_LEN:HEADER_LEN + ints.numel()] = ints
+        elif ints is not None:
+            tensors.append(ints)
+        if floats is not None:
+            tensors.append(floats)
+        tensors = [t.to(self.device) for t in tensors]
         self._wait_pending()
         try:
             if self.rank == 0:
@@ -164,15 +175,17 @@ class Channel:
         self._check_usable("recv")
         t0 = time.perf_counter()
         try:
-            dist.recv(self._hdr, src=self.peer)
-            h = self._hdr.tolist()
+            dist.recv(self._first, src=self.peer)
+            h = self._first[:HEADER_LEN].tolist()
             try:
                 check_header(h)
             except ProtocolError:
                 self._broken = "protocol error"  # the stream is out of step: nothing after is trustworthy
                 raise
             ints = floats = None
-            if h[4]:
+            if 0 < h[4] <= INLINE_INTS:
+                ints = self._first[HEADER_LEN:HEADER_LEN + h[4]].clone()
+            elif h[4]:
                 ints = torch.empty(h[4], dtype=torch.int64, device=self.device)
                 dist.recv(ints, src=self.peer)
             if h[5]:
@@ -183,7 +196,8 @@ class Channel:
         finally:
             self.recv_wait_s += time.perf_counter() - t0
         self.frames_recv += 1
-        self.bytes_recv += _nbytes(self._hdr) + sum(_nbytes(t) for t in (ints, floats) if t is not None)
+        extra = [t for t in (ints, floats) if t is not None and (t is floats or h[4] > INLINE_INTS)]
+        self.bytes_recv += _nbytes(self._first) + sum(_nbytes(t) for t in extra)
         return decode_parts(h, ints, floats)
 
     def stats(self) -> dict[str, float]:

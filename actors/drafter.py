@@ -70,7 +70,7 @@ class DrafterTimes:
 
 class Drafter:
     def __init__(self, spec: EngineSpec):
-        torch.set_num_threads(spec.num_threads)
+        torch.set_num_threads(spec.draft_num_threads)
         self.spec = spec
         self.k = spec.k
         self.device = spec.draft_device
@@ -235,8 +235,9 @@ class Drafter:
                 p = probs_from_logits(lg, s.params)
                 q = p
                 if self.spec.saguaro_c < 1.0:
-                    fan = torch.tensor([self._fan_out(s, K)[step] if step < K else 0 for _ in idx])
-                    q = saguaro_scale(p, fan, self.spec.saguaro_c)
+                    # Next round pre-drafts the top-F_step tokens of this very distribution at
+                    # depth `step`: those are the ones Saguaro scales by c.
+                    q = saguaro_scale(p, self._fan_out(s, K)[step], self.spec.saguaro_c)
                 nxt[idx] = sample(q, s.gen)
                 for i, prow, qrow in zip(idx, p, q):
                     dists[i].append(prow)

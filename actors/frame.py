@@ -30,6 +30,12 @@ frame_kind is a Rec naming the frame's main content (OUTCOME for the verifier's 
 DRAFT for the drafter's reply, SHUTDOWN, ...). Only DRAFT records carry floats, and every DRAFT
 row in a frame has the same width V (the vocabulary size), so the receiver recovers V as
 n_floats / sum(b) and the format needs no extra field.
+
+On the wire (actors/channel.py) the header and, when they fit, the ints travel together in one
+fixed-size message of HEADER_LEN + INLINE_INTS int64: a typical step frame (a few records) is
+then a single message each way instead of two, and every extra gloo message is another round
+of rendezvous between the processes. ints longer than INLINE_INTS (a long prompt at admission)
+follow as their own message.
 """
 from __future__ import annotations
 
@@ -39,8 +45,9 @@ from enum import IntEnum
 import torch
 
 MAGIC = 0x4F52  # 'OR'
-VERSION = 1
+VERSION = 2
 HEADER_LEN = 8
+INLINE_INTS = 504   # header + inline ints = 512 int64 = 4 KiB per message
 RECORD_FIXED = 6  # kind, seq, round, a, b, n
 # A corrupted header must not make the receiver allocate gigabytes before decode rejects it.
 MAX_ELEMS = 1 << 31

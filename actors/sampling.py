@@ -83,7 +83,7 @@ def saguaro_scale(q: torch.Tensor, fan_out: int | torch.Tensor, c: float) -> tor
     verifier tests against this scaled q, the one the draft was really drawn from.
 
     fan_out is an int for every row or a LongTensor of shape q.shape[:-1]; 0 leaves a row as is.
-    Ties in q rank the lower token id first. c == 1 returns q itself.
+    Among tokens tied at the cut, torch.topk decides. c == 1 returns q itself.
     """
     if not (isinstance(c, numbers.Real) and math.isfinite(c) and 0 < c <= 1):
         raise ValueError(f"saguaro c must be in (0, 1], got {c!r}")
@@ -100,7 +100,10 @@ def saguaro_scale(q: torch.Tensor, fan_out: int | torch.Tensor, c: float) -> tor
     f_max = min(int(f.max()), V) if f.numel() else 0
     if f_max == 0:
         return q
-    top = q.argsort(dim=-1, descending=True, stable=True)[..., :f_max]
+    # topk, not a full sort: this runs per drafting step over every branch (a stable argsort of
+    # 12 x 4096 rows measured 3.2 ms against 0.07 ms). Which of tied tokens is scaled does not
+    # matter for exactness: the verifier tests against the scaled q that travels with the draft.
+    top = q.topk(f_max, dim=-1).indices
     in_top = torch.arange(f_max, device=q.device) < f[..., None]      # [..., f_max]
     factor = 1 + (c - 1) * in_top.to(q.dtype)                         # c on the row's top-F, else 1
     scaled = q * torch.ones_like(q).scatter_(-1, top, factor)

@@ -25,7 +25,8 @@ class EngineSpec:
     master_addr: str = "127.0.0.1"
     master_port: int = 0
     backend: str = "auto"
-    num_threads: int = 1
+    num_threads: int = 1            # the verifier's torch threads (and Ray CPUs)
+    draft_num_threads: int = 1      # the drafter's
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

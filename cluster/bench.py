@@ -82,9 +82,13 @@ def _outrider(name, mode, k, threads=1, **extra) -> Mode:
     return Mode(name, "outrider", ov, threads, params)
 
 
-def build_modes(k: int, sweep: tuple[int, ...]) -> list[Mode]:
-    ks = sorted(set(sweep) | {k})
-    return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk) for kk in ks]
+def sweep_modes(k: int, sweep: tuple[int, ...]) -> list[Mode]:
+    return [_outrider(f"sd-k{kk}", "sd", kk) for kk in sorted(set(sweep) | {k})]
+
+
+def build_modes(k: int, sd_ks: list[int]) -> list[Mode]:
+    """The main comparison: AR, SD at the given K's (the sweep's best and the SSD's K), SSD, HF."""
+    return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk) for kk in sorted(set(sd_ks))]
             + [_outrider("ssd", "ssd", k), Mode("hf", "hf", threads=2), Mode("hf-assisted", "hf-assisted", threads=2),
                _outrider("ar-2t", "ar", k, threads=2)])
 
@@ -306,21 +310,39 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     if base.draft is None:
         raise ValueError(f"{config_path}: the bench needs models.draft")
     prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
-    modes, sag = build_modes(k, s["sweep"]), saguaro_modes(k)
+    sweep, sag = sweep_modes(k, s["sweep"]) if s["sweep"] else [], saguaro_modes(k)
     sag_prompts = prompts[:s["saguaro_prompts"]]
     hf = HF(base.target, base.draft)
-    owned, capacity = _ray_up(cfg, sum(m.cpus for m in modes))
+    owned, capacity = _ray_up(cfg, 16)
     bar = None
+    modes: list[Mode] = []
     try:
+        # Phase 1, the SD K sweep (interleaved among its own K's), picks SD's best K. The main
+        # comparison then runs with only the engines it needs: every idle engine still costs its
+        # cores a little (Ray's background threads), which would tax the timed modes.
+        sweep_runs: dict[str, list[Run]] = {}
+        bar = tqdm(total=len(prompts) * (2 if sweep else 1) + len(sag_prompts), desc="bench", unit="rep",
+                   file=sys.stderr)
+        if sweep:
+            sweep_runs = run_phases(config_path, plan_phases(sweep, capacity), None, prompts, warm, n,
+                                    cfg.cluster.placement_strategy, bar)
+        best_k = max(sweep, key=lambda m: statistics.median(r.tok_s for r in sweep_runs[m.name])).overrides[
+            "speculation.k"] if sweep else k
+        modes = build_modes(k, [best_k, k])
         phases = plan_phases(modes, capacity)
         sag_phases = plan_phases(sag, capacity) if sag_prompts else []
         if len(phases) > 1:
             log.warning("the Ray cluster has %g CPUs free: engines run in %d phases, interleaved within each",
                         capacity, len(phases))
         log.info("bench: %d prompts x %d new tokens, modes %s", len(prompts), n, ", ".join(m.name for m in modes))
-        bar = tqdm(total=len(prompts) * len(phases) + len(sag_prompts) * len(sag_phases), desc="bench",
-                   unit="rep", file=sys.stderr)
+        bar.total = len(prompts) * (len(phases) + (1 if sweep else 0)) + len(sag_prompts) * len(sag_phases)
         runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar)
+        # SD at K's outside the main comparison keep their sweep-phase figures.
+        main = {m.name for m in modes}
+        modes += [m for m in sweep if m.name not in main]
+        order = ["ar"] + [m.name for m in sweep] + ["ssd", "hf", "hf-assisted", "ar-2t"]
+        modes.sort(key=lambda m: order.index(m.name) if m.name in order else len(order))
+        runs = {**{name: r for name, r in sweep_runs.items() if name not in main}, **runs}
         greedy = check_greedy(runs, modes)
         ks = sorted({int(m.overrides["speculation.k"]) for m in modes if m.kind == "outrider"})
         # The mean context of a decode step: the mean prompt plus half the new tokens.
@@ -333,13 +355,14 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     finally:
         if bar is not None:
             bar.close()
-        stop_engines(modes + sag)
+        stop_engines(modes + sweep + sag)
         if owned:
             ray.shutdown()
     env = {"torch": torch.__version__, "transformers": hf.version, "ray": ray.__version__,
            "python": sys.version.split()[0],
            "cpu_count": os.cpu_count(), "bench_process_threads": torch.get_num_threads(), "ray_cpus_free": capacity,
-           "phases": [[m.name for m in p] for p in phases], "hf_assisted_schedule": hf.schedule(),
+           "phases": [[m.name for m in sweep]] * bool(sweep) + [[m.name for m in p] for p in phases],
+           "hf_assisted_schedule": hf.schedule(),
            "target": base.target, "draft": base.draft, "config_path": str(config_path),
            "config": cfg.model_dump(mode="json")}
     settings = {"quick": quick, "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],

@@ -87,6 +87,7 @@ class ServerConfig(_Section):
     max_new_tokens_limit: int = Field(1024, ge=1)
     default_max_new_tokens: int = Field(128, ge=1)
     drain_grace_s: float = Field(10.0, ge=0)
+    stream_interval_s: float = Field(0.02, ge=0, le=1)  # how often committed tokens are collected
     workers: int = Field(64, ge=1)
     auth_token_env: str | None = None   # name of the env var holding the bearer token
     tls: TLSConfig | None = None

@@ -102,10 +102,15 @@ class Handle:
 
 
 class Coordinator:
-    def __init__(self, engine, tokenizer: Tokenizer | None = None, max_queue: int = 64):
+    def __init__(self, engine, tokenizer: Tokenizer | None = None, max_queue: int = 64,
+                 stream_interval_s: float = 0.02):
         self.engine = engine
         self.tok = tokenizer
         self.max_queue = max_queue
+        # Each poll is a call into the verifier's process, which competes with its verify loop
+        # for the GIL and the core. After a batch of events, wait this long before the next poll:
+        # tokens stream in chunks of ~stream_interval_s, a waiting long-poll still returns at once.
+        self.stream_interval_s = stream_interval_s
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -189,6 +194,8 @@ class Coordinator:
             for ev in events:
                 self._dispatch(ev)
             self._check_deadlines()
+            if events and self.stream_interval_s:
+                self._stop.wait(self.stream_interval_s)
 
     def _check_deadlines(self) -> None:
         now = time.perf_counter()

@@ -40,6 +40,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         fan_out_budget=sp.fan_out_budget, backup=sp.backup, saguaro_c=sp.saguaro_c,
         max_batch=en.max_batch, max_seq_len=en.max_seq_len, timeout_s=en.data_plane_timeout_s,
         master_port=en.master_port or 0, num_threads=m.target.num_threads,
+        draft_num_threads=draft.num_threads if draft else 1,
     )
 
 

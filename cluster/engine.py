@@ -80,7 +80,7 @@ class RayEngine:
         s = self.spec
         bundles = [_bundle(s.target_device, s.num_threads)]
         if s.speculative:
-            bundles.append(_bundle(s.draft_device, s.num_threads))
+            bundles.append(_bundle(s.draft_device, s.draft_num_threads))
         self.pg = placement_group(bundles, strategy=self.placement_strategy)
         if not self.pg.wait(timeout_seconds=self.ready_timeout_s):
             raise RuntimeError(f"the Ray cluster cannot place {bundles} ({self.placement_strategy}): "
@@ -95,7 +95,7 @@ class RayEngine:
         return self
 
     def _start_drafter(self, bundle: dict | None = None) -> None:
-        bundle = bundle or _bundle(self.spec.draft_device, self.spec.num_threads)
+        bundle = bundle or _bundle(self.spec.draft_device, self.spec.draft_num_threads)
         addr = ray.get(self.verifier.node_ip.remote())
         port = ray.get(self.verifier.free_port.remote())
         self.drafter = ray.remote(DrafterActor).options(

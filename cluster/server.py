@@ -120,7 +120,7 @@ class OutriderServer:
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         self.engine = self.new_engine()
-        self.coord = Coordinator(self.engine, self.tok, s.max_queue)
+        self.coord = Coordinator(self.engine, self.tok, s.max_queue, s.stream_interval_s)
         self.service.coord = self.coord
         self.supervisor = Supervisor(self).start()
         self.set_health(True)

@@ -29,6 +29,7 @@ from actors.channel import (
     encode,
     free_port,
 )
+from actors.frame import INLINE_INTS, VERSION
 
 log = logging.getLogger(__name__)
 CTX = mp.get_context("spawn")
@@ -66,7 +67,7 @@ def test_round_trip_every_record_kind():
     f = _all_kinds()
     header, ints, floats = encode(f)
     assert header.dtype == ints.dtype == torch.int64 and floats.dtype == torch.float32
-    assert header.tolist()[:7] == [MAGIC, 1, Rec.OUTCOME, 8, ints.numel(), 3 * 11 + 2 * 11, 41]
+    assert header.tolist()[:7] == [MAGIC, VERSION, Rec.OUTCOME, 8, ints.numel(), 3 * 11 + 2 * 11, 41]
     g = decode(header, ints, floats)
     assert (g.kind, g.step, len(g.records)) == (Rec.OUTCOME, 41, 8)
     for a, b in zip(f.records, g.records):
@@ -82,7 +83,7 @@ def test_empty_frame_sends_header_only():
 
 
 @pytest.mark.parametrize("field,value,match", [
-    (0, 0x1234, "magic"), (1, 2, "version"), (2, 99, "frame kind"), (3, 9, "records"),
+    (0, 0x1234, "magic"), (1, 99, "version"), (2, 99, "frame kind"), (3, 9, "records"),
     (4, 3, "ints"), (5, 7, "floats"),
 ])
 def test_corrupted_header_is_a_protocol_error(field, value, match):
@@ -118,25 +119,6 @@ def test_encode_rejects_inconsistent_floats():
     with pytest.raises(ProtocolError, match="earlier rows"):
         encode(Frame(Rec.DRAFT, 0, [Record(Rec.DRAFT, 1, b=1, tokens=[1], floats=torch.ones(4)),
                                     Record(Rec.DRAFT, 2, b=1, tokens=[1], floats=torch.ones(5))]))
-
-
-def test_encode_decode_is_cheap():
-    # One reply frame of a typical round: a PING plus 8 greedy drafts of K=8.
-    f = Frame(Rec.DRAFT, 1, [Record(Rec.PING, 0, 1, 2, 3)] +
-              [Record(Rec.DRAFT, i, 5, 1, 0, list(range(8))) for i in range(8)])
-    for _ in range(50):
-        decode(*encode(f))
-    n = 500
-    t0 = time.perf_counter()
-    for _ in range(n):
-        parts = encode(f)
-    t1 = time.perf_counter()
-    for _ in range(n):
-        decode(*parts)
-    t2 = time.perf_counter()
-    enc_us, dec_us = (t1 - t0) / n * 1e6, (t2 - t1) / n * 1e6
-    log.info("encode %.1f us, decode %.1f us (9 records)", enc_us, dec_us)
-    assert enc_us + dec_us < 1000  # ~tens of us; the bound only catches an accidental O(n^2)
 
 
 def test_channel_rejects_bad_use():
@@ -203,7 +185,9 @@ def _q_rows(step: int, rows: int) -> torch.Tensor:
 
 
 def _step_frame(i: int) -> Frame:
-    recs = [Record(Rec.ADMIT, 1000 + i, 0, 64, i, list(range(i % 37)))] if i % 5 == 0 else []
+    # Every 10th admission carries a prompt too long for the inline part of the first message.
+    n_prompt = INLINE_INTS + 50 if i % 10 == 5 else i % 37
+    recs = [Record(Rec.ADMIT, 1000 + i, 0, 64, i, list(range(n_prompt)))] if i % 5 == 0 else []
     recs += [Record(Rec.OUTCOME, s, i, s % 4, 100 + s) for s in range(i % 9)]
     if i % 7 == 3:
         recs.append(Record(Rec.RELEASE, i))
