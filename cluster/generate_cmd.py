@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -86,16 +87,27 @@ def _via_cluster(args, prompt: str) -> int:
     coord = Coordinator(engine, tok, cfg.server.max_queue)
     try:
         ids = tok.encode(prompt)
+        before, t0 = engine.metrics(), time.perf_counter()
         final = coord.generate(GenerateArgs(ids, args.max_new_tokens, _params(args), tuple(args.stop)))
+        after, window = engine.metrics(), time.perf_counter() - t0
         _report(args, final.text, final.finish_reason, final.completion_tokens, final.stats,
                 final.total_s, spec.mode)
-        m = engine.metrics()
-        log.info("verifier: wait %.3fs, verify %.3fs, transport %.3fs over %d steps", m["wait_s"], m["verify_s"],
-                 m["transport_s"], m["steps"])
+        _report_engine(before, after, window)
     finally:
         coord.stop()
         engine.stop()
     return 0
+
+
+def _report_engine(m0: dict, m1: dict, seconds: float) -> None:
+    """Where the request's time went: idle fractions and per-round transport (metric deltas)."""
+    d = {k: m1[k] - m0[k] for k in ("steps", "verify_s", "wait_s", "transport_s", "idle_s")}
+    steps, total = max(d["steps"], 1), max(seconds, 1e-9)
+    line = (f"verifier busy verifying {d['verify_s'] / total:.0%}, idle {(d['wait_s'] + d['idle_s']) / total:.0%} "
+            f"(waiting on drafts {d['wait_s'] / total:.0%}); transport {d['transport_s'] / steps * 1000:.2f} ms/round")
+    if m0.get("drafter") and m1.get("drafter"):
+        line += f"; drafter idle {(m1['drafter']['wait_s'] - m0['drafter']['wait_s']) / total:.0%}"
+    print(f"--- {line}", file=sys.stderr)
 
 
 def _via_server(args, prompt: str) -> int:
