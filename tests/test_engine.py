@@ -115,7 +115,7 @@ def test_concurrent_mixed_lengths_and_aborts(ssd, hf_refs, held_out_prompts):
     _, coord = ssd
     hf, refs = hf_refs
     lens = [HF_NEW if i % 3 else 7 + i for i in range(12)]
-    victims = [coord.submit(GenerateArgs(list(held_out_prompts[i]), 500)) for i in range(3)]
+    victims = [coord.submit(GenerateArgs(list(held_out_prompts[i]), 500, ignore_eos=True)) for i in range(3)]
     handles = [coord.submit(GenerateArgs(list(held_out_prompts[i]), lens[i])) for i in range(12)]
     for v in victims:
         v.cancel()

@@ -29,7 +29,7 @@ def _wait(cond, timeout=30.0):
 
 @pytest.fixture(scope="module")
 def served(serve_tiny):
-    server, client = serve_tiny({"server.max_queue": 12, "server.max_new_tokens_limit": 400})
+    server, client = serve_tiny({"server.max_queue": 12, "server.max_new_tokens_limit": 1000})
     yield server, client
     client.close()
     server.stop(grace_s=1)
@@ -68,7 +68,7 @@ def test_text_stream_and_stats(served):
 
 def test_cancel_mid_stream_frees_the_sequence(served):
     server, client = served
-    stream = client.generate("class Parser:\n    def", max_new_tokens=400)
+    stream = client.generate("class Parser:\n    def", max_new_tokens=1000, ignore_eos=True)
     got = 0
     for item in stream:
         got += len(item.chunk.token_ids)
@@ -87,7 +87,7 @@ def test_cancel_mid_stream_frees_the_sequence(served):
 def test_deadline_exceeded_frees_the_sequence(served):
     server, client = served
     with pytest.raises(grpc.RpcError) as e:
-        client.generate_text("import os\nimport", max_new_tokens=400, timeout=0.3)
+        client.generate_text("import os\nimport", max_new_tokens=1000, ignore_eos=True, timeout=0.3)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait(lambda: server.coord.in_flight == 0)
     _wait(lambda: server.engine.metrics()["active"] == 0)
@@ -95,7 +95,7 @@ def test_deadline_exceeded_frees_the_sequence(served):
 
 def test_abort_by_request_id(served):
     server, client = served
-    stream = client.generate("def run(self):\n    for", max_new_tokens=400, request_id="job-7")
+    stream = client.generate("def run(self):\n    for", max_new_tokens=1000, ignore_eos=True, request_id="job-7")
     next(stream)
     assert client.abort("job-7") is True
     finals = [i.final for i in stream if i.HasField("final")]
@@ -146,8 +146,8 @@ def test_malformed_bytes_are_invalid_argument(served):
 
 def test_queue_full_is_resource_exhausted(served):
     server, client = served
-    streams = [client.generate(f"def f{i}(x):\n    return", max_new_tokens=400, ignore_eos=True) for i in range(12)]
-    # 12 x 400 tokens keep the engine busy for seconds: the queue is full right after submission.
+    streams = [client.generate(f"def f{i}(x):\n    return", max_new_tokens=1000, ignore_eos=True) for i in range(12)]
+    # 12 x 1000 tokens keep the engine busy for seconds: the queue is full right after submission.
     _wait(lambda: server.coord.in_flight == 12, timeout=10)
     with pytest.raises(grpc.RpcError) as e:
         client.generate_text("one too many", max_new_tokens=4)
