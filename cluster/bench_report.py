@@ -121,7 +121,9 @@ def derive(report: dict, k: int) -> dict:
                        "SSD/bound": _r(ssd / bound), "SSD/AR-2t": _r(ssd / tps["ar-2t"]),
                        "SSD/HF-plain": _r(ssd / tps["hf"]), "SSD/SD-same-K": _r(ssd / tps[f"sd-k{k}"]),
                        "SSD-decode/bound": _r(_div(ms["ssd"].get("decode_tokens_per_s"), bound))},
-            "verify_overhead_ms": _r(_verify_ms(ms["ssd"]) - 1e3 * tv if _verify_ms(ms["ssd"]) else None, 3)}
+            "verify_overhead_ms": _r(_verify_ms(ms["ssd"]) - 1e3 * tv if _verify_ms(ms["ssd"]) else None, 3),
+            "t_verify_drafter_busy_ms": _r(1e3 * kern["t_verify_drafter_busy_s"][k], 3)
+            if k in kern.get("t_verify_drafter_busy_s", {}) else None}
 
 
 def _verify_ms(m: dict) -> float | None:
@@ -132,7 +134,9 @@ def summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings) -> dic
     k = settings["k"]
     kern = {"context_tokens": kernels["context_tokens"], "threads": kernels["threads"], "reps": kernels["reps"],
             "t_target_1_s": kernels["t_target_1_s"], "t_draft_1_s": kernels["t_draft_1_s"],
-            "t_verify_s": dict(kernels["t_verify_s"])}
+            "t_verify_s": dict(kernels["t_verify_s"]),
+            "t_verify_drafter_busy_s": dict(kernels.get("t_verify_drafter_busy_s", {})),
+            "drafter_load_branches": kernels.get("drafter_load_branches")}
     report = {"settings": settings, "modes": {m.name: mode_summary(m, runs[m.name]) for m in modes},
               "kernels": kern, "greedy_check": greedy,
               "outrider_mismatches": sum(g["mismatches"] for name, g in greedy.items() if not name.startswith("hf")),
@@ -191,7 +195,9 @@ def markdown(rep: dict) -> str:
             f"(E = {d['mean_acceptance_length_ssd']:.2f})",
             f"- SD ideal ratio (K·t_draft + t_verify)/t_verify = {d['sd_ideal_ratio']:.3f}; "
             f"best SD K = {d['sd_best_k']}",
-            f"- SSD's verify per round exceeds the direct t_verify by {_fmt(d['verify_overhead_ms'], '.2f')} ms",
+            f"- SSD's verify per round exceeds the direct t_verify by {_fmt(d['verify_overhead_ms'], '.2f')} ms; "
+            f"t_verify with the drafter's workload ({rep['kernels'].get('drafter_load_branches')} branches) "
+            f"running on the other core: {_fmt(d.get('t_verify_drafter_busy_ms'), '.2f')} ms",
             "- ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in d["ratios"].items()), "",
             "```", rep["summary_line"], "```", ""]
     ssd = rep["modes"]["ssd"]
