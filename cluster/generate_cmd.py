@@ -61,7 +61,8 @@ def _in_process(args, prompt: str) -> int:
     if mode == "sd":
         if not args.draft:
             raise ValueError("--mode sd needs --draft")
-        g = generate_sd(target, load_model(args.draft), ids, stop, args.k or 4, _params(args), tok.decode)
+        k = 4 if args.k is None else args.k
+        g = generate_sd(target, load_model(args.draft), ids, stop, k, _params(args), tok.decode)
     else:
         g = generate_ar(target, ids, stop, _params(args), tok.decode)
     _report(args, g.text, g.finish_reason, len(g.tokens), g.stats, g.elapsed_s, mode)
@@ -76,7 +77,7 @@ def _via_cluster(args, prompt: str) -> int:
     overrides = {}
     if args.mode:
         overrides["speculation.mode"] = args.mode
-    if args.k:
+    if args.k is not None:
         overrides["speculation.k"] = args.k
     if args.address:
         overrides["cluster.address"] = args.address
