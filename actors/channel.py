@@ -4,11 +4,9 @@ Two processes form a torch.distributed group of world size 2 and exchange *frame
 ping-pong: each step the verifier sends one frame, the drafter receives it, sends one frame back,
 and the verifier receives that. Because every message has exactly one matching receive posted in
 the same order on both sides, the protocol cannot deadlock and behaves identically under gloo
-(tagged, unordered matching) and NCCL (tags ignored, in-order matching). Both sides send
-asynchronously (isend): the verifier never stalls behind a drafter that is still computing, and
-the drafter starts pre-speculating the moment its reply is posted instead of after the transfer
-completes. A side waits for its previous sends just before its next one (and on close, so a
-process never exits with a send in flight).
+(tagged, unordered matching) and NCCL (tags ignored, in-order matching). The verifier's send is
+asynchronous (isend) so the master never stalls behind a drafter that is still computing; the
+drafter's reply is a plain blocking send.
 
 The frame format is in actors/frame.py.
 
@@ -89,7 +87,7 @@ class Channel:
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.recv_wait_s = 0.0  # blocked in recv, mostly waiting for the peer to answer
-        self.send_wait_s = 0.0  # blocked completing earlier isends
+        self.send_wait_s = 0.0  # blocked completing earlier isends / plain sends
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -143,9 +141,9 @@ class Channel:
     # -- data --------------------------------------------------------------------------------
 
     def send(self, frame: Frame) -> None:
-        """isend and return at once; the previous frame's sends are waited first, and until then
-        the frame's float payload (sent without a copy when there is one DRAFT part) must not be
-        modified."""
+        """Rank 0: isend and return at once; the previous frame's sends are waited first, and until
+        then the frame's float payload (sent without a copy when there is one DRAFT part) must not
+        be modified. Rank 1: blocking send."""
         self._check_usable("send")
         header, ints, floats = encode(frame)
         first = torch.zeros(HEADER_LEN + INLINE_INTS, dtype=torch.int64)
@@ -160,7 +158,13 @@ class Channel:
         tensors = [t.to(self.device) for t in tensors]
         self._wait_pending()
         try:
-            self._pending = [(dist.isend(t, dst=self.peer), t) for t in tensors]
+            if self.rank == 0:
+                self._pending = [(dist.isend(t, dst=self.peer), t) for t in tensors]
+            else:
+                t0 = time.perf_counter()
+                for t in tensors:
+                    dist.send(t, dst=self.peer)
+                self.send_wait_s += time.perf_counter() - t0
         except RuntimeError as e:
             raise self._fail("send", e) from e
         self.frames_sent += 1
