@@ -18,7 +18,6 @@ import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from actors.sampling import SamplingParams
 from actors.stats import SpecStats
 from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
+from cluster.bench_kernels import measure_kernels, torch_threads
 from cluster.deployment import engine_spec, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,6 @@ FULL = dict(n_code=6, n_text=6, new_tokens=128, sweep=(2, 3, 4, 5, 6), saguaro_p
 QUICK = dict(n_code=1, n_text=1, new_tokens=24, sweep=(), saguaro_prompts=1)
 PROMPT_TOKENS = 128
 SAGUARO_T, SAGUARO_C = 0.7, 0.8
-KERNEL_REPS = 20
 VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "prefill_s", "wait_s", "transport_s", "control_s", "idle_s")
 DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "branches", "frames")
 
@@ -107,16 +106,6 @@ def build_prompts(tok, n_code: int, n_text: int) -> tuple[list[list[int]], list[
     return ids[:n_code] + ids[n_code + 1:], ids[n_code]
 
 
-@contextmanager
-def _threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # -- running one generation ------------------------------------------------------------------
 def _delta(before: dict | None, after: dict | None, keys) -> dict | None:
     if not before or not after:
@@ -168,7 +157,7 @@ class HF:
         gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, False, n, None
         x = torch.tensor([prompt])
         kw = {"assistant_model": self.assistant} if mode.kind == "hf-assisted" else {}
-        with _threads(mode.threads), torch.inference_mode():
+        with torch_threads(mode.threads), torch.inference_mode():
             t0 = time.perf_counter()
             out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, **kw)
             seconds = time.perf_counter() - t0
@@ -249,73 +238,6 @@ def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=N
         finally:
             stop_engines(phase)
     return runs
-
-
-# -- direct kernel timings -------------------------------------------------------------------
-@torch.inference_mode()
-def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int = KERNEL_REPS) -> float:
-    """Median seconds of one forward of `n_tokens` tokens after a `len(ctx)`-token cached prefix,
-    in a cache slot as long as the engine's (`max_len` positions)."""
-    from actors.kv_cache import KVCache
-
-    L = len(ctx)
-    cache = KVCache.for_model(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, model.device)
-    slot = torch.tensor([cache.alloc()])
-    model(torch.tensor([ctx]), torch.arange(L)[None], cache, slot)
-    x, pos = torch.tensor([ctx[-n_tokens:]]), torch.arange(L, L + n_tokens)[None]
-    times = []
-    for i in range(reps + 3):
-        t0 = time.perf_counter()
-        model(x, pos, cache, slot)
-        if i >= 3:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _draft_load(draft_dir: str, ctx: list[int], branches: int, max_len: int, stop) -> None:
-    """Another process: the drafter's pre-speculation workload (a batch of branches, one token
-    each), flat out until `stop` is set."""
-    from actors.kv_cache import KVCache
-    from actors.loader import load_model
-
-    torch.set_num_threads(1)
-    model = load_model(draft_dir)
-    cache = KVCache.for_model(model.args, branches, max(max_len, len(ctx) + 2), model.dtype, model.device)
-    slots = torch.tensor([cache.alloc() for _ in range(branches)])
-    with torch.inference_mode():
-        model(torch.tensor([ctx] * branches), torch.arange(len(ctx))[None].expand(branches, -1), cache, slots)
-        x, pos = torch.tensor([[ctx[-1]]] * branches), torch.full((branches, 1), len(ctx))
-        while not stop.is_set():
-            model(x, pos, cache, slots)
-
-
-def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
-                    branches: int = 16) -> dict:
-    """Direct timings on one thread. t_verify is also measured while a second process runs the
-    drafter's pre-speculation workload on the other core: what SSD's overlap costs the verifier
-    in hardware (shared caches and memory bandwidth), separate from any software overhead."""
-    import multiprocessing as mp
-
-    from actors.loader import load_model
-
-    with _threads(1):
-        target, draft = load_model(target_dir), load_model(draft_dir)
-        t_verify = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
-        out = {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS,
-               "t_target_1_s": time_forward(target, ctx, 1, max_len),
-               "t_draft_1_s": time_forward(draft, ctx, 1, max_len), "t_verify_s": t_verify}
-        spawn = mp.get_context("spawn")
-        stop = spawn.Event()
-        load = spawn.Process(target=_draft_load, args=(draft_dir, ctx, branches, max_len, stop), daemon=True)
-        load.start()
-        try:
-            time.sleep(3.0)  # let the other process load its model and start drafting
-            out["t_verify_drafter_busy_s"] = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
-            out["drafter_load_branches"] = branches
-        finally:
-            stop.set()
-            load.join(10)
-        return out
 
 
 # -- the command -----------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""Direct kernel timings for `outrider bench`: one forward of the target (verify K+1 tokens, or
+one token) and of the drafter on one thread, at the bench's mean context, in the bench's own
+process — and t_verify again while another process runs the drafter's workload on the other
+core, which is what SSD's overlap costs the verifier in hardware."""
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+KERNEL_REPS = 20
+
+
+@contextmanager
+def torch_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@torch.inference_mode()
+def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int = KERNEL_REPS) -> float:
+    """Median seconds of one forward of `n_tokens` tokens after a `len(ctx)`-token cached prefix,
+    in a cache slot as long as the engine's (`max_len` positions)."""
+    from actors.kv_cache import KVCache
+
+    L = len(ctx)
+    cache = KVCache.for_model(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, model.device)
+    slot = torch.tensor([cache.alloc()])
+    model(torch.tensor([ctx]), torch.arange(L)[None], cache, slot)
+    x, pos = torch.tensor([ctx[-n_tokens:]]), torch.arange(L, L + n_tokens)[None]
+    times = []
+    for i in range(reps + 3):
+        t0 = time.perf_counter()
+        model(x, pos, cache, slot)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _draft_load(draft_dir: str, ctx: list[int], branches: int, max_len: int, stop) -> None:
+    """Another process: the drafter's pre-speculation workload (a batch of branches, one token
+    each), flat out until `stop` is set."""
+    from actors.kv_cache import KVCache
+    from actors.loader import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(draft_dir)
+    cache = KVCache.for_model(model.args, branches, max(max_len, len(ctx) + 2), model.dtype, model.device)
+    slots = torch.tensor([cache.alloc() for _ in range(branches)])
+    with torch.inference_mode():
+        model(torch.tensor([ctx] * branches), torch.arange(len(ctx))[None].expand(branches, -1), cache, slots)
+        x, pos = torch.tensor([[ctx[-1]]] * branches), torch.full((branches, 1), len(ctx))
+        while not stop.is_set():
+            model(x, pos, cache, slots)
+
+
+def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
+                    branches: int = 16) -> dict:
+    """Direct timings on one thread. t_verify is also measured while a second process runs the
+    drafter's pre-speculation workload on the other core: what SSD's overlap costs the verifier
+    in hardware (shared caches and memory bandwidth), separate from any software overhead."""
+    import multiprocessing as mp
+
+    from actors.loader import load_model
+
+    with torch_threads(1):
+        target, draft = load_model(target_dir), load_model(draft_dir)
+        t_verify = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
+        out = {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS,
+               "t_target_1_s": time_forward(target, ctx, 1, max_len),
+               "t_draft_1_s": time_forward(draft, ctx, 1, max_len), "t_verify_s": t_verify}
+        spawn = mp.get_context("spawn")
+        stop = spawn.Event()
+        load = spawn.Process(target=_draft_load, args=(draft_dir, ctx, branches, max_len, stop), daemon=True)
+        load.start()
+        try:
+            time.sleep(3.0)  # let the other process load its model and start drafting
+            out["t_verify_drafter_busy_s"] = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
+            out["drafter_load_branches"] = branches
+        finally:
+            stop.set()
+            load.join(10)
+        return out
