@@ -93,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one clear line, no traceback.
         log.error("%s", e)
         return 2
+    except Exception as e:  # the environment failed us (Ray did not start, a port is taken, ...)
+        log.debug("details", exc_info=True)
+        log.error("%s failed: %s: %s (run with --log-level DEBUG for the traceback)", args.cmd,
+                  type(e).__name__, e)
+        return 1
     return 1
 
 

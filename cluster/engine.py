@@ -185,6 +185,9 @@ class RayEngine:
         self.verifier = self.drafter = self.pg = None
 
 
+EMBEDDED_START_ATTEMPTS = 3
+
+
 def embedded_ray_env() -> None:
     """Ray starts its workers at niceness 15; the verifier and drafter are the critical path, so
     on a busy host they would starve (a model actor took 25 s instead of 1 s to start). Must be
@@ -199,8 +202,17 @@ def init_ray(address: str | None, num_cpus: int | None = None, namespace: str = 
     t0 = time.perf_counter()
     if address is None:
         embedded_ray_env()
-        ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
+        for attempt in range(1, EMBEDDED_START_ATTEMPTS + 1):
+            try:
+                ray.init(address="local", num_cpus=num_cpus, namespace=namespace, include_dashboard=False,
+                         log_to_driver=True, configure_logging=False)
+                break
+            except Exception as e:  # Ray gives its raylet a fixed 30 s to register; a busy host can miss it
+                if "timed out during startup" not in str(e) or attempt == EMBEDDED_START_ATTEMPTS:
+                    raise
+                log.warning("embedded Ray did not come up (%s); retrying (%d/%d)", e, attempt + 1,
+                            EMBEDDED_START_ATTEMPTS)
+                ray.shutdown()
     else:
         ray.init(address=address, namespace=namespace, log_to_driver=True, configure_logging=False)
     log.info("ray up in %.1fs (%s)", time.perf_counter() - t0, address or "embedded")
