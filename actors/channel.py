@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 # the channel
 
 
-def free_port() -> int:
-    """An unused TCP port on localhost. Racy by nature, but good enough for a fresh generation."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """An unused TCP port on `host` ("" = every interface, for a peer on another node). Racy by
+    nature, but good enough for a fresh generation."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import socket
 import threading
 
+from actors.channel import free_port
 from actors.spec import EngineSpec
 from actors.verifier import Verifier
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _drafter_main(spec: EngineSpec, addr: str, port: int) -> None:
@@ -41,7 +35,7 @@ class LocalEngine:
 
     def start(self) -> LocalEngine:
         if self.spec.speculative:
-            port = self.spec.master_port or _free_port()
+            port = self.spec.master_port or free_port()
             # spawn, not fork: a forked child would inherit torch's thread pools and CUDA state.
             self.proc = mp.get_context("spawn").Process(
                 target=_drafter_main, args=(self.spec, "127.0.0.1", port), daemon=True)

@@ -11,24 +11,18 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.channel import free_port
 from actors.drafter import Drafter
 from actors.spec import EngineSpec
 from actors.verifier import Verifier
 
 log = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class VerifierActor(Verifier):
@@ -38,7 +32,7 @@ class VerifierActor(Verifier):
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        return _free_port()
+        return free_port("")  # the drafter may join from another node
 
     def pid(self) -> int:
         return os.getpid()

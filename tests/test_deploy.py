@@ -9,7 +9,6 @@ import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 from ray.autoscaler._private.providers import _NODE_PROVIDERS, _get_node_provider_cls
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from actors.channel import free_port
 from cluster.cli import build_parser
 from cluster.config import load_config
 
@@ -121,12 +121,6 @@ def test_yaml_serves_a_shipped_config(name):
     assert env is None or f"{env}=" in text, f"the config reads its token from ${env}, which the YAML never sets"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _end_session(proc: subprocess.Popen) -> None:
     """Stop exactly the processes one Popen(start_new_session=True) started, by their session id: `ray stop`
     would end every Ray on this host, including other test sessions' clusters."""
@@ -154,16 +148,16 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
 
     from cluster.client import OutriderClient
 
-    gcs, grpc_port = _free_port(), _free_port()
+    gcs, grpc_port = free_port(), free_port()
     env = dict(os.environ, RAY_worker_niceness="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)
     local = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
-    local["metrics"]["port"] = _free_port()  # the shipped 9464 may be taken by another run on this host
+    local["metrics"]["port"] = free_port()  # the shipped 9464 may be taken by another run on this host
     (config := tmp_path / "local-cpu.yaml").write_text(yaml.safe_dump(local))
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
-         "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-port={_free_port()}",
-         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}"],
+         "--include-dashboard=false", "--disable-usage-stats", f"--dashboard-port={free_port()}",
+         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     serve = None
     try:
