@@ -8,6 +8,12 @@ the same order on both sides, the protocol cannot deadlock and behaves identical
 asynchronous (isend) so the master never stalls behind a drafter that is still computing; the
 drafter's reply is a plain blocking send.
 
+`post_recv()` posts the receive of the peer's next frame ahead of time: its first message then
+lands while this side computes, and the `recv()` that follows only collects it. The verifier uses
+this for the drafter's speculation table, which arrives during verification. At most one receive
+is posted at a time, and frames are still received in the order they are sent (NCCL matches
+point-to-point operations by order, gloo by tag, which is always 0 here).
+
 The frame format is in actors/frame.py.
 
 Backends: gloo runs everything on CPU tensors and is the only option when both roles share a GPU
@@ -79,6 +85,7 @@ class Channel:
         self.timeout_s = timeout_s
         self._first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64, device=self.device)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # isends and the buffers they read
+        self._posted: dist.Work | None = None  # a pre-posted receive of the next frame's first message
         self._connected = False
         self._closed = False
         self._broken: str | None = None
@@ -128,6 +135,7 @@ class Channel:
             except ChannelClosed as e:
                 log.warning("rank %d: dropping unfinished sends on close: %s", self.rank, e)
         self._pending.clear()
+        self._posted = None
         try:
             dist.destroy_process_group()
         except RuntimeError as e:  # a group whose peer died may fail to tear down cleanly
@@ -171,12 +179,31 @@ class Channel:
         self.frames_sent += 1
         self.bytes_sent += sum(_nbytes(t) for t in tensors)
 
+    @property
+    def posted(self) -> bool:
+        """True while a receive posted by post_recv() waits to be collected by recv()."""
+        return self._posted is not None
+
+    def post_recv(self) -> None:
+        """Post the receive of the peer's next frame now; the next recv() completes it."""
+        self._check_usable("recv")
+        if self._posted is not None:
+            raise RuntimeError("a receive is already posted; recv() it first")
+        try:
+            self._posted = dist.irecv(self._first, src=self.peer)
+        except RuntimeError as e:
+            raise self._fail("recv", e) from e
+
     def recv(self) -> Frame:
         """Block until the peer's next frame arrives (or raise ChannelClosed within timeout_s)."""
         self._check_usable("recv")
         t0 = time.perf_counter()
         try:
-            dist.recv(self._first, src=self.peer)
+            posted, self._posted = self._posted, None
+            if posted is not None:
+                posted.wait()
+            else:
+                dist.recv(self._first, src=self.peer)
             h = self._first[:HEADER_LEN].tolist()
             try:
                 check_header(h)

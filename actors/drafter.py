@@ -7,11 +7,18 @@ A step, as the drafter sees it (the verifier is the master of the ping-pong, see
   2. per OUTCOME, look (k, t*) up in the speculation cache: a hit adopts the pre-drafted branch
      (its tokens, q rows and KV slot) at no drafting cost; a miss runs the backup (`jit`: draft K
      now; `ngram`: prompt lookup; `none`: no draft, the verifier decodes one token);
-  3. reply with one DRAFT per sequence;
+  3. reply with one DRAFT per sequence — unless every outcome was a greedy hit: the verifier
+     already holds those drafts (step 5) and is verifying them, so a reply would only be noise;
   4. SSD only: pre-speculate — for every depth j in 0..len(draft) take the top-F_j candidate
      correction tokens (the drafted token d_{j+1} masked out: a rejected token is never the
      correction) and draft K tokens after tokens + d_1..d_j + t*, all branches of all sequences
-     as one batch over forked KV slots. This runs while the verifier verifies.
+     as one batch over forked KV slots. This runs while the verifier verifies;
+  5. SSD only: send the speculation cache itself (a TABLE of branch tokens keyed by (k, t*)).
+     It reaches the verifier before its verification ends, so on a hit the verifier starts the
+     next round at once, with no round trip to this process on its critical path.
+
+Both sides decide "reply or not" from the same facts (an ADMIT or PING in the frame, a sampling
+sequence, or a miss in the table both hold), so the message sequence stays in step.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from actors.loader import load_model
 from actors.ngram import propose_ngram
 from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
 from actors.spec import EngineSpec
-from actors.wire import HIT, MISS, NO_LOOKUP, decode_params
+from actors.wire import HIT, MISS, NO_LOOKUP, decode_params, encode_table
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +70,10 @@ class DraftSeq:
 class DrafterTimes:
     wait_s: float = 0.0          # blocked waiting for the verifier's next frame (idle)
     reply_s: float = 0.0         # from frame received to reply sent (on the critical path)
-    prespec_s: float = 0.0       # pre-speculation (hidden behind verification)
+    prespec_s: float = 0.0       # pre-speculation and its table (hidden behind verification)
     branches: int = 0
     frames: int = 0
+    replies: int = 0             # DRAFT replies; SSD greedy hits need none (the verifier has the table)
 
 
 class Drafter:
@@ -100,11 +108,14 @@ class Drafter:
                 if any(r.kind == Rec.SHUTDOWN for r in frame.records):
                     return
                 reply = self.handle(frame, recv_posted_ns=int(t0 * 1e9), recv_done_ns=int(t1 * 1e9))
-                self.channel.send(reply)
+                if reply is not None:
+                    self.channel.send(reply)
+                    self.times.replies += 1
                 t2 = time.perf_counter()
                 self.times.reply_s += t2 - t1
                 if self.spec.mode == "ssd":
                     self.prespeculate()
+                    self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
         finally:
             self.close()
@@ -117,11 +128,15 @@ class Drafter:
         return dict(vars(self.times), seqs=len(self.seqs))
 
     # -- one frame -------------------------------------------------------------------------
-    def handle(self, frame: Frame, recv_posted_ns: int = 0, recv_done_ns: int = 0) -> Frame:
+    def handle(self, frame: Frame, recv_posted_ns: int = 0, recv_done_ns: int = 0) -> Frame | None:
+        """Apply one frame; the DRAFT reply, or None when every outcome was a greedy hit."""
         need_draft: list[DraftSeq] = []
         replies: dict[int, int] = {}
+        must_reply = False
         for rec in frame.records:
-            if rec.kind == Rec.ADMIT:
+            if rec.kind == Rec.PING:
+                must_reply = True
+            elif rec.kind == Rec.ADMIT:
                 s = self._admit(rec)
                 need_draft.append(s)
                 replies[s.id] = NO_LOOKUP
@@ -137,13 +152,26 @@ class Drafter:
             elif rec.kind == Rec.RELEASE:
                 self._release(rec.seq)
         self._backup(need_draft)
+        if not (must_reply or need_draft or any(not self.seqs[sid].params.greedy for sid in replies)):
+            return None
         records = [Record(Rec.PING, 0, recv_posted_ns, recv_done_ns, time.perf_counter_ns())]
         for sid, hit in replies.items():
             s = self.seqs[sid]
+            if hit == HIT and s.params.greedy:  # the verifier took this draft from the table
+                continue
             q = s.q if not s.params.greedy else None
             records.append(Record(Rec.DRAFT, sid, s.round, hit, 0 if q is None else len(s.draft),
                                   tokens=list(s.draft), floats=None if q is None else q.reshape(-1)))
         return Frame(Rec.DRAFT, frame.step, records)
+
+    def table_frame(self, step: int) -> Frame:
+        """The speculation cache as the verifier needs it: per sequence, its branches' tokens."""
+        records = [Record(Rec.PING, 0, 0, 0, time.perf_counter_ns())]
+        for s in self.seqs.values():
+            if s.branches:
+                table = {key: br.tokens for key, br in s.branches.items()}
+                records.append(Record(Rec.TABLE, s.id, s.round, len(table), self.k, encode_table(table)))
+        return Frame(Rec.TABLE, step, records)
 
     def _admit(self, rec: Record) -> DraftSeq:
         params, seed, tokens = decode_params(rec.tokens)
@@ -280,6 +308,8 @@ class Drafter:
         """Pre-draft the next round for the likely outcomes of the round being verified."""
         rows, keys = [], []
         for s in self.seqs.values():
+            if s.branches:  # already pre-drafted for this round (a frame that moved nothing on)
+                continue
             self._catch_up(s)
             n, depths = len(s.tokens), len(s.draft)
             fan = self._fan_out(s, depths)

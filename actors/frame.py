@@ -22,6 +22,8 @@ gives meaning only to DRAFT's b; the other fields are the engine's (see actors/w
     OUTCOME   k accepted           t* (bonus token)     -                  -
     RELEASE   -                    -                    -                  -
     DRAFT     lookup hit flag      rows attached (0|K)  K draft tokens     b x V q-rows
+    TABLE     n branches           K                    n x [k, t*, K      -
+                                                        draft tokens]
     SHUTDOWN  -                    -                    -                  -
     PING      generic (timestamps) generic              -                  -
     ========  ===================  ===================  =================  =============
@@ -45,7 +47,7 @@ from enum import IntEnum
 import torch
 
 MAGIC = 0x4F52  # 'OR'
-VERSION = 2
+VERSION = 3
 HEADER_LEN = 8
 INLINE_INTS = 504   # header + inline ints = 512 int64 = 4 KiB per message
 RECORD_FIXED = 6  # kind, seq, round, a, b, n
@@ -69,6 +71,7 @@ class Rec(IntEnum):
     DRAFT = 4
     SHUTDOWN = 5
     PING = 6
+    TABLE = 7   # the drafter's speculation cache for the round being verified (SSD)
 
 
 @dataclass(slots=True, eq=False)

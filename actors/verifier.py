@@ -4,9 +4,11 @@ Its loop is the engine's critical path. One step, top to bottom:
 
   1. apply aborts and admit queued requests (prefill the prompt; its last logits give the first
      token, streamed at once);
-  2. exchange one frame with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, get
-     one DRAFT per sequence back (in SSD mode usually straight from the drafter's speculation
-     cache, because the drafter pre-drafted it while this process ran step 3 of the last round);
+  2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records. In SSD mode the
+     drafter has already sent its speculation table for the round just verified (pre-drafted
+     while this process ran step 3 of the last round): a greedy outcome found in it is the next
+     draft at once, with no round trip. Otherwise (a miss, an admission, sampling, or sd mode)
+     wait for the drafter's DRAFT reply;
   3. verify every sequence's draft in one batched target forward over K+1 positions, apply the
      lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
      apply stop conditions and stream the new tokens out.
@@ -22,69 +24,22 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from actors.channel import Channel, ChannelClosed
-from actors.frame import Frame, Rec, Record
+from actors.frame import Frame, ProtocolError, Rec, Record
 from actors.kv_cache import KVCache
 from actors.loader import load_model
-from actors.sampling import SamplingParams, probs_from_logits, sample
+from actors.sampling import probs_from_logits, sample
 from actors.spec import EngineSpec
+from actors.sequence import Request, Seq, VerifierTimes
 from actors.stats import SpecStats
 from actors.verify import verify_batch_greedy, verify_greedy, verify_sampling
-from actors.wire import HIT, MISS, encode_params
+from actors.wire import HIT, MISS, decode_table, encode_params
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
-
-
-@dataclass
-class Request:
-    id: int
-    prompt: list[int]
-    max_new_tokens: int
-    params: SamplingParams = field(default_factory=SamplingParams)
-    stop_token_ids: tuple[int, ...] = ()
-    speculate: bool = True
-    ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
-
-
-@dataclass
-class Seq:
-    req: Request
-    slot: int
-    tokens: list[int]
-    seed: int
-    gen: torch.Generator
-    stats: SpecStats
-    t_submit: float
-    length: int = 0                    # valid positions in the target's KV slot
-    round: int = 0
-    draft: list[int] = field(default_factory=list)
-    q: torch.Tensor | None = None
-    outcome: tuple[int, int] | None = None   # (k, t*) not yet sent to the drafter
-    last_k: int = 0                          # depth of the last outcome (for hit-by-depth)
-    on_drafter: bool = False
-    t_first: float = 0.0
-
-    @property
-    def n_generated(self) -> int:
-        return len(self.tokens) - len(self.req.prompt)
-
-
-@dataclass
-class VerifierTimes:
-    steps: int = 0
-    verify_s: float = 0.0       # batched target forward + verification math
-    prefill_s: float = 0.0
-    wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
-    transport_s: float = 0.0    # estimated wire time inside wait_s
-    control_s: float = 0.0      # admission, aborts, stop checks, streaming out
-    idle_s: float = 0.0         # nothing to do
-    rounds: int = 0
-    tokens: int = 0
 
 
 class Verifier:
@@ -122,7 +77,7 @@ class Verifier:
         self.channel.connect()
         self.drafter_ok = True
         for s in self.seqs.values():
-            s.on_drafter, s.outcome, s.draft, s.q = False, None, [], None
+            s.on_drafter, s.outcome, s.draft, s.q, s.table = False, None, [], None, None
 
     def reconnect(self, master_addr: str, master_port: int) -> None:
         """Ask the loop to join a restarted drafter (done in the loop thread: process groups
@@ -256,22 +211,55 @@ class Verifier:
         self.times.idle_s += time.perf_counter() - t0
 
     def _exchange(self, records: list[Record]) -> None:
-        for s in self.seqs.values():
-            if s.outcome is not None and s.on_drafter:
+        t0 = time.perf_counter_ns()
+        try:
+            self._take_table(t0)
+            reply_needed = any(r.kind in (Rec.ADMIT, Rec.PING) for r in records)
+            for s in self.seqs.values():
+                if s.outcome is None or not s.on_drafter:
+                    continue
                 k, t = s.outcome
                 records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t))
                 s.outcome = None
-        t0 = time.perf_counter_ns()
-        try:
+                draft = s.table.get((k, t)) if s.table is not None and s.req.params.greedy else None
+                s.table = None
+                if draft is None:
+                    reply_needed = True
+                    continue
+                s.draft, s.q = list(draft), None
+                s.stats.record_lookup(s.last_k, True)
+            t1 = time.perf_counter_ns()
             self.channel.send(Frame(Rec.OUTCOME, self._step_no, records))
-            reply = self.channel.recv()
-        except ChannelClosed as e:
+            if reply_needed:
+                self._take_reply(self.channel.recv(), t1)
+            if self.spec.mode == "ssd":
+                self.channel.post_recv()  # the table for this round lands while we verify it
+        except (ChannelClosed, ProtocolError) as e:
             self._drafter_lost(e)
             return
-        t1 = time.perf_counter_ns()
         self._step_no += 1
         self._last_exchange = time.perf_counter()
-        self.times.wait_s += (t1 - t0) / 1e9
+        self.times.wait_s += (time.perf_counter_ns() - t0) / 1e9
+
+    def _take_table(self, t0: int) -> None:
+        """Collect the pre-posted speculation table of the round just verified. Time the drafter
+        was still drafting it is exposed drafting; the rest of the wait is transport."""
+        if not self.channel.posted:
+            return
+        frame = self.channel.recv()
+        t1 = time.perf_counter_ns()
+        if frame.kind != Rec.TABLE:
+            raise ProtocolError(f"expected the drafter's TABLE frame, got {frame.kind!r}")
+        for r in frame.records:
+            if r.kind == Rec.PING:  # b: when the drafter sent the table
+                self.times.transport_s += (t1 - max(t0, r.b)) / 1e9
+            elif r.kind == Rec.TABLE and r.seq in self.seqs:
+                self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
+
+    def _take_reply(self, reply: Frame, t0: int) -> None:
+        t1 = time.perf_counter_ns()
+        if reply.kind != Rec.DRAFT:
+            raise ProtocolError(f"expected the drafter's DRAFT frame, got {reply.kind!r}")
         for r in reply.records:
             if r.kind == Rec.PING:  # drafter timestamps: posted recv, got frame, sent reply
                 self.times.transport_s += (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
@@ -288,7 +276,7 @@ class Verifier:
         if self.channel is not None:
             self.channel.close()
         for s in self.seqs.values():
-            s.on_drafter, s.draft, s.q, s.outcome = False, [], None, None
+            s.on_drafter, s.draft, s.q, s.outcome, s.table = False, [], None, None, None
 
     def _do_reconnect(self) -> None:
         addr, port = self._reconnect
@@ -305,6 +293,8 @@ class Verifier:
     def _shutdown_drafter(self) -> None:
         if self.drafter_ok and self.channel is not None:
             try:
+                if self.channel.posted:  # the drafter sends this round's table before it listens again
+                    self.channel.recv()
                 self.channel.send(Frame(Rec.SHUTDOWN, self._step_no, [Record(Rec.SHUTDOWN, 0)]))
             except ChannelClosed:
                 pass

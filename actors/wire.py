@@ -2,12 +2,14 @@
 
 ADMIT carries the request's sampling settings ahead of its tokens, as int64 words: floats travel
 as the bit pattern of a float64, so both sides see exactly the same temperature and top-p.
-DRAFT's `a` says what the speculation cache did for this round.
+DRAFT's `a` says what the speculation cache did for this round. TABLE ships the speculation
+cache itself: every pre-drafted branch of one sequence as its outcome key (k, t*) and its tokens.
 """
 from __future__ import annotations
 
 import struct
 
+from actors.frame import ProtocolError
 from actors.sampling import SamplingParams
 
 MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (admission / SD)
@@ -31,3 +33,19 @@ def decode_params(payload) -> tuple[SamplingParams, int, list[int]]:
     temp, top_k, top_p, seed = words[:_N_PARAMS]
     params = SamplingParams(temperature=_i2f(temp), top_k=int(top_k), top_p=_i2f(top_p), seed=int(seed))
     return params, int(seed), [int(t) for t in words[_N_PARAMS:]]
+
+
+def encode_table(branches: dict[tuple[int, int], list[int]]) -> list[int]:
+    """{(k, t*): K draft tokens} -> flat [k, t*, d_1..d_K] per branch (every branch has K tokens)."""
+    out: list[int] = []
+    for (k, t), toks in branches.items():
+        out += (k, t)
+        out += toks
+    return out
+
+
+def decode_table(payload: list[int], n: int, k: int) -> dict[tuple[int, int], list[int]]:
+    width = k + 2
+    if len(payload) != n * width:
+        raise ProtocolError(f"a table of {n} branches of {k} tokens needs {n * width} ints, got {len(payload)}")
+    return {(payload[i], payload[i + 1]): payload[i + 2:i + width] for i in range(0, len(payload), width)}

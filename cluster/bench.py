@@ -37,7 +37,7 @@ QUICK = dict(n_code=1, n_text=1, new_tokens=24, sweep=(), saguaro_prompts=1)
 PROMPT_TOKENS = 128
 SAGUARO_T, SAGUARO_C = 0.7, 0.8
 VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "prefill_s", "wait_s", "transport_s", "control_s", "idle_s")
-DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "branches", "frames")
+DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "branches", "frames", "replies")
 
 
 @dataclass

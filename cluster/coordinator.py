@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
 from actors.tokenizer import IncrementalDecoder, Tokenizer
-from actors.verifier import Request
+from actors.sequence import Request
 
 log = logging.getLogger(__name__)
 

@@ -251,6 +251,46 @@ def test_echo_200_frames():
     log.info("ping-pong %.0f us/round trip; master waited %.2fs in recv", m["ping_us"], m["recv_wait_s"])
 
 
+def _table_peer(port: int, n: int, timeout_s: float) -> None:
+    """The SSD pattern: per frame, a DRAFT reply only on odd steps, then always a TABLE frame,
+    some too long for the first message (the master has pre-posted only that one)."""
+    with Channel(1, ADDR, port, timeout_s=timeout_s) as ch:
+        for i in range(n):
+            f = ch.recv()
+            assert f.step == i
+            if i % 2:
+                ch.send(Frame(Rec.DRAFT, i, [Record(Rec.DRAFT, 1, i, 0, 0, [i, i])]))
+            width = INLINE_INTS + 7 if i % 5 == 4 else 14
+            ch.send(Frame(Rec.TABLE, i, [Record(Rec.TABLE, 1, i, 2, 5, list(range(i, i + width)))]))
+
+
+def _table_master(port: int, n: int, timeout_s: float) -> int:
+    with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
+        for i in range(n):
+            if ch.posted:
+                time.sleep(0.002 * (i % 3))  # "verifying": the table lands meanwhile (or not yet)
+                t = ch.recv()
+                width = INLINE_INTS + 7 if (i - 1) % 5 == 4 else 14
+                assert (t.kind, t.step, t.records[0].tokens) == (Rec.TABLE, i - 1, list(range(i - 1, i - 1 + width)))
+            ch.send(Frame(Rec.OUTCOME, i, [Record(Rec.OUTCOME, 1, i, 1, 2)]))
+            if i % 2:
+                d = ch.recv()
+                assert (d.kind, d.step, d.records[0].tokens) == (Rec.DRAFT, i, [i, i])
+            ch.post_recv()
+            with pytest.raises(RuntimeError, match="already posted"):
+                ch.post_recv()
+        last = ch.recv()
+        assert not ch.posted and (last.kind, last.step) == (Rec.TABLE, n - 1)
+        return ch.frames_recv
+
+
+def test_posted_receive_keeps_the_order_of_frames():
+    port, n = free_port(), 60
+    results, codes = _run({"master": (_table_master, port, n, 10.0), "peer": (_table_peer, port, n, 10.0)})
+    assert _ok(results, "master") == n + n // 2
+    assert codes == {"master": 0, "peer": 0}
+
+
 def _master_sees_dead_peer(port: int, timeout_s: float) -> dict:
     ch = Channel(0, ADDR, port, timeout_s=timeout_s)
     ch.connect()

@@ -1,0 +1,58 @@
+"""What the verifier keeps per request: the request as submitted, and its live sequence state."""
+from __future__ import annotations
+
+
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.sampling import SamplingParams
+from actors.stats import SpecStats
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    params: SamplingParams = field(default_factory=SamplingParams)
+    stop_token_ids: tuple[int, ...] = ()
+    speculate: bool = True
+    ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
+
+
+@dataclass
+class Seq:
+    req: Request
+    slot: int
+    tokens: list[int]
+    seed: int
+    gen: torch.Generator
+    stats: SpecStats
+    t_submit: float
+    length: int = 0                    # valid positions in the target's KV slot
+    round: int = 0
+    draft: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None
+    table: dict[tuple[int, int], list[int]] | None = None  # drafter's branches for this round
+    outcome: tuple[int, int] | None = None   # (k, t*) not yet sent to the drafter
+    last_k: int = 0                          # depth of the last outcome (for hit-by-depth)
+    on_drafter: bool = False
+    t_first: float = 0.0
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.tokens) - len(self.req.prompt)
+
+
+@dataclass
+class VerifierTimes:
+    steps: int = 0
+    verify_s: float = 0.0       # batched target forward + verification math
+    prefill_s: float = 0.0
+    wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
+    transport_s: float = 0.0    # estimated wire time inside wait_s
+    control_s: float = 0.0      # admission, aborts, stop checks, streaming out
+    idle_s: float = 0.0         # nothing to do
+    rounds: int = 0
+    tokens: int = 0
