@@ -238,46 +238,42 @@ class Drafter:
 
     def _draft_rows(self, rows) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor, int]]:
         """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out),
-        one batched forward per step. Returns per row (tokens, q rows, dists, cache length)."""
-        K, B = self.k, len(rows)
+        one batched forward per step. Returns per row (tokens, q rows, dists, cache length);
+        the rows' q and dists are views into one [B, K, V] tensor each (no per-row copies)."""
+        K, B, V = self.k, len(rows), self.model.args.vocab_size
         slots = [r[1] for r in rows]
         pos = torch.tensor([r[2] for r in rows])
         cur = torch.tensor([r[3] for r in rows])
         toks = torch.empty(B, K, dtype=torch.long)
-        dists = [[] for _ in range(B)]
-        qs = [[] for _ in range(B)]
-        groups: dict[int, list[int]] = {}
+        sampled: dict[int, list[int]] = {}   # sampling sequences' rows; greedy rows take the argmax
         for i, r in enumerate(rows):
-            groups.setdefault(r[0].id, []).append(i)
+            if not r[0].params.greedy:
+                sampled.setdefault(r[0].id, []).append(i)
+        dists = torch.empty(B, K, V)
+        qs = torch.empty(B, K, V) if sampled else None
         for step in range(K):
             logits = self._forward(cur[:, None], pos[:, None], slots)[:, 0]
-            nxt = torch.empty(B, dtype=torch.long)
-            for idx in groups.values():
+            nxt = logits.argmax(-1)
+            dists[:, step] = logits
+            for idx in sampled.values():
                 s = rows[idx[0]][0]
-                lg = logits[idx]
-                if s.params.greedy:
-                    nxt[idx] = lg.argmax(-1)
-                    for i, row in zip(idx, lg):
-                        dists[i].append(row)
-                    continue
-                p = probs_from_logits(lg, s.params)
+                p = probs_from_logits(logits[idx], s.params)
                 q = p
                 if self.spec.saguaro_c < 1.0:
                     # Next round pre-drafts the top-F_step tokens of this very distribution at
                     # depth `step`: those are the ones Saguaro scales by c.
                     q = saguaro_scale(p, self._fan_out(s, K)[step], self.spec.saguaro_c)
                 nxt[idx] = sample(q, s.gen)
-                for i, prow, qrow in zip(idx, p, q):
-                    dists[i].append(prow)
-                    qs[i].append(qrow)
+                dists[idx, step] = p
+                qs[idx, step] = q
             toks[:, step] = nxt
             cur, pos = nxt, pos + 1
+        sampled_rows = {i for idx in sampled.values() for i in idx}
         out = []
         for i, r in enumerate(rows):
             length = r[2] + K
             self.cache.advance(slots[i], length)
-            q = torch.stack(qs[i]) if qs[i] else None
-            out.append((toks[i].tolist(), q, torch.stack(dists[i]), length))
+            out.append((toks[i].tolist(), qs[i] if i in sampled_rows else None, dists[i], length))
         return out
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:

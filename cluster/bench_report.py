@@ -45,7 +45,10 @@ def _breakdown(runs, mode) -> dict | None:
     per["other"] = seconds - tot["verify_s"] - tot["wait_s"] - tot["control_s"]
     out = {"rounds": tot["rounds"], "rounds_per_run": _r(tot["rounds"] / len(runs), 2),
            "wall_ms": _r(1e3 * seconds / rounds, 3), **{f"{k}_ms": _r(1e3 * s / rounds, 3) for k, s in per.items()},
-           "transport_plus_control_frac": _r((tot["transport_s"] + tot["control_s"]) / seconds)}
+           # Transport plus coordination: the wire, the verifier's bookkeeping (control, without the
+           # prefill) and whatever of the request's wall time the verifier loop did not see at all
+           # (submission, the coordinator's last poll): everything that is neither model nor drafting.
+           "transport_plus_control_frac": _r((per["transport"] + per["control"] + max(0.0, per["other"])) / seconds)}
     d = [r.drafter for r in runs if r.drafter]
     if d:
         dt = {key: sum(x[key] for x in d) for key in d[0]}
@@ -166,6 +169,7 @@ def _fmt(x, spec: str = ".1f") -> str:
 
 def markdown(rep: dict) -> str:
     s, d, env = rep["settings"], rep["derived"], rep["env"]
+    frac = (rep["modes"].get("ssd", {}).get("breakdown_per_round") or {}).get("transport_plus_control_frac")
     ar = rep["modes"]["ar"]["tokens_per_s"]
     out = [f"# outrider bench{' (quick)' if s['quick'] else ''}", "",
            f"{s['prompts']} prompts (≤128 tokens) × {s['new_tokens']} new tokens, greedy, batch 1, K={s['k']}; "
@@ -198,6 +202,8 @@ def markdown(rep: dict) -> str:
             f"- SSD's verify per round exceeds the direct t_verify by {_fmt(d['verify_overhead_ms'], '.2f')} ms; "
             f"t_verify with the drafter's workload ({rep['kernels'].get('drafter_load_branches')} branches) "
             f"running on the other core: {_fmt(d.get('t_verify_drafter_busy_ms'), '.2f')} ms",
+            f"- SSD transport + coordination (wire, verifier bookkeeping, time outside the verifier loop): "
+            f"{_fmt(None if frac is None else 100 * frac)} % of its wall time",
             "- ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in d["ratios"].items()), "",
             "```", rep["summary_line"], "```", ""]
     ssd = rep["modes"]["ssd"]
