@@ -1,12 +1,13 @@
 """The data plane between the verifier (rank 0) and the drafter (rank 1).
 
-Two processes form a torch.distributed group of world size 2 and exchange *frames* in strict
-ping-pong: each step the verifier sends one frame, the drafter receives it, sends one frame back,
-and the verifier receives that. Because every message has exactly one matching receive posted in
-the same order on both sides, the protocol cannot deadlock and behaves identically under gloo
-(tagged, unordered matching) and NCCL (tags ignored, in-order matching). The verifier's send is
+Two processes form a torch.distributed group of world size 2 and exchange *frames*: each step the
+verifier sends one frame and the drafter answers with the frames the engine's protocol says are
+due (a DRAFT reply when one is needed, a TABLE in SSD mode; see actors/drafter.py). Both sides
+know that sequence, so every message has exactly one matching receive posted in the same order
+on both sides: the protocol cannot deadlock and behaves identically under gloo (tagged,
+unordered matching) and NCCL (tags ignored, in-order matching). The verifier's send is
 asynchronous (isend) so the master never stalls behind a drafter that is still computing; the
-drafter's reply is a plain blocking send.
+drafter's sends are plain blocking sends.
 
 `post_recv()` posts the receive of the peer's next frame ahead of time: its first message then
 lands while this side computes, and the `recv()` that follows only collects it. The verifier uses

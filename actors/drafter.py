@@ -1,7 +1,7 @@
 """The drafter: proposes K tokens per round and, in SSD mode, pre-drafts the next round for the
 likely verification outcomes while the verifier is busy.
 
-A step, as the drafter sees it (the verifier is the master of the ping-pong, see channel.py):
+A step, as the drafter sees it (the verifier leads, see channel.py):
 
   1. receive a frame: ADMIT (prompt + first token), OUTCOME (k, t*) per sequence, RELEASE;
   2. per OUTCOME, look (k, t*) up in the speculation cache: a hit adopts the pre-drafted branch
