@@ -30,7 +30,7 @@ import torch
 
 from actors.channel import Channel
 from actors.frame import Frame, Rec, Record
-from actors.fanout import AcceptanceTracker, geometric_fan_out
+from actors.fanout import AcceptanceTracker, split_budget
 from actors.kv_cache import KVCache
 from actors.loader import load_model
 from actors.ngram import propose_ngram
@@ -285,7 +285,7 @@ class Drafter:
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
         if self.spec.fan_out is not None:
             return list(self.spec.fan_out[:depth_max + 1])
-        return geometric_fan_out(self.spec.fan_out_budget, depth_max, s.tracker.alpha)
+        return split_budget(self.spec.fan_out_budget, s.tracker.odds(depth_max))
 
     def _catch_up(self, s: DraftSeq) -> None:
         """Feed the cache whatever it lacks of tokens + draft, so every depth has a distribution."""

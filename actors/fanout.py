@@ -1,9 +1,10 @@
 """How many correction-token candidates to pre-draft at each acceptance depth.
 
-With per-token acceptance alpha, a round stops at depth k (k drafts accepted, then a correction)
-with probability alpha^k (1 - alpha) for k < K, and accepts everything with alpha^K. Spending the
-branch budget in proportion to those odds puts the candidates where outcomes actually land —
-better than a flat split because acceptance lengths are roughly geometric.
+A round ends at depth k (k drafts accepted, then a correction) with some probability p_k; the
+branch budget is spent in proportion to those odds, so the candidates sit where outcomes land.
+With per-token acceptance alpha a geometric model gives p_k = alpha^k (1 - alpha) for k < K and
+alpha^K for k = K. Real acceptance is not geometric (a draft that survives its first tokens
+tends to survive to the end), so the tracker mixes that prior with the depths it has seen.
 """
 from __future__ import annotations
 
@@ -13,30 +14,47 @@ def outcome_odds(alpha: float, k: int) -> list[float]:
     return [a ** j * (1 - a) for j in range(k)] + [a ** k]
 
 
-def geometric_fan_out(budget: int, k: int, alpha: float) -> list[int]:
-    """Split `budget` branches over depths 0..k by outcome odds (largest remainders)."""
+def split_budget(budget: int, odds: list[float]) -> list[int]:
+    """Split `budget` branches over depths in proportion to `odds` (largest remainders)."""
     if budget <= 0:
-        return [0] * (k + 1)
-    odds = outcome_odds(alpha, k)
-    raw = [budget * w for w in odds]
+        return [0] * len(odds)
+    total = sum(odds)
+    raw = [budget * w / total for w in odds]
     fan = [int(r) for r in raw]
     rest = budget - sum(fan)
-    for j in sorted(range(k + 1), key=lambda j: raw[j] - fan[j], reverse=True)[:rest]:
+    for j in sorted(range(len(odds)), key=lambda j: raw[j] - fan[j], reverse=True)[:rest]:
         fan[j] += 1
     return fan
 
 
+def geometric_fan_out(budget: int, k: int, alpha: float) -> list[int]:
+    """Split `budget` branches over depths 0..k by geometric outcome odds."""
+    return split_budget(budget, outcome_odds(alpha, k))
+
+
 class AcceptanceTracker:
-    """Running acceptance rate with a prior, so the first rounds have a sensible estimate."""
+    """Per sequence: running acceptance rate and the depths rounds actually ended at, each with
+    a prior so the first rounds have a sensible estimate."""
 
     def __init__(self, prior: float = 0.6, weight: int = 8):
         self.accepted = prior * weight
         self.proposed = float(weight)
+        self.weight = weight
+        self.depths: dict[int, list[int]] = {}   # draft length -> rounds that ended at depth k
 
     def update(self, accepted: int, proposed: int) -> None:
         self.accepted += accepted
         self.proposed += proposed
+        if proposed:
+            self.depths.setdefault(proposed, [0] * (proposed + 1))[accepted] += 1
 
     @property
     def alpha(self) -> float:
         return self.accepted / self.proposed
+
+    def odds(self, k: int) -> list[float]:
+        """Odds of each outcome depth 0..k for a draft of k tokens: the geometric prior (worth
+        `weight` rounds) plus the observed depths."""
+        prior = outcome_odds(self.alpha, k)
+        seen = self.depths.get(k, [0] * (k + 1))
+        return [self.weight * p + n for p, n in zip(prior, seen)]

@@ -1,0 +1,38 @@
+"""Where the branch budget goes: split by outcome odds, learned from the depths rounds end at."""
+from __future__ import annotations
+
+import pytest
+
+from actors.fanout import AcceptanceTracker, geometric_fan_out, split_budget
+
+
+@pytest.mark.parametrize("budget", [0, 1, 7, 16, 24])
+def test_split_spends_exactly_the_budget_in_proportion(budget):
+    fan = split_budget(budget, [0.5, 0.3, 0.2])
+    assert sum(fan) == budget and all(f >= 0 for f in fan)
+    if budget >= 10:
+        assert fan[0] > fan[1] > fan[2]
+
+
+def test_geometric_prior_favours_shallow_depths():
+    fan = geometric_fan_out(16, 5, alpha=0.5)
+    assert len(fan) == 6 and sum(fan) == 16 and fan[0] >= fan[1] >= fan[2]
+
+
+def test_tracker_learns_a_bimodal_outcome_profile():
+    """Drafts that survive their first token mostly survive to the end: the geometric prior
+    would spend little on depth K, the observed depths move the budget there."""
+    t = AcceptanceTracker()
+    prior_fan = split_budget(16, t.odds(5))
+    for _ in range(40):
+        t.update(5, 5)
+        t.update(1, 5)
+        t.update(1, 5)
+    fan = split_budget(16, t.odds(5))
+    assert fan[5] > prior_fan[5] and fan[1] > prior_fan[1]
+    assert fan[2] + fan[3] + fan[4] < prior_fan[2] + prior_fan[3] + prior_fan[4]
+    assert sum(fan) == 16
+    # Depths are kept per draft length: a short draft's outcome counts for its own length only.
+    before = t.odds(5)[0]
+    t.update(0, 3)
+    assert len(t.odds(3)) == 4 and t.odds(3)[0] - before > 0.9 and t.depths[5][0] == 0
