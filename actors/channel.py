@@ -9,11 +9,13 @@ unordered matching) and NCCL (tags ignored, in-order matching). The verifier's s
 asynchronous (isend) so the master never stalls behind a drafter that is still computing; the
 drafter's sends are plain blocking sends.
 
-`post_recv()` posts the receive of the peer's next frame ahead of time: its first message then
-lands while this side computes, and the `recv()` that follows only collects it. The verifier uses
-this for the drafter's speculation table, which arrives during verification. At most one receive
-is posted at a time, and frames are still received in the order they are sent (NCCL matches
-point-to-point operations by order, gloo by tag, which is always 0 here).
+`post_recv()` posts the receive of the peer's next frame ahead of time: its first message (and,
+when the caller knows their count, its floats) then lands while this side computes, and the
+`recv()` that follows only collects it. The verifier uses this for the drafter's speculation
+table and for the q rows of sampling hits, both of which arrive during verification. Posted
+frames are collected first in, first out, in the order they are sent (NCCL matches point-to-point
+operations by order, gloo by tag, which is always 0 here); a frame may be posted behind another
+only when everything of the one before it is posted too (its ints fit the first message).
 
 The frame format is in actors/frame.py.
 
@@ -32,6 +34,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from datetime import timedelta
 
 import torch
@@ -86,7 +89,8 @@ class Channel:
         self.timeout_s = timeout_s
         self._first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64, device=self.device)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # isends and the buffers they read
-        self._posted: dist.Work | None = None  # a pre-posted receive of the next frame's first message
+        # pre-posted receives, oldest first: (first-message buffer, its work, (floats work, buffer) | None)
+        self._posted: deque[tuple[torch.Tensor, dist.Work, tuple[dist.Work, torch.Tensor] | None]] = deque()
         self._connected = False
         self._closed = False
         self._broken: str | None = None
@@ -136,7 +140,7 @@ class Channel:
             except ChannelClosed as e:
                 log.warning("rank %d: dropping unfinished sends on close: %s", self.rank, e)
         self._pending.clear()
-        self._posted = None
+        self._posted.clear()
         try:
             dist.destroy_process_group()
         except RuntimeError as e:  # a group whose peer died may fail to tear down cleanly
@@ -181,43 +185,56 @@ class Channel:
         self.bytes_sent += sum(_nbytes(t) for t in tensors)
 
     @property
-    def posted(self) -> bool:
-        """True while a receive posted by post_recv() waits to be collected by recv()."""
-        return self._posted is not None
+    def posted(self) -> int:
+        """How many frames posted by post_recv() wait to be collected by recv()."""
+        return len(self._posted)
 
-    def post_recv(self) -> None:
-        """Post the receive of the peer's next frame now; the next recv() completes it."""
+    def post_recv(self, n_floats: int = 0) -> None:
+        """Post the receive of the peer's next frame now; a later recv() collects it. With
+        `n_floats`, the frame's float payload (exactly that many) is posted too."""
         self._check_usable("recv")
-        if self._posted is not None:
-            raise RuntimeError("a receive is already posted; recv() it first")
+        first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64, device=self.device)
         try:
-            self._posted = dist.irecv(self._first, src=self.peer)
+            work = dist.irecv(first, src=self.peer)
+            floats = None
+            if n_floats:
+                buf = torch.empty(n_floats, dtype=torch.float32, device=self.device)
+                floats = (dist.irecv(buf, src=self.peer), buf)
         except RuntimeError as e:
             raise self._fail("recv", e) from e
+        self._posted.append((first, work, floats))
 
     def recv(self) -> Frame:
         """Block until the peer's next frame arrives (or raise ChannelClosed within timeout_s)."""
         self._check_usable("recv")
         t0 = time.perf_counter()
         try:
-            posted, self._posted = self._posted, None
-            if posted is not None:
-                posted.wait()
+            first, posted_floats = self._first, None
+            if self._posted:
+                first, work, posted_floats = self._posted.popleft()
+                work.wait()
             else:
-                dist.recv(self._first, src=self.peer)
-            h = self._first[:HEADER_LEN].tolist()
+                dist.recv(first, src=self.peer)
+            h = first[:HEADER_LEN].tolist()
             try:
                 check_header(h)
             except ProtocolError:
                 self._broken = "protocol error"  # the stream is out of step: nothing after is trustworthy
                 raise
             ints = floats = None
+            if posted_floats is not None and (h[4] > INLINE_INTS or h[5] != posted_floats[1].numel()):
+                self._broken = "protocol error"
+                raise ProtocolError(f"posted {posted_floats[1].numel()} floats (and inline ints) for a frame "
+                                    f"of {h[4]} ints and {h[5]} floats")
             if 0 < h[4] <= INLINE_INTS:
-                ints = self._first[HEADER_LEN:HEADER_LEN + h[4]].clone()
+                ints = first[HEADER_LEN:HEADER_LEN + h[4]].clone()
             elif h[4]:
                 ints = torch.empty(h[4], dtype=torch.int64, device=self.device)
                 dist.recv(ints, src=self.peer)
-            if h[5]:
+            if posted_floats is not None:
+                posted_floats[0].wait()
+                floats = posted_floats[1]
+            elif h[5]:
                 floats = torch.empty(h[5], dtype=torch.float32, device=self.device)
                 dist.recv(floats, src=self.peer)
         except RuntimeError as e:
@@ -226,7 +243,7 @@ class Channel:
             self.recv_wait_s += time.perf_counter() - t0
         self.frames_recv += 1
         extra = [t for t in (ints, floats) if t is not None and (t is floats or h[4] > INLINE_INTS)]
-        self.bytes_recv += _nbytes(self._first) + sum(_nbytes(t) for t in extra)
+        self.bytes_recv += _nbytes(first) + sum(_nbytes(t) for t in extra)
         return decode_parts(h, ints, floats)
 
     def stats(self) -> dict[str, float]:

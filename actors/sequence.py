@@ -20,6 +20,19 @@ class Request:
     speculate: bool = True
     ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
 
+    def validate(self, vocab: int, max_seq_len: int) -> None:
+        self.params.validate()
+        if not self.prompt:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in self.prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if len(self.prompt) + self.max_new_tokens > max_seq_len:
+            raise ValueError(f"prompt ({len(self.prompt)} tokens) + max_new_tokens ({self.max_new_tokens}) "
+                             f"exceeds max_seq_len {max_seq_len}")
+
 
 @dataclass
 class Seq:

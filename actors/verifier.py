@@ -7,7 +7,8 @@ Its loop is the engine's critical path. One step, top to bottom:
   2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records. In SSD mode the
      drafter has already sent its speculation table for the round just verified (pre-drafted
      while this process ran step 3 of the last round): a greedy outcome found in it is the next
-     draft at once, with no round trip. Otherwise (a miss, an admission, sampling, or sd mode)
+     draft at once, with no round trip (a sampling hit's q rows follow in a reply whose receive
+     is posted ahead and collected after the forward). Otherwise (a miss, an admission, sd mode)
      wait for the drafter's DRAFT reply;
   3. verify every sequence's draft in one batched target forward over K+1 positions, apply the
      lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
@@ -28,14 +29,14 @@ import time
 import torch
 
 from actors.channel import Channel, ChannelClosed
-from actors.frame import Frame, ProtocolError, Rec, Record
+from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv_cache import KVCache
 from actors.loader import load_model
 from actors.sampling import probs_from_logits, sample
 from actors.spec import EngineSpec
 from actors.sequence import Request, Seq, VerifierTimes
 from actors.stats import SpecStats
-from actors.verify import verify_batch_greedy, verify_greedy, verify_sampling
+from actors.verify import round_outcomes
 from actors.wire import HIT, MISS, decode_table, encode_params
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Verifier:
         self._release: list[int] = []
         self._last_exchange = time.perf_counter()
         self._step_no = 0
+        self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -75,7 +77,7 @@ class Verifier:
         self.channel = Channel(0, master_addr or self.spec.master_addr, master_port or self.spec.master_port,
                                backend=self.spec.backend, device=self.device, timeout_s=self.spec.timeout_s)
         self.channel.connect()
-        self.drafter_ok = True
+        self.drafter_ok, self._deferred = True, None
         for s in self.seqs.values():
             s.on_drafter, s.outcome, s.draft, s.q, s.table = False, None, [], None, None
 
@@ -100,17 +102,7 @@ class Verifier:
     # -- thread-safe API ---------------------------------------------------------------------
     def submit(self, req: Request | dict) -> None:
         req = req if isinstance(req, Request) else Request(**req)
-        req.params.validate()
-        if not req.prompt:
-            raise ValueError("the prompt is empty")
-        bad = [t for t in req.prompt if not 0 <= t < self.vocab]
-        if bad:
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab}); got {bad[:3]}")
-        if req.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be positive, got {req.max_new_tokens}")
-        if len(req.prompt) + req.max_new_tokens > self.spec.max_seq_len:
-            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens ({req.max_new_tokens}) "
-                             f"exceeds max_seq_len {self.spec.max_seq_len}")
+        req.validate(self.vocab, self.spec.max_seq_len)
         self._inbox.put((req, time.perf_counter()))
 
     def abort(self, request_id: int) -> None:
@@ -215,23 +207,30 @@ class Verifier:
         try:
             self._take_table(t0)
             reply_needed = any(r.kind in (Rec.ADMIT, Rec.PING) for r in records)
+            sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
             for s in self.seqs.values():
                 if s.outcome is None or not s.on_drafter:
                     continue
                 k, t = s.outcome
                 records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t))
                 s.outcome = None
-                draft = s.table.get((k, t)) if s.table is not None and s.req.params.greedy else None
+                draft = s.table.get((k, t)) if s.table is not None else None
                 s.table = None
                 if draft is None:
                     reply_needed = True
                     continue
                 s.draft, s.q = list(draft), None
                 s.stats.record_lookup(s.last_k, True)
+                if not s.req.params.greedy:
+                    sampled.append(s)
             t1 = time.perf_counter_ns()
             self.channel.send(Frame(Rec.OUTCOME, self._step_no, records))
-            if reply_needed:
-                self._take_reply(self.channel.recv(), t1)
+            n_ints = RECORD_FIXED + sum(RECORD_FIXED + len(s.draft) for s in sampled)
+            if reply_needed or (sampled and n_ints > INLINE_INTS):
+                self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
+            elif sampled:  # only q rows are missing: they land during the target forward
+                self.channel.post_recv(n_floats=sum(len(s.draft) for s in sampled) * self.vocab)
+                self._deferred = {s.req.id for s in sampled}
             if self.spec.mode == "ssd":
                 self.channel.post_recv()  # the table for this round lands while we verify it
         except (ChannelClosed, ProtocolError) as e:
@@ -244,6 +243,8 @@ class Verifier:
     def _take_table(self, t0: int) -> None:
         """Collect the pre-posted speculation table of the round just verified. Time the drafter
         was still drafting it is exposed drafting; the rest of the wait is transport."""
+        if self._deferred is not None:
+            self._collect_deferred()
         if not self.channel.posted:
             return
         frame = self.channel.recv()
@@ -256,23 +257,34 @@ class Verifier:
             elif r.kind == Rec.TABLE and r.seq in self.seqs:
                 self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
 
-    def _take_reply(self, reply: Frame, t0: int) -> None:
+    def _collect_deferred(self) -> None:
+        """Collect a reply posted ahead; it landed during the forward, so only the time still
+        spent blocked here counts as transport."""
+        from_table, self._deferred = self._deferred, None
+        t0 = time.perf_counter_ns()
+        reply = self.channel.recv()
+        self.times.transport_s += (time.perf_counter_ns() - t0) / 1e9
+        self._take_reply(reply, None, from_table)
+
+    def _take_reply(self, reply: Frame, t0: int | None, from_table: set[int] = frozenset()) -> None:
+        """Apply a DRAFT reply; with `t0` (when the frame it answers was sent) also estimate its
+        wire time from the drafter's timestamps."""
         t1 = time.perf_counter_ns()
         if reply.kind != Rec.DRAFT:
             raise ProtocolError(f"expected the drafter's DRAFT frame, got {reply.kind!r}")
         for r in reply.records:
-            if r.kind == Rec.PING:  # drafter timestamps: posted recv, got frame, sent reply
+            if r.kind == Rec.PING and t0 is not None:  # drafter: posted recv, got frame, sent reply
                 self.times.transport_s += (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
             elif r.kind == Rec.DRAFT and r.seq in self.seqs:
                 s = self.seqs[r.seq]
                 s.draft = [int(t) for t in r.tokens]
                 s.q = r.floats.view(len(s.draft), self.vocab) if r.b else None
-                if r.a in (HIT, MISS) and s.stats.drafts:
+                if r.a in (HIT, MISS) and s.stats.drafts and r.seq not in from_table:
                     s.stats.record_lookup(s.last_k, r.a == HIT)
 
     def _drafter_lost(self, err: Exception) -> None:
         log.error("drafter lost (%s); continuing without speculation", err)
-        self.drafter_ok = False
+        self.drafter_ok, self._deferred = False, None
         if self.channel is not None:
             self.channel.close()
         for s in self.seqs.values():
@@ -293,7 +305,7 @@ class Verifier:
     def _shutdown_drafter(self) -> None:
         if self.drafter_ok and self.channel is not None:
             try:
-                if self.channel.posted:  # the drafter sends this round's table before it listens again
+                while self.channel.posted:  # the drafter sends what is due before it listens again
                     self.channel.recv()
                 self.channel.send(Frame(Rec.SHUTDOWN, self._step_no, [Record(Rec.SHUTDOWN, 0)]))
             except ChannelClosed:
@@ -318,7 +330,11 @@ class Verifier:
             x[i, :len(r)] = torch.tensor(r)
         pos = torch.tensor([s.length for s in seqs])[:, None] + torch.arange(T)
         logits = self._forward(x, pos, [s.slot for s in seqs])
-        outcomes = self._outcomes(seqs, rows, logits)
+        if self._deferred is not None and not self._q_rows_arrived():
+            # The drafter died before sending the q rows: every draft is void this round, and
+            # each sequence commits just the target's token after its pending ones.
+            rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
+        outcomes = round_outcomes(seqs, rows, logits, self.vocab)
         t1 = time.perf_counter()
         self.times.verify_s += t1 - t0
         for s, (k, t) in zip(seqs, outcomes):
@@ -334,28 +350,18 @@ class Verifier:
                 s.round += 1
         self.times.control_s += time.perf_counter() - t1
 
-    def _outcomes(self, seqs: list[Seq], rows: list[list[int]], logits: torch.Tensor) -> list[tuple[int, int]]:
-        n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
-        same = len({len(s.draft) for s in seqs}) == 1 and len(set(n_pend)) == 1
-        if same and all(s.req.params.greedy for s in seqs):
-            kd = len(seqs[0].draft)
-            p0 = n_pend[0] - 1
-            drafts = torch.tensor([s.draft for s in seqs], dtype=torch.long).view(len(seqs), kd)
-            acc, tok = verify_batch_greedy(drafts, logits[:, p0:p0 + kd + 1])
-            return list(zip(acc.tolist(), tok.tolist()))
-        out = []
-        for i, s in enumerate(seqs):
-            kd, p0 = len(s.draft), n_pend[i] - 1
-            rows_i = logits[i, p0:p0 + kd + 1]
-            d = torch.tensor(s.draft, dtype=torch.long)
-            if s.req.params.greedy:
-                o = verify_greedy(d, rows_i)
-            elif kd == 0:
-                o = verify_sampling(d, torch.empty(0, self.vocab), probs_from_logits(rows_i, s.req.params), s.gen)
-            else:
-                o = verify_sampling(d, s.q, probs_from_logits(rows_i, s.req.params), s.gen)
-            out.append((o.accepted, o.token))
-        return out
+    def _q_rows_arrived(self) -> bool:
+        """Collect the sampling hits' q rows, posted before the forward. False if the drafter is lost."""
+        t0 = time.perf_counter()
+        try:
+            self._collect_deferred()
+        except (ChannelClosed, ProtocolError) as e:
+            self._drafter_lost(e)
+            return False
+        finally:
+            self.times.wait_s += time.perf_counter() - t0
+            self.times.verify_s -= time.perf_counter() - t0
+        return True
 
     # -- output ------------------------------------------------------------------------------
     def _commit(self, s: Seq, new: list[int]) -> bool:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.sampling import probs_from_logits
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -106,3 +108,30 @@ def _correction(p_row: torch.Tensor, q_row: torch.Tensor, rejected: int,
             # p(d) == 1). Returning d is the only choice that p allows.
             return rejected
     return int(torch.multinomial(residual, 1, generator=generator))
+
+
+def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
+    """(k, t*) for each sequence of one batched verify forward. Row i of `logits` scores
+    rows[i] = pending committed tokens + draft; a sequence's draft is `s.draft` (with q rows
+    `s.q` when sampling with `s.req.params` and `s.gen`). All-greedy batches whose rows line up
+    are verified in one batched comparison."""
+    n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
+    same = len({len(s.draft) for s in seqs}) == 1 and len(set(n_pend)) == 1
+    if same and all(s.req.params.greedy for s in seqs):
+        kd = len(seqs[0].draft)
+        p0 = n_pend[0] - 1
+        drafts = torch.tensor([s.draft for s in seqs], dtype=torch.long).view(len(seqs), kd)
+        acc, tok = verify_batch_greedy(drafts, logits[:, p0:p0 + kd + 1])
+        return list(zip(acc.tolist(), tok.tolist()))
+    out = []
+    for i, s in enumerate(seqs):
+        kd, p0 = len(s.draft), n_pend[i] - 1
+        rows_i = logits[i, p0:p0 + kd + 1]
+        d = torch.tensor(s.draft, dtype=torch.long)
+        if s.req.params.greedy:
+            o = verify_greedy(d, rows_i)
+        else:
+            q = s.q if kd else torch.empty(0, vocab)
+            o = verify_sampling(d, q, probs_from_logits(rows_i, s.req.params), s.gen)
+        out.append((o.accepted, o.token))
+    return out

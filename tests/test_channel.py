@@ -252,36 +252,57 @@ def test_echo_200_frames():
 
 
 def _table_peer(port: int, n: int, timeout_s: float) -> None:
-    """The SSD pattern: per frame, a DRAFT reply only on odd steps, then always a TABLE frame,
-    some too long for the first message (the master has pre-posted only that one)."""
+    """The SSD pattern: per frame, a DRAFT reply (with q rows on every third step) only on odd
+    steps, then always a TABLE frame, some too long for the first message."""
     with Channel(1, ADDR, port, timeout_s=timeout_s) as ch:
         for i in range(n):
             f = ch.recv()
             assert f.step == i
             if i % 2:
-                ch.send(Frame(Rec.DRAFT, i, [Record(Rec.DRAFT, 1, i, 0, 0, [i, i])]))
+                rows = 2 if i % 3 == 0 else 0
+                q = _q_rows(i, rows) if rows else None
+                ch.send(Frame(Rec.DRAFT, i, [Record(Rec.DRAFT, 1, i, 0, rows, [i, i], q)]))
             width = INLINE_INTS + 7 if i % 5 == 4 else 14
             ch.send(Frame(Rec.TABLE, i, [Record(Rec.TABLE, 1, i, 2, 5, list(range(i, i + width)))]))
 
 
 def _table_master(port: int, n: int, timeout_s: float) -> int:
+    """Replies with q rows are posted ahead (their size is known), then the table behind them;
+    plain replies are received at once. Everything arrives whole and in order."""
     with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
         for i in range(n):
             if ch.posted:
-                time.sleep(0.002 * (i % 3))  # "verifying": the table lands meanwhile (or not yet)
+                time.sleep(0.002 * (i % 3))  # "verifying": the frames land meanwhile (or not yet)
+                if (i - 1) % 2 and (i - 1) % 3 == 0:
+                    d = ch.recv()
+                    assert (d.kind, d.step, d.records[0].tokens) == (Rec.DRAFT, i - 1, [i - 1, i - 1])
+                    assert torch.equal(d.records[0].floats, _q_rows(i - 1, 2))
                 t = ch.recv()
                 width = INLINE_INTS + 7 if (i - 1) % 5 == 4 else 14
                 assert (t.kind, t.step, t.records[0].tokens) == (Rec.TABLE, i - 1, list(range(i - 1, i - 1 + width)))
             ch.send(Frame(Rec.OUTCOME, i, [Record(Rec.OUTCOME, 1, i, 1, 2)]))
-            if i % 2:
+            if i % 2 and i % 3 == 0:
+                ch.post_recv(n_floats=2 * V)
+            elif i % 2:
                 d = ch.recv()
-                assert (d.kind, d.step, d.records[0].tokens) == (Rec.DRAFT, i, [i, i])
+                assert (d.kind, d.step, d.records[0].tokens, d.records[0].floats) == (Rec.DRAFT, i, [i, i], None)
             ch.post_recv()
-            with pytest.raises(RuntimeError, match="already posted"):
-                ch.post_recv()
         last = ch.recv()
         assert not ch.posted and (last.kind, last.step) == (Rec.TABLE, n - 1)
         return ch.frames_recv
+
+
+def _wrong_size_master(port: int, timeout_s: float) -> str:
+    with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
+        ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.OUTCOME, 1, 0, 1, 2)]))
+        ch.post_recv(n_floats=3 * V)  # the peer's next frame is a table, without floats
+        try:
+            ch.recv()
+        except ProtocolError as e:
+            with pytest.raises(ChannelClosed, match="broken"):
+                ch.recv()
+            return str(e)
+        return "no error"
 
 
 def test_posted_receive_keeps_the_order_of_frames():
@@ -289,6 +310,12 @@ def test_posted_receive_keeps_the_order_of_frames():
     results, codes = _run({"master": (_table_master, port, n, 10.0), "peer": (_table_peer, port, n, 10.0)})
     assert _ok(results, "master") == n + n // 2
     assert codes == {"master": 0, "peer": 0}
+
+
+def test_posted_floats_of_the_wrong_size_are_a_protocol_error():
+    port = free_port()
+    results, _ = _run({"master": (_wrong_size_master, port, 5.0), "peer": (_table_peer, port, 1, 5.0)}, deadline_s=30)
+    assert "posted" in _ok(results, "master")
 
 
 def _master_sees_dead_peer(port: int, timeout_s: float) -> dict:
