@@ -27,7 +27,7 @@ from actors.sampling import SamplingParams
 from actors.stats import SpecStats
 from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
-from cluster.bench_kernels import measure_kernels, torch_threads
+from cluster.bench_kernels import VerifyProbe, measure_kernels, torch_threads
 from cluster.deployment import engine_spec, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -217,9 +217,10 @@ def stop_engines(modes: list[Mode]) -> None:
             m.engine = None
 
 
-def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=None) -> dict[str, list[Run]]:
+def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=None,
+               probe=None) -> dict[str, list[Run]]:
     """Each phase: engines up, one warm-up per mode, then prompt by prompt every mode once in a
-    rotating order; engines down. Returns the runs per mode, in prompt order."""
+    rotating order (then `probe()`, if given); engines down. Returns the runs per mode."""
     runs: dict[str, list[Run]] = {}
     for phase in phases:
         try:
@@ -232,6 +233,8 @@ def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=N
                 out = {m.name: run_one(m, hf, p, n, seeds[i] if seeds else None) for m in order}
                 for m in phase:
                     runs[m.name].append(out[m.name])
+                if probe is not None:
+                    probe()
                 bar.update(1)
                 shown = [m for m in phase if m.name in ("ar", "ssd", "hf-assisted")] or phase[:3]
                 bar.set_postfix({m.name: f"{out[m.name].tok_s:.0f}" for m in shown}, refresh=False)
@@ -293,7 +296,12 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
                         capacity, len(phases))
         log.info("bench: %d prompts x %d new tokens, modes %s", len(prompts), n, ", ".join(m.name for m in modes))
         bar.total = len(prompts) * (len(phases) + (1 if sweep else 0)) + len(sag_prompts) * len(sag_phases)
-        runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar)
+        # The mean context of a decode step: the mean prompt plus half the new tokens.
+        ctx_len = round(statistics.mean(len(p) for p in prompts) + n / 2)
+        max_len = base.max_seq_len + k + 2
+        probe = VerifyProbe(base.target, [t for p in prompts for t in p][:ctx_len], k, max_len)
+        runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar,
+                          probe=probe)
         # SD at K's outside the main comparison keep their sweep-phase figures.
         main = {m.name for m in modes}
         modes += [m for m in sweep if m.name not in main]
@@ -302,11 +310,11 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         runs = {**{name: r for name, r in sweep_runs.items() if name not in main}, **runs}
         greedy = check_greedy(runs, modes)
         ks = sorted({int(m.overrides["speculation.k"]) for m in modes if m.kind == "outrider"})
-        # The mean context of a decode step: the mean prompt plus half the new tokens.
-        ctx_len = round(statistics.mean(len(p) for p in prompts) + n / 2)
         ctx = [t for p, r in zip(prompts, runs["ar"]) for t in p + r.tokens][:ctx_len]
         kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2,
                                   branches=base.fan_out_budget)
+        kernels["t_verify_interleaved_s"] = statistics.median(probe.samples)
+        kernels["t_verify_interleaved_n"] = len(probe.samples)
         seeds = [1000 + i for i in range(len(sag_prompts))]
         sag_runs = run_phases(config_path, sag_phases, None, sag_prompts, warm, n, cfg.cluster.placement_strategy,
                               bar, seeds)

@@ -43,6 +43,24 @@ def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int =
     return statistics.median(times)
 
 
+class VerifyProbe:
+    """t_verify(K+1) sampled between the timed generations of the main phase (call it after each
+    prompt), so the bound is measured on the same machine state as the modes it is compared
+    with: this host's speed drifts by several percent over minutes."""
+
+    def __init__(self, target_dir: str, ctx: list[int], k: int, max_len: int, reps: int = 5):
+        from actors.loader import load_model
+
+        with torch_threads(1):
+            self.model = load_model(target_dir)
+        self.ctx, self.k, self.max_len, self.reps = ctx, k, max_len, reps
+        self.samples: list[float] = []
+
+    def __call__(self) -> None:
+        with torch_threads(1):
+            self.samples.append(time_forward(self.model, self.ctx, self.k + 1, self.max_len, self.reps))
+
+
 def _draft_load(draft_dir: str, ctx: list[int], branches: int, max_len: int, stop) -> None:
     """Another process: the drafter's pre-speculation workload (a batch of branches, one token
     each), flat out until `stop` is set."""

@@ -26,6 +26,12 @@ def _check_report(out: Path, stdout: str, modes: set[str]) -> dict:
     assert ssd["spec"]["drafts"] > 0 and ssd["breakdown_per_round"]["rounds"] > 0
     assert len(ssd["hit_rate_by_depth"]) == rep["settings"]["k"] + 1
     assert rep["derived"]["bound_tok_s"] > 0
+    # The bound's t_verify was sampled once per prompt (and main phase) between the timed generations.
+    n_probe, n_prompts = rep["kernels"]["t_verify_interleaved_n"], rep["settings"]["prompts"]
+    assert n_probe >= n_prompts and n_probe % n_prompts == 0
+    assert rep["derived"]["t_verify_ms"] == round(1e3 * rep["kernels"]["t_verify_interleaved_s"], 3)
+    assert rep["derived"]["t_verify_quiet_ms"] > 0
+    assert 0 < ssd["breakdown_per_round"]["transport_plus_control_frac"] < 1
     lines = stdout.strip().splitlines()
     assert SUMMARY.match(lines[-1]), lines[-1]
     assert lines[-1] == rep["summary_line"]
