@@ -51,8 +51,8 @@ class LocalEngine:
     def abort(self, request_id: int) -> None:
         self.verifier.abort(request_id)
 
-    def poll(self, timeout: float = 0.05) -> list[dict]:
-        return self.verifier.poll(timeout)
+    def poll(self, timeout: float = 0.05, linger_s: float = 0.0) -> list[dict]:
+        return self.verifier.poll(timeout, linger_s)
 
     def metrics(self) -> dict:
         return self.verifier.metrics()

@@ -109,17 +109,21 @@ class Verifier:
         with self._lock:
             self._aborts.add(request_id)
 
-    def poll(self, timeout: float = 0.1) -> list[dict]:
-        """Events since the last poll: new tokens per request, and a final event per request."""
+    def poll(self, timeout: float = 0.1, linger_s: float = 0.0) -> list[dict]:
+        """Events since the last poll: new tokens per request, and a final event per request.
+        Waits up to `timeout` for the first; then keeps collecting for up to `linger_s` (fewer,
+        larger polls), but returns at once when a request finishes."""
         try:
             out = [self._events.get(timeout=timeout)]
         except queue.Empty:
             return []
-        while True:
-            try:
-                out.append(self._events.get_nowait())
+        end = time.perf_counter() + linger_s
+        while not out[-1]["done"]:
+            try:  # once the linger is over, timeout 0 still drains what is already queued
+                out.append(self._events.get(timeout=max(0.0, end - time.perf_counter())))
             except queue.Empty:
-                return out
+                break
+        return out
 
     def metrics(self) -> dict:
         m = dict(vars(self.times))
@@ -331,8 +335,7 @@ class Verifier:
         pos = torch.tensor([s.length for s in seqs])[:, None] + torch.arange(T)
         logits = self._forward(x, pos, [s.slot for s in seqs])
         if self._deferred is not None and not self._q_rows_arrived():
-            # The drafter died before sending the q rows: every draft is void this round, and
-            # each sequence commits just the target's token after its pending ones.
+            # Drafter lost before the q rows came: drafts are void, commit the target's token only.
             rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
         t1 = time.perf_counter()

@@ -108,8 +108,8 @@ class Coordinator:
         self.tok = tokenizer
         self.max_queue = max_queue
         # Each poll is a call into the verifier's process, which competes with its verify loop
-        # for the GIL and the core. After a batch of events, wait this long before the next poll:
-        # tokens stream in chunks of ~stream_interval_s, a waiting long-poll still returns at once.
+        # for the GIL and the core. A poll lingers this long after its first event, so tokens
+        # stream in chunks of ~stream_interval_s; a request's final event still returns at once.
         self.stream_interval_s = stream_interval_s
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)
@@ -183,7 +183,7 @@ class Coordinator:
     def _poll_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                events = self.engine.poll(0.05)
+                events = self.engine.poll(0.05, self.stream_interval_s)
             except Exception as e:  # engine gone: fail open requests, keep polling for recovery
                 if not self._stop.is_set():
                     if self.error is None:
@@ -194,8 +194,6 @@ class Coordinator:
             for ev in events:
                 self._dispatch(ev)
             self._check_deadlines()
-            if events and self.stream_interval_s:
-                self._stop.wait(self.stream_interval_s)
 
     def _check_deadlines(self) -> None:
         now = time.perf_counter()

@@ -119,8 +119,8 @@ class RayEngine:
     def abort(self, request_id: int) -> None:
         self.verifier.abort.remote(request_id)
 
-    def poll(self, timeout: float = 0.05) -> list[dict]:
-        return ray.get(self.verifier.poll.remote(timeout))
+    def poll(self, timeout: float = 0.05, linger_s: float = 0.0) -> list[dict]:
+        return ray.get(self.verifier.poll.remote(timeout, linger_s))
 
     def metrics(self) -> dict:
         m = ray.get(self.verifier.metrics.remote())

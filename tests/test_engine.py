@@ -6,6 +6,7 @@ never against outrider's own AR path.
 from __future__ import annotations
 
 import collections
+import time
 
 import pytest
 from scipy.stats import chi2_contingency
@@ -146,3 +147,24 @@ def test_plain_processes_without_ray(tiny_pair, hf_refs, held_out_prompts):
     _check_exact(hf_refs, held_out_prompts[:8], outs)
     assert sum(f.stats.cache_hits for f in finals) > 0
     assert not engine.proc.is_alive()
+
+
+def test_poll_lingers_for_a_chunk_but_returns_a_final_event_at_once(tiny_pair, held_out_prompts):
+    """The coordinator's long-poll: collect tokens for up to linger_s (fewer calls into the
+    verifier's process), but never sit on a request's final event."""
+    from actors.launch import LocalEngine
+    from actors.sequence import Request
+
+    engine = LocalEngine(_spec(mode="ar")).start()
+    try:
+        engine.submit(Request(1, list(held_out_prompts[0]), 400, ignore_eos=True))
+        first = engine.poll(5.0)  # no linger: whatever is there once the first token is out
+        assert first and not first[-1]["done"]
+        engine.submit(Request(2, list(held_out_prompts[1]), 40, ignore_eos=True))
+        events, t0 = [], time.perf_counter()
+        while not any(e["done"] and e["id"] == 2 for e in events):
+            events += engine.poll(5.0, linger_s=30.0)
+        assert time.perf_counter() - t0 < 20.0, "a final event waited for the linger to run out"
+        assert sum(len(e["tokens"]) for e in events if e["id"] == 2) == 40
+    finally:
+        engine.stop()
