@@ -76,6 +76,28 @@ def test_logits_equal_transformers(tmp_path, family):
 
 
 @torch.inference_mode()
+def test_stale_cache_tail_is_never_read(tmp_path):
+    """truncate() only moves the committed length back; whatever stays behind it (rejected
+    drafts) must never reach attention — also when a longer row in the same batch makes the
+    attended key range longer than this row's prefix."""
+    hf, path = _save(tmp_path, "llama")
+    model = load_model(path)
+    g = torch.Generator().manual_seed(2)
+    short, long_ = torch.randint(0, 96, (40,), generator=g).tolist(), torch.randint(0, 96, (50,), generator=g).tolist()
+    cache = KVCache.for_model(model.args, 2, 64)
+    a, b = cache.alloc(), cache.alloc()
+    model(torch.tensor([short]), torch.arange(40)[None], cache, torch.tensor([a]))
+    model(torch.tensor([long_]), torch.arange(50)[None], cache, torch.tensor([b]))
+    cache.advance(a, 48)
+    cache.truncate(a, 40)                 # 8 rejected positions of slot a ...
+    cache.k[:, a, :, 40:] = 1e4           # ... left behind as garbage
+    cache.v[:, a, :, 40:] = -1e4
+    out = model(torch.tensor([[7], [9]]), torch.tensor([[40], [50]]), cache, torch.tensor([a, b]))[:, -1]
+    torch.testing.assert_close(out[0], _hf_logits(hf, short + [7])[-1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out[1], _hf_logits(hf, long_ + [9])[-1], atol=ATOL, rtol=0)
+
+
+@torch.inference_mode()
 def test_forked_branches_decode_as_one_batch(tmp_path):
     hf, path = _save(tmp_path, "llama")
     model = load_model(path)
