@@ -102,6 +102,39 @@ def test_fuzzed_requests_get_deliberate_statuses(served, fields):
     _fuzz(served, fields)
 
 
+# Valid requests, so the fuzzer also reaches the engine: every sampling setting, stops, speculation
+# on and off. The tiny pair's vocabulary has 512 ids.
+_valid = st.fixed_dictionaries({
+    "prompt_ids": st.lists(st.integers(0, 511), min_size=1, max_size=30),
+    "max_new_tokens": st.integers(1, 16),
+}, optional={
+    "temperature": st.one_of(st.just(0.0), st.floats(0.05, 2.0)),
+    "top_k": st.integers(0, 50),
+    "top_p": st.floats(0.05, 1.0),
+    "seed": st.integers(0, 2**63 - 1),
+    "stop": st.lists(st.text(alphabet=string.printable, min_size=1, max_size=4), max_size=3),
+    "stop_token_ids": st.lists(st.integers(0, 511), max_size=3),
+    "disable_speculation": st.booleans(),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(fields=_valid)
+def test_fuzzed_valid_requests_complete(served, fields):
+    _, client = served
+    chunks, finals = [], []
+    for resp in client.stub.Generate(_build(fields), timeout=60):
+        (finals if resp.HasField("final") else chunks).append(resp)
+    assert len(finals) == 1 and resp.HasField("final"), "exactly one Final, and it comes last"
+    final = finals[0].final
+    n = sum(len(c.chunk.token_ids) for c in chunks)
+    assert final.finish_reason in ("length", "stop", "eos"), final.finish_reason
+    assert final.usage.completion_tokens == n <= fields["max_new_tokens"]
+    assert final.finish_reason != "length" or n == fields["max_new_tokens"]
+    assert all(0 <= t < 512 for c in chunks for t in c.chunk.token_ids)
+
+
 @pytest.mark.slow
 @settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                      HealthCheck.too_slow])
