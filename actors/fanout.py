@@ -27,11 +27,6 @@ def split_budget(budget: int, odds: list[float]) -> list[int]:
     return fan
 
 
-def geometric_fan_out(budget: int, k: int, alpha: float) -> list[int]:
-    """Split `budget` branches over depths 0..k by geometric outcome odds."""
-    return split_budget(budget, outcome_odds(alpha, k))
-
-
 class AcceptanceTracker:
     """Per sequence: running acceptance rate and the depths rounds actually ended at, each with
     a prior so the first rounds have a sensible estimate."""

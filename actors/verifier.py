@@ -247,8 +247,6 @@ class Verifier:
     def _take_table(self, t0: int) -> None:
         """Collect the pre-posted speculation table of the round just verified. Time the drafter
         was still drafting it is exposed drafting; the rest of the wait is transport."""
-        if self._deferred is not None:
-            self._collect_deferred()
         if not self.channel.posted:
             return
         frame = self.channel.recv()

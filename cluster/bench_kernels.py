@@ -79,16 +79,17 @@ def _draft_load(draft_dir: str, ctx: list[int], branches: int, max_len: int, sto
 
 
 def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
-                    branches: int = 16) -> dict:
+                    branches: int = 16, target=None) -> dict:
     """Direct timings on one thread. t_verify is also measured while a second process runs the
     drafter's pre-speculation workload on the other core: what SSD's overlap costs the verifier
-    in hardware (shared caches and memory bandwidth), separate from any software overhead."""
+    in hardware (shared caches and memory bandwidth), separate from any software overhead.
+    `target`: the target model already loaded in this process (else it is loaded here)."""
     import multiprocessing as mp
 
     from actors.loader import load_model
 
     with torch_threads(1):
-        target, draft = load_model(target_dir), load_model(draft_dir)
+        target, draft = target or load_model(target_dir), load_model(draft_dir)
         t_verify = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
         out = {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS,
                "t_target_1_s": time_forward(target, ctx, 1, max_len),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.fanout import AcceptanceTracker, geometric_fan_out, split_budget
+from actors.fanout import AcceptanceTracker, outcome_odds, split_budget
 
 
 @pytest.mark.parametrize("budget", [0, 1, 7, 16, 24])
@@ -15,7 +15,7 @@ def test_split_spends_exactly_the_budget_in_proportion(budget):
 
 
 def test_geometric_prior_favours_shallow_depths():
-    fan = geometric_fan_out(16, 5, alpha=0.5)
+    fan = split_budget(16, outcome_odds(0.5, 5))
     assert len(fan) == 6 and sum(fan) == 16 and fan[0] >= fan[1] >= fan[2]
 
 
