@@ -12,7 +12,9 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
   4. SSD only: pre-speculate — for every depth j in 0..len(draft) take the top-F_j candidate
      correction tokens (the drafted token d_{j+1} masked out: a rejected token is never the
      correction) and draft K tokens after tokens + d_1..d_j + t*, all branches of all sequences
-     as one batch over forked KV slots. This runs while the verifier verifies;
+     as one batch over the sequence's block of branch slots (consecutive, so the batch reads
+     the cache as a view; each round copies in only the prefix the block has not seen yet).
+     This runs while the verifier verifies;
   5. SSD only: send the speculation cache itself (a TABLE of branch tokens keyed by (k, t*)).
      It reaches the verifier before its verification ends, so on a hit the verifier starts the
      next round at once, with no round trip to this process on its critical path.
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Branch:
     slot: int
+    start: int                   # the position it forked at: its correction token's
     length: int
     tokens: list[int]
     q: torch.Tensor | None       # [K, V] probabilities the tokens were drawn from (sampling)
@@ -57,6 +60,8 @@ class DraftSeq:
     gen: torch.Generator
     tokens: list[int]            # committed prefix (prompt + generated)
     slot: int
+    block: list[int]             # its branch slots, consecutive
+    block_len: int = 0           # positions every block slot shares with the committed prefix
     length: int = 0              # valid positions in `slot`
     round: int = 0
     draft: list[int] = field(default_factory=list)
@@ -83,7 +88,7 @@ class Drafter:
         self.k = spec.k
         self.device = spec.draft_device
         self.model = load_model(spec.draft, spec.draft_dtype, self.device)
-        n_slots = spec.max_batch * (2 + spec.max_branches + spec.k)
+        n_slots = spec.max_batch * (1 + spec.max_branches)
         self.cache = KVCache.for_model(self.model.args, n_slots, spec.max_seq_len + 2 * spec.k + 2,
                                        self.model.dtype, self.device)
         self.seqs: dict[int, DraftSeq] = {}
@@ -177,7 +182,8 @@ class Drafter:
         params, seed, tokens = decode_params(rec.tokens)
         gen = torch.Generator(device="cpu")
         gen.manual_seed((seed if seed is not None else 0) ^ 0x5EED)
-        s = DraftSeq(rec.seq, params, gen, list(tokens), self.cache.alloc())
+        slot, *block = self.cache.alloc_run(1 + self.spec.max_branches)
+        s = DraftSeq(rec.seq, params, gen, list(tokens), slot, block)
         self.seqs[s.id] = s
         return s
 
@@ -192,25 +198,20 @@ class Drafter:
         s = self.seqs.pop(sid, None)
         if s is None:
             return
-        self._drop_branches(s)
-        self.cache.free(s.slot)
-
-    def _drop_branches(self, s: DraftSeq, keep: Branch | None = None) -> None:
-        for br in s.branches.values():
-            if br is not keep:
-                self.cache.free(br.slot)
-        s.branches = {}
+        for slot in [s.slot, *s.block]:
+            self.cache.free(slot)
 
     def _apply_outcome(self, s: DraftSeq, k: int, t_star: int) -> int:
         """Commit (k, t*) and adopt the matching pre-drafted branch if there is one."""
         n_old = len(s.tokens)
         s.tracker.update(k, len(s.draft))
         s.tokens += s.draft[:k] + [t_star]
-        br = s.branches.get((k, t_star))
-        self._drop_branches(s, keep=br)
-        if br is not None:
-            self.cache.free(s.slot)
-            s.slot, s.length, s.draft, s.q, s.dists = br.slot, br.length, br.tokens, br.q, br.dists
+        br = s.branches.pop((k, t_star), None)
+        s.branches = {}
+        if br is not None:  # the branch's positions from its fork on become the sequence's own
+            self.cache.copy_range(br.slot, s.slot, br.start, br.length)
+            self.cache.advance(s.slot, br.length)
+            s.length, s.draft, s.q, s.dists = br.length, br.tokens, br.q, br.dists
             return HIT
         s.length = min(s.length, n_old + k)
         self.cache.truncate(s.slot, s.length)
@@ -309,20 +310,22 @@ class Drafter:
             self._catch_up(s)
             n, depths = len(s.tokens), len(s.draft)
             fan = self._fan_out(s, depths)
+            # Every block slot already holds the committed prefix up to block_len; copy in the
+            # rest up to the draft's end. Branch j then overwrites positions from n + j on.
+            self.cache.fork(s.slot, s.block, n + depths, start=s.block_len)
+            s.block_len = n
+            free = iter(s.block)
             for j in range(depths + 1):
                 if fan[j] <= 0:
                     continue
                 scores = s.dists[j].clone()
                 if j < depths:
                     scores[s.draft[j]] = float("-inf")  # a rejected token is never the correction
-                cands = scores.topk(min(fan[j], scores.numel() - 1)).indices.tolist()
-                slots = [self.cache.alloc() for _ in cands]
-                self.cache.fork(s.slot, slots, n + j)
-                for t, slot in zip(cands, slots):
-                    rows.append((s, slot, n + j, t, j))
+                for t in scores.topk(min(fan[j], scores.numel() - 1)).indices.tolist():
+                    rows.append((s, next(free), n + j, t, j))
                     keys.append((s, (j, t)))
         if not rows:
             return
         for (s, key), row, (toks, q, dists, length) in zip(keys, rows, self._draft_rows(rows)):
-            s.branches[key] = Branch(row[1], length, toks, q, dists)
+            s.branches[key] = Branch(row[1], row[2], length, toks, q, dists)
         self.times.branches += len(rows)

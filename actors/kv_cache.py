@@ -5,6 +5,8 @@ max_len, head_dim]. A slot is one sequence (or one speculative branch). Nothing 
 erased: `truncate` only moves the committed length back, because the model attends a query at
 position p to keys 0..p only, and every key in that range is rewritten before it is read again.
 `fork` copies a prefix into other slots so several continuations of it decode as one batch.
+Slots given out as a run (`alloc_run`) are consecutive, so a batch over them reads the cache
+as a view instead of gathering it (see model.py).
 """
 from __future__ import annotations
 
@@ -44,6 +46,18 @@ class KVCache:
         self.lengths[slot] = 0
         return slot
 
+    def alloc_run(self, n: int) -> list[int]:
+        """`n` consecutive free slots (the lowest such run)."""
+        free = set(self._free)
+        for first in range(self.n_slots - n + 1):
+            if all(first + i in free for i in range(n)):
+                run = list(range(first, first + n))
+                self._free = [f for f in self._free if not first <= f < first + n]
+                for slot in run:
+                    self.lengths[slot] = 0
+                return run
+        raise CacheFullError(f"no {n} consecutive free KV-cache slots (of {self.n_slots}, {len(free)} free)")
+
     def free(self, slot: int) -> None:
         if slot in self._free:
             raise ValueError(f"slot {slot} is already free")
@@ -62,13 +76,17 @@ class KVCache:
             raise CacheFullError(f"sequence length {length} exceeds the cache's max_len {self.max_len}")
         self.lengths[slot] = length
 
-    def fork(self, src: int, dsts: list[int], length: int | None = None) -> None:
-        """Copy the first `length` positions of `src` into every slot in `dsts`."""
+    def fork(self, src: int, dsts: list[int], length: int | None = None, start: int = 0) -> None:
+        """Copy positions [start, length) of `src` into every slot in `dsts`: the first `length`
+        positions of each then equal src's, if they already did up to `start`."""
         n = self.lengths[src] if length is None else length
-        if dsts and n:
-            idx = torch.tensor(dsts, device=self.k.device)
-            self.k[:, idx, :, :n] = self.k[:, src:src + 1, :, :n]
-            self.v[:, idx, :, :n] = self.v[:, src:src + 1, :, :n]
+        if dsts and n > start:
+            if dsts == list(range(dsts[0], dsts[0] + len(dsts))):  # a run: one strided copy
+                idx = slice(dsts[0], dsts[0] + len(dsts))
+            else:
+                idx = torch.tensor(dsts, device=self.k.device)
+            self.k[:, idx, :, start:n] = self.k[:, src:src + 1, :, start:n]
+            self.v[:, idx, :, start:n] = self.v[:, src:src + 1, :, start:n]
         for d in dsts:
             self.lengths[d] = n
 

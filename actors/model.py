@@ -34,6 +34,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _first_of_run(slots: list[int]) -> int | None:
+    """The first slot when `slots` are consecutive and ascending (then a batch reads the cache
+    as a view: no per-layer gather of every row's keys and values), else None."""
+    return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -44,7 +50,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
 
-    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, slots, input_pos, kv_len):
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, slots, input_pos, kv_len,
+                first_slot: int | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -56,9 +63,8 @@ class Attention(nn.Module):
             rows = slots[:, None].expand(B, T)
             kc[rows, :, input_pos] = k.transpose(1, 2)
             vc[rows, :, input_pos] = v.transpose(1, 2)
-            if B == 1:  # a view, no gather
-                s = int(slots[0])
-                k, v = kc[s:s + 1, :, :kv_len], vc[s:s + 1, :, :kv_len]
+            if first_slot is not None:  # consecutive slots: a view, no gather
+                k, v = kc[first_slot:first_slot + B, :, :kv_len], vc[first_slot:first_slot + B, :, :kv_len]
             else:
                 k = kc[:, :, :kv_len].index_select(0, slots)
                 v = vc[:, :, :kv_len].index_select(0, slots)
@@ -118,10 +124,11 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        mask = None
+        mask, first_slot = None, None
         if cache is not None:
             if slots is None:
                 raise ValueError("slots are required with a cache")
+            first_slot = _first_of_run(slots.tolist())
             kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
             keys = torch.arange(kv_len, device=tokens.device)
             qpos = input_pos[:, None, :, None]
@@ -138,7 +145,8 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, i, cache, slots, input_pos, kv_len)
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, i, cache, slots, input_pos, kv_len,
+                                    first_slot)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x))
 

@@ -75,11 +75,13 @@ def test_logits_equal_transformers(tmp_path, family):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("order", ["run", "gather"])
 @torch.inference_mode()
-def test_stale_cache_tail_is_never_read(tmp_path):
+def test_stale_cache_tail_is_never_read(tmp_path, order):
     """truncate() only moves the committed length back; whatever stays behind it (rejected
     drafts) must never reach attention — also when a longer row in the same batch makes the
-    attended key range longer than this row's prefix."""
+    attended key range longer than this row's prefix. Both ways a batch reads the cache: a view
+    over consecutive slots, and a gather for any other slot order."""
     hf, path = _save(tmp_path, "llama")
     model = load_model(path)
     g = torch.Generator().manual_seed(2)
@@ -92,9 +94,13 @@ def test_stale_cache_tail_is_never_read(tmp_path):
     cache.truncate(a, 40)                 # 8 rejected positions of slot a ...
     cache.k[:, a, :, 40:] = 1e4           # ... left behind as garbage
     cache.v[:, a, :, 40:] = -1e4
-    out = model(torch.tensor([[7], [9]]), torch.tensor([[40], [50]]), cache, torch.tensor([a, b]))[:, -1]
-    torch.testing.assert_close(out[0], _hf_logits(hf, short + [7])[-1], atol=ATOL, rtol=0)
-    torch.testing.assert_close(out[1], _hf_logits(hf, long_ + [9])[-1], atol=ATOL, rtol=0)
+    rows = [(a, 7, 40, short), (b, 9, 50, long_)]
+    if order == "gather":
+        rows.reverse()
+    out = model(torch.tensor([[r[1]] for r in rows]), torch.tensor([[r[2]] for r in rows]), cache,
+                torch.tensor([r[0] for r in rows]))[:, -1]
+    for i, (_, tok, _, prefix) in enumerate(rows):
+        torch.testing.assert_close(out[i], _hf_logits(hf, prefix + [tok])[-1], atol=ATOL, rtol=0)
 
 
 @torch.inference_mode()
