@@ -327,10 +327,8 @@ class Verifier:
         t0 = time.perf_counter()
         rows = [s.tokens[s.length:] + s.draft for s in seqs]
         T = max(len(r) for r in rows)
-        x = torch.zeros(len(seqs), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, :len(r)] = torch.tensor(r)
-        pos = torch.tensor([s.length for s in seqs])[:, None] + torch.arange(T)
+        x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+        pos = torch.tensor([list(range(s.length, s.length + T)) for s in seqs])
         logits = self._forward(x, pos, [s.slot for s in seqs])
         if self._deferred is not None and not self._q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.

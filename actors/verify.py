@@ -49,21 +49,6 @@ def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Outcome:
     return Outcome(k, int(best[k]))
 
 
-def verify_batch_greedy(drafts: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """drafts [B, K], target_logits [B, K+1, V] -> (accepted [B], tokens [B]).
-
-    Vectorised over rows and positions for the batched verifier; agrees with verify_greedy row by row.
-    """
-    B, K = drafts.shape
-    if target_logits.dim() != 3 or tuple(target_logits.shape[:2]) != (B, K + 1):
-        raise ValueError(f"target_logits must be [B, K+1, V] = [{B}, {K + 1}, V], "
-                         f"got shape {tuple(target_logits.shape)}")
-    best = target_logits.argmax(-1)                                   # [B, K+1]
-    # The running product of matches is 1 up to the first mismatch, so its sum is k.
-    accepted = (drafts == best[:, :K]).long().cumprod(1).sum(1)
-    return accepted, best.gather(1, accepted[:, None]).squeeze(1)
-
-
 def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                     generator: torch.Generator | None = None) -> Outcome:
     """draft [K], q [K, V], p [K+1, V] -> Outcome. All randomness comes from `generator`.
@@ -113,16 +98,20 @@ def _correction(p_row: torch.Tensor, q_row: torch.Tensor, rejected: int,
 def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
     """(k, t*) for each sequence of one batched verify forward. Row i of `logits` scores
     rows[i] = pending committed tokens + draft; a sequence's draft is `s.draft` (with q rows
-    `s.q` when sampling with `s.req.params` and `s.gen`). All-greedy batches whose rows line up
-    are verified in one batched comparison."""
+    `s.q` when sampling with `s.req.params` and `s.gen`). All-greedy batches take one argmax."""
     n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
-    same = len({len(s.draft) for s in seqs}) == 1 and len(set(n_pend)) == 1
-    if same and all(s.req.params.greedy for s in seqs):
-        kd = len(seqs[0].draft)
-        p0 = n_pend[0] - 1
-        drafts = torch.tensor([s.draft for s in seqs], dtype=torch.long).view(len(seqs), kd)
-        acc, tok = verify_batch_greedy(drafts, logits[:, p0:p0 + kd + 1])
-        return list(zip(acc.tolist(), tok.tolist()))
+    if all(s.req.params.greedy for s in seqs):
+        # One argmax for the whole batch, then a plain comparison per row: this runs right after
+        # the forward, with cold caches, where every extra tensor op costs several times its
+        # warm price.
+        best = logits.argmax(-1).tolist()
+        out = []
+        for s, b, n in zip(seqs, best, n_pend):
+            b, k = b[n - 1:], 0
+            while k < len(s.draft) and s.draft[k] == b[k]:
+                k += 1
+            out.append((k, b[k]))
+        return out
     out = []
     for i, s in enumerate(seqs):
         kd, p0 = len(s.draft), n_pend[i] - 1
