@@ -3,7 +3,8 @@ likely verification outcomes while the verifier is busy.
 
 A step, as the drafter sees it (the verifier leads, see channel.py):
 
-  1. receive a frame: ADMIT (prompt + first token), OUTCOME (k, t*) per sequence, RELEASE;
+  1. receive a frame: ADMIT (a prompt, sent while the verifier prefills it: its first outcome,
+     (0, first token), comes with the next frame), OUTCOME (k, t*) per sequence, RELEASE;
   2. per OUTCOME, look (k, t*) up in the speculation cache: a hit adopts the pre-drafted branch
      (its tokens, q rows and KV slot) at no drafting cost; a miss runs the backup (`jit`: draft K
      now; `ngram`: prompt lookup; `none`: no draft, the verifier decodes one token);
@@ -19,8 +20,9 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
      It reaches the verifier before its verification ends, so on a hit the verifier starts the
      next round at once, with no round trip to this process on its critical path.
 
-Both sides decide "reply or not" from the same facts (an ADMIT or PING in the frame, a sampling
-sequence, or a miss in the table both hold), so the message sequence stays in step.
+Both sides decide "reply or not" from the same facts (a PING in the frame, a sampling sequence,
+or a miss in the table both hold), so the message sequence stays in step. In sync SD mode
+every outcome misses (there is no table), so each frame with outcomes gets its reply.
 """
 from __future__ import annotations
 
@@ -122,6 +124,9 @@ class Drafter:
                     self.prespeculate()
                     self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
+                else:  # read new prompts while the verifier prefills them
+                    for s in self.seqs.values():
+                        self._prefill(s, len(s.tokens))
         finally:
             self.close()
 
@@ -141,10 +146,8 @@ class Drafter:
         for rec in frame.records:
             if rec.kind == Rec.PING:
                 must_reply = True
-            elif rec.kind == Rec.ADMIT:
-                s = self._admit(rec)
-                need_draft.append(s)
-                replies[s.id] = NO_LOOKUP
+            elif rec.kind == Rec.ADMIT:  # nothing to draft before the first token is known
+                self._admit(rec)
             elif rec.kind == Rec.OUTCOME:
                 s = self.seqs.get(rec.seq)
                 if s is None:  # admitted before this drafter (re)joined: the verifier decodes alone
@@ -296,8 +299,10 @@ class Drafter:
         new = full[s.length:]
         logits = self._forward(torch.tensor([new]), torch.arange(s.length, len(full))[None], [s.slot])[0]
         rows = logits if s.params.greedy else probs_from_logits(logits, s.params)
-        first_depth = s.length - (len(s.tokens) - 1)
-        s.dists = rows if s.dists is None or first_depth <= 0 else torch.cat([s.dists[:first_depth], rows])
+        first_depth = s.length - (len(s.tokens) - 1)   # the depth of rows[0]
+        if first_depth < 0:  # a new prompt: only its last row is a depth (0)
+            rows, first_depth = rows[-first_depth:], 0
+        s.dists = rows if s.dists is None or first_depth == 0 else torch.cat([s.dists[:first_depth], rows])
         s.length = len(full)
         self.cache.advance(s.slot, s.length)
 

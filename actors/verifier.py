@@ -2,9 +2,12 @@
 
 Its loop is the engine's critical path. One step, top to bottom:
 
-  1. apply aborts and admit queued requests (prefill the prompt; its last logits give the first
-     token, streamed at once);
-  2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records. In SSD mode the
+  1. apply aborts and take queued requests in;
+  2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, then prefill the
+     admitted prompts (their last logits give the first token, streamed at once). An ADMIT goes
+     out before the prefill, so the drafter reads the prompt meanwhile and, in SSD mode,
+     pre-drafts for the likely first tokens: the prefill is a round with an empty draft whose
+     outcome is (0, first token), sent with the next step's outcomes. In SSD mode the
      drafter has already sent its speculation table for the round just verified (pre-drafted
      while this process ran step 3 of the last round): a greedy outcome found in it is the next
      draft at once, with no round trip (a sampling hit's q rows follow in a reply whose receive
@@ -136,7 +139,7 @@ class Verifier:
         t0 = time.perf_counter()
         if self._reconnect is not None:
             self._do_reconnect()
-        records = self._control()
+        records, admitted = self._control()
         t1 = time.perf_counter()
         self.times.control_s += t1 - t0
         if not self.seqs and not records:
@@ -144,12 +147,17 @@ class Verifier:
             return
         if self.drafter_ok:
             self._exchange(records)
-        if self.seqs:
-            self._verify(list(self.seqs.values()))
+        for s in admitted:
+            self._prefill(s)
+        # A sequence whose outcome the drafter has not heard yet (just prefilled) waits for its draft.
+        ready = [s for s in self.seqs.values() if s.outcome is None]
+        if ready:
+            self._verify(ready)
         self.times.steps += 1
 
-    def _control(self) -> list[Record]:
-        """Aborts, admissions and pending releases, as records for the drafter."""
+    def _control(self) -> tuple[list[Record], list[Seq]]:
+        """Aborts, admissions and pending releases, as records for the drafter; and the admitted
+        sequences, to prefill once their ADMIT is on its way."""
         while True:
             try:
                 self._waiting.append(self._inbox.get_nowait())
@@ -165,36 +173,45 @@ class Verifier:
                 self._events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
         records = [Record(Rec.RELEASE, sid) for sid in self._release]
         self._release = []
+        for s in self.seqs.values():  # re-admit after a drafter (re)join
+            if self.drafter_ok and s.req.speculate and not s.on_drafter:
+                # Its last committed token plays the first token's part: the outcome of an empty draft.
+                records.append(self._admit_record(s, s.tokens[:-1]))
+                s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
+        admitted = []
         while self._waiting and self.cache.n_free:
             req, t_submit = self._waiting.pop(0)
             s = self._admit(req, t_submit)
-            if s is not None and self.drafter_ok and req.speculate:
-                records.append(self._admit_record(s))
-        for s in self.seqs.values():  # re-admit after a drafter (re)join
-            if self.drafter_ok and s.req.speculate and not s.on_drafter:
-                records.append(self._admit_record(s))
-        return records
+            admitted.append(s)
+            if self.drafter_ok and req.speculate:
+                records.append(self._admit_record(s, s.tokens))
+        return records, admitted
 
-    def _admit_record(self, s: Seq) -> Record:
+    def _admit_record(self, s: Seq, tokens: list[int]) -> Record:
         s.on_drafter, s.outcome = True, None
-        return Record(Rec.ADMIT, s.req.id, s.round, tokens=encode_params(s.req.params, s.seed, s.tokens))
+        return Record(Rec.ADMIT, s.req.id, s.round, tokens=encode_params(s.req.params, s.seed, tokens))
 
-    def _admit(self, req: Request, t_submit: float) -> Seq | None:
-        t0 = time.perf_counter()
+    def _admit(self, req: Request, t_submit: float) -> Seq:
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
         gen = torch.Generator()
         gen.manual_seed(seed)
         s = Seq(req, self.cache.alloc(), list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
         self.seqs[req.id] = s
-        n = len(req.prompt)
-        logits = self._forward(torch.tensor([req.prompt]), torch.arange(n)[None], [s.slot])[0, -1]
+        return s
+
+    def _prefill(self, s: Seq) -> None:
+        """Feed the prompt; its last logits give the first token."""
+        t0 = time.perf_counter()
+        n, params = len(s.req.prompt), s.req.params
+        logits = self._forward(torch.tensor([s.req.prompt]), torch.arange(n)[None], [s.slot])[0, -1]
         s.length = n
         self.cache.advance(s.slot, n)
-        tok = int(logits.argmax()) if req.params.greedy else int(sample(probs_from_logits(logits, req.params), gen))
+        tok = int(logits.argmax()) if params.greedy else int(sample(probs_from_logits(logits, params), s.gen))
         self.times.prefill_s += time.perf_counter() - t0
         s.t_first = time.perf_counter()
-        done = self._commit(s, [tok])
-        return None if done else s
+        if not self._commit(s, [tok]) and s.on_drafter:
+            s.outcome = (0, tok)
+            s.round += 1
 
     def _idle(self) -> None:
         t0 = time.perf_counter()
@@ -210,7 +227,7 @@ class Verifier:
         t0 = time.perf_counter_ns()
         try:
             self._take_table(t0)
-            reply_needed = any(r.kind in (Rec.ADMIT, Rec.PING) for r in records)
+            reply_needed = any(r.kind == Rec.PING for r in records)
             sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
             for s in self.seqs.values():
                 if s.outcome is None or not s.on_drafter:
@@ -224,7 +241,8 @@ class Verifier:
                     reply_needed = True
                     continue
                 s.draft, s.q = list(draft), None
-                s.stats.record_lookup(s.last_k, True)
+                if s.stats.drafts:  # the first token's lookup is not a verification outcome
+                    s.stats.record_lookup(s.last_k, True)
                 if not s.req.params.greedy:
                     sampled.append(s)
             t1 = time.perf_counter_ns()

@@ -30,19 +30,23 @@ def test_pre_drafted_branches_equal_drafting_from_scratch(tiny_pair, held_out_pr
     d = Drafter(spec)
     ref_model = load_model(spec.draft)
     prompt = held_out_prompts[0][:40]
-    d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, 7, 0, tokens=encode_params(SamplingParams(), 0, prompt))]))
+    # The prompt arrives before the verifier has its first token: nothing to draft yet, and
+    # no reply (the verifier is prefilling); pre-speculation covers the likely first tokens.
+    reply = d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, 7, 0, tokens=encode_params(SamplingParams(), 0, prompt))]))
     s = d.seqs[7]
-    assert s.draft == _greedy(ref_model, s.tokens, K)
+    assert reply is None and s.draft == [] and s.tokens == prompt
     outcomes = {HIT: 0, MISS: 0}
     for rnd in range(8):
         d.prespeculate()
         assert len(s.branches) == spec.fan_out_budget
+        if rnd == 0:
+            assert {j for j, _ in s.branches} == {0}
         for (j, t), br in s.branches.items():  # every branch: K tokens after tokens + d[:j] + t
             assert br.tokens == _greedy(ref_model, s.tokens + s.draft[:j] + [t], K), (rnd, j, t)
         if rnd % 3 == 2:   # an outcome nobody pre-drafted: truncate and draft just in time
-            k = 1
+            k = min(1, len(s.draft))
             t = next(x for x in range(spec.fan_out_budget + 2)
-                     if (k, x) not in s.branches and x != s.draft[k])
+                     if (k, x) not in s.branches and x not in s.draft[k:k + 1])
         else:              # the deepest pre-drafted outcome: adopt its branch
             k, t = max(s.branches)
         frame = Frame(Rec.OUTCOME, rnd + 1, [Record(Rec.OUTCOME, 7, rnd, k, t)])
