@@ -32,6 +32,10 @@ def _check_report(out: Path, stdout: str, modes: set[str]) -> dict:
     assert rep["derived"]["t_verify_ms"] == round(1e3 * rep["kernels"]["t_verify_interleaved_s"], 3)
     assert rep["derived"]["t_verify_quiet_ms"] > 0
     assert 0 < ssd["breakdown_per_round"]["transport_plus_control_frac"] < 1
+    assert 0 < ssd["breakdown_per_round"]["prefill_frac"] < 1
+    # the end-to-end ceilings only add costs to the bound, so each sits below it
+    ceilings = rep["derived"]["ceilings_tok_s"]
+    assert ceilings and all(0 < c < rep["derived"]["bound_tok_s"] for c in ceilings.values()), ceilings
     lines = stdout.strip().splitlines()
     assert SUMMARY.match(lines[-1]), lines[-1]
     assert lines[-1] == rep["summary_line"]
