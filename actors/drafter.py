@@ -298,10 +298,10 @@ class Drafter:
             return
         new = full[s.length:]
         logits = self._forward(torch.tensor([new]), torch.arange(s.length, len(full))[None], [s.slot])[0]
-        rows = logits if s.params.greedy else probs_from_logits(logits, s.params)
-        first_depth = s.length - (len(s.tokens) - 1)   # the depth of rows[0]
+        first_depth = s.length - (len(s.tokens) - 1)   # the depth of logits[0]
         if first_depth < 0:  # a new prompt: only its last row is a depth (0)
-            rows, first_depth = rows[-first_depth:], 0
+            logits, first_depth = logits[-first_depth:], 0
+        rows = logits if s.params.greedy else probs_from_logits(logits, s.params)
         s.dists = rows if s.dists is None or first_depth == 0 else torch.cat([s.dists[:first_depth], rows])
         s.length = len(full)
         self.cache.advance(s.slot, s.length)
