@@ -12,7 +12,7 @@ import struct
 from actors.frame import ProtocolError
 from actors.sampling import SamplingParams
 
-MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (admission / SD)
+MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (sync SD)
 _N_PARAMS = 4
 
 
