@@ -58,6 +58,21 @@ class Seq:
         return len(self.tokens) - len(self.req.prompt)
 
 
+def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:
+    """Newly committed tokens cut at the first stop token or at the length limit, and the finish
+    reason ("stop", "length") when either ends the request."""
+    reason = None
+    stops = frozenset(s.req.stop_token_ids) | (frozenset() if s.req.ignore_eos else eos)
+    for i, t in enumerate(new):
+        if t in stops:
+            new, reason = new[:i + 1], "stop"
+            break
+    room = s.req.max_new_tokens - s.n_generated
+    if len(new) > room or (len(new) == room and reason is None):
+        new, reason = new[:room], "length"
+    return new, reason
+
+
 @dataclass
 class VerifierTimes:
     steps: int = 0

@@ -37,7 +37,7 @@ from actors.kv_cache import KVCache
 from actors.loader import load_model
 from actors.sampling import probs_from_logits, sample
 from actors.spec import EngineSpec
-from actors.sequence import Request, Seq, VerifierTimes
+from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
 from actors.verify import round_outcomes
 from actors.wire import HIT, MISS, decode_table, encode_params
@@ -156,8 +156,7 @@ class Verifier:
         self.times.steps += 1
 
     def _control(self) -> tuple[list[Record], list[Seq]]:
-        """Aborts, admissions and pending releases, as records for the drafter; and the admitted
-        sequences, to prefill once their ADMIT is on its way."""
+        """Aborts, admissions, releases as records for the drafter; the admitted, to prefill next."""
         while True:
             try:
                 self._waiting.append(self._inbox.get_nowait())
@@ -277,15 +276,6 @@ class Verifier:
             elif r.kind == Rec.TABLE and r.seq in self.seqs:
                 self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
 
-    def _collect_deferred(self) -> None:
-        """Collect a reply posted ahead; it landed during the forward, so only the time still
-        spent blocked here counts as transport."""
-        from_table, self._deferred = self._deferred, None
-        t0 = time.perf_counter_ns()
-        reply = self.channel.recv()
-        self.times.transport_s += (time.perf_counter_ns() - t0) / 1e9
-        self._take_reply(reply, None, from_table)
-
     def _take_reply(self, reply: Frame, t0: int | None, from_table: set[int] = frozenset()) -> None:
         """Apply a DRAFT reply; with `t0` (when the frame it answers was sent) also estimate its
         wire time from the drafter's timestamps."""
@@ -368,10 +358,15 @@ class Verifier:
         self.times.control_s += time.perf_counter() - t1
 
     def _q_rows_arrived(self) -> bool:
-        """Collect the sampling hits' q rows, posted before the forward. False if the drafter is lost."""
+        """Collect the sampling hits' q rows, in a reply posted before the forward: it landed during
+        the forward, so only the time still spent blocked here counts (as transport). False if the
+        drafter is lost."""
+        from_table, self._deferred = self._deferred, None
         t0 = time.perf_counter()
         try:
-            self._collect_deferred()
+            reply = self.channel.recv()
+            self.times.transport_s += time.perf_counter() - t0
+            self._take_reply(reply, None, from_table)
         except (ChannelClosed, ProtocolError) as e:
             self._drafter_lost(e)
             return False
@@ -383,15 +378,7 @@ class Verifier:
     # -- output ------------------------------------------------------------------------------
     def _commit(self, s: Seq, new: list[int]) -> bool:
         """Append newly committed tokens, apply token-level stops, stream; True when finished."""
-        reason = None
-        stops = frozenset(s.req.stop_token_ids) | (frozenset() if s.req.ignore_eos else self.eos)
-        for i, t in enumerate(new):
-            if t in stops:
-                new, reason = new[:i + 1], "stop"
-                break
-        room = s.req.max_new_tokens - s.n_generated
-        if len(new) > room or (len(new) == room and reason is None):
-            new, reason = new[:room], "length"
+        new, reason = apply_stops(s, new, self.eos)
         s.tokens += new
         self.times.tokens += len(new)
         self._events.put({"id": s.req.id, "tokens": new, "done": False})
