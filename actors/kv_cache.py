@@ -17,6 +17,12 @@ class CacheFullError(RuntimeError):
     """No free slot, or a sequence would outgrow max_len."""
 
 
+def first_of_run(slots: list[int]) -> int | None:
+    """The first slot when `slots` are consecutive and ascending (a batch over them then reads or
+    writes the cache through a slice, no gather or scatter), else None."""
+    return slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -81,10 +87,8 @@ class KVCache:
         positions of each then equal src's, if they already did up to `start`."""
         n = self.lengths[src] if length is None else length
         if dsts and n > start:
-            if dsts == list(range(dsts[0], dsts[0] + len(dsts))):  # a run: one strided copy
-                idx = slice(dsts[0], dsts[0] + len(dsts))
-            else:
-                idx = torch.tensor(dsts, device=self.k.device)
+            first = first_of_run(dsts)  # a run: one strided copy
+            idx = slice(first, first + len(dsts)) if first is not None else torch.tensor(dsts, device=self.k.device)
             self.k[:, idx, :, start:n] = self.k[:, src:src + 1, :, start:n]
             self.v[:, idx, :, start:n] = self.v[:, src:src + 1, :, start:n]
         for d in dsts:

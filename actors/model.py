@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.config import ModelArgs, rope_inv_freq
-from actors.kv_cache import KVCache
+from actors.kv_cache import KVCache, first_of_run
 
 
 class RMSNorm(nn.Module):
@@ -32,12 +32,6 @@ class RMSNorm(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def _first_of_run(slots: list[int]) -> int | None:
-    """The first slot when `slots` are consecutive and ascending (then a batch reads the cache
-    as a view: no per-layer gather of every row's keys and values), else None."""
-    return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
 class Attention(nn.Module):
@@ -128,7 +122,7 @@ class Transformer(nn.Module):
         if cache is not None:
             if slots is None:
                 raise ValueError("slots are required with a cache")
-            first_slot = _first_of_run(slots.tolist())
+            first_slot = first_of_run(slots.tolist())  # then a view, no per-layer gather
             kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
             keys = torch.arange(kv_len, device=tokens.device)
             qpos = input_pos[:, None, :, None]
