@@ -22,6 +22,19 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def _csv(kind):
+    def parse(text: str) -> list:
+        try:
+            items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list of {kind.__name__}, got {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return items
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="outrider", description="SSD speculative-decoding inference cluster")
     ap.add_argument("--log-level", default="INFO")
@@ -60,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", "-c", default="configs/bench-cpu.yaml")
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--quick", action="store_true", help="few prompts and tokens (a smoke run)")
+    bench.add_argument("--explore", action="store_true",
+                       help="SSD only, over a grid of drafters x K x fan-out budgets (below); keeps no HF or SD")
+    bench.add_argument("--drafts", type=_csv(str), default=None, metavar="PATH,...",
+                       help="--explore: drafter checkpoints or demo:<size>/draft-<L>x<D> (default: the config's)")
+    bench.add_argument("--ks", type=_csv(int), default=None, metavar="K,...", help="--explore: K values")
+    bench.add_argument("--budgets", type=_csv(int), default=None, metavar="N,...",
+                       help="--explore: fan-out budgets (branches per round)")
     return ap
 
 
@@ -84,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
                 overrides["server.port"] = args.port
             return serve_from_config(args.config, overrides)
         if args.cmd == "bench":
+            if args.explore:
+                from cluster.bench_explore import run_explore
+
+                return run_explore(args.config, args.out, args.drafts, args.ks, args.budgets, quick=args.quick)
+            if args.drafts or args.ks or args.budgets:
+                raise ValueError("--drafts, --ks and --budgets belong to --explore")
             from cluster.bench import run_bench
 
             return run_bench(args.config, args.out, quick=args.quick)

@@ -31,7 +31,7 @@ class ClusterConfig(_Section):
 
 
 class ModelConfig(_Section):
-    path: str = Field(min_length=1)     # checkpoint directory, or demo:<size>/<target|draft>
+    path: str = Field(min_length=1)     # checkpoint directory, or demo:<size>/<target|draft|draft-LxD>
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"                 # cpu | cuda | cuda:N
     tensor_parallel_size: int = Field(1, ge=1)

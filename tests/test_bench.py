@@ -65,3 +65,35 @@ def test_bench_full(tmp_path, capsys):
     assert run_bench("configs/bench-cpu.yaml", str(out), quick=False) == 0
     rep = _check_report(out, capsys.readouterr().out, {"ar", "ssd", "hf", "hf-assisted", "ar-2t", "sd-k5"})
     assert rep["wall_s"] < 600
+
+
+@pytest.mark.timeout(400)
+def test_explore_grid_with_a_drafter_variant(ray_local, tiny_pair, tmp_path, capsys):
+    from cluster.bench_explore import run_explore
+
+    cfg = yaml.safe_load(Path("configs/local-cpu.yaml").read_text())
+    cfg["metrics"]["enabled"] = False
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    drafts = ["demo:tiny/draft", "demo:tiny/draft-1x64"]
+    assert run_explore(str(path), str(out), drafts, ks=[3], budgets=[4], quick=True) == 0
+    rep = json.loads((out / "explore.json").read_text())
+    assert [r["mode"] for r in rep["rows"]] == ["ssd draft k=3 budget=4", "ssd draft-1x64 k=3 budget=4"]
+    for r in rep["rows"]:
+        assert r["mismatches"] == 0 and r["tok_s"] > 0 and r["e_acc_plus_1"] > 1, r
+    assert rep["rows"][1]["overrides"]["models.draft.path"] == "demo:tiny/draft-1x64"
+    # the variant was distilled on the pair's own target, into the pair's directory
+    info = json.loads((tiny_pair / "draft-1x64" / "build.json").read_text())
+    assert info["draft"]["dim"] == 64 and 0 < info["greedy_agreement"] <= 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == rep["summary_line"] and lines[-1].startswith("best: ssd ")
+    assert (out / "explore.md").read_text().count("| ssd ") == 2
+
+
+@pytest.mark.parametrize("name", ["draft-0x64", "draft-1x100", "draft-2x1024", "draft-two"])
+def test_drafter_variant_names_are_checked(name):
+    from actors.demo.build import resolve_demo
+
+    with pytest.raises(ValueError, match=name):
+        resolve_demo(f"demo:tiny/{name}")

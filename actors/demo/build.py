@@ -79,8 +79,13 @@ def resolve_demo(spec: str) -> Path:
     """`demo:<size>/<target|draft>` -> checkpoint directory, building the pair if needed."""
     body = spec.removeprefix("demo:")
     size, _, role = body.partition("/")
-    if size not in SIZES or role not in ("target", "draft"):
-        raise ValueError(f"demo model {spec!r}: expected demo:<{'|'.join(SIZES)}>/<target|draft>")
+    if size not in SIZES or not (role in ("target", "draft") or role.startswith("draft-")):
+        raise ValueError(f"demo model {spec!r}: expected demo:<{'|'.join(SIZES)}>/<target|draft|draft-LxD>")
+    if role.startswith("draft-"):  # another drafter size, distilled on the same target
+        from actors.demo.drafters import build_drafter, variant_shape
+
+        variant_shape(role)  # a bad name fails before any pair is built
+        return build_drafter(build_pair(size), size, role)
     return build_pair(size) / role
 
 
