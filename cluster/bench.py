@@ -28,6 +28,7 @@ from actors.stats import SpecStats
 from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.bench_kernels import VerifyProbe, measure_kernels, torch_threads
+from cluster.bench_quiet import engine_pids, in_background
 from cluster.deployment import engine_spec, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class Mode:
     threads: int = 1
     params: SamplingParams = field(default_factory=SamplingParams)
     engine: object = None
+    pids: list[int] = field(default_factory=list)   # its engine's local processes (idle class while others run)
 
     @property
     def cpus(self) -> int:
@@ -197,14 +199,21 @@ def plan_phases(modes: list[Mode], capacity: float) -> list[list[Mode]]:
     return [hf + [m for m in phases[0] if m.kind == "outrider"]] + phases[1:]
 
 
-def start_engines(config_path: str, modes: list[Mode], strategy: str) -> None:
+def start_engines(config_path: str, modes: list[Mode], strategy: str, quiet: bool = False) -> None:
     from cluster.engine import RayEngine
 
     for m in modes:
         if m.kind == "outrider" and m.engine is None:
             t0 = time.perf_counter()
             m.engine = RayEngine(engine_spec(load_config(config_path, m.overrides)), strategy).start()
+            m.pids = engine_pids(m.engine) if quiet else []
             log.info("engine %s up in %.1fs", m.name, time.perf_counter() - t0)
+
+
+def others(phase: list[Mode], timed: Mode | None) -> list[int]:
+    """The processes to keep in the background while `timed` runs (every engine's, for a run
+    outside them)."""
+    return [pid for m in phase if m is not timed for pid in m.pids]
 
 
 def stop_engines(modes: list[Mode]) -> None:
@@ -218,23 +227,29 @@ def stop_engines(modes: list[Mode]) -> None:
 
 
 def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=None,
-               probe=None) -> dict[str, list[Run]]:
+               probe=None, quiet: bool = False) -> dict[str, list[Run]]:
     """Each phase: engines up, one warm-up per mode, then prompt by prompt every mode once in a
-    rotating order (then `probe()`, if given); engines down. Returns the runs per mode."""
+    rotating order (then `probe()`, if given); engines down. With `quiet`, the engines not
+    being timed run in the idle scheduling class meanwhile (cluster/bench_quiet.py). Returns the runs per mode."""
     runs: dict[str, list[Run]] = {}
     for phase in phases:
         try:
-            start_engines(config_path, phase, strategy)
+            start_engines(config_path, phase, strategy, quiet)
             for m in phase:
-                run_one(m, hf, warm, n, seeds[0] if seeds else None)
+                with in_background(others(phase, m)):
+                    run_one(m, hf, warm, n, seeds[0] if seeds else None)
                 runs[m.name] = []
             for i, p in enumerate(prompts):
                 order = phase[i % len(phase):] + phase[:i % len(phase)]
-                out = {m.name: run_one(m, hf, p, n, seeds[i] if seeds else None) for m in order}
+                out = {}
+                for m in order:
+                    with in_background(others(phase, m)):
+                        out[m.name] = run_one(m, hf, p, n, seeds[i] if seeds else None)
                 for m in phase:
                     runs[m.name].append(out[m.name])
                 if probe is not None:
-                    probe()
+                    with in_background(others(phase, None)):
+                        probe()
                 bar.update(1)
                 shown = [m for m in phase if m.name in ("ar", "ssd", "hf-assisted")] or phase[:3]
                 bar.set_postfix({m.name: f"{out[m.name].tok_s:.0f}" for m in shown}, refresh=False)
@@ -285,7 +300,7 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
                    file=sys.stderr)
         if sweep:
             sweep_runs = run_phases(config_path, plan_phases(sweep, capacity), None, prompts, warm, n,
-                                    cfg.cluster.placement_strategy, bar)
+                                    cfg.cluster.placement_strategy, bar, quiet=owned)
         best_k = max(sweep, key=lambda m: statistics.median(r.tok_s for r in sweep_runs[m.name])).overrides[
             "speculation.k"] if sweep else k
         modes = build_modes(k, [best_k, k])
@@ -301,7 +316,7 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         max_len = base.max_seq_len + k + 2
         probe = VerifyProbe(base.target, [t for p in prompts for t in p][:ctx_len], k, max_len)
         runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar,
-                          probe=probe)
+                          probe=probe, quiet=owned)
         # SD at K's outside the main comparison keep their sweep-phase figures.
         main = {m.name for m in modes}
         modes += [m for m in sweep if m.name not in main]
@@ -317,7 +332,7 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         kernels["t_verify_interleaved_n"] = len(probe.samples)
         seeds = [1000 + i for i in range(len(sag_prompts))]
         sag_runs = run_phases(config_path, sag_phases, None, sag_prompts, warm, n, cfg.cluster.placement_strategy,
-                              bar, seeds)
+                              bar, seeds, quiet=owned)
     finally:
         if bar is not None:
             bar.close()
@@ -327,6 +342,7 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     env = {"torch": torch.__version__, "transformers": hf.version, "ray": ray.__version__,
            "python": sys.version.split()[0],
            "cpu_count": os.cpu_count(), "bench_process_threads": torch.get_num_threads(), "ray_cpus_free": capacity,
+           "idle_engines_in_background": owned,
            "phases": [[m.name for m in sweep]] * bool(sweep) + [[m.name for m in p] for p in phases],
            "hf_assisted_schedule": hf.schedule(),
            "target": base.target, "draft": base.draft, "config_path": str(config_path),

@@ -95,7 +95,7 @@ def run_explore(config_path: str, out_dir: str, drafts: list[str] | None = None,
     try:
         for phase in phases:
             got = run_phases(config_path, [phase], None, prompts, warm, s["new_tokens"],
-                             cfg.cluster.placement_strategy, bar)
+                             cfg.cluster.placement_strategy, bar, quiet=owned)
             for name, g in check_greedy(got, phase).items():
                 mismatches[name] = g["mismatches"]
             runs.setdefault("ar", got["ar"])

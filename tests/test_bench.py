@@ -97,3 +97,33 @@ def test_drafter_variant_names_are_checked(name):
 
     with pytest.raises(ValueError, match=name):
         resolve_demo(f"demo:tiny/{name}")
+
+
+def test_idle_engines_run_in_the_background_class_only_while_another_is_timed():
+    """bench_quiet.in_background: every thread of the given processes is SCHED_IDLE inside the
+    block (threads started before it included) and SCHED_OTHER again after it, even on error."""
+    import os
+    import subprocess
+    import sys
+
+    from cluster.bench_quiet import in_background
+
+    code = ("import threading, time\n"
+            "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+            "print('up', flush=True); time.sleep(60)")
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "up"
+
+        def policies() -> set[int]:
+            return {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{child.pid}/task")}
+
+        assert len(os.listdir(f"/proc/{child.pid}/task")) >= 4 and policies() == {os.SCHED_OTHER}
+        # a pid that does not exist is skipped
+        with pytest.raises(RuntimeError), in_background([child.pid, 2**22 + 12345]):
+            assert policies() == {os.SCHED_IDLE}
+            raise RuntimeError("the timed run failed")
+        assert policies() == {os.SCHED_OTHER}
+    finally:
+        child.kill()
+        child.wait()

@@ -168,3 +168,17 @@ def test_poll_lingers_for_a_chunk_but_returns_a_final_event_at_once(tiny_pair, h
         assert sum(len(e["tokens"]) for e in events if e["id"] == 2) == 40
     finally:
         engine.stop()
+
+
+def test_an_engine_in_the_idle_scheduling_class_still_serves_exactly(ssd, held_out_prompts):
+    """What `outrider bench` does to the engines it is not timing (cluster/bench_quiet.py): the
+    engine's processes are found by pid, and demoted to SCHED_IDLE they keep serving, exactly."""
+    from cluster.bench_quiet import engine_pids, in_background
+
+    engine, coord = ssd
+    pids = engine_pids(engine)
+    assert pids == [engine.verifier_pid(), engine.drafter_pid()]
+    (ref,), _ = _run_all(coord, held_out_prompts[:1], max_new=16)
+    with in_background(pids):
+        (out,), finals = _run_all(coord, held_out_prompts[:1], max_new=16)
+    assert out == ref and finals[0].finish_reason == "length"
