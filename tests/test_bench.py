@@ -29,8 +29,11 @@ def _check_report(out: Path, stdout: str, modes: set[str]) -> dict:
     # The bound's t_verify was sampled once per prompt (and main phase) between the timed generations.
     n_probe, n_prompts = rep["kernels"]["t_verify_interleaved_n"], rep["settings"]["prompts"]
     assert n_probe >= n_prompts and n_probe % n_prompts == 0
-    assert rep["derived"]["t_verify_ms"] == round(1e3 * rep["kernels"]["t_verify_interleaved_s"], 3)
-    assert rep["derived"]["t_verify_quiet_ms"] > 0
+    # the bound takes the faster of the interleaved and the quiet t_verify (never flattered)
+    d = rep["derived"]
+    assert d["t_verify_interleaved_ms"] == round(1e3 * rep["kernels"]["t_verify_interleaved_s"], 3)
+    assert d["t_verify_quiet_ms"] > 0
+    assert d["t_verify_ms"] == min(d["t_verify_interleaved_ms"], d["t_verify_quiet_ms"])
     assert 0 < ssd["breakdown_per_round"]["transport_plus_control_frac"] < 1
     assert 0 < ssd["breakdown_per_round"]["prefill_frac"] < 1
     # the end-to-end ceilings only add costs to the bound, so each sits below it
