@@ -76,16 +76,12 @@ def run_explore(config_path: str, out_dir: str, drafts: list[str] | None = None,
     drafts = drafts or [cfg.models.draft.path]
     ks = ks or [cfg.speculation.k]
     budgets = budgets or [cfg.speculation.fan_out_budget]
-    for k in ks:
-        if not 1 <= k <= 16:
-            raise ValueError(f"--ks: K must be 1..16, got {k}")
-    for b in budgets:
-        if not 1 <= b <= 64:
-            raise ValueError(f"--budgets: a fan-out budget must be 1..64, got {b}")
-    for d in drafts:  # resolve (and build, for a demo drafter variant) before any engine starts
-        engine_spec(load_config(config_path, {"models.draft.path": d}))
-    prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
     modes = explore_modes(drafts, ks, budgets)
+    # Every combination must be a valid deployment (the config's own checks name the bad key),
+    # and a demo drafter variant is built now, before any engine starts.
+    for m in modes[1:]:
+        engine_spec(load_config(config_path, m.overrides))
+    prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
     owned, capacity = _ray_up(cfg, 16)
     # Each phase runs outrider AR beside its SSD engines: the exactness reference of that phase.
     phases = [[_outrider("ar", "ar", ks[0])] + p for p in plan_phases(modes[1:], capacity - 1)]
