@@ -327,7 +327,7 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         ks = sorted({int(m.overrides["speculation.k"]) for m in modes if m.kind == "outrider"})
         ctx = [t for p, r in zip(prompts, runs["ar"]) for t in p + r.tokens][:ctx_len]
         kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2,
-                                  branches=base.fan_out_budget, target=probe.model)
+                                  branches=base.fan_out_budget, target=probe.model, k_ssd=k)
         kernels["t_verify_interleaved_s"] = statistics.median(probe.samples)
         kernels["t_verify_interleaved_n"] = len(probe.samples)
         seeds = [1000 + i for i in range(len(sag_prompts))]

@@ -1,15 +1,17 @@
 """Direct kernel timings for `outrider bench`: one forward of the target (verify K+1 tokens, or
 one token) and of the drafter on one thread, at the bench's mean context, in the bench's own
-process — and t_verify again while another process runs the drafter's workload on the other
-core, which is what SSD's overlap costs the verifier in hardware."""
+process — and t_verify again while another process runs the drafter's own SSD round (paced to
+one per verify) on the other core, which is what SSD's overlap costs the verifier in hardware."""
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from contextlib import contextmanager
 
 import torch
 
+log = logging.getLogger(__name__)
 KERNEL_REPS = 20
 
 
@@ -61,29 +63,45 @@ class VerifyProbe:
             self.samples.append(time_forward(self.model, self.ctx, self.k + 1, self.max_len, self.reps))
 
 
-def _draft_load(draft_dir: str, ctx: list[int], branches: int, max_len: int, stop) -> None:
-    """Another process: the drafter's pre-speculation workload (a batch of branches, one token
-    each), flat out until `stop` is set."""
-    from actors.kv_cache import KVCache
-    from actors.loader import load_model
+def _draft_load(draft_dir: str, ctx: list[int], k: int, branches: int, max_len: int, period_s: float,
+                stop, started) -> None:
+    """Another process: the drafter's own round, as in SSD — pre-speculate `branches` branches
+    of K tokens, build the table, adopt the deepest branch as the outcome — once per
+    `period_s` (one verify), until `stop` is set. The sequence restarts every 128 tokens, so
+    the context stays near the bench's."""
+    from actors.drafter import Drafter
+    from actors.frame import Frame, Rec, Record
+    from actors.sampling import SamplingParams
+    from actors.spec import EngineSpec
+    from actors.wire import encode_params
 
     torch.set_num_threads(1)
-    model = load_model(draft_dir)
-    cache = KVCache.for_model(model.args, branches, max(max_len, len(ctx) + 2), model.dtype, model.device)
-    slots = torch.tensor([cache.alloc() for _ in range(branches)])
-    with torch.inference_mode():
-        model(torch.tensor([ctx] * branches), torch.arange(len(ctx))[None].expand(branches, -1), cache, slots)
-        x, pos = torch.tensor([[ctx[-1]]] * branches), torch.full((branches, 1), len(ctx))
-        while not stop.is_set():
-            model(x, pos, cache, slots)
+    d = Drafter(EngineSpec(target=draft_dir, draft=draft_dir, mode="ssd", k=k, fan_out_budget=branches,
+                           max_batch=1, max_seq_len=max_len))
+    sid, step = 0, 0
+    while not stop.is_set():
+        sid += 1
+        d.handle(Frame(Rec.ADMIT, step, [Record(Rec.ADMIT, sid, 0, tokens=encode_params(SamplingParams(), 0, ctx))]))
+        s = d.seqs[sid]
+        while len(s.tokens) < len(ctx) + 128 and not stop.is_set():
+            t0 = time.perf_counter()
+            d.prespeculate()
+            d.table_frame(step)
+            kk, t = max(s.branches)
+            step += 1
+            d.handle(Frame(Rec.OUTCOME, step, [Record(Rec.OUTCOME, sid, s.round, kk, t)]))
+            started.set()
+            time.sleep(max(0.0, period_s - (time.perf_counter() - t0)))
+        d.handle(Frame(Rec.RELEASE, step, [Record(Rec.RELEASE, sid)]))
 
 
 def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
-                    branches: int = 16, target=None) -> dict:
+                    branches: int = 16, target=None, k_ssd: int | None = None) -> dict:
     """Direct timings on one thread. t_verify is also measured while a second process runs the
-    drafter's pre-speculation workload on the other core: what SSD's overlap costs the verifier
-    in hardware (shared caches and memory bandwidth), separate from any software overhead.
-    `target`: the target model already loaded in this process (else it is loaded here)."""
+    drafter's own SSD round (K = `k_ssd`, `branches` branches, one round per t_verify) on the
+    other core: what SSD's overlap costs the verifier in hardware (shared caches and memory
+    bandwidth), separate from any software overhead. `target`: the target model already loaded
+    in this process (else it is loaded here)."""
     import multiprocessing as mp
 
     from actors.loader import load_model
@@ -95,13 +113,19 @@ def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[in
                "t_target_1_s": time_forward(target, ctx, 1, max_len),
                "t_draft_1_s": time_forward(draft, ctx, 1, max_len), "t_verify_s": t_verify}
         spawn = mp.get_context("spawn")
-        stop = spawn.Event()
-        load = spawn.Process(target=_draft_load, args=(draft_dir, ctx, branches, max_len, stop), daemon=True)
+        kb = k_ssd or max(ks)
+        stop, started = spawn.Event(), spawn.Event()
+        load = spawn.Process(target=_draft_load, daemon=True, args=(
+            draft_dir, ctx, kb, branches, max_len, t_verify[kb], stop, started))
         load.start()
         try:
-            time.sleep(3.0)  # let the other process load its model and start drafting
-            out["t_verify_drafter_busy_s"] = {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}
-            out["drafter_load_branches"] = branches
+            if started.wait(60):  # its model loaded and its first round done
+                out["t_verify_drafter_busy_s"] = {k: time_forward(target, ctx, k + 1, max_len)
+                                                  for k in sorted(set(ks))}
+                out["drafter_load_branches"], out["drafter_load_k"] = branches, kb
+            else:
+                log.warning("the drafter load process did not start (exit code %s): no busy t_verify",
+                            load.exitcode)
         finally:
             stop.set()
             load.join(10)

@@ -238,8 +238,9 @@ def markdown(rep: dict) -> str:
             f"- SD ideal ratio (K·t_draft + t_verify)/t_verify = {d['sd_ideal_ratio']:.3f}; "
             f"best SD K = {d['sd_best_k']}",
             f"- SSD's verify per round exceeds the direct t_verify by {_fmt(d['verify_overhead_ms'], '.2f')} ms; "
-            f"t_verify with the drafter's workload ({rep['kernels'].get('drafter_load_branches')} branches) "
-            f"running on the other core: {_fmt(d.get('t_verify_drafter_busy_ms'), '.2f')} ms",
+            f"t_verify while the drafter's own SSD round ({rep['kernels'].get('drafter_load_branches')} branches "
+            f"of K tokens, one round per verify) runs on the other core: "
+            f"{_fmt(d.get('t_verify_drafter_busy_ms'), '.2f')} ms",
             f"- SSD transport + coordination (wire, verifier bookkeeping, time outside the verifier loop): "
             f"{_fmt(None if frac is None else 100 * frac)} % of its wall time; the target's prefill: "
             f"{_fmt(None if pre is None else 100 * pre)} % (the bound E/t_verify has no prefill term)",
