@@ -229,8 +229,9 @@ def stop_engines(modes: list[Mode]) -> None:
 def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=None,
                probe=None, quiet: bool = False) -> dict[str, list[Run]]:
     """Each phase: engines up, one warm-up per mode, then prompt by prompt every mode once in a
-    rotating order (then `probe()`, if given); engines down. With `quiet`, the engines not
-    being timed run in the idle scheduling class meanwhile (cluster/bench_quiet.py). Returns the runs per mode."""
+    rotating order (then `probe()`, if given); engines down. With `quiet`, the engines not being
+    timed run in the idle scheduling class meanwhile (cluster/bench_quiet.py). Returns the runs
+    per mode."""
     runs: dict[str, list[Run]] = {}
     for phase in phases:
         try:

@@ -37,10 +37,13 @@ def engine_pids(engine) -> list[int]:
     out = []
     for pid in pids:
         try:
-            if psutil.Process(pid).cmdline()[:1] and psutil.Process(pid).cmdline()[0].startswith("ray::"):
-                out.append(pid)
+            cmd = psutil.Process(pid).cmdline()
         except psutil.Error:
-            pass
+            cmd = []
+        if cmd and cmd[0].startswith("ray::"):
+            out.append(pid)
+        else:  # not a Ray actor of this machine: leave it alone
+            log.warning("pid %d is not a local Ray actor process; it stays in the normal class", pid)
     return out
 
 
