@@ -112,18 +112,23 @@ def per_token_ms(model_dir: Path, ctx: int = 200, n: int = 20) -> float:
         torch.set_num_threads(threads)
 
 
+def training_texts(spec: PairSpec) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts) of a pair: the same split for every model built on it."""
+    train_files, held_files = corpus.split()
+    if spec.train_files is not None:
+        train_files = train_files[:spec.train_files]
+    return [corpus.read(p) for p in train_files], [corpus.read(p) for p in held_files]
+
+
 def _build(size: str, spec: PairSpec, out: Path) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    train_files, held_files = corpus.split()
-    if spec.train_files is not None:
-        train_files = train_files[:spec.train_files]
-    texts = [corpus.read(p) for p in train_files]
+    texts, held_texts = training_texts(spec)
     log.info("%s: training a %d-token BPE tokenizer on %d files", size, spec.vocab, len(texts))
     tok = train_tokenizer(texts, spec.vocab)
     data = encode_corpus(tok, texts)
-    held = encode_corpus(tok, [corpus.read(p) for p in held_files])
+    held = encode_corpus(tok, held_texts)
     eos = tok.token_to_id(EOS)
     log.info("%s: %d training tokens, %d held-out", size, len(data), len(held))
     t_cfg = hf_config(spec.target, spec.vocab, eos, spec.max_pos)
@@ -150,24 +155,33 @@ def build_pair(size: str, root: Path | None = None, force: bool = False) -> Path
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; choose one of {', '.join(SIZES)}")
     dest = pair_dir(size, root)
+    info = build_once(dest, lambda tmp: _build(size, SIZES[size], tmp), force)
+    if info is not None:
+        log.info("built %s pair in %.0fs: agreement %.2f, cost ratio %.1fx -> %s", size, info["build_s"],
+                 info["greedy_agreement"], info["cost_ratio"], dest)
+    return dest
+
+
+def build_once(dest: Path, build, force: bool = False) -> dict | None:
+    """Build into a temporary directory beside `dest` (`build(tmp)` writes tmp/build.json and
+    returns its contents) and rename it into place, under a file lock, so a killed build never
+    leaves half a directory and parallel callers build once. None when `dest` was already built."""
     if (dest / "build.json").is_file() and not force:
-        return dest
+        return None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f".{size}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a parallel builder finishes first; then we reuse its pair
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a parallel builder finishes first; then we reuse its build
         if (dest / "build.json").is_file() and not force:
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{size}-", dir=dest.parent))
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
         try:
-            info = _build(size, SIZES[size], tmp)
+            info = build(tmp)
             if dest.exists():
                 shutil.rmtree(dest)
             tmp.rename(dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built %s pair in %.0fs: agreement %.2f, cost ratio %.1fx -> %s", size, info["build_s"],
-             info["greedy_agreement"], info["cost_ratio"], dest)
-    return dest
+    return info
 
 
 def cli_build(size: str, out: str | None = None, force: bool = False) -> Path:

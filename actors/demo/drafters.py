@@ -9,12 +9,9 @@ size wins is a measurement (`outrider bench --explore`), not a guess.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -43,31 +40,19 @@ def variant_shape(name: str):
 
 
 def build_drafter(pair: Path, size: str, name: str, force: bool = False) -> Path:
-    """Distil drafter variant `name` for the built pair in `pair` (once; under a file lock)."""
+    """Distil drafter variant `name` for the built pair in `pair` (once, like the pair itself)."""
+    from actors.demo.build import build_once
+
     shape = variant_shape(name)
-    dest = pair / name
-    if (dest / "build.json").is_file() and not force:
-        return dest
-    with open(pair / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (dest / "build.json").is_file() and not force:
-            return dest
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=pair))
-        try:
-            info = _distil(pair, size, shape, tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built %s/%s in %.0fs: agreement %.3f, %.3f ms per token", size, name, info["build_s"],
-             info["greedy_agreement"], info["draft_ms_per_token"])
-    return dest
+    info = build_once(pair / name, lambda tmp: _distil(pair, size, shape, tmp), force)
+    if info is not None:
+        log.info("built %s/%s in %.0fs: agreement %.3f, %.3f ms per token", size, name, info["build_s"],
+                 info["greedy_agreement"], info["draft_ms_per_token"])
+    return pair / name
 
 
 def _distil(pair: Path, size: str, shape, out: Path) -> dict:
-    from actors.demo import corpus
-    from actors.demo.build import SIZES, per_token_ms
+    from actors.demo.build import SIZES, per_token_ms, training_texts
     from actors.demo.train import EOS, agreement, distill, encode_corpus, hf_config, new_model, save_hf
     from actors.loader import load_model
 
@@ -75,11 +60,8 @@ def _distil(pair: Path, size: str, shape, out: Path) -> dict:
     spec = SIZES[size]
     torch.manual_seed(spec.seed)
     tok = Tokenizer.from_file(str(pair / "target" / "tokenizer.json"))
-    train_files, held_files = corpus.split()
-    if spec.train_files is not None:
-        train_files = train_files[:spec.train_files]
-    data = encode_corpus(tok, [corpus.read(p) for p in train_files])
-    held = encode_corpus(tok, [corpus.read(p) for p in held_files])
+    texts, held_texts = training_texts(spec)
+    data, held = encode_corpus(tok, texts), encode_corpus(tok, held_texts)
     target = load_model(pair / "target").requires_grad_(False)
     cfg = hf_config(shape, spec.vocab, tok.token_to_id(EOS), spec.max_pos)
     draft = new_model(cfg, spec.seed + 1)
