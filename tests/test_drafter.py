@@ -3,6 +3,7 @@ gives. Output exactness never depends on the drafter (the verifier decides), so 
 like this catches a drafter that drafts from a wrong cache (a stale fork, a bad adoption)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from actors.drafter import Drafter
@@ -73,11 +74,8 @@ def test_kv_cache_runs_and_ranged_fork():
     assert c.alloc_run(3) == [1, 2, 3]
     c.free(2)
     assert c.alloc_run(2) == [4, 5]          # slot 2 alone is not a run of two
-    try:
+    with pytest.raises(CacheFullError, match="consecutive"):
         c.alloc_run(2)
-        raise AssertionError("expected CacheFullError")
-    except CacheFullError as e:
-        assert "consecutive" in str(e)
     c.k[0, 0, 0, :, :] = torch.arange(8.0)[:, None]
     c.fork(0, [4, 5], 3)                     # positions 0..2
     c.k[0, 0, 0, :, :] += 100
