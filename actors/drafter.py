@@ -27,11 +27,13 @@ every outcome misses (there is no table), so each frame with outcomes gets its r
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
 from actors.frame import Frame, Rec, Record
 from actors.fanout import AcceptanceTracker, split_budget
@@ -85,6 +87,7 @@ class DrafterTimes:
 
 class Drafter:
     def __init__(self, spec: EngineSpec):
+        check_cpus(spec.draft_cpus, "models.draft.cpus")
         torch.set_num_threads(spec.draft_num_threads)
         self.spec = spec
         self.k = spec.k
@@ -96,6 +99,7 @@ class Drafter:
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
+        self.loop_tid: int | None = None   # the OS id of the thread running the loop
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -105,6 +109,8 @@ class Drafter:
 
     def run(self) -> None:
         """Serve the verifier until it sends SHUTDOWN (or the channel breaks)."""
+        pin_this_thread(self.spec.draft_cpus)
+        self.loop_tid = threading.get_native_id()
         try:
             while True:
                 t0 = time.perf_counter()

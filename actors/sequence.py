@@ -77,6 +77,8 @@ def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int],
 class VerifierTimes:
     steps: int = 0
     verify_s: float = 0.0       # batched target forward + verification math
+    forward_s: float = 0.0      # the target forward alone, within verify_s
+    verify_cpu_s: float = 0.0   # this thread's CPU time in verify_s: the rest it was descheduled or blocked
     prefill_s: float = 0.0
     wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
     transport_s: float = 0.0    # estimated wire time inside wait_s

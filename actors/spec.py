@@ -27,6 +27,8 @@ class EngineSpec:
     backend: str = "auto"
     num_threads: int = 1            # the verifier's torch threads (and Ray CPUs)
     draft_num_threads: int = 1      # the drafter's
+    target_cpus: tuple[int, ...] | None = None  # pin the verifier's loop thread to these CPUs (Linux)
+    draft_cpus: tuple[int, ...] | None = None   # the drafter's
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

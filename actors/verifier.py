@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv_cache import KVCache
@@ -48,6 +49,7 @@ PING_EVERY_S = 1.0
 
 class Verifier:
     def __init__(self, spec: EngineSpec):
+        check_cpus(spec.target_cpus, "models.target.cpus")
         torch.set_num_threads(spec.num_threads)
         self.spec = spec
         self.k = spec.k
@@ -72,6 +74,7 @@ class Verifier:
         self._last_exchange = time.perf_counter()
         self._step_no = 0
         self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
+        self.loop_tid: int | None = None           # the OS id of the thread running the loop
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -93,6 +96,8 @@ class Verifier:
         return True
 
     def run(self) -> None:
+        pin_this_thread(self.spec.target_cpus)
+        self.loop_tid = threading.get_native_id()
         try:
             while not self._stop.is_set():
                 self.step()
@@ -332,18 +337,21 @@ class Verifier:
         return logits.float().cpu()
 
     def _verify(self, seqs: list[Seq]) -> None:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         rows = [s.tokens[s.length:] + s.draft for s in seqs]
         T = max(len(r) for r in rows)
         x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
         pos = torch.tensor([list(range(s.length, s.length + T)) for s in seqs])
+        tf = time.perf_counter()
         logits = self._forward(x, pos, [s.slot for s in seqs])
+        self.times.forward_s += time.perf_counter() - tf
         if self._deferred is not None and not self._q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.
             rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
         t1 = time.perf_counter()
         self.times.verify_s += t1 - t0
+        self.times.verify_cpu_s += time.thread_time() - c0
         for s, (k, t) in zip(seqs, outcomes):
             n_draft = len(s.draft)
             s.stats.record_round(n_draft, k)

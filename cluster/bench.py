@@ -17,7 +17,9 @@ import logging
 import os
 import statistics
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +30,7 @@ from actors.stats import SpecStats
 from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.bench_kernels import VerifyProbe, measure_kernels, torch_threads
-from cluster.bench_quiet import engine_pids, in_background
+from cluster.bench_quiet import engine_pids, in_background, isolated, on_cpus
 from cluster.deployment import engine_spec, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ FULL = dict(n_code=6, n_text=6, new_tokens=128, sweep=(2, 3, 4, 5, 6), saguaro_p
 QUICK = dict(n_code=1, n_text=1, new_tokens=24, sweep=(), saguaro_prompts=1)
 PROMPT_TOKENS = 128
 SAGUARO_T, SAGUARO_C = 0.7, 0.8
-VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "prefill_s", "wait_s", "transport_s", "control_s", "idle_s")
+VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "verify_cpu_s", "forward_s", "prefill_s", "wait_s",
+                 "transport_s", "control_s", "idle_s")
 DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "branches", "frames", "replies")
 
 
@@ -50,6 +53,8 @@ class Mode:
     params: SamplingParams = field(default_factory=SamplingParams)
     engine: object = None
     pids: list[int] = field(default_factory=list)   # its engine's local processes (idle class while others run)
+    pinned: set[int] | None = None                  # its verifier's pinned CPUs, kept to it while it is timed
+    loops: list[int] = field(default_factory=list)  # its verifier's and drafter's loop threads
 
     @property
     def cpus(self) -> int:
@@ -74,6 +79,8 @@ class Run:
 
 def _outrider(name, mode, k, threads=1, **extra) -> Mode:
     ov = {"speculation.mode": mode, "speculation.k": k, "models.target.num_threads": threads, "engine.max_batch": 1}
+    if threads > 1:   # the whole machine: no core of its own to pin to
+        ov["models.target.cpus"] = None
     if mode == "ar":
         ov["models.draft"] = None
     if mode != "ssd":
@@ -205,8 +212,11 @@ def start_engines(config_path: str, modes: list[Mode], strategy: str, quiet: boo
     for m in modes:
         if m.kind == "outrider" and m.engine is None:
             t0 = time.perf_counter()
-            m.engine = RayEngine(engine_spec(load_config(config_path, m.overrides)), strategy).start()
+            spec = engine_spec(load_config(config_path, m.overrides))
+            m.engine = RayEngine(spec, strategy).start()
             m.pids = engine_pids(m.engine) if quiet else []
+            if quiet and m.pids and spec.target_cpus:
+                m.pinned, m.loops = set(spec.target_cpus), m.engine.loop_threads()
             log.info("engine %s up in %.1fs", m.name, time.perf_counter() - t0)
 
 
@@ -214,6 +224,18 @@ def others(phase: list[Mode], timed: Mode | None) -> list[int]:
     """The processes to keep in the background while `timed` runs (every engine's, for a run
     outside them)."""
     return [pid for m in phase if m is not timed for pid in m.pids]
+
+
+@contextmanager
+def timing(phase: list[Mode], m: Mode | None, cpus: set[int] | None = None):
+    """While `m` (or, with None, a direct timing in this thread on `cpus`) is timed: the phase's
+    other engines in the idle class, and the timed verifier's CPUs kept to it."""
+    if m is not None:
+        cpus, keep = m.pinned, m.loops
+    else:
+        keep = [threading.get_native_id()]
+    with in_background(others(phase, m)), isolated(cpus, keep), on_cpus(None if m else cpus):
+        yield
 
 
 def stop_engines(modes: list[Mode]) -> None:
@@ -237,19 +259,19 @@ def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=N
         try:
             start_engines(config_path, phase, strategy, quiet)
             for m in phase:
-                with in_background(others(phase, m)):
+                with timing(phase, m):
                     run_one(m, hf, warm, n, seeds[0] if seeds else None)
                 runs[m.name] = []
             for i, p in enumerate(prompts):
                 order = phase[i % len(phase):] + phase[:i % len(phase)]
                 out = {}
                 for m in order:
-                    with in_background(others(phase, m)):
+                    with timing(phase, m):
                         out[m.name] = run_one(m, hf, p, n, seeds[i] if seeds else None)
                 for m in phase:
                     runs[m.name].append(out[m.name])
                 if probe is not None:
-                    with in_background(others(phase, None)):
+                    with timing(phase, None, probe.cpus):
                         probe()
                 bar.update(1)
                 shown = [m for m in phase if m.name in ("ar", "ssd", "hf-assisted")] or phase[:3]
@@ -315,7 +337,8 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         # The mean context of a decode step: the mean prompt plus half the new tokens.
         ctx_len = round(statistics.mean(len(p) for p in prompts) + n / 2)
         max_len = base.max_seq_len + k + 2
-        probe = VerifyProbe(base.target, [t for p in prompts for t in p][:ctx_len], k, max_len)
+        probe = VerifyProbe(base.target, [t for p in prompts for t in p][:ctx_len], k, max_len,
+                            cpus=set(base.target_cpus) if owned and base.target_cpus else None)
         runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar,
                           probe=probe, quiet=owned)
         # SD at K's outside the main comparison keep their sweep-phase figures.
@@ -327,8 +350,9 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         greedy = check_greedy(runs, modes)
         ks = sorted({int(m.overrides["speculation.k"]) for m in modes if m.kind == "outrider"})
         ctx = [t for p, r in zip(prompts, runs["ar"]) for t in p + r.tokens][:ctx_len]
-        kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2,
-                                  branches=base.fan_out_budget, target=probe.model, k_ssd=k)
+        with timing([], None, probe.cpus):
+            kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2,
+                                      target=probe.model)
         kernels["t_verify_interleaved_s"] = statistics.median(probe.samples)
         kernels["t_verify_interleaved_n"] = len(probe.samples)
         seeds = [1000 + i for i in range(len(sag_prompts))]

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,20 @@ class ModelConfig(_Section):
     device: str = "cpu"                 # cpu | cuda | cuda:N
     tensor_parallel_size: int = Field(1, ge=1)
     num_threads: int = Field(1, ge=1)   # torch threads (and Ray CPUs) for this actor
+    # Pin this role's compute thread (and its torch threads) to these CPU ids (Linux); None: the
+    # OS places it. Keeps other threads from preempting the critical path (actors/affinity.py).
+    cpus: list[int] | None = None
+
+    @field_validator("cpus")
+    @classmethod
+    def _cpus(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if v is None:
+            return v
+        if not v or len(set(v)) != len(v) or min(v) < 0:
+            raise ValueError(f"must be a non-empty list of distinct CPU ids >= 0, got {v!r}")
+        if len(v) < info.data.get("num_threads", 1):
+            raise ValueError(f"lists {len(v)} CPU(s) for num_threads={info.data['num_threads']}")
+        return v
 
     @field_validator("device")
     @classmethod

@@ -41,6 +41,8 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         max_batch=en.max_batch, max_seq_len=en.max_seq_len, timeout_s=en.data_plane_timeout_s,
         master_port=en.master_port or 0, num_threads=m.target.num_threads,
         draft_num_threads=draft.num_threads if draft else 1,
+        target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
+        draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
     )
 
 

@@ -37,10 +37,16 @@ class VerifierActor(Verifier):
     def pid(self) -> int:
         return os.getpid()
 
+    def loop_thread(self) -> int | None:
+        return self.loop_tid
+
 
 class DrafterActor(Drafter):
     def pid(self) -> int:
         return os.getpid()
+
+    def loop_thread(self) -> int | None:
+        return self.loop_tid
 
 
 def _bundle(device: str, num_threads: int) -> dict:
@@ -146,6 +152,16 @@ class RayEngine:
             return True   # a clean return: stopped on purpose
         except Exception:
             return False
+
+    def loop_threads(self, timeout_s: float = 10.0) -> list[int]:
+        """The OS thread ids of the verifier's and the drafter's loops, once they run."""
+        actors = [a for a in (self.verifier, self.drafter) if a is not None]
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            tids = ray.get([a.loop_thread.remote() for a in actors])
+            if all(t is not None for t in tids) or time.perf_counter() > deadline:
+                return [t for t in tids if t is not None]
+            time.sleep(0.05)
 
     def verifier_pid(self) -> int:
         return ray.get(self.verifier.pid.remote())

@@ -182,3 +182,53 @@ def test_an_engine_in_the_idle_scheduling_class_still_serves_exactly(ssd, held_o
     with in_background(pids):
         (out,), finals = _run_all(coord, held_out_prompts[:1], max_new=16)
     assert out == ref and finals[0].finish_reason == "length"
+
+
+def test_pinned_loops_serve_exactly_with_the_target_core_kept_to_them(ray_local, tiny_pair, hf_refs,
+                                                                      held_out_prompts):
+    """models.*.cpus pins each role's loop thread (actors/affinity.py); `outrider bench` then keeps
+    every other thread of its process tree off the target's core while the engine is timed
+    (bench_quiet.isolated), and gives each thread its own affinity back afterwards."""
+    import os
+
+    import psutil
+
+    from cluster.bench_quiet import isolated
+
+    usable = os.sched_getaffinity(0)
+    if len(usable) < 2:
+        pytest.skip("needs two usable CPUs")
+    a, b = sorted(usable)[:2]
+    spec = engine_spec(load_config("configs/local-cpu.yaml", {
+        "models.target.cpus": [a], "models.draft.cpus": [b], "engine.max_batch": 8}))
+    engine = RayEngine(spec).start()
+    coord = Coordinator(engine, None)
+    try:
+        loops = engine.loop_threads()
+        assert [os.sched_getaffinity(t) for t in loops] == [{a}, {b}]
+        me = psutil.Process()
+        tree = [me.pid] + [c.pid for c in me.children(recursive=True)]
+        with isolated({a}, loops):
+            moved = []
+            for pid in tree:
+                for t in os.listdir(f"/proc/{pid}/task"):
+                    try:
+                        moved.append(os.sched_getaffinity(int(t)))
+                    except OSError:   # a thread that ended meanwhile
+                        pass
+            assert moved and all(a not in m for m in moved if m != {a}), "a thread was left on the target's core"
+            assert [os.sched_getaffinity(t) for t in loops] == [{a}, {b}]
+            outs, finals = _run_all(coord, held_out_prompts[:4])
+        assert os.sched_getaffinity(0) == usable and [os.sched_getaffinity(t) for t in loops] == [{a}, {b}]
+    finally:
+        coord.stop()
+        engine.stop()
+    _check_exact(hf_refs, held_out_prompts[:4], outs)
+    assert sum(f.stats.cache_hits for f in finals) > 0
+
+
+def test_a_cpu_the_node_lacks_is_a_clear_error():
+    from actors.affinity import check_cpus
+
+    with pytest.raises(ValueError, match=r"models.target.cpus: CPUs \[4096\] are not available"):
+        check_cpus((0, 4096), "models.target.cpus")
