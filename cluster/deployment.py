@@ -4,9 +4,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from actors.affinity import check_cpus
 from actors.spec import EngineSpec
 from actors.tokenizer import Tokenizer
-from cluster.config import DeploymentConfig
+from cluster.config import ConfigError, DeploymentConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
             raise NotImplementedError(f"models.{role}.tensor_parallel_size={spec.tensor_parallel_size}: tensor "
                                       "parallelism is not implemented yet; use 1")
     draft = m.draft if sp.mode != "ar" else None
-    return EngineSpec(
+    spec = EngineSpec(
         target=resolve_model(m.target.path), draft=resolve_model(draft.path) if draft else None,
         target_dtype=m.target.dtype, draft_dtype=draft.dtype if draft else "float32",
         target_device=m.target.device, draft_device=draft.device if draft else "cpu",
@@ -44,6 +45,13 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
     )
+    if cfg.cluster.address is None:  # embedded: every actor runs on this node, so its CPUs are known here
+        for key, cpus in (("models.target.cpus", spec.target_cpus), ("models.draft.cpus", spec.draft_cpus)):
+            try:
+                check_cpus(cpus, key)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+    return spec
 
 
 def tokenizer_for(spec: EngineSpec) -> Tokenizer:

@@ -227,8 +227,10 @@ def test_pinned_loops_serve_exactly_with_the_target_core_kept_to_them(ray_local,
     assert sum(f.stats.cache_hits for f in finals) > 0
 
 
-def test_a_cpu_the_node_lacks_is_a_clear_error():
-    from actors.affinity import check_cpus
+def test_a_cpu_the_node_lacks_is_a_config_error_before_any_actor_starts(tiny_pair):
+    """On the embedded cluster every actor runs on this node, so its CPUs are checked up front
+    (an actor that failed its own check would die in a Ray traceback)."""
+    from cluster.config import ConfigError
 
-    with pytest.raises(ValueError, match=r"models.target.cpus: CPUs \[4096\] are not available"):
-        check_cpus((0, 4096), "models.target.cpus")
+    with pytest.raises(ConfigError, match=r"models.draft.cpus: CPUs \[4096\] are not available"):
+        engine_spec(load_config("configs/local-cpu.yaml", {"models.draft.cpus": [0, 4096]}))
