@@ -57,6 +57,10 @@ class Seq:
     def n_generated(self) -> int:
         return len(self.tokens) - len(self.req.prompt)
 
+    def off_drafter(self) -> None:
+        """Forget every piece of drafter state: the drafter is gone, or a new one joins."""
+        self.on_drafter, self.outcome, self.draft, self.q, self.table = False, None, [], None, None
+
 
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:
     """Newly committed tokens cut at the first stop token or at the length limit, and the finish

@@ -4,15 +4,13 @@ Its loop is the engine's critical path. One step, top to bottom:
 
   1. apply aborts and take queued requests in;
   2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, then prefill the
-     admitted prompts (their last logits give the first token, streamed at once). An ADMIT goes
-     out before the prefill, so the drafter reads the prompt meanwhile and, in SSD mode,
-     pre-drafts for the likely first tokens: the prefill is a round with an empty draft whose
-     outcome is (0, first token), sent with the next step's outcomes. In SSD mode the
-     drafter has already sent its speculation table for the round just verified (pre-drafted
-     while this process ran step 3 of the last round): a greedy outcome found in it is the next
-     draft at once, with no round trip (a sampling hit's q rows follow in a reply whose receive
-     is posted ahead and collected after the forward). Otherwise (a miss, an admission, sd mode)
-     wait for the drafter's DRAFT reply;
+     admitted prompts (the last logits give the first token). The ADMIT goes out first, so the
+     drafter reads the prompt meanwhile and, in SSD mode, pre-drafts for the likely first
+     tokens: a prefill is a round with an empty draft and outcome (0, first token). In SSD mode
+     the drafter has already sent its speculation table for the round just verified (drafted
+     during step 3 of the last round): a greedy outcome found in it is the next draft at once,
+     with no round trip (a sampling hit's q rows come in a reply posted ahead, collected after
+     the forward). Otherwise (a miss, an admission, sd mode) wait for the DRAFT reply;
   3. verify every sequence's draft in one batched target forward over K+1 positions, apply the
      lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
      apply stop conditions and stream the new tokens out.
@@ -23,6 +21,7 @@ Other threads only touch the queues (submit, abort, poll), never torch or the ch
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -55,8 +54,7 @@ class Verifier:
         self.k = spec.k
         self.device = spec.target_device
         self.model = load_model(spec.target, spec.target_dtype, self.device)
-        self.vocab = self.model.args.vocab_size
-        self.eos = frozenset(self.model.args.eos_token_ids)
+        self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         self.cache = KVCache.for_model(self.model.args, spec.max_batch, spec.max_seq_len + spec.k + 2,
                                        self.model.dtype, self.device)
         self.seqs: dict[int, Seq] = {}
@@ -67,12 +65,10 @@ class Verifier:
         self._waiting: list[Request] = []
         self._events: queue.Queue[dict] = queue.Queue()
         self._aborts: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._lock, self._stop = threading.Lock(), threading.Event()
         self._reconnect: tuple[str, int] | None = None
         self._release: list[int] = []
-        self._last_exchange = time.perf_counter()
-        self._step_no = 0
+        self._last_exchange, self._step_no = time.perf_counter(), 0
         self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
 
@@ -85,7 +81,7 @@ class Verifier:
         self.channel.connect()
         self.drafter_ok, self._deferred = True, None
         for s in self.seqs.values():
-            s.on_drafter, s.outcome, s.draft, s.q, s.table = False, None, [], None, None
+            s.off_drafter()
 
     def reconnect(self, master_addr: str, master_port: int) -> None:
         """Ask the loop to join a restarted drafter (done in the loop thread: process groups
@@ -134,10 +130,8 @@ class Verifier:
         return out
 
     def metrics(self) -> dict:
-        m = dict(vars(self.times))
-        m.update(active=len(self.seqs), waiting=len(self._waiting) + self._inbox.qsize(),
-                 drafter_ok=self.drafter_ok, mode=self.spec.mode)
-        return m
+        return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
+                "drafter_ok": self.drafter_ok, "mode": self.spec.mode}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -219,10 +213,8 @@ class Verifier:
 
     def _idle(self) -> None:
         t0 = time.perf_counter()
-        try:
+        with contextlib.suppress(queue.Empty):
             self._waiting.append(self._inbox.get(timeout=0.05))
-        except queue.Empty:
-            pass
         if self.drafter_ok and time.perf_counter() - self._last_exchange > PING_EVERY_S:
             self._exchange([Record(Rec.PING, 0)])
         self.times.idle_s += time.perf_counter() - t0
@@ -303,7 +295,7 @@ class Verifier:
         if self.channel is not None:
             self.channel.close()
         for s in self.seqs.values():
-            s.on_drafter, s.draft, s.q, s.outcome, s.table = False, [], None, None, None
+            s.off_drafter()
 
     def _do_reconnect(self) -> None:
         addr, port = self._reconnect
