@@ -80,6 +80,7 @@ class DrafterTimes:
     wait_s: float = 0.0          # blocked waiting for the verifier's next frame (idle)
     reply_s: float = 0.0         # from frame received to reply sent (on the critical path)
     prespec_s: float = 0.0       # pre-speculation and its table (hidden behind verification)
+    prespec_cpu_s: float = 0.0   # the loop thread's CPU time in it (the rest: descheduled)
     branches: int = 0
     frames: int = 0
     replies: int = 0             # DRAFT replies; SSD greedy hits need none (the verifier has the table)
@@ -124,12 +125,13 @@ class Drafter:
                 if reply is not None:
                     self.channel.send(reply)
                     self.times.replies += 1
-                t2 = time.perf_counter()
+                t2, c2 = time.perf_counter(), time.thread_time()
                 self.times.reply_s += t2 - t1
                 if self.spec.mode == "ssd":
                     self.prespeculate()
                     self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
+                    self.times.prespec_cpu_s += time.thread_time() - c2
                 else:  # read new prompts while the verifier prefills them
                     for s in self.seqs.values():
                         self._prefill(s, len(s.tokens))

@@ -32,6 +32,7 @@ import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
+from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv_cache import KVCache
 from actors.loader import load_model
@@ -63,7 +64,7 @@ class Verifier:
         self.times = VerifierTimes()
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._waiting: list[Request] = []
-        self._events: queue.Queue[dict] = queue.Queue()
+        self.events = Outbox()   # committed tokens, to the host's stream or to poll()
         self._aborts: set[int] = set()
         self._lock, self._stop = threading.Lock(), threading.Event()
         self._reconnect: tuple[str, int] | None = None
@@ -99,6 +100,7 @@ class Verifier:
                 self.step()
         finally:
             self._shutdown_drafter()
+            self.events.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -114,20 +116,13 @@ class Verifier:
             self._aborts.add(request_id)
 
     def poll(self, timeout: float = 0.1, linger_s: float = 0.0) -> list[dict]:
-        """Events since the last poll: new tokens per request, and a final event per request.
-        Waits up to `timeout` for the first; then keeps collecting for up to `linger_s` (fewer,
-        larger polls), but returns at once when a request finishes."""
-        try:
-            out = [self._events.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        end = time.perf_counter() + linger_s
-        while not out[-1]["done"]:
-            try:  # once the linger is over, timeout 0 still drains what is already queued
-                out.append(self._events.get(timeout=max(0.0, end - time.perf_counter())))
-            except queue.Empty:
-                break
-        return out
+        """Events since the last poll: new tokens per request, and a final event per request
+        (long-poll semantics: events.poll_queue). Empty once a host has opened a stream."""
+        return self.events.poll(timeout, linger_s)
+
+    def open_events(self, token: str) -> int:
+        """Listen for the host's event stream (events.py); the port to connect to."""
+        return self.events.listen(token)
 
     def metrics(self) -> dict:
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
@@ -139,6 +134,7 @@ class Verifier:
         if self._reconnect is not None:
             self._do_reconnect()
         records, admitted = self._control()
+        self.events.flush()
         t1 = time.perf_counter()
         self.times.control_s += t1 - t0
         if not self.seqs and not records:
@@ -148,10 +144,12 @@ class Verifier:
             self._exchange(records)
         for s in admitted:
             self._prefill(s)
+        self.events.flush()  # first tokens out before the verify
         # A sequence whose outcome the drafter has not heard yet (just prefilled) waits for its draft.
         ready = [s for s in self.seqs.values() if s.outcome is None]
         if ready:
             self._verify(ready)
+        self.events.flush()
         self.times.steps += 1
 
     def _control(self) -> tuple[list[Record], list[Seq]]:
@@ -168,7 +166,7 @@ class Verifier:
                 self._finish(self.seqs[rid], "abort")
             elif any(w[0].id == rid for w in self._waiting):
                 self._waiting = [w for w in self._waiting if w[0].id != rid]
-                self._events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
+                self.events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
         records = [Record(Rec.RELEASE, sid) for sid in self._release]
         self._release = []
         for s in self.seqs.values():  # re-admit after a drafter (re)join
@@ -381,7 +379,7 @@ class Verifier:
         new, reason = apply_stops(s, new, self.eos)
         s.tokens += new
         self.times.tokens += len(new)
-        self._events.put({"id": s.req.id, "tokens": new, "done": False})
+        self.events.put({"id": s.req.id, "tokens": new, "done": False})
         if reason is None:
             return False
         self._finish(s, reason)
@@ -393,7 +391,7 @@ class Verifier:
         self.cache.free(s.slot)
         if s.on_drafter:
             self._release.append(s.req.id)
-        self._events.put({
+        self.events.put({
             "id": s.req.id, "tokens": [], "done": True, "reason": reason,
             "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated,
             "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,

@@ -41,7 +41,7 @@ PROMPT_TOKENS = 128
 SAGUARO_T, SAGUARO_C = 0.7, 0.8
 VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "verify_cpu_s", "forward_s", "prefill_s", "wait_s",
                  "transport_s", "control_s", "idle_s")
-DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "branches", "frames", "replies")
+DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "prespec_cpu_s", "branches", "frames", "replies")
 
 
 @dataclass

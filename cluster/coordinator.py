@@ -107,9 +107,8 @@ class Coordinator:
         self.engine = engine
         self.tok = tokenizer
         self.max_queue = max_queue
-        # Each poll is a call into the verifier's process, which competes with its verify loop
-        # for the GIL and the core. A poll lingers this long after its first event, so tokens
-        # stream in chunks of ~stream_interval_s; a request's final event still returns at once.
+        # A poll lingers this long after its first event, so tokens reach clients in chunks of
+        # ~stream_interval_s (fewer, larger messages); a request's final event returns at once.
         self.stream_interval_s = stream_interval_s
         self.handles: dict[int, Handle] = {}
         self._ids = itertools.count(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 
 import ray
@@ -19,6 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.channel import free_port
 from actors.drafter import Drafter
+from actors.events import EventReader
 from actors.spec import EngineSpec
 from actors.verifier import Verifier
 
@@ -73,6 +75,7 @@ class RayEngine:
         self.verifier = None
         self.drafter = None
         self.pg = None
+        self.events: EventReader | None = None
         self._runs: list = []
 
     # -- bring-up ------------------------------------------------------------------------------
@@ -92,7 +95,15 @@ class RayEngine:
         else:
             self._runs.append(self.verifier.run.remote())
         ray.get(self.verifier.ready.remote(), timeout=self.ready_timeout_s)
+        self._open_events()
         return self
+
+    def _open_events(self) -> None:
+        """Committed tokens come over a stream of their own (actors/events.py), not Ray calls."""
+        token = secrets.token_hex(16)
+        port = ray.get(self.verifier.open_events.remote(token), timeout=self.ready_timeout_s)
+        addr = ray.get(self.verifier.node_ip.remote(), timeout=self.ready_timeout_s)
+        self.events = EventReader(addr, port, token)
 
     def _start_drafter(self, bundle: dict | None = None) -> None:
         bundle = bundle or _bundle(self.spec.draft_device, self.spec.draft_num_threads)
@@ -126,7 +137,7 @@ class RayEngine:
         self.verifier.abort.remote(request_id)
 
     def poll(self, timeout: float = 0.05, linger_s: float = 0.0) -> list[dict]:
-        return ray.get(self.verifier.poll.remote(timeout, linger_s))
+        return self.events.poll(timeout, linger_s)
 
     def metrics(self) -> dict:
         m = ray.get(self.verifier.metrics.remote())
@@ -190,9 +201,11 @@ class RayEngine:
                     ray.kill(a)
                 except Exception:
                     pass
+        if self.events is not None:
+            self.events.close()
         if self.pg is not None:
             remove_placement_group(self.pg)
-        self.verifier = self.drafter = self.pg = None
+        self.verifier = self.drafter = self.pg = self.events = None
 
 
 EMBEDDED_START_ATTEMPTS = 3

@@ -1,0 +1,129 @@
+"""The verifier's event stream (actors/events.py) over real sockets on 127.0.0.1, and on Ray."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from actors.events import EventReader, EventStreamClosed, Outbox
+
+TOKEN = "4f1d0c2a9e"
+
+
+def _ev(i: int, done: bool = False) -> dict:
+    return {"id": 1, "tokens": [i], "done": done, **({"reason": "length", "stats": {"k": 4}} if done else {})}
+
+
+def _connected(box: Outbox, token: str = TOKEN) -> EventReader:
+    reader = EventReader("127.0.0.1", box.listen(TOKEN), token, timeout_s=5)
+    deadline = time.perf_counter() + 5
+    while box._listener._ready is None and time.perf_counter() < deadline:  # the accept thread's hand-off
+        time.sleep(0.01)
+    return reader
+
+
+def _collect(reader: EventReader, n: int) -> list[dict]:
+    out, deadline = [], time.perf_counter() + 10
+    while len(out) < n and time.perf_counter() < deadline:
+        out += reader.poll(0.5)
+    return out
+
+
+def test_events_put_before_and_after_the_stream_opens_arrive_once_in_order():
+    box = Outbox()
+    box.put(_ev(0))
+    box.flush()                      # no stream yet: poll() serves it ...
+    box.put(_ev(1))
+    box.flush()
+    assert box.poll(1.0) == [_ev(0), _ev(1)]
+    box.put(_ev(2))
+    box.flush()                      # ... and what poll() has not taken moves to the stream first
+    reader = _connected(box)
+    box.put(_ev(3))
+    box.put(_ev(4, done=True))
+    box.flush()
+    try:
+        assert _collect(reader, 3) == [_ev(2), _ev(3), _ev(4, done=True)]
+        assert box.poll(0.05) == []  # nothing went both ways
+    finally:
+        box.close()
+        reader.close()
+
+
+def test_the_reader_long_polls_like_the_verifier_and_raises_once_the_verifier_is_gone():
+    box = Outbox()
+    reader = _connected(box)
+    try:
+        for i in range(3):
+            box.put(_ev(i))
+            box.flush()
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        got = reader.poll(1.0, linger_s=0.3)   # everything queued, then waits out the linger
+        assert got == [_ev(0), _ev(1), _ev(2)] and time.perf_counter() - t0 >= 0.25
+        box.put(_ev(3, done=True))
+        box.flush()
+        t0 = time.perf_counter()
+        assert reader.poll(1.0, linger_s=30.0) == [_ev(3, done=True)]
+        assert time.perf_counter() - t0 < 5.0, "a final event waited for the linger"
+        box.close()                   # the verifier's loop ended
+        with pytest.raises(EventStreamClosed):
+            for _ in range(50):
+                reader.poll(0.1)
+    finally:
+        reader.close()
+
+
+def test_a_connection_with_the_wrong_token_gets_nothing():
+    box = Outbox()
+    port = box.listen(TOKEN)
+    intruder = socket.create_connection(("127.0.0.1", port), timeout=5)
+    intruder.sendall(b"guess\n")
+    try:
+        assert intruder.recv(1) == b"", "the listener must hang up on a wrong token"
+        reader = _connected(box)
+        box.put(_ev(7, done=True))
+        box.flush()
+        assert _collect(reader, 1) == [_ev(7, done=True)]
+        reader.close()
+    finally:
+        intruder.close()
+        box.close()
+
+
+def test_a_host_that_goes_away_sends_events_back_to_poll():
+    box = Outbox()
+    reader = _connected(box)
+    box.put(_ev(0))
+    box.flush()
+    assert _collect(reader, 1) == [_ev(0)]
+    reader.close()
+    time.sleep(0.1)
+    for i in range(1, 4):  # the first send after the hang-up may still be accepted by the kernel
+        box.put(_ev(i))
+        box.flush()
+        time.sleep(0.05)
+    got = box.poll(1.0, linger_s=0.2)
+    assert got and got[-1] == _ev(3), got
+    box.close()
+
+
+def test_a_ray_engine_streams_its_tokens_and_the_verifier_queue_stays_empty(ray_local, tiny_pair, held_out_prompts):
+    import ray
+
+    from actors.sequence import Request
+    from cluster.config import load_config
+    from cluster.deployment import engine_spec
+    from cluster.engine import RayEngine
+
+    engine = RayEngine(engine_spec(load_config("configs/local-cpu.yaml"))).start()
+    try:
+        engine.submit(Request(1, list(held_out_prompts[0]), 24, ignore_eos=True))
+        events, deadline = [], time.perf_counter() + 60
+        while not any(e["done"] for e in events) and time.perf_counter() < deadline:
+            events += engine.poll(1.0, 0.02)
+        assert sum(len(e["tokens"]) for e in events) == 24 and events[-1]["reason"] == "length"
+        assert ray.get(engine.verifier.poll.remote(0.2)) == []   # they came over the stream
+    finally:
+        engine.stop()
