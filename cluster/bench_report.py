@@ -302,6 +302,11 @@ def plot(rep: dict, path: Path) -> None:
     a.bar(names, med, yerr=[lo, hi], color=colors, capsize=3)
     a.axhline(rep["derived"]["bound_tok_s"], color="black", linestyle="--",
               label=f"hidden-draft bound E/t_verify = {rep['derived']['bound_tok_s']:.0f}")
+    # SSD/bound pools all prompts (as E does): mark that figure on each outrider bar too.
+    pooled = [(i, modes[n].get("tokens_per_s_aggregate")) for i, n in enumerate(names)
+              if modes[n].get("kind") == "outrider"]
+    a.plot([i for i, v in pooled if v], [v for i, v in pooled if v], "D", color="black", markersize=4,
+           label="all prompts pooled (all tokens / all seconds)")
     a.set_ylabel("tokens/s (median, min–max)")
     a.set_title(f"batch 1, {rep['settings']['new_tokens']} new tokens, {rep['settings']['prompts']} prompts")
     a.tick_params(axis="x", rotation=45)
