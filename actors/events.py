@@ -10,9 +10,15 @@ events as JSON lines with one send; nothing else in the verifier's process wakes
 
 The events are the ones `Verifier.poll` returns ({"id", "tokens", "done", ...}); `poll_queue`
 gives both ends the same long-poll semantics, so the coordinator cannot tell them apart.
+
+Nothing is lost or doubled when the stream breaks. Every event carries a serial number ("n"); a
+reconnecting host says the last one it saw, and the verifier sends it again whatever came after:
+events it had sent (a send into a broken connection can succeed locally and still never arrive:
+it keeps the last HISTORY of them), then those it could not send. The reader drops repeats.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
 import json
@@ -24,6 +30,7 @@ import time
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 5.0    # a host that stops reading must not stall the verify loop for longer
+HISTORY = 16384         # sent events kept for a host that reconnects (minutes of a full batch)
 
 
 class EventStreamClosed(ConnectionError):
@@ -51,15 +58,15 @@ def encode_events(events: list[dict]) -> bytes:
 
 
 class EventListener:
-    """The verifier's end: accepts the host's connection (first line: the token) on `port`.
-    The verify loop takes the authenticated socket with `take()`; a later valid connection
-    (a host that reconnected) replaces it."""
+    """The verifier's end: accepts the host's connection on `port` (first line: the token and
+    the last event number the host has seen). The verify loop takes the authenticated socket
+    with `take()`; a later valid connection (a host that reconnected) replaces it."""
 
     def __init__(self, token: str, host: str = ""):
         self._token = token.encode()
         self._srv = socket.create_server((host, 0))
         self.port: int = self._srv.getsockname()[1]
-        self._ready: socket.socket | None = None
+        self._ready: tuple[socket.socket, int] | None = None
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="outrider-events-accept", daemon=True).start()
 
@@ -71,24 +78,26 @@ class EventListener:
                 return   # closed
             try:
                 conn.settimeout(SEND_TIMEOUT_S)
-                line = conn.makefile("rb").readline(256).rstrip(b"\n")
+                with conn.makefile("rb") as f:
+                    line = f.readline(256).rstrip(b"\n")
             except OSError:
                 conn.close()
                 continue
-            if not hmac.compare_digest(line, self._token):
+            token, _, after = line.partition(b" ")
+            if not hmac.compare_digest(token, self._token) or not after.isdigit():
                 log.warning("event stream: rejected a connection from %s (wrong token)", peer)
                 conn.close()
                 continue
             with self._lock:
-                old, self._ready = self._ready, conn
+                old, self._ready = self._ready, (conn, int(after))
             if old is not None:
-                old.close()
+                old[0].close()
 
-    def take(self) -> socket.socket | None:
-        """The newly authenticated connection, once (None if there is none)."""
+    def take(self) -> tuple[socket.socket, int] | None:
+        """The newly authenticated connection and the last event its host saw, once."""
         with self._lock:
-            conn, self._ready = self._ready, None
-        return conn
+            ready, self._ready = self._ready, None
+        return ready
 
     def close(self) -> None:
         self._srv.close()
@@ -104,8 +113,12 @@ class Outbox:
         self._out: list[dict] = []
         self._listener: EventListener | None = None
         self._stream: socket.socket | None = None
+        self._sent: collections.deque[dict] = collections.deque(maxlen=HISTORY)
+        self._n = 0
 
     def put(self, event: dict) -> None:
+        self._n += 1
+        event["n"] = self._n
         self._out.append(event)
 
     def poll(self, timeout: float, linger_s: float = 0.0) -> list[dict]:
@@ -117,32 +130,44 @@ class Outbox:
         return self._listener.port
 
     def flush(self) -> None:
-        if self._listener is not None and (conn := self._listener.take()) is not None:
-            self._switch(conn)
+        if self._listener is not None and (ready := self._listener.take()) is not None:
+            self._switch(*ready)
         if not self._out:
             return
         out, self._out = self._out, []
-        if self._stream is not None:
-            try:
-                self._stream.sendall(encode_events(out))
-                return
-            except OSError as e:  # the host is gone or stuck: poll() serves whoever asks next
-                log.error("event stream lost (%s); events go to poll() again", e)
-                self._stream.close()
-                self._stream = None
-        for ev in out:
+        if self._stream is not None and self._send(out):
+            self._sent.extend(out)
+            return
+        for ev in out:  # no stream: poll() serves them, or the next stream gets them first
             self._q.put(ev)
 
-    def _switch(self, conn: socket.socket) -> None:
+    def _send(self, events: list[dict]) -> bool:
+        try:
+            self._stream.sendall(encode_events(events))
+            return True
+        except OSError as e:  # the host is gone or stuck
+            log.error("event stream lost (%s); events wait for the host to reconnect", e)
+            self._stream.close()
+            self._stream = None
+            return False
+
+    def _switch(self, conn: socket.socket, after: int) -> None:
+        """Take a (re)connected host's stream: first what it missed of the sent events, then
+        the queued ones (never sent, or not collected by poll())."""
         conn.settimeout(SEND_TIMEOUT_S)
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = conn
+        if len(self._sent) == HISTORY and self._sent[0]["n"] > after + 1:
+            log.error("event stream: events %d-%d are too old to send again", after + 1, self._sent[0]["n"] - 1)
+        again = [ev for ev in self._sent if ev["n"] > after]
+        if again and not self._send(again):
+            return
         pending = []
         with contextlib.suppress(queue.Empty):
             while True:
                 pending.append(self._q.get_nowait())
-        self._out[:0] = pending   # what poll() has not collected goes first, in order
-        if self._stream is not None:
-            self._stream.close()
-        self._stream = conn
+        self._out[:0] = pending
 
     def close(self) -> None:
         self.flush()
@@ -157,11 +182,13 @@ class Outbox:
 class EventReader:
     """The host's end: connects, authenticates, and reads events into a local queue on a
     thread of its own; `poll` has the verifier's long-poll semantics and raises
-    EventStreamClosed once the stream has ended and nothing is left to read."""
+    EventStreamClosed once the stream has ended and nothing is left to read. Events numbered
+    `after` or lower (already seen on an earlier stream) are dropped."""
 
-    def __init__(self, addr: str, port: int, token: str, timeout_s: float = 30.0):
+    def __init__(self, addr: str, port: int, token: str, timeout_s: float = 30.0, after: int = 0):
+        self.last_n = after
         self._sock = socket.create_connection((addr, port), timeout=timeout_s)
-        self._sock.sendall(token.encode() + b"\n")
+        self._sock.sendall(f"{token} {after}\n".encode())
         self._sock.settimeout(None)
         self._q: queue.Queue = queue.Queue()
         self.closed = threading.Event()
@@ -171,7 +198,10 @@ class EventReader:
     def _read(self) -> None:
         try:
             for line in self._sock.makefile("rb"):
-                self._q.put(json.loads(line))
+                ev = json.loads(line)
+                if ev.get("n", self.last_n + 1) > self.last_n:
+                    self.last_n = ev.get("n", self.last_n + 1)
+                    self._q.put(ev)
         except (OSError, ValueError) as e:
             log.warning("event stream ended: %s", e)
         finally:

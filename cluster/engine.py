@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.channel import free_port
 from actors.drafter import Drafter
-from actors.events import EventReader
+from actors.events import EventReader, EventStreamClosed
 from actors.spec import EngineSpec
 from actors.verifier import Verifier
 
@@ -76,6 +76,7 @@ class RayEngine:
         self.drafter = None
         self.pg = None
         self.events: EventReader | None = None
+        self._events_token = secrets.token_hex(16)
         self._runs: list = []
 
     # -- bring-up ------------------------------------------------------------------------------
@@ -98,12 +99,14 @@ class RayEngine:
         self._open_events()
         return self
 
-    def _open_events(self) -> None:
-        """Committed tokens come over a stream of their own (actors/events.py), not Ray calls."""
-        token = secrets.token_hex(16)
-        port = ray.get(self.verifier.open_events.remote(token), timeout=self.ready_timeout_s)
-        addr = ray.get(self.verifier.node_ip.remote(), timeout=self.ready_timeout_s)
-        self.events = EventReader(addr, port, token)
+    def _open_events(self, timeout_s: float | None = None) -> None:
+        """Committed tokens come over a stream of their own (actors/events.py), not Ray calls.
+        Reopened after a break, it continues after the last event the old stream delivered."""
+        timeout_s = timeout_s or self.ready_timeout_s
+        port = ray.get(self.verifier.open_events.remote(self._events_token), timeout=timeout_s)
+        addr = ray.get(self.verifier.node_ip.remote(), timeout=timeout_s)
+        after = self.events.last_n if self.events is not None else 0
+        self.events = EventReader(addr, port, self._events_token, timeout_s, after=after)
 
     def _start_drafter(self, bundle: dict | None = None) -> None:
         bundle = bundle or _bundle(self.spec.draft_device, self.spec.draft_num_threads)
@@ -137,7 +140,13 @@ class RayEngine:
         self.verifier.abort.remote(request_id)
 
     def poll(self, timeout: float = 0.05, linger_s: float = 0.0) -> list[dict]:
-        return self.events.poll(timeout, linger_s)
+        try:
+            return self.events.poll(timeout, linger_s)
+        except EventStreamClosed:
+            # A live verifier takes a new stream (its queue first); a dead one raises here.
+            log.warning("the event stream broke; reopening it")
+            self._open_events(timeout_s=10.0)
+            return []
 
     def metrics(self) -> dict:
         m = ray.get(self.verifier.metrics.remote())
