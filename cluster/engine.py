@@ -143,7 +143,7 @@ class RayEngine:
         try:
             return self.events.poll(timeout, linger_s)
         except EventStreamClosed:
-            # A live verifier takes a new stream (its queue first); a dead one raises here.
+            # A live verifier re-sends what this host missed on a new stream; a dead one raises here.
             log.warning("the event stream broke; reopening it")
             self._open_events(timeout_s=10.0)
             return []
