@@ -30,7 +30,7 @@ import time
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 5.0    # a host that stops reading must not stall the verify loop for longer
-HISTORY = 16384         # sent events kept for a host that reconnects (minutes of a full batch)
+HISTORY = 16384         # sent events kept for a host that reconnects (~30 s of 8 busy sequences)
 
 
 class EventStreamClosed(ConnectionError):
@@ -124,9 +124,9 @@ class Outbox:
     def poll(self, timeout: float, linger_s: float = 0.0) -> list[dict]:
         return poll_queue(self._q, timeout, linger_s)
 
-    def listen(self, token: str) -> int:
+    def listen(self, token: str, host: str = "") -> int:
         if self._listener is None:
-            self._listener = EventListener(token)
+            self._listener = EventListener(token, host)
         return self._listener.port
 
     def flush(self) -> None:

@@ -120,9 +120,10 @@ class Verifier:
         (long-poll semantics: events.poll_queue). Empty once a host has opened a stream."""
         return self.events.poll(timeout, linger_s)
 
-    def open_events(self, token: str) -> int:
-        """Listen for the host's event stream (events.py); the port to connect to."""
-        return self.events.listen(token)
+    def open_events(self, token: str, local_only: bool = False) -> int:
+        """Listen for the host's event stream (events.py), on 127.0.0.1 only when the host is
+        on this node; the port to connect to."""
+        return self.events.listen(token, "127.0.0.1" if local_only else "")
 
     def metrics(self) -> dict:
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),

@@ -103,8 +103,10 @@ class RayEngine:
         """Committed tokens come over a stream of their own (actors/events.py), not Ray calls.
         Reopened after a break, it continues after the last event the old stream delivered."""
         timeout_s = timeout_s or self.ready_timeout_s
-        port = ray.get(self.verifier.open_events.remote(self._events_token), timeout=timeout_s)
         addr = ray.get(self.verifier.node_ip.remote(), timeout=timeout_s)
+        local = addr == ray.util.get_node_ip_address()   # then nothing outside this host can connect
+        port = ray.get(self.verifier.open_events.remote(self._events_token, local), timeout=timeout_s)
+        addr = "127.0.0.1" if local else addr
         after = self.events.last_n if self.events is not None else 0
         self.events = EventReader(addr, port, self._events_token, timeout_s, after=after)
 

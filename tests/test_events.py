@@ -141,5 +141,16 @@ def test_a_ray_engine_streams_its_tokens_and_reopens_a_broken_stream_without_los
         assert sum(len(e["tokens"]) for e in events) == 300 and events[-1]["reason"] == "length"
         assert [e["n"] for e in events] == sorted({e["n"] for e in events}), "an event came twice"
         assert ray.get(engine.verifier.poll.remote(0.2)) == []   # they came over the stream
+        # The verifier shares this node with the host: its listener is on 127.0.0.1 only.
+        port = engine.events._sock.getpeername()[1]
+        node_ip = ray.util.get_node_ip_address()
+        if not node_ip.startswith("127."):   # (a node known only as 127.0.0.1 has no other address to try)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((node_ip, port), timeout=5)
+            box = Outbox()   # the control: a listener for another node's host takes it
+            try:
+                socket.create_connection((node_ip, box.listen(TOKEN)), timeout=5).close()
+            finally:
+                box.close()
     finally:
         engine.stop()
