@@ -4,8 +4,9 @@ Ray is the control plane only: it places the two processes (one placement-group 
 each gets its own GPU, or its own CPU core on a laptop), starts, health-checks and restarts them.
 The per-round traffic goes over the torch.distributed channel the two actors form between
 themselves. The coordinator lives in the serving process (the Ray driver), which holds no Ray
-resources (the `num_cpus=0` role), and talks to the verifier through three small calls: submit,
-abort and a long-poll for committed tokens.
+resources (the `num_cpus=0` role): it submits and aborts through Ray calls, and committed tokens
+come back over a TCP stream the verify loop writes (actors/events.py), read here and long-polled
+locally by the coordinator.
 """
 from __future__ import annotations
 
