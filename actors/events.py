@@ -199,8 +199,8 @@ class EventReader:
         try:
             for line in self._sock.makefile("rb"):
                 ev = json.loads(line)
-                if ev.get("n", self.last_n + 1) > self.last_n:
-                    self.last_n = ev.get("n", self.last_n + 1)
+                if ev["n"] > self.last_n:   # else a repeat of what an earlier stream delivered
+                    self.last_n = ev["n"]
                     self._q.put(ev)
         except (OSError, ValueError) as e:
             log.warning("event stream ended: %s", e)
