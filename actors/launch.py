@@ -2,10 +2,13 @@
 
 Same classes, same data plane as the Ray deployment — this is how a machine without Ray (a bare
 GPU box, a profiler session) runs outrider, and it proves the actors depend on nothing but
-torch. `LocalEngine` exposes the submit/abort/poll/metrics calls the coordinator uses.
+torch. `LocalEngine` exposes the calls the coordinator, the supervisor and the bench use
+(submit/abort/poll/metrics, verifier_alive/check_drafter/restart_drafter), so `cluster.launcher:
+local` serves and benchmarks the same way as Ray.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import threading
@@ -15,36 +18,78 @@ from actors.spec import EngineSpec
 from actors.verifier import Verifier
 
 log = logging.getLogger(__name__)
+STATS_TIMEOUT_S = 5.0
 
 
-def _drafter_main(spec: EngineSpec, addr: str, port: int) -> None:
+def _serve_stats(drafter, conn) -> None:
+    """Answer the parent's metrics() calls beside the drafter's loop (a daemon thread)."""
+    try:
+        while conn.recv() is not None:
+            conn.send(drafter.stats())
+    except (EOFError, OSError):   # the parent went away
+        pass
+
+
+def _drafter_main(spec: EngineSpec, addr: str, port: int, conn=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s drafter %(levelname)s %(message)s")
     from actors.drafter import Drafter
 
     d = Drafter(spec)
     d.connect(addr, port)
+    if conn is not None:
+        threading.Thread(target=_serve_stats, args=(d, conn), name="outrider-drafter-stats", daemon=True).start()
     d.run()
+
+
+def same_gpu(a: str, b: str) -> bool:
+    """Whether two device strings of one process name the same GPU ("cuda" is "cuda:0")."""
+    def index(d: str) -> str | None:
+        return None if not d.startswith("cuda") else (d.split(":", 1)[1] if ":" in d else "0")
+
+    return index(a) is not None and index(a) == index(b)
 
 
 class LocalEngine:
     def __init__(self, spec: EngineSpec):
+        if spec.speculative and spec.backend == "auto" and same_gpu(spec.target_device, spec.draft_device):
+            # NCCL refuses two ranks on one GPU; the data plane's few ints go over gloo instead.
+            spec = dataclasses.replace(spec, backend="gloo")
         self.spec = spec
         self.verifier = Verifier(spec)
         self.proc: mp.Process | None = None
+        self._stats = None                  # our end of the drafter's stats pipe
+        self._stats_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def start(self) -> LocalEngine:
         if self.spec.speculative:
-            port = self.spec.master_port or free_port()
-            # spawn, not fork: a forked child would inherit torch's thread pools and CUDA state.
-            self.proc = mp.get_context("spawn").Process(
-                target=_drafter_main, args=(self.spec, "127.0.0.1", port), daemon=True)
-            self.proc.start()
-            self.verifier.connect("127.0.0.1", port)
-        self._thread = threading.Thread(target=self.verifier.run, name="outrider-verifier", daemon=True)
+            self.verifier.connect("127.0.0.1", self._spawn_drafter())
+        self._thread = threading.Thread(target=self._run, name="outrider-verifier", daemon=True)
         self._thread.start()
         return self
 
+    def _spawn_drafter(self) -> int:
+        port = self.spec.master_port or free_port()
+        ours, theirs = mp.Pipe()
+        # spawn, not fork: a forked child would inherit torch's thread pools and CUDA state.
+        self.proc = mp.get_context("spawn").Process(
+            target=_drafter_main, args=(self.spec, "127.0.0.1", port, theirs), daemon=True)
+        self.proc.start()
+        with self._stats_lock:
+            if self._stats is not None:
+                self._stats.close()
+            self._stats = ours
+        return port
+
+    def _run(self) -> None:
+        try:
+            self.verifier.run()
+        except BaseException as e:   # reported through verifier_alive(), as a dead Ray actor is
+            log.exception("the verifier loop died")
+            self._error = e
+
+    # -- the coordinator's calls -------------------------------------------------------------
     def submit(self, req) -> None:
         self.verifier.submit(req)
 
@@ -55,7 +100,38 @@ class LocalEngine:
         return self.verifier.poll(timeout, linger_s)
 
     def metrics(self) -> dict:
-        return self.verifier.metrics()
+        m = self.verifier.metrics()
+        if self.spec.speculative:
+            m["drafter"] = self._drafter_stats()
+        return m
+
+    def _drafter_stats(self) -> dict | None:
+        with self._stats_lock:
+            try:
+                self._stats.send(True)
+                if self._stats.poll(STATS_TIMEOUT_S):
+                    return self._stats.recv()
+            except (EOFError, OSError):
+                pass
+            return None   # a dead or stuck drafter must not break metrics
+
+    # -- the supervisor's calls --------------------------------------------------------------
+    def verifier_alive(self) -> bool:
+        """False once the verifier's loop has ended with an error."""
+        return self._thread is not None and self._error is None
+
+    def check_drafter(self) -> bool:
+        return self.proc is not None and (self.proc.is_alive() or self.proc.exitcode == 0)
+
+    def restart_drafter(self) -> None:
+        """Replace a dead drafter; the verifier keeps serving (without drafts) and joins the new
+        one between two steps."""
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.kill()
+        self.verifier.reconnect("127.0.0.1", self._spawn_drafter())
+
+    def drafter_pid(self) -> int:
+        return self.proc.pid
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self.verifier.stop()
@@ -65,3 +141,5 @@ class LocalEngine:
             self.proc.join(timeout_s)
             if self.proc.is_alive():
                 self.proc.kill()
+        if self._stats is not None:
+            self._stats.close()

@@ -31,7 +31,7 @@ from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.bench_kernels import VerifyProbe, measure_kernels, torch_threads
 from cluster.bench_quiet import engine_pids, in_background, isolated, on_cpus
-from cluster.deployment import engine_spec, tokenizer_for
+from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def run_outrider(mode: Mode, prompt: list[int], n: int, seed: int | None = None)
 class HF:
     """transformers' own greedy and assisted generation, on the very same checkpoint files."""
 
-    def __init__(self, target_dir: str, draft_dir: str | None):
+    def __init__(self, target_dir: str, draft_dir: str | None, device: str = "cpu"):
         try:
             import matplotlib  # noqa: F401 (the report's plot; fail before any engine starts)
             import transformers
@@ -155,8 +155,9 @@ class HF:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         self.version = transformers.__version__
-        self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-        self.assistant = (AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).to(device).eval()
+        self.assistant = (AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).to(device).eval()
                           if draft_dir else None)
 
     def run(self, mode: Mode, prompt: list[int], n: int) -> Run:
@@ -164,11 +165,12 @@ class HF:
         # out of the argmax and so change the greedy tokens wherever EOS is the top choice.
         gc = copy.deepcopy(self.model.generation_config)
         gc.eos_token_id, gc.do_sample, gc.max_new_tokens, gc.min_new_tokens = None, False, n, None
-        x = torch.tensor([prompt])
+        x = torch.tensor([prompt], device=self.device)
         kw = {"assistant_model": self.assistant} if mode.kind == "hf-assisted" else {}
         with torch_threads(mode.threads), torch.inference_mode():
             t0 = time.perf_counter()
             out = self.model.generate(x, attention_mask=torch.ones_like(x), generation_config=gc, **kw)
+            out = out.cpu()   # waits for the device
             seconds = time.perf_counter() - t0
         return Run(out[0, len(prompt):].tolist(), seconds)
 
@@ -189,14 +191,16 @@ def run_one(mode: Mode, hf: HF | None, prompt: list[int], n: int, seed: int | No
 
 
 # -- engines and phases ----------------------------------------------------------------------
-def plan_phases(modes: list[Mode], capacity: float) -> list[list[Mode]]:
+def plan_phases(modes: list[Mode], capacity: float, one_speculative: bool = False) -> list[list[Mode]]:
     """Pack outrider modes, in order, into groups whose engines fit the cluster at once; the HF
-    modes (no Ray resources) join the first group."""
+    modes (no Ray resources) join the first group. `one_speculative`: at most one engine with a
+    drafter per group (plain-process engines: each verifier holds this process's torch.distributed
+    group, of which a process has one)."""
     phases, cur, used = [], [], 0
     for m in modes:
         if m.cpus > capacity:
             raise ValueError(f"mode {m.name} needs {m.cpus} CPUs but the Ray cluster has {capacity:g} free")
-        if cur and used + m.cpus > capacity:
+        if cur and (used + m.cpus > capacity or one_speculative and _drafts(m) and any(map(_drafts, cur))):
             phases.append(cur)
             cur, used = [], 0
         cur.append(m)
@@ -206,14 +210,17 @@ def plan_phases(modes: list[Mode], capacity: float) -> list[list[Mode]]:
     return [hf + [m for m in phases[0] if m.kind == "outrider"]] + phases[1:]
 
 
-def start_engines(config_path: str, modes: list[Mode], strategy: str, quiet: bool = False) -> None:
-    from cluster.engine import RayEngine
+def _drafts(m: Mode) -> bool:
+    return m.kind == "outrider" and m.overrides["speculation.mode"] != "ar"
 
+
+def start_engines(config_path: str, modes: list[Mode], quiet: bool = False) -> None:
     for m in modes:
         if m.kind == "outrider" and m.engine is None:
             t0 = time.perf_counter()
-            spec = engine_spec(load_config(config_path, m.overrides))
-            m.engine = RayEngine(spec, strategy).start()
+            cfg = load_config(config_path, m.overrides)
+            spec = engine_spec(cfg)
+            m.engine = start_engine(cfg, spec)
             m.pids = engine_pids(m.engine) if quiet else []
             if quiet and m.pids and spec.target_cpus:
                 m.pinned, m.loops = set(spec.target_cpus), m.engine.loop_threads()
@@ -248,8 +255,8 @@ def stop_engines(modes: list[Mode]) -> None:
             m.engine = None
 
 
-def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=None,
-               probe=None, quiet: bool = False) -> dict[str, list[Run]]:
+def run_phases(config_path, phases, hf, prompts, warm, n, bar, seeds=None, probe=None,
+               quiet: bool = False) -> dict[str, list[Run]]:
     """Each phase: engines up, one warm-up per mode, then prompt by prompt every mode once in a
     rotating order (then `probe()`, if given); engines down. With `quiet`, the engines not being
     timed run in the idle scheduling class meanwhile (cluster/bench_quiet.py). Returns the runs
@@ -257,7 +264,7 @@ def run_phases(config_path, phases, hf, prompts, warm, n, strategy, bar, seeds=N
     runs: dict[str, list[Run]] = {}
     for phase in phases:
         try:
-            start_engines(config_path, phase, strategy, quiet)
+            start_engines(config_path, phase, quiet)
             for m in phase:
                 with timing(phase, m):
                     run_one(m, hf, warm, n, seeds[0] if seeds else None)
@@ -295,7 +302,6 @@ def _ray_up(cfg, need: int) -> tuple[bool, float]:
 
 
 def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
-    import ray
     from tqdm import tqdm
 
     from cluster.bench_report import check_greedy, summarize, write_report
@@ -310,8 +316,10 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
     sweep, sag = sweep_modes(k, s["sweep"]) if s["sweep"] else [], saguaro_modes(k)
     sag_prompts = prompts[:s["saguaro_prompts"]]
-    hf = HF(base.target, base.draft)
-    owned, capacity = _ray_up(cfg, 16)
+    hf = HF(base.target, base.draft, base.target_device)
+    # Plain-process engines (launcher: local) reserve no CPUs: all of them fit at once.
+    local = cfg.cluster.launcher == "local"
+    owned, capacity = (False, float("inf")) if local else _ray_up(cfg, 16)
     bar = None
     modes: list[Mode] = []
     try:
@@ -322,14 +330,14 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         bar = tqdm(total=len(prompts) * (2 if sweep else 1) + len(sag_prompts), desc="bench", unit="rep",
                    file=sys.stderr)
         if sweep:
-            sweep_runs = run_phases(config_path, plan_phases(sweep, capacity), None, prompts, warm, n,
-                                    cfg.cluster.placement_strategy, bar, quiet=owned)
+            sweep_runs = run_phases(config_path, plan_phases(sweep, capacity, local), None, prompts, warm, n, bar,
+                                    quiet=owned)
         best_k = max(sweep, key=lambda m: statistics.median(r.tok_s for r in sweep_runs[m.name])).overrides[
             "speculation.k"] if sweep else k
         modes = build_modes(k, [best_k, k])
-        phases = plan_phases(modes, capacity)
-        sag_phases = plan_phases(sag, capacity) if sag_prompts else []
-        if len(phases) > 1:
+        phases = plan_phases(modes, capacity, local)
+        sag_phases = plan_phases(sag, capacity, local) if sag_prompts else []
+        if len(phases) > 1 and not local:
             log.warning("the Ray cluster has %g CPUs free: engines run in %d phases, interleaved within each",
                         capacity, len(phases))
         log.info("bench: %d prompts x %d new tokens, modes %s", len(prompts), n, ", ".join(m.name for m in modes))
@@ -338,9 +346,9 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         ctx_len = round(statistics.mean(len(p) for p in prompts) + n / 2)
         max_len = base.max_seq_len + k + 2
         probe = VerifyProbe(base.target, [t for p in prompts for t in p][:ctx_len], k, max_len,
-                            cpus=set(base.target_cpus) if owned and base.target_cpus else None)
-        runs = run_phases(config_path, phases, hf, prompts, warm, n, cfg.cluster.placement_strategy, bar,
-                          probe=probe, quiet=owned)
+                            cpus=set(base.target_cpus) if owned and base.target_cpus else None,
+                            device=base.target_device)
+        runs = run_phases(config_path, phases, hf, prompts, warm, n, bar, probe=probe, quiet=owned)
         # SD at K's outside the main comparison keep their sweep-phase figures.
         main = {m.name for m in modes}
         modes += [m for m in sweep if m.name not in main]
@@ -352,21 +360,23 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         ctx = [t for p, r in zip(prompts, runs["ar"]) for t in p + r.tokens][:ctx_len]
         with timing([], None, probe.cpus):
             kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2,
-                                      target=probe.model)
+                                      target=probe.model, draft_device=base.draft_device)
         kernels["t_verify_interleaved_s"] = statistics.median(probe.samples)
         kernels["t_verify_interleaved_n"] = len(probe.samples)
         seeds = [1000 + i for i in range(len(sag_prompts))]
-        sag_runs = run_phases(config_path, sag_phases, None, sag_prompts, warm, n, cfg.cluster.placement_strategy,
-                              bar, seeds, quiet=owned)
+        sag_runs = run_phases(config_path, sag_phases, None, sag_prompts, warm, n, bar, seeds, quiet=owned)
     finally:
         if bar is not None:
             bar.close()
         stop_engines(modes + sweep + sag)
         if owned:
-            ray.shutdown()
-    env = {"torch": torch.__version__, "transformers": hf.version, "ray": ray.__version__,
+            shutdown_ray()
+    ray = sys.modules.get("ray")
+    env = {"torch": torch.__version__, "transformers": hf.version, "ray": ray.__version__ if ray else None,
+           "launcher": cfg.cluster.launcher, "device": base.target_device,
            "python": sys.version.split()[0],
-           "cpu_count": os.cpu_count(), "bench_process_threads": torch.get_num_threads(), "ray_cpus_free": capacity,
+           "cpu_count": os.cpu_count(), "bench_process_threads": torch.get_num_threads(),
+           "ray_cpus_free": None if capacity == float("inf") else capacity,
            "idle_engines_in_background": owned,
            "phases": [[m.name for m in sweep]] * bool(sweep) + [[m.name for m in p] for p in phases],
            "hf_assisted_schedule": hf.schedule(),

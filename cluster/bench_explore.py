@@ -19,7 +19,7 @@ from pathlib import Path
 from cluster.bench import FULL, QUICK, Mode, _outrider, _ray_up, build_prompts, plan_phases, run_phases
 from cluster.bench_report import _fmt, check_greedy, mode_summary
 from cluster.config import load_config
-from cluster.deployment import engine_spec, tokenizer_for
+from cluster.deployment import engine_spec, shutdown_ray, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ def markdown(rep: dict) -> str:
 
 def run_explore(config_path: str, out_dir: str, drafts: list[str] | None = None, ks: list[int] | None = None,
                 budgets: list[int] | None = None, quick: bool = False) -> int:
-    import ray
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -81,16 +80,16 @@ def run_explore(config_path: str, out_dir: str, drafts: list[str] | None = None,
     for m in modes:
         engine_spec(load_config(config_path, m.overrides))
     prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
-    owned, capacity = _ray_up(cfg, 16)
+    local = cfg.cluster.launcher == "local"
+    owned, capacity = (False, float("inf")) if local else _ray_up(cfg, 16)
     # Each phase runs outrider AR beside its SSD engines: the exactness reference of that phase.
-    phases = [[_outrider("ar", "ar", ks[0])] + p for p in plan_phases(modes, capacity - 1)]
+    phases = [[_outrider("ar", "ar", ks[0])] + p for p in plan_phases(modes, capacity - 1, local)]
     bar = tqdm(total=len(prompts) * len(phases), desc="explore", unit="rep", file=sys.stderr)
     runs: dict[str, list] = {}
     mismatches: dict[str, int] = {}
     try:
         for phase in phases:
-            got = run_phases(config_path, [phase], None, prompts, warm, s["new_tokens"],
-                             cfg.cluster.placement_strategy, bar, quiet=owned)
+            got = run_phases(config_path, [phase], None, prompts, warm, s["new_tokens"], bar, quiet=owned)
             for name, g in check_greedy(got, phase).items():
                 mismatches[name] = g["mismatches"]
             runs.setdefault("ar", got["ar"])
@@ -98,7 +97,7 @@ def run_explore(config_path: str, out_dir: str, drafts: list[str] | None = None,
     finally:
         bar.close()
         if owned:
-            ray.shutdown()
+            shutdown_ray()
     ar = mode_summary(phases[0][0], runs["ar"])   # the first phase's AR: the speed-up's base
     rows = []
     for m in modes:

@@ -1,6 +1,8 @@
 """Direct kernel timings for `outrider bench`: one forward of the target (verify K+1 tokens, or
 one token) and of the drafter on one thread, at the bench's mean context, in the bench's own
-process. What SSD's overlap costs the verifier in hardware is not timed here: the drafter's
+process; and the memory floor of a target forward: the bytes it must stream (its weights less
+the embedding table, of which it reads one row per token) over the device's measured copy
+bandwidth. What SSD's overlap costs the verifier in hardware is not timed here: the drafter's
 round run beside this process, even flat out, cost the forward 0-0.3 ms, while the engine's own
 forward runs 0.2-0.8 ms slower in SSD than in sync SD at the same K; so the report compares the
 engine's forward times instead."""
@@ -13,6 +15,13 @@ from contextlib import contextmanager
 import torch
 
 KERNEL_REPS = 20
+COPY_BYTES = {"cpu": 256 << 20, "cuda": 2 << 30}   # large enough to stream from DRAM / HBM, not cache
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timers time the work."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextmanager
@@ -31,18 +40,50 @@ def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int =
     in a cache slot as long as the engine's (`max_len` positions)."""
     from actors.kv_cache import KVCache
 
-    L = len(ctx)
-    cache = KVCache.for_model(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, model.device)
-    slot = torch.tensor([cache.alloc()])
-    model(torch.tensor([ctx]), torch.arange(L)[None], cache, slot)
-    x, pos = torch.tensor([ctx[-n_tokens:]]), torch.arange(L, L + n_tokens)[None]
+    L, dev = len(ctx), model.device
+    cache = KVCache.for_model(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, dev)
+    slot = torch.tensor([cache.alloc()], device=dev)
+    model(torch.tensor([ctx], device=dev), torch.arange(L, device=dev)[None], cache, slot)
+    x = torch.tensor([ctx[-n_tokens:]], device=dev)
+    pos = torch.arange(L, L + n_tokens, device=dev)[None]
     times = []
     for i in range(reps + 3):
+        sync(dev)
         t0 = time.perf_counter()
         model(x, pos, cache, slot)
+        sync(dev)
         if i >= 3:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def streamed_bytes(model) -> int:
+    """Bytes one forward must read from memory: every weight, except the embedding table (a
+    row per token) unless the output head shares it."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.model.embed_tokens.weight
+    if model.lm_head.weight is not emb:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+@torch.inference_mode()
+def copy_bandwidth(device: torch.device | str, reps: int = 10) -> float:
+    """Bytes per second a device-to-device copy moves, counting bytes read and bytes written
+    (the median of `reps` copies of COPY_BYTES, on this thread's torch threads)."""
+    device = torch.device(device)
+    n = COPY_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 2):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2 * n / statistics.median(times)
 
 
 class VerifyProbe:
@@ -51,11 +92,11 @@ class VerifyProbe:
     with: this host's speed drifts by several percent over minutes."""
 
     def __init__(self, target_dir: str, ctx: list[int], k: int, max_len: int, reps: int = 5,
-                 cpus: set[int] | None = None):
+                 cpus: set[int] | None = None, device: str = "cpu"):
         from actors.loader import load_model
 
         with torch_threads(1):
-            self.model = load_model(target_dir)
+            self.model = load_model(target_dir, device=device)
         self.ctx, self.k, self.max_len, self.reps = ctx, k, max_len, reps
         self.cpus = cpus   # the verifier's pinned CPUs: the probe runs there too
         self.samples: list[float] = []
@@ -66,14 +107,16 @@ class VerifyProbe:
 
 
 def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
-                    target=None) -> dict:
+                    target=None, device: str = "cpu", draft_device: str = "cpu") -> dict:
     """Direct timings on one thread. `target`: the target model already loaded in this process
     (else it is loaded here)."""
     from actors.loader import load_model
 
     with torch_threads(1):
-        target, draft = target or load_model(target_dir), load_model(draft_dir)
-        return {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS,
+        target, draft = target or load_model(target_dir, device=device), load_model(draft_dir, device=draft_device)
+        return {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS, "device": str(target.device),
                 "t_target_1_s": time_forward(target, ctx, 1, max_len),
                 "t_draft_1_s": time_forward(draft, ctx, 1, max_len),
-                "t_verify_s": {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))}}
+                "t_verify_s": {k: time_forward(target, ctx, k + 1, max_len) for k in sorted(set(ks))},
+                "target_streamed_bytes": streamed_bytes(target),
+                "copy_bytes_per_s": copy_bandwidth(target.device)}

@@ -152,7 +152,21 @@ def derive(report: dict, k: int) -> dict:
                        **{f"SSD/{name}": _r(_div(pooled, c)) for name, c in ceilings.items()}},
             "ceilings_tok_s": {name: _r(c, 2) for name, c in ceilings.items()},
             "verify_overhead_ms": _r(_verify_ms(ms["ssd"]) - 1e3 * tv if _verify_ms(ms["ssd"]) else None, 3),
-            "forward_ms_ssd": fwd_ssd, "forward_ms_sd_same_k": fwd_sd, "overlap_slowdown": _r(overlap)}
+            "forward_ms_ssd": fwd_ssd, "forward_ms_sd_same_k": fwd_sd, "overlap_slowdown": _r(overlap),
+            "memory_floor": _floor(kern, tv, _verify_ms(ms["ssd"]))}
+
+
+def _floor(kern: dict, tv: float, ssd_verify_ms: float | None) -> dict | None:
+    """The target forward's memory floor (its streamed bytes over the measured copy bandwidth)
+    and how far each measured step sits above it."""
+    w, bw = kern.get("target_streamed_bytes"), kern.get("copy_bytes_per_s")
+    if not w or not bw:
+        return None
+    floor_ms = 1e3 * w / bw
+    return {"device": kern.get("device", "cpu"), "target_streamed_mb": _r(w / 1e6, 1),
+            "copy_gb_per_s": _r(bw / 1e9, 1), "floor_ms": _r(floor_ms, 4),
+            "t_target_1_x": _r(1e3 * kern["t_target_1_s"] / floor_ms, 2), "t_verify_x": _r(1e3 * tv / floor_ms, 2),
+            "ssd_verify_per_round_x": _r(_div(ssd_verify_ms, floor_ms), 2)}
 
 
 def _ceilings(ssd: dict, bound: float, overlap: float | None) -> dict[str, float]:
@@ -184,7 +198,9 @@ def summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings) -> dic
             "t_target_1_s": kernels["t_target_1_s"], "t_draft_1_s": kernels["t_draft_1_s"],
             "t_verify_s": dict(kernels["t_verify_s"]),
             "t_verify_interleaved_s": kernels.get("t_verify_interleaved_s"),
-            "t_verify_interleaved_n": kernels.get("t_verify_interleaved_n")}
+            "t_verify_interleaved_n": kernels.get("t_verify_interleaved_n"), "device": kernels.get("device", "cpu"),
+            "target_streamed_bytes": kernels.get("target_streamed_bytes"),
+            "copy_bytes_per_s": kernels.get("copy_bytes_per_s")}
     report = {"settings": settings, "modes": {m.name: mode_summary(m, runs[m.name]) for m in modes},
               "kernels": kern, "greedy_check": greedy,
               "outrider_mismatches": sum(g["mismatches"] for name, g in greedy.items() if not name.startswith("hf")),
@@ -203,6 +219,11 @@ def summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings) -> dic
     lines.append(f"{'bound':>18}: {d['bound_tok_s']:8.1f} tok/s  (E={d['mean_acceptance_length_ssd']:.2f} / "
                  f"t_verify({k + 1})={d['t_verify_ms']:.2f} ms; t_draft={d['t_draft_ms']:.3f} ms; "
                  f"greedy mismatches: outrider {report['outrider_mismatches']}, hf {report['hf_mismatches']})")
+    if d["memory_floor"]:
+        f = d["memory_floor"]
+        lines.append(f"{'memory floor':>18}: {f['floor_ms']:8.3f} ms  ({f['target_streamed_mb']} MB of target weights "
+                     f"/ {f['copy_gb_per_s']} GB/s copy on {f['device']}; t_target(1) x{f['t_target_1_x']}, "
+                     f"t_verify x{f['t_verify_x']}, SSD's verify per round x{f['ssd_verify_per_round_x']})")
     pooled = report["modes"]["ssd"]["tokens_per_s_aggregate"]
     lines += [f"{name:>18}: {v:8.1f} tok/s  (SSD, all prompts pooled: {pooled:.1f} tok/s, {pooled / v:.2f} of it)"
               for name, v in d["ceilings_tok_s"].items()]
@@ -268,6 +289,7 @@ def markdown(rep: dict) -> str:
             f"- SSD transport + coordination (wire, verifier bookkeeping, time outside the verifier loop): "
             f"{_fmt(None if frac is None else 100 * frac)} % of its wall time; the target's prefill: "
             f"{_fmt(None if pre is None else 100 * pre)} % (the bound E/t_verify has no prefill term)",
+            _floor_line(d.get("memory_floor")),
             "- end-to-end ceilings: " + (", ".join(f"{name} {v:.1f} tok/s" for name, v in d["ceilings_tok_s"].items())
                                          or "–"),
             "- ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in d["ratios"].items()), "",
@@ -283,6 +305,15 @@ def markdown(rep: dict) -> str:
         if hits:
             out.append("| cache hit rate at depth i | " + " | ".join(_fmt(x, ".2f") for x in hits) + " |")
     return "\n".join(out) + "\n"
+
+
+def _floor_line(f: dict | None) -> str:
+    if not f:
+        return "- memory floor: not measured"
+    return (f"- memory floor of a target forward on {f['device']}: {f['target_streamed_mb']} MB of weights (the "
+            f"embedding table excepted) / {f['copy_gb_per_s']} GB/s measured copy bandwidth (bytes read + written) "
+            f"= {f['floor_ms']:.3f} ms; t_target(1) is x{f['t_target_1_x']} of it, t_verify x{f['t_verify_x']}, "
+            f"SSD's verify per round x{_fmt(f['ssd_verify_per_round_x'], '.2f')}")
 
 
 def plot(rep: dict, path: Path) -> None:

@@ -25,10 +25,20 @@ class _Section(BaseModel):
 
 
 class ClusterConfig(_Section):
+    # ray: the verifier and drafter as Ray actors; local: plain processes on this machine, no Ray
+    # (the verifier in the serving process, the drafter in a child; actors/launch.py)
+    launcher: Literal["ray", "local"] = "ray"
     address: str | None = None          # None: embedded local cluster; "auto": join `ray start`
     num_cpus: int | None = Field(None, ge=1)   # embedded cluster only
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     namespace: str = "outrider"
+
+    @model_validator(mode="after")
+    def _local_has_no_cluster(self):
+        if self.launcher == "local" and self.address is not None:
+            raise ValueError(f"address: {self.address!r} joins a Ray cluster, but launcher: local runs without Ray "
+                             f"on this machine; remove one of them")
+        return self
 
 
 class ModelConfig(_Section):

@@ -9,6 +9,7 @@ import time
 
 from cluster.client import OutriderClient
 from cluster.config import load_config
+from cluster.deployment import shutdown_ray
 from cluster.server import OutriderServer
 
 DEFAULT_PROMPT = 'def read_config(path):\n    """Read a configuration file and return a dict."""\n    with'
@@ -21,8 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import ray
-
     # Ephemeral ports: the demo never collides with a server already running here.
     cfg = load_config(args.config, {"server.port": 0, "metrics.port": 0})
     server = OutriderServer(cfg)
@@ -51,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"({s.cache_hits}/{s.cache_hits + s.cache_misses}), hits by depth {list(s.hits_by_depth)}\n")
     finally:
         server.stop(grace_s=2)
-        if ray.is_initialized():
-            ray.shutdown()
+        shutdown_ray()
     return 0
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from actors.affinity import check_cpus
@@ -59,9 +60,22 @@ def tokenizer_for(spec: EngineSpec) -> Tokenizer:
 
 
 def start_engine(cfg: DeploymentConfig, spec: EngineSpec | None = None):
-    """Initialise Ray (embedded or joined) and bring the actors up."""
+    """Bring the verifier and drafter up: as plain processes (`cluster.launcher: local`), or as
+    Ray actors on an embedded or joined cluster (Ray is initialised here if need be)."""
+    spec = spec or engine_spec(cfg)
+    if cfg.cluster.launcher == "local":
+        from actors.launch import LocalEngine
+
+        return LocalEngine(spec).start()
     from cluster.engine import RayEngine, init_ray
 
-    spec = spec or engine_spec(cfg)
     init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
     return RayEngine(spec, cfg.cluster.placement_strategy).start()
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray this process started, if any (a `launcher: local` run never imports Ray,
+    so a machine without it serves too)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

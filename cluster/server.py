@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ConfigError, DeploymentConfig, load_config
 from cluster.coordinator import Coordinator
-from cluster.deployment import engine_spec, start_engine, tokenizer_for
+from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 from cluster.metrics import Metrics
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 from cluster.service import SERVICE, OutriderService, info_for
@@ -177,8 +177,6 @@ class OutriderServer:
 
 def serve_from_config(path: str, overrides: dict | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then drain and stop cleanly. Returns the exit code."""
-    import ray
-
     cfg = load_config(path, overrides)
     server = OutriderServer(cfg)
     stop = threading.Event()
@@ -198,6 +196,5 @@ def serve_from_config(path: str, overrides: dict | None = None) -> int:
         log.info("signal received: draining (grace %.1fs)", cfg.server.drain_grace_s)
     finally:
         server.stop()
-        if ray.is_initialized():
-            ray.shutdown()
+        shutdown_ray()
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import sys
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -139,16 +140,20 @@ class OutriderService:
 
 def info_for(spec, cfg) -> pb.GetInfoResponse:
     import google.protobuf
-    import ray
     import torch
 
     from cluster import __version__
+
+    # A `launcher: local` server runs without Ray (and may have none installed): no version then.
+    ray = sys.modules.get("ray") if cfg.cluster.launcher == "local" else __import__("ray")
+    versions = {"outrider": __version__, "torch": torch.__version__, "grpc": grpc.__version__,
+                "protobuf": google.protobuf.__version__, "python": platform.python_version()}
+    if ray is not None:
+        versions["ray"] = ray.__version__
 
     return pb.GetInfoResponse(
         target_model=cfg.models.target.path, draft_model=cfg.models.draft.path if spec.draft else "",
         mode=spec.mode, k=spec.k, fan_out=list(spec.fan_out or []), fan_out_budget=spec.fan_out_budget,
         backup=spec.backup, saguaro_c=spec.saguaro_c, max_seq_len=spec.max_seq_len,
         max_new_tokens_limit=cfg.server.max_new_tokens_limit,
-        versions={"outrider": __version__, "torch": torch.__version__, "ray": ray.__version__,
-                  "grpc": grpc.__version__, "protobuf": google.protobuf.__version__,
-                  "python": platform.python_version()})
+        versions=versions)

@@ -58,8 +58,18 @@ def _run_streams(client, prompts, results):
     return threads
 
 
-def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(served, ar_refs, held_out_prompts):
-    server, client = served
+@pytest.fixture(scope="module")
+def served_local(serve_tiny):
+    """The same server on plain processes (cluster.launcher: local): the verifier in this process."""
+    server, client = serve_tiny({"metrics.enabled": False, "cluster.launcher": "local"})
+    yield server, client
+    client.close()
+    server.stop(grace_s=1)
+
+
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, request, ar_refs, held_out_prompts):
+    server, client = request.getfixturevalue("served" if launcher == "ray" else "served_local")
     old_pid = server.engine.drafter_pid()
     tokens_before = server.engine.metrics()["tokens"]
     results: dict = {}
