@@ -6,6 +6,9 @@ interleaved: for each prompt every mode runs once, in an order that rotates from
 prompt, so slow drift of a busy machine spreads over all modes alike. All outrider engines stay
 up side by side when the Ray cluster has room for them (a cluster this function starts gets
 enough logical CPUs); a smaller, already running cluster is used in phases of engines that fit.
+With `cluster.launcher: local` (no Ray: a bare GPU machine) the engines are plain processes and
+each phase holds at most one engine with a drafter (its verifier owns this process's
+torch.distributed group).
 Per-round times come from the verifier's and drafter's counters (deltas around each timed run);
 t_verify(K+1) and t_draft(1) are measured directly in this process on one thread, in the same run.
 The report (JSON, Markdown, PNG) is written by cluster/bench_report.py.
