@@ -46,13 +46,30 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
     )
-    if cfg.cluster.address is None:  # embedded: every actor runs on this node, so its CPUs are known here
+    if cfg.cluster.address is None:  # embedded or local: every role runs here, so its CPUs and GPUs are known
         for key, cpus in (("models.target.cpus", spec.target_cpus), ("models.draft.cpus", spec.draft_cpus)):
             try:
                 check_cpus(cpus, key)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+        _check_device(spec.target_device, "models.target.device")
+        if draft:
+            _check_device(spec.draft_device, "models.draft.device")
     return spec
+
+
+def _check_device(device: str, key: str) -> None:
+    """A CUDA device this machine lacks is a config error here, not a failure inside torch (or a
+    placement group that waits for a GPU forever)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= n:
+        raise ConfigError(f"{key}: {device!r}, but this machine has {n} CUDA device(s) that torch "
+                          f"{torch.__version__} can use")
 
 
 def tokenizer_for(spec: EngineSpec) -> Tokenizer:

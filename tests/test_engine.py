@@ -234,3 +234,14 @@ def test_a_cpu_the_node_lacks_is_a_config_error_before_any_actor_starts(tiny_pai
 
     with pytest.raises(ConfigError, match=r"models.draft.cpus: CPUs \[4096\] are not available"):
         engine_spec(load_config("configs/local-cpu.yaml", {"models.draft.cpus": [0, 4096]}))
+
+
+@pytest.mark.parametrize("launcher", ["ray", "local"])
+def test_a_gpu_the_machine_lacks_is_a_config_error_before_any_process_starts(tiny_pair, launcher):
+    """Embedded or local, every role runs on this machine: a CUDA device it lacks is named up
+    front, not found by torch inside a process (or by a placement group that waits forever)."""
+    from cluster.config import ConfigError
+
+    over = {"cluster.launcher": launcher, "models.draft.device": "cuda:63"}
+    with pytest.raises(ConfigError, match=r"models.draft.device: 'cuda:63', but this machine has \d+ CUDA device"):
+        engine_spec(load_config("configs/local-cpu.yaml", over))
