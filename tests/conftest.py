@@ -5,8 +5,16 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
 
 torch.set_num_threads(1)
+
+# Hypothesis runs derandomised by default (a fixed seed per test, no example database carried
+# between runs), so a run's outcome depends on neither the clock nor earlier runs nor test order.
+# HYPOTHESIS_PROFILE=explore searches with fresh randomness.
+hypothesis_settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+hypothesis_settings.register_profile("explore", derandomize=False)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
