@@ -37,23 +37,25 @@ class Tokenizer:
 
 
 class IncrementalDecoder:
+    """Streams text deltas, decoding only a short window of ids per push (not the whole sequence).
+
+    The window starts a few tokens before the new ones (`prefix`..`read`): decoders that depend on
+    the neighbouring token (a leading space, byte fallback) see the same context both times, and
+    the delta is what the new ids add to it.
+    """
+
     def __init__(self, tok: Tokenizer):
         self.tok = tok
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix = 0    # start of the decode window
+        self.read = 0      # ids before this index have been turned into text
 
     def push(self, ids: list[int]) -> str:
         """Add ids; return the newly completed text (may be empty)."""
         self.ids += ids
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        # Text can only change at its tail as tokens merge into characters; emit the new suffix.
-        if not text.startswith(self.emitted):
-            common = 0
-            while common < min(len(text), len(self.emitted)) and text[common] == self.emitted[common]:
-                common += 1
-            self.emitted = text[:common]
-        delta = text[len(self.emitted):]
-        self.emitted = text
-        return delta
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) <= len(before) or text.endswith("\ufffd"):
+            return ""  # nothing new yet, or a multi-byte character still incomplete
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
-from actors.tokenizer import IncrementalDecoder, Tokenizer
+from actors.tokenizer import Tokenizer
 from actors.sequence import Request
+from cluster.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +70,11 @@ class Handle:
         self.coord, self.eid, self.args = coord, eid, args
         self.request_id = args.request_id or f"req-{eid}"
         self.events: queue.Queue = queue.Queue()
-        self.decoder = IncrementalDecoder(tok) if tok is not None else None
-        self.text = ""
-        self.tokens: list[int] = []
+        self.stream = TextStream(tok, args.stop)
+        self.text = ""                 # what the client got, stop strings cut off
+        self.tokens: list[int] = []    # the tokens the client got (what usage counts)
         self.t_submit = time.perf_counter()
         self.deadline = self.t_submit + args.deadline_s if args.deadline_s else None
-        self.stopped_by_string = False
         self.done = False
 
     def __iter__(self):
@@ -206,14 +206,17 @@ class Coordinator:
             h = self.handles.get(ev["id"])
         if h is None:
             return
-        if ev["tokens"] and not h.stopped_by_string:
-            self._emit_tokens(h, ev["tokens"])
+        if ev["tokens"] and not h.stream.stopped:
+            self._emit(h, h.stream.push(ev["tokens"]))
+            if h.stream.stopped:
+                self.abort(h.eid, reason="stop")
         if ev["done"]:
+            self._emit(h, h.stream.flush())
             with self._lock:
                 self.handles.pop(h.eid, None)
                 reason = self._abort_reasons.pop(h.eid, None)
             finish = ev["reason"]
-            if h.stopped_by_string:
+            if h.stream.stopped:
                 finish = "stop"
             elif reason is not None and finish == "abort":
                 finish = reason
@@ -222,22 +225,9 @@ class Coordinator:
                                SpecStats.from_dict(ev["stats"]) if ev.get("stats") else SpecStats(),
                                ev.get("ttft_s", 0.0), ev.get("total_s", 0.0)))
 
-    def _emit_tokens(self, h: Handle, tokens: list[int]) -> None:
-        delta = h.decoder.push(tokens) if h.decoder is not None else ""
-        if h.args.stop and h.decoder is not None:
-            # A stop string may straddle chunks: search the tail of the text so far.
-            window = max(len(s) for s in h.args.stop) + len(delta)
-            full = h.text + delta
-            start = max(0, len(full) - window)
-            cut = min((i for i in (full.find(s, start) for s in h.args.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                delta = full[len(h.text):cut] if cut > len(h.text) else ""
-                h.text = full[:cut] if cut < len(h.text) else h.text + delta
-                h.tokens += tokens
-                h.stopped_by_string = True
-                h.events.put(Chunk(list(tokens), delta))
-                self.abort(h.eid, reason="stop")
-                return
-        h.tokens += tokens
-        h.text += delta
-        h.events.put(Chunk(list(tokens), delta))
+    @staticmethod
+    def _emit(h: Handle, piece) -> None:
+        if piece.token_ids or piece.text:
+            h.tokens += piece.token_ids
+            h.text += piece.text
+            h.events.put(Chunk(piece.token_ids, piece.text))
