@@ -1,0 +1,320 @@
+"""Adaptive speculation: each sequence's K (0..k_max) and the fan-out budget, from live measurements.
+
+One pure policy for every mode (synchronous SD, SSD, the one-process SD loop). It maximises the
+expected tokens per second of the whole batch, not acceptance alone:
+
+  - a sequence whose drafts are accepted at position i with conditional probability a_i (the
+    i-th token is kept given the ones before it were) commits, per round with K drafts,
+    E(K) = 1 + sum_{j=1..K} prod_{i<=j} a_i tokens;
+  - a round costs t_verify(n), n = the batch's tokens in the verify forward (sum of K_s + 1),
+    plus what drafting exposes on the critical path:
+      sync SD     K_max * t_draft_step + transport;
+      SSD, hit    max(t_verify, t_prespec(K_max)) + transport (pre-speculation hides drafting);
+      SSD, miss   the hit's cost plus a just-in-time draft and another round trip;
+    and a round where every sequence has K = 0 costs t_verify(n) alone (no drafter on the path);
+  - the batch picks the K_s that maximise sum_s E_s(K_s) / t_round(K_1..K_B), by coordinate
+    ascent from "all off" and from "all at the cap" (the better of the two).
+
+Everything it needs is measured by the caller: acceptance by position per sequence
+(`Acceptance`), t_verify per batch shape (`ShapeCost`), and the drafter's costs (`Costs`).
+A sequence at K = 0 still keeps its drafter in sync; `Probe` asks for one small draft now and
+then (backing off while speculation keeps not paying), so speculation comes back when the
+drafter starts to agree again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRIOR_ALPHA = 0.6     # what a sequence assumes before anything was measured
+PROBE_K = 1           # the draft length of a probe from K = 0
+PROBE_FIRST, PROBE_MAX = 8, 64   # rounds at K = 0 before the first probe; the backoff's cap
+
+
+class Acceptance:
+    """Per-position conditional acceptance with decayed counts and a prior.
+
+    reached[i]: drafts whose position i+1 was verified (it existed and positions 1..i were
+    accepted); kept[i]: of those, how many accepted it. a_{i+1} = (kept + w * prior) / (reached + w),
+    where the prior of a position is `prior[i]` when given, else the estimate of the position
+    before it (acceptance is measured position by position; a position never reached borrows
+    its neighbour's)."""
+
+    def __init__(self, k_max: int, prior: list[float] | float = PRIOR_ALPHA, weight: float = 2.0,
+                 decay: float = 0.97):
+        self.k_max, self.weight, self.decay = k_max, weight, decay
+        self.prior = list(prior) if isinstance(prior, (list, tuple)) else [float(prior)] + [None] * (k_max - 1)
+        self.prior += [None] * (k_max - len(self.prior))
+        self.reached = [0.0] * k_max
+        self.kept = [0.0] * k_max
+        self.rounds = 0
+
+    def update(self, n_draft: int, accepted: int) -> None:
+        """One verified draft of `n_draft` tokens of which the first `accepted` were kept."""
+        if n_draft <= 0:
+            return
+        self.rounds += 1
+        d = self.decay
+        for i in range(self.k_max):
+            self.reached[i] *= d
+            self.kept[i] *= d
+        for i in range(min(accepted + 1, n_draft, self.k_max)):
+            self.reached[i] += 1.0
+            if i < accepted:
+                self.kept[i] += 1.0
+
+    def rates(self) -> list[float]:
+        out, prev = [], PRIOR_ALPHA
+        for i in range(self.k_max):
+            base = self.prior[i] if self.prior[i] is not None else prev
+            prev = (self.kept[i] + self.weight * base) / (self.reached[i] + self.weight)
+            out.append(prev)
+        return out
+
+
+def expected_tokens(a: list[float], k: int) -> float:
+    """E(K) = 1 + sum_{j=1..K} prod_{i<=j} a_i: tokens a round commits with K drafts."""
+    e, p = 1.0, 1.0
+    for j in range(min(k, len(a))):
+        p *= a[j]
+        e += p
+    return e
+
+
+def expected_curve(a: list[float], k_cap: int) -> list[float]:
+    """[E(0), E(1), ..., E(k_cap)]."""
+    out, e, p = [1.0], 1.0, 1.0
+    for j in range(k_cap):
+        p *= a[j] if j < len(a) else 0.0
+        e += p
+        out.append(e)
+    return out
+
+
+class ShapeCost:
+    """t(n) for a forward over n tokens: a decayed mean per shape seen, and between or beyond
+    the shapes seen a weighted least-squares line through them. With a single shape seen, the
+    slope is `rel_slope` of that shape's time per extra token (a CPU verify of 6 tokens costs
+    1.5-1.8x one token; a GPU's is nearly flat, which the second shape seen then shows)."""
+
+    def __init__(self, ema: float = 0.2, rel_slope: float = 0.1):
+        self.ema, self.rel_slope = ema, rel_slope
+        self.mean: dict[int, float] = {}
+        self.count: dict[int, int] = {}
+
+    def add(self, n: int, seconds: float) -> None:
+        if n in self.mean:
+            self.mean[n] += self.ema * (seconds - self.mean[n])
+            self.count[n] += 1
+        else:
+            self.mean[n], self.count[n] = seconds, 1
+
+    @property
+    def known(self) -> bool:
+        return bool(self.mean)
+
+    def line(self) -> tuple[float, float]:
+        """(intercept, slope) of t(n) = a + b n."""
+        if not self.mean:
+            return 0.0, 0.0
+        if len(self.mean) == 1:
+            (n0, t0), = self.mean.items()
+            b = self.rel_slope * t0
+            return t0 - b * n0, b
+        w = {n: min(c, 20) for n, c in self.count.items()}
+        sw = sum(w.values())
+        mx = sum(w[n] * n for n in w) / sw
+        my = sum(w[n] * self.mean[n] for n in w) / sw
+        sxx = sum(w[n] * (n - mx) ** 2 for n in w)
+        b = max(0.0, sum(w[n] * (n - mx) * (self.mean[n] - my) for n in w) / sxx)
+        return my - b * mx, b
+
+    def __call__(self, n: int) -> float:
+        if n in self.mean and self.count[n] >= 3:
+            return self.mean[n]
+        a, b = self.line()
+        return max(a + b * n, 0.0)
+
+
+@dataclass
+class Costs:
+    """The round's cost model, in seconds. `verify` is t_verify by batch tokens; the rest are the
+    drafter's costs on (or hidden from) the critical path, as the caller measured them."""
+    verify: ShapeCost = field(default_factory=ShapeCost)
+    draft_step_s: float | None = None   # one just-in-time draft step of the batch (None: unmeasured)
+    transport_s: float = 0.0            # a frame to the drafter and its reply back
+    prespec_step_s: float | None = None  # pre-speculation time per draft step (SSD; hidden up to t_verify)
+    hit_rate: float = 0.9               # SSD: a round's outcome found in the table
+
+    def draft_step(self) -> float:
+        if self.draft_step_s is not None:
+            return self.draft_step_s
+        return 0.1 * self.verify(1)  # a drafter ~10x cheaper than the target until measured
+
+
+def round_time(mode: str, ks: list[int], costs: Costs) -> float:
+    """Expected seconds of one round where sequence s drafts ks[s] tokens."""
+    n = sum(k + 1 for k in ks)
+    tv = costs.verify(n)
+    k_max = max(ks, default=0)
+    if k_max == 0:
+        return tv
+    jit = k_max * costs.draft_step() + costs.transport_s
+    if mode != "ssd":
+        return tv + jit
+    pre = k_max * (costs.prespec_step_s if costs.prespec_step_s is not None else costs.draft_step())
+    hit = max(tv, pre) + costs.transport_s
+    n_spec = sum(1 for k in ks if k > 0)
+    p_all_hit = costs.hit_rate ** n_spec
+    return hit + (1.0 - p_all_hit) * jit
+
+
+def choose_ks(curves: list[list[float]], mode: str, costs: Costs,
+              fixed: list[tuple[int, float]] = ()) -> list[int]:
+    """Each sequence's K maximising the batch's expected tokens per second. curves[s] is
+    [E_s(0), .., E_s(cap_s)] (expected_curve over the sequence's own cap); `fixed` are the
+    batch's sequences whose K is not the policy's, as (K, expected tokens): they share the round."""
+    if not curves:
+        return []
+    fixed_ks = [k for k, _ in fixed]
+    fixed_e = sum(e for _, e in fixed)
+
+    def rate(ks: list[int]) -> float:
+        e = fixed_e + sum(c[k] for c, k in zip(curves, ks))
+        return e / max(round_time(mode, ks + fixed_ks, costs), 1e-12)
+
+    best_ks, best = None, -1.0
+    for start in ([0] * len(curves), [len(c) - 1 for c in curves]):
+        ks = list(start)
+        for _ in range(3):
+            changed = False
+            for s, c in enumerate(curves):
+                here, pick = rate(ks), ks[s]
+                for k in range(len(c)):
+                    if k == ks[s]:
+                        continue
+                    trial = ks[:s] + [k] + ks[s + 1:]
+                    r = rate(trial)
+                    if r > here * (1 + 1e-9):
+                        here, pick = r, k
+                if pick != ks[s]:
+                    ks[s], changed = pick, True
+            if not changed:
+                break
+        r = rate(ks)
+        if r > best:
+            best_ks, best = ks, r
+    return best_ks
+
+
+def fan_budget(current: int, max_budget: int, t_verify: float, t_prespec: float | None) -> int:
+    """The fan-out budget for the next round: pre-speculation must fit inside the verify it hides
+    behind. When the last pre-speculation took longer than the verify (its table was late),
+    shrink in proportion (keeping a 10 % margin); otherwise grow back by one toward the cap."""
+    if t_prespec is None or t_verify <= 0:
+        return max_budget
+    if t_prespec > t_verify:
+        return max(1, min(current - 1, int(current * 0.9 * t_verify / t_prespec)))
+    return min(max_budget, current + 1)
+
+
+@dataclass
+class Probe:
+    """Per sequence at K = 0: after `every` rounds off, ask for one PROBE_K-token draft; each probe
+    after which the policy still says K = 0 doubles the wait (up to PROBE_MAX)."""
+    every: int = PROBE_FIRST
+    off: int = 0
+    probing: bool = False
+
+    def next_k(self, chosen: int) -> int:
+        """The K to draft this round given the policy's choice."""
+        if chosen > 0:
+            self.every, self.off, self.probing = PROBE_FIRST, 0, False
+            return chosen
+        if self.probing:  # the probe came back and speculation still does not pay
+            self.every, self.probing = min(self.every * 2, PROBE_MAX), False
+        self.off += 1
+        if self.off >= self.every:
+            self.off, self.probing = 0, True
+            return PROBE_K
+        return 0
+
+
+class Controller:
+    """The policy's state for one engine: the cost model, an engine-wide acceptance (the prior of
+    every new sequence, so a drafter that does not agree is known before a request's first
+    round), and per sequence its acceptance, its cap (a request's own k, or the engine's) and its
+    probe. The caller feeds it measurements and asks `decide` once per round."""
+
+    def __init__(self, k_max: int, mode: str, max_budget: int = 16):
+        self.k_max, self.mode, self.max_budget = k_max, mode, max_budget
+        self.costs = Costs()
+        self.pooled = Acceptance(k_max, weight=4.0, decay=0.99)
+        self.acc: dict[int, Acceptance] = {}
+        self.cap: dict[int, int] = {}
+        self.fixed: dict[int, int] = {}      # sequences with a K of their own (no adaptation)
+        self.probe: dict[int, Probe] = {}
+        self.budget = max_budget
+        self._lookups, self._hits = 0.0, 0.0
+
+    # -- sequences ---------------------------------------------------------------------------
+    def add(self, sid: int, fixed_k: int | None = None) -> None:
+        self.acc[sid] = Acceptance(self.k_max, prior=self.pooled.rates())
+        if fixed_k is not None:
+            self.fixed[sid] = min(fixed_k, self.k_max)
+            return
+        self.cap[sid] = self.k_max
+        self.probe[sid] = Probe()
+
+    def remove(self, sid: int) -> None:
+        for d in (self.acc, self.cap, self.fixed, self.probe):
+            d.pop(sid, None)
+
+    # -- measurements ------------------------------------------------------------------------
+    def observe_round(self, sid: int, n_draft: int, accepted: int) -> None:
+        if n_draft <= 0:
+            return
+        self.pooled.update(n_draft, accepted)
+        if sid in self.acc:
+            self.acc[sid].update(n_draft, accepted)
+
+    def observe_verify(self, n_tokens: int, seconds: float) -> None:
+        self.costs.verify.add(n_tokens, seconds)
+
+    def observe_draft(self, steps: int, draft_s: float, transport_s: float) -> None:
+        """A just-in-time draft of `steps` batched steps took `draft_s` in the drafter; the frame
+        and its reply spent `transport_s` on the way."""
+        c = self.costs
+        if steps > 0:
+            per = draft_s / steps
+            c.draft_step_s = per if c.draft_step_s is None else c.draft_step_s + 0.2 * (per - c.draft_step_s)
+        c.transport_s += 0.2 * (max(transport_s, 0.0) - c.transport_s)
+
+    def observe_prespec(self, steps: int, seconds: float, t_verify: float) -> None:
+        """One pre-speculation of `steps` draft steps took `seconds`, behind a verify of `t_verify`."""
+        if steps <= 0:
+            return
+        c = self.costs
+        per = seconds / steps
+        c.prespec_step_s = per if c.prespec_step_s is None else c.prespec_step_s + 0.2 * (per - c.prespec_step_s)
+        self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds)
+
+    def observe_lookup(self, hit: bool) -> None:
+        self._lookups = self._lookups * 0.98 + 1.0
+        self._hits = self._hits * 0.98 + float(hit)
+        self.costs.hit_rate = (self._hits + 0.9 * 2) / (self._lookups + 2)
+
+    # -- the decision ------------------------------------------------------------------------
+    def decide(self, sids: list[int]) -> dict[int, int]:
+        """This round's K for each sequence in `sids` (all of the batch being verified)."""
+        out = {s: self.fixed[s] for s in sids if s in self.fixed}
+        free = [s for s in sids if s not in self.fixed]
+        if free:
+            if not self.costs.verify.known:   # nothing measured yet: speculate at the cap
+                chosen = [self.cap[s] for s in free]
+            else:
+                curves = [expected_curve(self.acc[s].rates(), self.cap[s]) for s in free]
+                fixed = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in out.items()]
+                chosen = choose_ks(curves, self.mode, self.costs, fixed)
+            for s, k in zip(free, chosen):
+                out[s] = self.probe[s].next_k(k)
+        return out
