@@ -11,6 +11,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from actors.chat import ChatError, ChatTemplate, check_messages
+
 
 class Tokenizer:
     def __init__(self, path: str | Path):
@@ -24,6 +26,7 @@ class Tokenizer:
         if cfg.is_file():
             eos = json.loads(cfg.read_text()).get("eos_token_id")
             self.eos_token_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        self.chat_template = ChatTemplate.from_dir(f.parent)
 
     @property
     def vocab_size(self) -> int:
@@ -31,6 +34,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt for a chat: the checkpoint's template with the assistant's turn opened."""
+        check_messages(messages)
+        if self.chat_template is None:
+            raise ChatError("this model's checkpoint has no chat template: send a prompt instead of messages")
+        return self.encode(self.chat_template.render(messages, add_generation_prompt=True))
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

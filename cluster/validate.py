@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from actors.chat import ChatError
 from actors.sampling import SamplingParams
 from actors.tokenizer import Tokenizer
 from cluster.coordinator import GenerateArgs
@@ -75,7 +76,15 @@ def _prompt(req, tok: Tokenizer, limits: Limits) -> list[int]:
         if bad:
             raise InvalidRequest(f"prompt_ids must be < vocab size {limits.vocab_size}, got {bad[:3]}")
         return ids
-    raise InvalidRequest("prompt is empty: set prompt or prompt_ids")
+    if which == "messages":
+        messages = [{"role": m.role, "content": m.content} for m in req.messages.messages]
+        if sum(len(m["content"]) for m in messages) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"messages hold more than {MAX_PROMPT_CHARS} characters")
+        try:
+            return tok.encode_chat(messages)
+        except ChatError as e:
+            raise InvalidRequest(str(e)) from None
+    raise InvalidRequest("prompt is empty: set prompt, prompt_ids or messages")
 
 
 def _params(req) -> SamplingParams:
