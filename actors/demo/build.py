@@ -79,8 +79,13 @@ def resolve_demo(spec: str) -> Path:
     """`demo:<size>/<target|draft>` -> checkpoint directory, building the pair if needed."""
     body = spec.removeprefix("demo:")
     size, _, role = body.partition("/")
+    if size == "smol":  # the real pretrained pair: imported and distilled, not trained here
+        from actors.demo.smol import resolve_smol
+
+        return resolve_smol(role)
     if size not in SIZES or not (role in ("target", "draft") or role.startswith("draft-")):
-        raise ValueError(f"demo model {spec!r}: expected demo:<{'|'.join(SIZES)}>/<target|draft|draft-LxD>")
+        raise ValueError(f"demo model {spec!r}: expected demo:<{'|'.join(SIZES)}>/<target|draft|draft-LxD> "
+                         "or demo:smol/<target|draft|cheap>")
     if role.startswith("draft-"):  # another drafter size, distilled on the same target
         from actors.demo.drafters import build_drafter, variant_shape
 
@@ -185,6 +190,10 @@ def build_once(dest: Path, build, force: bool = False) -> dict | None:
 
 
 def cli_build(size: str, out: str | None = None, force: bool = False) -> Path:
+    if size == "smol":
+        from actors.demo.smol import cli_build_smol
+
+        return cli_build_smol(out, force)
     path = build_pair(size, Path(out) if out else None, force)
     info = json.loads((path / "build.json").read_text())
     keys = ("build_s", "greedy_agreement", "target_ms_per_token", "draft_ms_per_token", "cost_ratio")

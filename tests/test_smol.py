@@ -1,0 +1,164 @@
+"""The real pretrained pair (SmolLM2-135M-Instruct from its GGUF) against transformers.
+
+The reference is transformers' own GGUF loading of the very same file
+(`from_pretrained(dir, gguf_file=...)`, its own dequantizer, Q/K un-permutation and tokenizer
+conversion), never outrider's import of it. Exactness of SSD uses the cheap drafter (the
+target's first layers): it drafts badly, so nearly every round goes through rejection and
+correction, which is the path exactness depends on.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from actors.demo.smol import fetch_gguf
+from actors.loader import load_model
+from actors.tokenizer import Tokenizer
+from tests.conftest import assert_matches_or_near_tie
+
+pytestmark = pytest.mark.timeout(900)
+NEW = 64
+
+TEXTS = [
+    "def parse(text):\n    return [int(x) for x in text.split(',') if x.strip()]\n",
+    "class Foo(Bar):\n\tdef __init__(self, *args, **kw):\n\t\tsuper().__init__(*args, **kw)  # 12345 67\n",
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there!<|im_end|>\n<|im_start|>assistant\n",
+    "Ünïcödé: naïve café, 日本語のテキスト, 中文, emoji 🎉🚀👍🏽, math ∑∫√π ≠ ≤, tabs\tand\r\nCRLF",
+    "   leading spaces,   runs   of  spaces, trailing   \n\n\n   \n",
+    "<|endoftext|><file_sep>x = 1<|im_end|>it's they're I'll we've 3.14159e-10 0x1F",
+]
+
+# Held-out chat requests (the drafter's distillation prompts never contain these).
+CHAT = [
+    "Write a Python function that tells whether a number is prime.",
+    "What is the capital of France? Answer in one sentence.",
+    "Explain what a hash table is to a beginner.",
+    "Give me three tips for writing readable code.",
+    "Translate 'good morning' into Spanish and German.",
+    "Write a haiku about the sea.",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_file():
+    return fetch_gguf()
+
+
+@pytest.fixture(scope="module")
+def hf_gguf(gguf_file):
+    """transformers' model and tokenizer, loaded from the GGUF itself (float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(gguf_file=gguf_file.name)
+    tok = AutoTokenizer.from_pretrained(gguf_file.parent, **kw)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, dtype=torch.float32, **kw).eval()
+    return model, tok
+
+
+def test_tokenizer_matches_transformers_gguf(smol_pair, hf_gguf):
+    target, _ = smol_pair
+    _, htok = hf_gguf
+    ours = Tokenizer(target)
+    assert ours.vocab_size == htok.vocab_size == 49152
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == htok(text, add_special_tokens=False).input_ids, text
+        assert ours.decode(ids) == htok.decode(ids, skip_special_tokens=True)
+    chat = ours.encode(TEXTS[2])
+    assert chat[0] == 1 and chat.count(2) == 2  # <|im_start|>, <|im_end|> stay whole
+
+
+def test_checkpoint_files(smol_pair):
+    import json
+
+    target, cheap = smol_pair
+    cfg = json.loads((target / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["hidden_size"], cfg["num_attention_heads"],
+            cfg["num_key_value_heads"]) == (30, 576, 9, 3)
+    assert cfg["tie_word_embeddings"] and cfg["rope_theta"] == 100000.0
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    tcfg = json.loads((target / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tcfg["chat_template"] and tcfg["eos_token"] == "<|im_end|>"
+    assert json.loads((cheap / "config.json").read_text())["num_hidden_layers"] < 30
+
+
+def test_logits_match_transformers_gguf(smol_pair, hf_gguf):
+    """Full forward, and prefill + cached decode, equal transformers' logits (float32)."""
+    from actors.kv_cache import KVCache
+
+    target, _ = smol_pair
+    hf, htok = hf_gguf
+    model = load_model(target)
+    ids = htok(TEXTS[0] + TEXTS[2] + TEXTS[3], add_special_tokens=False).input_ids
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = hf(x).logits
+        full = model(x)
+        torch.testing.assert_close(full, ref, rtol=0, atol=1e-4)
+        cache = KVCache.for_model(model.args, 1, len(ids))
+        slot = torch.tensor([cache.alloc()])
+        half = len(ids) // 2
+        pre = model(x[:, :half], torch.arange(half)[None], cache, slot)
+        steps = [model(x[:, i:i + 1], torch.tensor([[i]]), cache, slot) for i in range(half, len(ids))]
+    torch.testing.assert_close(torch.cat([pre, *steps], 1), ref, rtol=0, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def smol_prompts(hf_gguf):
+    """6 held-out code prompts (standard-library source) and 6 chat requests rendered with the
+    checkpoint's chat template by transformers."""
+    from actors.demo.corpus import prompts
+
+    _, htok = hf_gguf
+    code = [htok(t, add_special_tokens=False).input_ids[-96:] for t in prompts("code", 6, seed=16)]
+    chat = []
+    for text in CHAT:
+        rendered = htok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                            add_generation_prompt=True)
+        chat.append(htok(rendered, add_special_tokens=False).input_ids)
+    return code + chat
+
+
+@pytest.fixture(scope="module")
+def smol_refs(hf_gguf, smol_prompts):
+    hf, _ = hf_gguf
+    refs = []
+    with torch.inference_mode():
+        for p in smol_prompts:
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=NEW, do_sample=False)
+            refs.append(out[0, len(p):].tolist())
+    return refs
+
+
+def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prompts, smol_refs):
+    from cluster.config import load_config
+    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.deployment import engine_spec
+    from cluster.engine import RayEngine
+
+    hf, _ = hf_gguf
+    cfg = load_config("configs/smol-cpu.yaml", {"models.draft.path": "demo:smol/cheap", "engine.max_seq_len": 256,
+                                                "engine.max_batch": 6})
+    spec = engine_spec(cfg)
+    assert spec.mode == "ssd" and spec.k == 4
+    engine = RayEngine(spec).start()
+    coord = Coordinator(engine, None, max_queue=64)
+    try:
+        handles = [coord.submit(GenerateArgs(list(p), NEW)) for p in smol_prompts]
+        finals = [h.result() for h in handles]
+    finally:
+        coord.stop()
+        engine.stop()
+    assert len(smol_prompts) >= 12
+    exact = 0
+    for p, h, r in zip(smol_prompts, handles, smol_refs):
+        same = assert_matches_or_near_tie(hf, p, h.tokens, r)
+        if not same:
+            print(f"near tie on prompt {hf_gguf[1].decode(p[-20:])!r}")
+        exact += same
+    assert exact >= len(smol_prompts) - 2, f"only {exact}/{len(smol_prompts)} identical"
+    stats = finals[0].stats
+    for f in finals[1:]:
+        stats.merge(f.stats)
+    assert stats.drafts > 0  # speculation really ran (and was really checked)
