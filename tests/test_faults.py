@@ -1,6 +1,7 @@
 """Faults on the real processes: SIGKILL the drafter, SIGKILL the verifier, SIGTERM the server."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -58,6 +59,57 @@ def _run_streams(client, prompts, results):
     return threads
 
 
+def _exact_or_unavailable(results: dict, refs: list, allow_unavailable: bool) -> int:
+    """Every stream either completed token-identical to its reference, or (where allowed) ended
+    with UNAVAILABLE. A stream that ended OK but short, or with any other status, fails.
+    Returns how many completed."""
+    assert sorted(results) == list(range(len(results))), f"streams without a result: {sorted(results)}"
+    completed = 0
+    for i, r in sorted(results.items()):
+        if isinstance(r, grpc.RpcError):
+            assert allow_unavailable and r.code() == grpc.StatusCode.UNAVAILABLE, \
+                f"stream {i} ended with {r.code()}: {r.details()}"
+            continue
+        ids, final = r
+        assert final is not None, f"stream {i} ended OK without a final message after {len(ids)} tokens"
+        assert final.finish_reason == "length" and final.usage.completion_tokens == len(ids), \
+            f"stream {i} ended OK but {final.finish_reason} after {len(ids)}/{len(refs[i])} tokens"
+        assert ids == refs[i], f"stream {i} completed but differs from the reference"
+        completed += 1
+    return completed
+
+
+class HealthWatch:
+    """Every health status the server announces, in order (grpc.health.v1 Watch, opened before the
+    fault, so a transition is seen however briefly it lasts)."""
+
+    def __init__(self, client):
+        from grpc_health.v1 import health_pb2
+
+        self._name = health_pb2.HealthCheckResponse.ServingStatus.Name
+        self.seen: list[str] = []
+        self._call = client.health_stub.Watch(health_pb2.HealthCheckRequest(service=""))
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        _wait(lambda: self.seen, 10, "the first health status")
+
+    def _run(self):
+        try:
+            for resp in self._call:
+                self.seen.append(self._name(resp.status))
+        except grpc.RpcError:
+            pass
+
+    def saw(self, *sequence: str) -> bool:
+        """True once `sequence` appeared in order (not necessarily adjacent) after the first status."""
+        it = iter(self.seen[1:])
+        return all(any(s == want for s in it) for want in sequence)
+
+    def close(self):
+        self._call.cancel()
+        self._thread.join(5)
+
+
 @pytest.fixture(scope="module")
 def served_local(serve_tiny):
     """The same server on plain processes (cluster.launcher: local): the verifier in this process."""
@@ -81,6 +133,7 @@ def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, r
     for i, ref in enumerate(ar_refs):
         ids, final = results[i]  # an RpcError here would fail the test: nothing may be lost
         assert final.finish_reason == "length" and ids == ref, f"stream {i} differs after the drafter died"
+    assert _exact_or_unavailable(results, ar_refs, allow_unavailable=False) == len(ar_refs)
     _wait(lambda: server.supervisor.drafter_restarts >= 1 and server.engine.metrics()["drafter_ok"],
           what="drafter restart")
     assert server.engine.drafter_pid() != old_pid
@@ -88,11 +141,15 @@ def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, r
     assert final.stats.cache_hits > 0, "speculation did not resume after the restart"
 
 
-def test_verifier_sigkill_fails_fast_then_recovers(served, held_out_prompts):
+def test_verifier_sigkill_fails_fast_then_recovers(served, ar_refs, held_out_prompts):
     server, client = served
     results: dict = {}
+    watch = HealthWatch(client)
+    assert watch.seen[0] == "SERVING"
+    tokens_before = server.engine.metrics()["tokens"]
     threads = _run_streams(client, held_out_prompts[:4], results)
     _wait(lambda: server.coord.in_flight == 4, what="admission")
+    _wait(lambda: server.engine.metrics()["tokens"] > tokens_before + 8, what="streaming")
     os.kill(server.engine.verifier_pid(), signal.SIGKILL)
     t0 = time.monotonic()
     for t in threads:
@@ -100,7 +157,11 @@ def test_verifier_sigkill_fails_fast_then_recovers(served, held_out_prompts):
     assert all(not t.is_alive() for t in threads), "a stream hung after the verifier died"
     codes = [r.code() for r in results.values() if isinstance(r, grpc.RpcError)]
     assert codes and all(c == grpc.StatusCode.UNAVAILABLE for c in codes), codes
-    _wait(lambda: client.health() == "NOT_SERVING" or server.supervisor.verifier_rebuilds, 10, "NOT_SERVING")
+    # Each stream is exact to the end or UNAVAILABLE: none may end OK with a truncated text.
+    _exact_or_unavailable(results, ar_refs[:4], allow_unavailable=True)
+    # The transition itself, as announced to a watcher: NOT_SERVING while rebuilding, then SERVING.
+    _wait(lambda: watch.saw("NOT_SERVING", "SERVING"), 30, "NOT_SERVING then SERVING announced")
+    watch.close()
     _wait(lambda: client.health() == "SERVING", 30, "SERVING again")
     assert time.monotonic() - t0 < 30
     assert server.supervisor.verifier_rebuilds == 1
@@ -108,40 +169,99 @@ def test_verifier_sigkill_fails_fast_then_recovers(served, held_out_prompts):
     assert final.usage.completion_tokens == 32
 
 
-def test_sigterm_drains_and_exits_cleanly(tiny_pair, tmp_path):
-    """`outrider serve` as a real process: SIGTERM mid-request lets it finish, then exits 0."""
+def _named(procs: list[psutil.Process]) -> dict[str, list[psutil.Process]]:
+    """The Ray processes a server brings up, by name: raylet, GCS, and the two actors' workers
+    (Ray titles an actor's process `ray::<Class>` / `ray::<Class>.<method>`)."""
+    out: dict[str, list[psutil.Process]] = {"raylet": [], "gcs_server": [], "VerifierActor": [], "DrafterActor": []}
+    for p in procs:
+        try:
+            title = " ".join(p.cmdline()) or p.name()
+            name = p.name()
+        except psutil.Error:
+            continue
+        for key in ("raylet", "gcs_server"):
+            if name == key or os.path.basename(title.split()[0]) == key:
+                out[key].append(p)
+        for key in ("VerifierActor", "DrafterActor"):
+            if title.startswith(f"ray::{key}"):
+                out[key].append(p)
+    return out
+
+
+def test_sigterm_drains_and_exits_cleanly(tiny_pair, tmp_path, ar_refs, held_out_prompts):
+    """`outrider serve` as a real process: SIGTERM mid-request lets it finish, then exits 0.
+
+    The request is held in flight deterministically: the verifier's process is stopped (SIGSTOP)
+    before SIGTERM and continued only once the server is seen draining, so the drain really has a
+    request to wait for. Ports are all ephemeral (gRPC and metrics read back from the log)."""
+    import yaml
+
     env = dict(os.environ, RAY_worker_niceness="0")
+    cfg = yaml.safe_load((ROOT / "configs" / "local-cpu.yaml").read_text())
+    cfg["server"].update(port=0, drain_grace_s=60)
+    cfg["metrics"]["port"] = 0
+    (config := tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "-c", "configs/local-cpu.yaml",
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "serve", "-c", str(config),
                                  "--port", "0"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
+    family: list[psutil.Process] = []
+    stopped: psutil.Process | None = None
     try:
-        port = None
+        port = metrics_port = None
 
         def listening():
-            nonlocal port
+            nonlocal port, metrics_port
             assert proc.poll() is None, log.read_text()[-3000:]
             for line in log.read_text().splitlines():
                 if "serving outrider.v1 on" in line:
                     port = int(line.rsplit(":", 1)[1].split()[0])
+                if "metrics on http://" in line:
+                    metrics_port = int(line.split("metrics on http://", 1)[1].split("/")[0].rsplit(":", 1)[1])
             return port is not None
         _wait(listening, 180, "server start")
+        assert metrics_port and metrics_port != 9464, f"metrics not on an ephemeral port: {metrics_port}"
+        import urllib.request
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        assert "outrider:engine_up" in body
         with OutriderClient(f"127.0.0.1:{port}") as client:
             client.wait_ready(60)
-            stream = client.generate("def main():\n    return", max_new_tokens=200, ignore_eos=True)
+            stream = client.generate(held_out_prompts[0], max_new_tokens=NEW, ignore_eos=True)
             first = next(stream)
             # Everything the server started (raylet, GCS, the two actors) must end with it.
             family = psutil.Process(proc.pid).children(recursive=True)
             assert len(family) >= 3
+            named = _named(family)
+            assert all(named.values()), f"not all of raylet, GCS and the actors found: {named}"
+            (verifier,) = named["VerifierActor"]
+            verifier.suspend()
+            stopped = verifier
             proc.send_signal(signal.SIGTERM)
+            _wait(lambda: client.health() == "NOT_SERVING", 30, "NOT_SERVING after SIGTERM")
+            with pytest.raises(grpc.RpcError) as refused:
+                client.generate_ids("x = ", max_new_tokens=4)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+            verifier.resume()
+            stopped = None
             rest = list(stream)
         assert first.HasField("chunk") and rest[-1].HasField("final")
         assert rest[-1].final.finish_reason == "length", "the in-flight request was not drained"
+        ids = [t for item in [first, *rest] if item.HasField("chunk") for t in item.chunk.token_ids]
+        assert rest[-1].final.usage.completion_tokens == len(ids) == NEW, f"drained with {len(ids)}/{NEW} tokens"
+        assert ids == ar_refs[0], "the drained request's tokens differ from the reference"
         assert proc.wait(60) == 0, log.read_text()[-3000:]
     finally:
+        if stopped is not None:
+            stopped.resume()
         if proc.poll() is None:
             proc.kill()
+            for p in family:  # a failed run must not leave its Ray behind
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
     text = log.read_text()
     assert "server stopped" in text
     _, alive = psutil.wait_procs(family, timeout=20)
     assert not alive, f"orphans left behind: {[p.cmdline()[:2] for p in alive]}"
+    for name, procs in named.items():
+        left = [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        assert not left, f"{name} still running after the server exited: {left}"
