@@ -10,7 +10,9 @@ import urllib.request
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
+import ray
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
@@ -85,12 +87,29 @@ def test_cancel_mid_stream_frees_the_sequence(served):
 
 
 def test_deadline_exceeded_frees_the_sequence(served):
+    """The deadline surely reaches the engine: tokens of several rounds have come back before the
+    verifier is paused (SIGSTOP), and the drafter is seen holding the sequence too; the deadline
+    then runs out while the verifier is paused, and both actors must free the sequence."""
     server, client = served
-    with pytest.raises(grpc.RpcError) as e:
-        client.generate_text("import os\nimport", max_new_tokens=1000, ignore_eos=True, timeout=0.3)
+    verifier = psutil.Process(server.engine.verifier_pid())
+    stream = client.generate("import os\nimport", max_new_tokens=1000, ignore_eos=True, timeout=6)
+    got, drafter_seqs = [], None
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            for item in stream:
+                got += item.chunk.token_ids
+                if drafter_seqs is None and len(got) >= 16:  # rounds of verified drafts: the drafter has it
+                    verifier.suspend()   # from here on, nothing finishes before the deadline
+                    drafter_seqs = ray.get(server.engine.drafter.stats.remote(), timeout=10)["seqs"]
+    finally:
+        verifier.resume()
+    assert drafter_seqs == 1, "the drafter never held the sequence"
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0 < len(got) < 1000
     _wait(lambda: server.coord.in_flight == 0)
     _wait(lambda: server.engine.metrics()["active"] == 0)
+    _wait(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
+    assert client.generate_text("x = ", max_new_tokens=4)[1].usage.completion_tokens == 4
 
 
 def test_abort_by_request_id(served):
