@@ -1,5 +1,10 @@
-"""`make demo`: build the demo pair (cached), serve it on an embedded local Ray cluster, send one
-request through the gRPC client, print the streamed text and the statistics, shut down."""
+"""`make demo`: serve a model pair on an embedded local cluster, send one request through the gRPC
+client, print the streamed answer and the speculation statistics, shut down.
+
+By default it serves the real pair (configs/smol-cpu.yaml: SmolLM2-135M-Instruct and a drafter
+distilled from it, both built once and cached) and sends a chat message; `--prompt` sends raw text
+instead (the tiny test pair, configs/local-cpu.yaml, has no chat template).
+"""
 from __future__ import annotations
 
 import argparse
@@ -12,30 +17,37 @@ from cluster.config import load_config
 from cluster.deployment import shutdown_ray
 from cluster.server import OutriderServer
 
-DEFAULT_PROMPT = 'def read_config(path):\n    """Read a configuration file and return a dict."""\n    with'
+DEFAULT_CHAT = "Write a Python function that tells whether a number is prime."
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cluster.demo")
-    ap.add_argument("--config", "-c", default="configs/local-cpu.yaml")
-    ap.add_argument("--prompt", default=DEFAULT_PROMPT)
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--config", "-c", default="configs/smol-cpu.yaml")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--chat", default=None, help=f"a user message (default: {DEFAULT_CHAT!r})")
+    src.add_argument("--prompt", default=None, help="raw prompt text instead of a chat message")
+    ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--log-level", default="WARNING", help="outrider's log level (the answer prints regardless)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    request = args.prompt if args.prompt is not None else [{"role": "user", "content": args.chat or DEFAULT_CHAT}]
     # Ephemeral ports: the demo never collides with a server already running here.
     cfg = load_config(args.config, {"server.port": 0, "metrics.port": 0})
+    out = sys.stdout
+    out.write(f"=== starting {cfg.speculation.mode} on {cfg.models.target.path} + {cfg.models.draft.path} ...\n")
+    out.flush()
     server = OutriderServer(cfg)
     try:
         server.start()
         with OutriderClient(f"127.0.0.1:{server.port}") as client:
             client.wait_ready()
             info = client.info()
-            out = sys.stdout
-            out.write(f"\n=== outrider {info.versions['outrider']}: mode={info.mode} k={info.k} "
-                      f"target={info.target_model} draft={info.draft_model}\n=== prompt:\n{args.prompt}\n")
-            out.write("=== streamed continuation:\n")
+            shown = request if isinstance(request, str) else request[-1]["content"]
+            out.write(f"=== outrider {info.versions['outrider']}: mode={info.mode} k={info.k} "
+                      f"target={info.target_model} draft={info.draft_model}\n"
+                      f"=== {'prompt' if isinstance(request, str) else 'user'}: {shown}\n=== answer:\n")
             final, t0 = None, time.perf_counter()
-            for item in client.generate(args.prompt, max_new_tokens=args.max_new_tokens):
+            for item in client.generate(request, max_new_tokens=args.max_new_tokens):
                 if item.HasField("chunk"):
                     out.write(item.chunk.text)
                     out.flush()

@@ -228,6 +228,13 @@ def embedded_ray_env() -> None:
     on a busy host they would starve (a model actor took 25 s instead of 1 s to start). Must be
     set before the raylet starts; `ray start` users set RAY_worker_niceness=0 themselves."""
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # A new local cluster turns token authentication on by default and announces it on stderr each
+    # start; the embedded cluster is ours and listens on this host only, so the notice is noise.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_no_auth_notice)
+
+
+def _no_auth_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
 
 
 def init_ray(address: str | None, num_cpus: int | None = None, namespace: str = "outrider") -> None:

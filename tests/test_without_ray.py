@@ -35,7 +35,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 def test_serves_over_grpc_without_ray(tiny_pair, tmp_path):
     out = _run(f"from cluster.demo import main\nsys.exit(main(['-c', {str(_config(tmp_path))!r}, "
-               f"'--max-new-tokens', '40']))")
+               f"'--prompt', 'def parse(text):', '--max-new-tokens', '40']))")
     assert "finish=length tokens=40" in out.stdout, out.stdout
     hits = out.stdout.split("cache hit rate ")[1].split()[0]
     assert float(hits) > 0, out.stdout   # the drafter (a child process) drafted
