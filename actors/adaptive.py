@@ -116,10 +116,10 @@ class ShapeCost:
         """(intercept, slope) of t(n) = a + b n."""
         if not self.mean:
             return 0.0, 0.0
-        if len(self.mean) == 1:
+        if len(self.mean) == 1:  # t(n) = c (1 + rel_slope n) through the one point
             (n0, t0), = self.mean.items()
-            b = self.rel_slope * t0
-            return t0 - b * n0, b
+            c = t0 / (1 + self.rel_slope * n0)
+            return c, c * self.rel_slope
         w = {n: min(c, 20) for n, c in self.count.items()}
         sw = sum(w.values())
         mx = sum(w[n] * n for n in w) / sw
@@ -206,13 +206,15 @@ def choose_ks(curves: list[list[float]], mode: str, costs: Costs,
     return best_ks
 
 
-def fan_budget(current: int, max_budget: int, t_verify: float, t_prespec: float | None) -> int:
-    """The fan-out budget for the next round: pre-speculation must fit inside the verify it hides
-    behind. When the last pre-speculation took longer than the verify (its table was late),
-    shrink in proportion (keeping a 10 % margin); otherwise grow back by one toward the cap."""
+def fan_budget(current: int, max_budget: int, t_verify: float, t_prespec: float | None,
+               miss_cost: float = 0.0) -> int:
+    """The fan-out budget for the next round. Pre-speculation hides behind the verify; a table
+    that comes later than that is still worth its wait while the wait is shorter than what a
+    miss costs (a just-in-time draft and a round trip). When the last one was later than that,
+    shrink in proportion to fit the verify (10 % margin); otherwise grow back by one."""
     if t_prespec is None or t_verify <= 0:
         return max_budget
-    if t_prespec > t_verify:
+    if t_prespec > t_verify + miss_cost:
         return max(1, min(current - 1, int(current * 0.9 * t_verify / t_prespec)))
     return min(max_budget, current + 1)
 
@@ -296,7 +298,8 @@ class Controller:
         c = self.costs
         per = seconds / steps
         c.prespec_step_s = per if c.prespec_step_s is None else c.prespec_step_s + 0.2 * (per - c.prespec_step_s)
-        self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds)
+        self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds,
+                                 steps * c.draft_step() + c.transport_s)
 
     def observe_lookup(self, hit: bool) -> None:
         self._lookups = self._lookups * 0.98 + 1.0
@@ -318,3 +321,13 @@ class Controller:
             for s, k in zip(free, chosen):
                 out[s] = self.probe[s].next_k(k)
         return out
+
+    def snapshot(self) -> dict:
+        """What the policy currently believes (for metrics and reports)."""
+        c = self.costs
+        a, b = c.verify.line()
+        return {"fan_out_budget": self.budget, "t_verify_ms": [round(a * 1e3, 3), round(b * 1e3, 3)],
+                "draft_step_ms": None if c.draft_step_s is None else round(c.draft_step_s * 1e3, 3),
+                "prespec_step_ms": None if c.prespec_step_s is None else round(c.prespec_step_s * 1e3, 3),
+                "transport_ms": round(c.transport_s * 1e3, 3), "hit_rate": round(c.hit_rate, 3),
+                "acceptance": [round(x, 3) for x in self.pooled.rates()]}

@@ -4,7 +4,12 @@ likely verification outcomes while the verifier is busy.
 A step, as the drafter sees it (the verifier leads, see channel.py):
 
   1. receive a frame: ADMIT (a prompt, sent while the verifier prefills it: its first outcome,
-     (0, first token), comes with the next frame), OUTCOME (k, t*) per sequence, RELEASE;
+     (0, first token), comes with the next frame), OUTCOME (k, t*) per sequence, RELEASE. The
+     verifier decides each sequence's K (actors/adaptive.py): ADMIT and OUTCOME carry the K and
+     fan-out budget this side drafts with from then on. A draft adopted from the cache is cut
+     to the new K exactly as the verifier cuts its copy; at K = 0 nothing is drafted, no reply
+     is due for the sequence, and its committed tokens are still fed (the cache stays in sync,
+     so a probe or a return to speculation costs one draft, not a prefill);
   2. per OUTCOME, look (k, t*) up in the speculation cache: a hit adopts the pre-drafted branch
      (its tokens, q rows and KV slot) at no drafting cost; a miss runs the backup (`jit`: draft K
      now; `ngram`: prompt lookup; `none`: no draft, the verifier decodes one token);
@@ -73,6 +78,9 @@ class DraftSeq:
     dists: torch.Tensor | None = None   # row j: drafter distribution after tokens + draft[:j]
     branches: dict[tuple[int, int], Branch] = field(default_factory=dict)
     tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+    k: int = 0                   # the draft length the verifier asked for (0: speculation off)
+    budget: int = 0              # fan-out budget for pre-speculation
+    speculated: bool = False     # pre-speculation ran for this round (a lookup follows)
 
 
 @dataclass
@@ -100,6 +108,7 @@ class Drafter:
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
+        self._prespec = (0, 0)   # the last pre-speculation: (draft steps, ns), for the table's PING
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -129,12 +138,13 @@ class Drafter:
                 self.times.reply_s += t2 - t1
                 if self.spec.mode == "ssd":
                     self.prespeculate()
+                    self._prespec = (self._prespec[0], int((time.perf_counter() - t2) * 1e9))
                     self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
                     self.times.prespec_cpu_s += time.thread_time() - c2
                 else:  # read new prompts while the verifier prefills them
                     for s in self.seqs.values():
-                        self._prefill(s, len(s.tokens))
+                        self._prefill(s, len(s.tokens) - (s.k == 0))
         finally:
             self.close()
 
@@ -161,7 +171,12 @@ class Drafter:
                 if s is None:  # admitted before this drafter (re)joined: the verifier decodes alone
                     continue
                 s.round = rec.round + 1
+                if rec.tokens:  # the K and fan-out budget from now on
+                    s.k, s.budget = min(int(rec.tokens[0]), self.k), min(int(rec.tokens[1]), self.spec.max_branches)
                 hit = self._apply_outcome(s, rec.a, rec.b)
+                self._cut_draft(s, s.k)
+                if s.k == 0:  # off: nothing to draft, nothing to reply
+                    continue
                 replies[s.id] = hit
                 if hit != HIT:
                     need_draft.append(s)
@@ -182,11 +197,12 @@ class Drafter:
 
     def table_frame(self, step: int) -> Frame:
         """The speculation cache as the verifier needs it: per sequence, its branches' tokens."""
-        records = [Record(Rec.PING, 0, 0, 0, time.perf_counter_ns())]
+        steps, ns = self._prespec
+        records = [Record(Rec.PING, 0, steps, ns, time.perf_counter_ns())]
         for s in self.seqs.values():
             if s.branches:
                 table = {key: br.tokens for key, br in s.branches.items()}
-                records.append(Record(Rec.TABLE, s.id, s.round, len(table), self.k, encode_table(table)))
+                records.append(Record(Rec.TABLE, s.id, s.round, len(table), s.k, encode_table(table)))
         return Frame(Rec.TABLE, step, records)
 
     def _admit(self, rec: Record) -> DraftSeq:
@@ -194,7 +210,8 @@ class Drafter:
         gen = torch.Generator(device="cpu")
         gen.manual_seed((seed if seed is not None else 0) ^ 0x5EED)
         slot, *block = self.cache.alloc_run(1 + self.spec.max_branches)
-        s = DraftSeq(rec.seq, params, gen, list(tokens), slot, block)
+        s = DraftSeq(rec.seq, params, gen, list(tokens), slot, block,
+                     k=min(rec.a, self.k), budget=min(rec.b, self.spec.max_branches))
         self.seqs[s.id] = s
         return s
 
@@ -219,6 +236,7 @@ class Drafter:
         s.tokens += s.draft[:k] + [t_star]
         br = s.branches.pop((k, t_star), None)
         s.branches = {}
+        looked_up, s.speculated = s.speculated, False
         if br is not None:  # the branch's positions from its fork on become the sequence's own
             self.cache.copy_range(br.slot, s.slot, br.start, br.length)
             self.cache.advance(s.slot, br.length)
@@ -227,7 +245,18 @@ class Drafter:
         s.length = min(s.length, n_old + k)
         self.cache.truncate(s.slot, s.length)
         s.draft, s.q, s.dists = [], None, None
-        return MISS if self.spec.mode == "ssd" else NO_LOOKUP
+        return MISS if self.spec.mode == "ssd" and looked_up else NO_LOOKUP
+
+    def _cut_draft(self, s: DraftSeq, k: int) -> None:
+        """Keep the first k tokens of the adopted draft (any prefix of a draft is a draft: the
+        verifier cuts its copy the same way). The cache keeps what those k tokens need."""
+        if len(s.draft) <= k:
+            return
+        s.draft = s.draft[:k]
+        s.q = s.q[:k] if s.q is not None else None
+        s.dists = s.dists[:k] if s.dists is not None and k else None
+        s.length = min(s.length, len(s.tokens) - 1 + k)
+        self.cache.truncate(s.slot, s.length)
 
     # -- drafting --------------------------------------------------------------------------
     def _backup(self, seqs: list[DraftSeq]) -> None:
@@ -238,21 +267,30 @@ class Drafter:
         jit = seqs if backup == "jit" else []
         if backup == "ngram":
             for s in seqs:
-                s.draft = propose_ngram(s.tokens, self.k)
+                s.draft = propose_ngram(s.tokens, s.k)
                 s.q = torch.nn.functional.one_hot(torch.tensor(s.draft, dtype=torch.long),
                                                   self.model.args.vocab_size).float() if s.draft else None
         if jit:
             for s in jit:
                 self._prefill(s, len(s.tokens) - 1)
-            rows = [(s, s.slot, s.length, s.tokens[-1], None) for s in jit]
-            for (s, *_), (toks, q, dists, length) in zip(rows, self._draft_rows(rows)):
-                s.draft, s.q, s.dists, s.length = toks, q, dists, length
+            for K, group in self._by_k(jit):
+                rows = [(s, s.slot, s.length, s.tokens[-1], None) for s in group]
+                for (s, *_), (toks, q, dists, length) in zip(rows, self._draft_rows(rows, K)):
+                    s.draft, s.q, s.dists, s.length = toks, q, dists, length
 
-    def _draft_rows(self, rows) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor, int]]:
+    @staticmethod
+    def _by_k(items, k_of=lambda s: s.k):
+        """Group by draft length (one batched draft per K)."""
+        groups: dict[int, list] = {}
+        for it in items:
+            groups.setdefault(k_of(it), []).append(it)
+        return sorted(groups.items())
+
+    def _draft_rows(self, rows, K: int) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor, int]]:
         """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out),
         one batched forward per step. Returns per row (tokens, q rows, dists, cache length);
         the rows' q and dists are views into one [B, K, V] tensor each (no per-row copies)."""
-        K, B, V = self.k, len(rows), self.model.args.vocab_size
+        B, V = len(rows), self.model.args.vocab_size
         slots = [r[1] for r in rows]
         pos = torch.tensor([r[2] for r in rows])
         cur = torch.tensor([r[3] for r in rows])
@@ -297,7 +335,7 @@ class Drafter:
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
         if self.spec.fan_out is not None:
             return list(self.spec.fan_out[:depth_max + 1])
-        return split_budget(self.spec.fan_out_budget, s.tracker.odds(depth_max))
+        return split_budget(s.budget, s.tracker.odds(depth_max))
 
     def _catch_up(self, s: DraftSeq) -> None:
         """Feed the cache whatever it lacks of tokens + draft, so every depth has a distribution."""
@@ -318,8 +356,12 @@ class Drafter:
         """Pre-draft the next round for the likely outcomes of the round being verified."""
         rows, keys = [], []
         for s in self.seqs.values():
-            if s.branches:  # already pre-drafted for this round (a frame that moved nothing on)
+            if s.branches or s.speculated:  # already pre-drafted for this round (a frame that moved nothing on)
                 continue
+            if s.k == 0:  # speculation off: only keep the cache in step with the committed tokens
+                self._prefill(s, len(s.tokens) - 1)
+                continue
+            s.speculated = True
             self._catch_up(s)
             n, depths = len(s.tokens), len(s.draft)
             fan = self._fan_out(s, depths)
@@ -337,8 +379,10 @@ class Drafter:
                 for t in scores.topk(min(fan[j], scores.numel() - 1)).indices.tolist():
                     rows.append((s, next(free), n + j, t, j))
                     keys.append((s, (j, t)))
+        self._prespec = (max((r[0].k for r in rows), default=0), 0)
         if not rows:
             return
-        for (s, key), row, (toks, q, dists, length) in zip(keys, rows, self._draft_rows(rows)):
-            s.branches[key] = Branch(row[1], row[2], length, toks, q, dists)
+        for K, group in self._by_k(list(zip(keys, rows)), k_of=lambda kr: kr[0][0].k):
+            for ((s, key), row), (toks, q, dists, length) in zip(group, self._draft_rows([r for _, r in group], K)):
+                s.branches[key] = Branch(row[1], row[2], length, toks, q, dists)
         self.times.branches += len(rows)

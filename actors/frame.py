@@ -18,8 +18,8 @@ gives meaning only to DRAFT's b; the other fields are the engine's (see actors/w
     ========  ===================  ===================  =================  =============
     kind      a                    b                    payload (n ints)   floats
     ========  ===================  ===================  =================  =============
-    ADMIT     generic              generic              prompt (+params)   -
-    OUTCOME   k accepted           t* (bonus token)     -                  -
+    ADMIT     generic (K)          generic (budget)     prompt (+params)   -
+    OUTCOME   k accepted           t* (bonus token)     [K, budget] or -   -
     RELEASE   -                    -                    -                  -
     DRAFT     lookup hit flag      rows attached (0|K)  K draft tokens     b x V q-rows
     TABLE     n branches           K                    n x [k, t*, K      -
@@ -27,6 +27,9 @@ gives meaning only to DRAFT's b; the other fields are the engine's (see actors/w
     SHUTDOWN  -                    -                    -                  -
     PING      generic (timestamps) generic              -                  -
     ========  ===================  ===================  =================  =============
+
+The engine's K per sequence and round (actors/adaptive.py) rides on ADMIT (a, b) and in
+OUTCOME's payload: the draft length and fan-out budget the drafter uses from that frame on.
 
 frame_kind is a Rec naming the frame's main content (OUTCOME for the verifier's step frame,
 DRAFT for the drafter's reply, SHUTDOWN, ...). Only DRAFT records carry floats, and every DRAFT
@@ -47,7 +50,7 @@ from enum import IntEnum
 import torch
 
 MAGIC = 0x4F52  # 'OR'
-VERSION = 4
+VERSION = 5   # 5: ADMIT and OUTCOME carry the K and fan-out budget to draft with
 HEADER_LEN = 8
 INLINE_INTS = 504   # header + inline ints = 512 int64 = 4 KiB per message
 RECORD_FIXED = 6  # kind, seq, round, a, b, n

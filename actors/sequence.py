@@ -19,6 +19,11 @@ class Request:
     stop_token_ids: tuple[int, ...] = ()
     speculate: bool = True
     ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
+    k: int | None = None               # this request's own K (0 = no speculation); None: the engine's policy
+
+    def __post_init__(self):
+        if self.k == 0:
+            self.speculate = False
 
     def validate(self, vocab: int, max_seq_len: int) -> None:
         self.params.validate()
@@ -29,6 +34,8 @@ class Request:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {bad[:3]}")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.k is not None and self.k < 0:
+            raise ValueError(f"k must be >= 0, got {self.k}")
         if len(self.prompt) + self.max_new_tokens > max_seq_len:
             raise ValueError(f"prompt ({len(self.prompt)} tokens) + max_new_tokens ({self.max_new_tokens}) "
                              f"exceeds max_seq_len {max_seq_len}")
@@ -50,6 +57,7 @@ class Seq:
     table: dict[tuple[int, int], list[int]] | None = None  # drafter's branches for this round
     outcome: tuple[int, int] | None = None   # (k, t*) not yet sent to the drafter
     last_k: int = 0                          # depth of the last outcome (for hit-by-depth)
+    k: int = 0                               # the draft length asked of the drafter (policy's K)
     on_drafter: bool = False
     t_first: float = 0.0
 
@@ -85,6 +93,7 @@ class VerifierTimes:
     verify_cpu_s: float = 0.0   # this thread's CPU time in verify_s: the rest it was descheduled or blocked
     prefill_s: float = 0.0
     wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
+    table_wait_s: float = 0.0   # within wait_s: collecting the speculation table (late pre-speculation + wire)
     transport_s: float = 0.0    # estimated wire time inside wait_s
     control_s: float = 0.0      # admission, aborts, stop checks, streaming out
     idle_s: float = 0.0         # nothing to do

@@ -14,7 +14,8 @@ class EngineSpec:
     target_device: str = "cpu"
     draft_device: str = "cpu"
     mode: str = "ssd"               # ar | sd | ssd
-    k: int = 4
+    k: int = 4                      # the largest K; adaptive picks each sequence's K in 0..k
+    adaptive: bool = True           # K per sequence and round from live measurements (actors/adaptive.py)
     fan_out: list[int] | None = None  # explicit per-depth list (length k+1), else geometric
     fan_out_budget: int = 16
     backup: str = "jit"             # jit | ngram | none

@@ -5,6 +5,8 @@
 - accepted per position  = how many drafts had their i-th token accepted
 SSD adds the speculation cache: a lookup happens once per round, at the depth k the verifier
 accepted; it hits when the correction token t* was among the pre-drafted candidates.
+Adaptive speculation adds the K each round verified (k_histogram[K], K = 0 included) and the
+rounds the policy turned speculation off for the sequence (rounds_off).
 """
 from __future__ import annotations
 
@@ -22,14 +24,19 @@ class SpecStats:
     cache_misses: int = 0
     lookups_by_depth: list[int] = field(default_factory=list)
     hits_by_depth: list[int] = field(default_factory=list)
+    k_histogram: list[int] = field(default_factory=list)   # rounds by draft length verified, 0..k
+    rounds_off: int = 0                                     # rounds at K = 0 by the adaptive policy
 
     def __post_init__(self):
         self.accepted_per_position = self.accepted_per_position or [0] * self.k
         self.lookups_by_depth = self.lookups_by_depth or [0] * (self.k + 1)
         self.hits_by_depth = self.hits_by_depth or [0] * (self.k + 1)
+        self.k_histogram = self.k_histogram or [0] * (self.k + 1)
 
     def record_round(self, n_draft: int, accepted: int) -> None:
         """One verify pass over `n_draft` proposed tokens of which `accepted` were kept."""
+        if n_draft < len(self.k_histogram):
+            self.k_histogram[n_draft] += 1
         if n_draft == 0:
             return
         self.drafts += 1
@@ -52,15 +59,18 @@ class SpecStats:
             self.accepted_per_position += [0] * pad
             self.lookups_by_depth += [0] * pad
             self.hits_by_depth += [0] * pad
+            self.k_histogram += [0] * pad
             self.k = other.k
         self.drafts += other.drafts
         self.draft_tokens += other.draft_tokens
         self.accepted_tokens += other.accepted_tokens
         self.cache_hits += other.cache_hits
         self.cache_misses += other.cache_misses
+        self.rounds_off += other.rounds_off
         for dst, src in ((self.accepted_per_position, other.accepted_per_position),
                          (self.lookups_by_depth, other.lookups_by_depth),
-                         (self.hits_by_depth, other.hits_by_depth)):
+                         (self.hits_by_depth, other.hits_by_depth),
+                         (self.k_histogram, other.k_histogram)):
             for i, v in enumerate(src):
                 dst[i] += v
 
@@ -86,12 +96,13 @@ class SpecStats:
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
             "hit_rate": round(self.hit_rate, 4),
             "lookups_by_depth": list(self.lookups_by_depth), "hits_by_depth": list(self.hits_by_depth),
+            "k_histogram": list(self.k_histogram), "rounds_off": self.rounds_off,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> SpecStats:
         keys = ("k", "drafts", "draft_tokens", "accepted_tokens", "accepted_per_position",
-                "cache_hits", "cache_misses", "lookups_by_depth", "hits_by_depth")
+                "cache_hits", "cache_misses", "lookups_by_depth", "hits_by_depth", "k_histogram", "rounds_off")
         return cls(**{k: d[k] for k in keys if k in d})
 
     def summary(self) -> str:

@@ -15,6 +15,14 @@ Its loop is the engine's critical path. One step, top to bottom:
      lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
      apply stop conditions and stream the new tokens out.
 
+Each round's K per sequence comes from the adaptive policy (actors/adaptive.py), fed here with
+what this loop measures: acceptance by position, the verify forward's time by batch tokens, the
+drafter's just-in-time drafting and pre-speculation times (from its timestamps), hit rate. The
+K travels with the outcome, and a draft from the table is cut to it (a prefix of a draft is a
+draft), so both sides always hold the same draft. At K = 0 a sequence verifies no draft and waits
+for no reply, but its outcomes still go to the drafter, which keeps its cache in step; the
+policy probes with a one-token draft now and then, so speculation comes back when it pays.
+
 Without a drafter (mode `ar`, a request that disabled speculation, or a drafter that died) a
 sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
 Other threads only touch the queues (submit, abort, poll), never torch or the channel.
@@ -30,6 +38,7 @@ import time
 
 import torch
 
+from actors.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
 from actors.events import Outbox
@@ -72,6 +81,9 @@ class Verifier:
         self._last_exchange, self._step_no = time.perf_counter(), 0
         self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
+        self.policy = Controller(spec.k, spec.mode, spec.max_branches)
+        self._jit_steps = 0                        # draft steps the reply due now waits for
+        self._last_verify_s = 0.0
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -109,6 +121,8 @@ class Verifier:
     def submit(self, req: Request | dict) -> None:
         req = req if isinstance(req, Request) else Request(**req)
         req.validate(self.vocab, self.spec.max_seq_len)
+        if req.k is not None and req.k > self.k:
+            raise ValueError(f"k must be at most speculation.k = {self.k}, got {req.k}")
         self._inbox.put((req, time.perf_counter()))
 
     def abort(self, request_id: int) -> None:
@@ -127,7 +141,7 @@ class Verifier:
 
     def metrics(self) -> dict:
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
-                "drafter_ok": self.drafter_ok, "mode": self.spec.mode}
+                "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot()}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -186,7 +200,9 @@ class Verifier:
 
     def _admit_record(self, s: Seq, tokens: list[int]) -> Record:
         s.on_drafter, s.outcome = True, None
-        return Record(Rec.ADMIT, s.req.id, s.round, tokens=encode_params(s.req.params, s.seed, tokens))
+        s.k = self.policy.decide([s.req.id])[s.req.id]
+        return Record(Rec.ADMIT, s.req.id, s.round, s.k, self.policy.budget,
+                      tokens=encode_params(s.req.params, s.seed, tokens))
 
     def _admit(self, req: Request, t_submit: float) -> Seq:
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
@@ -194,6 +210,8 @@ class Verifier:
         gen.manual_seed(seed)
         s = Seq(req, self.cache.alloc(), list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
         self.seqs[req.id] = s
+        if self.spec.speculative:
+            self.policy.add(req.id, req.k if req.k is not None else (None if self.spec.adaptive else self.k))
         return s
 
     def _prefill(self, s: Seq) -> None:
@@ -224,20 +242,27 @@ class Verifier:
             self._take_table(t0)
             reply_needed = any(r.kind == Rec.PING for r in records)
             sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
-            for s in self.seqs.values():
-                if s.outcome is None or not s.on_drafter:
-                    continue
+            going = [s for s in self.seqs.values() if s.outcome is not None and s.on_drafter]
+            ks = self.policy.decide([s.req.id for s in going]) if going else {}
+            budget, self._jit_steps = self.policy.budget, 0
+            for s in going:
                 k, t = s.outcome
-                records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t))
+                s.k = kn = ks[s.req.id]
+                records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t, tokens=[kn, budget]))
                 s.outcome = None
-                draft = s.table.get((k, t)) if s.table is not None else None
-                s.table = None
+                table, s.table = s.table, None
+                if kn == 0:  # speculation off this round: decode alone, nothing to wait for
+                    s.stats.rounds_off += 1
+                    continue
+                draft = table.get((k, t)) if table is not None else None
                 if draft is None:
                     reply_needed = True
+                    self._jit_steps = max(self._jit_steps, kn)
                     continue
-                s.draft, s.q = list(draft), None
+                s.draft, s.q = list(draft[:kn]), None
                 if s.stats.drafts:  # the first token's lookup is not a verification outcome
                     s.stats.record_lookup(s.last_k, True)
+                    self.policy.observe_lookup(True)
                 if not s.req.params.greedy:
                     sampled.append(s)
             t1 = time.perf_counter_ns()
@@ -267,8 +292,10 @@ class Verifier:
         if frame.kind != Rec.TABLE:
             raise ProtocolError(f"expected the drafter's TABLE frame, got {frame.kind!r}")
         for r in frame.records:
-            if r.kind == Rec.PING:  # b: when the drafter sent the table
+            if r.kind == Rec.PING:  # b: when the drafter sent the table; round, a: its draft steps, ns
                 self.times.transport_s += (t1 - max(t0, r.b)) / 1e9
+                self.times.table_wait_s += (t1 - t0) / 1e9
+                self.policy.observe_prespec(r.round, r.a / 1e9, self._last_verify_s)
             elif r.kind == Rec.TABLE and r.seq in self.seqs:
                 self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
 
@@ -280,13 +307,16 @@ class Verifier:
             raise ProtocolError(f"expected the drafter's DRAFT frame, got {reply.kind!r}")
         for r in reply.records:
             if r.kind == Rec.PING and t0 is not None:  # drafter: posted recv, got frame, sent reply
-                self.times.transport_s += (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
+                wire = (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
+                self.times.transport_s += wire
+                self.policy.observe_draft(self._jit_steps, (r.b - r.a) / 1e9, wire)
             elif r.kind == Rec.DRAFT and r.seq in self.seqs:
                 s = self.seqs[r.seq]
                 s.draft = [int(t) for t in r.tokens]
                 s.q = r.floats.view(len(s.draft), self.vocab) if r.b else None
                 if r.a in (HIT, MISS) and s.stats.drafts and r.seq not in from_table:
                     s.stats.record_lookup(s.last_k, r.a == HIT)
+                    self.policy.observe_lookup(r.a == HIT)
 
     def _drafter_lost(self, err: Exception) -> None:
         log.error("drafter lost (%s); continuing without speculation", err)
@@ -335,7 +365,9 @@ class Verifier:
         pos = torch.tensor([list(range(s.length, s.length + T)) for s in seqs])
         tf = time.perf_counter()
         logits = self._forward(x, pos, [s.slot for s in seqs])
-        self.times.forward_s += time.perf_counter() - tf
+        self._last_verify_s = time.perf_counter() - tf
+        self.times.forward_s += self._last_verify_s
+        self.policy.observe_verify(x.numel(), self._last_verify_s)
         if self._deferred is not None and not self._q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.
             rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
@@ -346,6 +378,7 @@ class Verifier:
         for s, (k, t) in zip(seqs, outcomes):
             n_draft = len(s.draft)
             s.stats.record_round(n_draft, k)
+            self.policy.observe_round(s.req.id, n_draft, k)
             new = s.draft[:k] + [t]
             s.length = len(s.tokens) + k
             self.cache.advance(s.slot, s.length)
@@ -389,6 +422,7 @@ class Verifier:
     def _finish(self, s: Seq, reason: str) -> None:
         now = time.perf_counter()
         self.seqs.pop(s.req.id, None)
+        self.policy.remove(s.req.id)
         self.cache.free(s.slot)
         if s.on_drafter:
             self._release.append(s.req.id)

@@ -77,7 +77,8 @@ class ModelsConfig(_Section):
 
 class SpeculationConfig(_Section):
     mode: Literal["ar", "sd", "ssd"] = "ssd"
-    k: int = Field(4, ge=1, le=16)
+    k: int = Field(4, ge=1, le=16)      # the largest K (with adaptive: each sequence's K is in 0..k)
+    adaptive: bool = True               # K per sequence and round from live measurements; false: always k
     fan_out: list[int] | None = None    # per depth 0..k; None = geometric from measured acceptance
     fan_out_budget: int = Field(16, ge=1, le=256)
     backup: Literal["jit", "ngram", "none"] = "jit"

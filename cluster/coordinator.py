@@ -61,6 +61,7 @@ class GenerateArgs:
     ignore_eos: bool = False
     deadline_s: float | None = None      # seconds from submission
     request_id: str = ""
+    k: int | None = None                 # the request's own K (0 = off); None: the engine's policy
 
 
 class Handle:
@@ -134,7 +135,7 @@ class Coordinator:
             self.handles[eid] = h
         try:
             self.engine.submit(Request(eid, list(args.prompt_ids), args.max_new_tokens, args.params,
-                                       tuple(args.stop_token_ids), args.speculate, args.ignore_eos))
+                                       tuple(args.stop_token_ids), args.speculate, args.ignore_eos, args.k))
         except Exception:
             with self._lock:
                 self.handles.pop(eid, None)

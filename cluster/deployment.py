@@ -7,7 +7,7 @@ from pathlib import Path
 
 from actors.affinity import check_cpus
 from actors.spec import EngineSpec
-from actors.tokenizer import Tokenizer
+from actors.tokenizer import Tokenizer, vocab_mismatch
 from cluster.config import ConfigError, DeploymentConfig
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         target=resolve_model(m.target.path), draft=resolve_model(draft.path) if draft else None,
         target_dtype=m.target.dtype, draft_dtype=draft.dtype if draft else "float32",
         target_device=m.target.device, draft_device=draft.device if draft else "cpu",
-        mode=sp.mode, k=sp.k, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
+        mode=sp.mode, k=sp.k, adaptive=sp.adaptive, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
         fan_out_budget=sp.fan_out_budget, backup=sp.backup, saguaro_c=sp.saguaro_c,
         max_batch=en.max_batch, max_seq_len=en.max_seq_len, timeout_s=en.data_plane_timeout_s,
         master_port=en.master_port or 0, num_threads=m.target.num_threads,
@@ -46,6 +46,10 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
     )
+    if spec.draft is not None:
+        why = vocab_mismatch(Tokenizer(spec.target), Tokenizer(spec.draft))
+        if why:
+            raise ConfigError(f"models.draft.path: {draft.path!r} does not share the target's tokenizer: {why}")
     if cfg.cluster.address is None:  # embedded or local: every role runs here, so its CPUs and GPUs are known
         for key, cpus in (("models.target.cpus", spec.target_cpus), ("models.draft.cpus", spec.draft_cpus)):
             try:

@@ -148,7 +148,8 @@ def _via_server(args, prompt: str | list[dict]) -> int:
 def _stream_from(client, args, prompt: str | list[dict]):
     final, parts = None, []
     for item in client.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop):
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                k=args.k):  # --k with --server: this request's own K (0 = off)
         if item.HasField("chunk"):
             parts.append(item.chunk.text)
             if not args.json:

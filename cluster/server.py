@@ -87,7 +87,7 @@ class OutriderServer:
         self.metrics = Metrics(lambda: self.engine) if cfg.metrics.enabled else None
         self.metrics_port: int | None = None
         limits = Limits(self.tok.vocab_size, self.spec.max_seq_len, cfg.server.max_new_tokens_limit,
-                        cfg.server.default_max_new_tokens)
+                        cfg.server.default_max_new_tokens, self.spec.k if self.spec.speculative else None)
         self.service = OutriderService(self.tok, limits, info_for(self.spec, cfg), self.metrics)
         self.grpc: grpc.Server | None = None
         self.port: int | None = None

@@ -31,6 +31,7 @@ class Limits:
     max_seq_len: int
     max_new_tokens_limit: int
     default_max_new_tokens: int
+    max_k: int | None = None     # speculation.k: the largest per-request k (None: no speculation to tune)
 
 
 def to_generate_args(req, tok: Tokenizer, limits: Limits, deadline_s: float | None = None) -> GenerateArgs:
@@ -54,7 +55,7 @@ def to_generate_args(req, tok: Tokenizer, limits: Limits, deadline_s: float | No
         max_new = min(limits.default_max_new_tokens, room)
     return GenerateArgs(prompt_ids, max_new, _params(req), _stops(req), _stop_ids(req, limits),
                         speculate=not req.disable_speculation, ignore_eos=req.ignore_eos, deadline_s=deadline_s,
-                        request_id=_request_id(req))
+                        request_id=_request_id(req), k=_k(req, limits))
 
 
 def _prompt(req, tok: Tokenizer, limits: Limits) -> list[int]:
@@ -121,6 +122,19 @@ def _stop_ids(req, limits: Limits) -> tuple[int, ...]:
     if bad:
         raise InvalidRequest(f"stop_token_ids must be < vocab size {limits.vocab_size}, got {bad[:3]}")
     return tuple(ids)
+
+
+def _k(req, limits: Limits) -> int | None:
+    """The request's own draft length (0 = no speculation), at most the server's speculation.k."""
+    if not req.HasField("k"):
+        return None
+    if limits.max_k is None:
+        if req.k:
+            raise InvalidRequest(f"k must be 0 here: this server does not speculate (got {req.k})")
+        return 0
+    if req.k > limits.max_k:
+        raise InvalidRequest(f"k must be at most the server's speculation.k = {limits.max_k}, got {req.k}")
+    return req.k
 
 
 def _request_id(req) -> str:

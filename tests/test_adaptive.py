@@ -58,6 +58,9 @@ def test_shape_cost_fits_a_line_through_the_shapes_seen():
     v.add(6, 14 * MS)
     assert v(4) == pytest.approx(12 * MS)                       # two shapes: the line through them
     assert v(10) == pytest.approx(18 * MS)
+    one = ShapeCost(rel_slope=0.1)
+    one.add(20, 30 * MS)
+    assert 0 < one(1) < one(20) < one(30)                       # one shape: proportional, never negative
 
 
 # -- decisions ---------------------------------------------------------------------------------
@@ -123,6 +126,7 @@ def test_fan_budget_shrinks_when_prespeculation_outlasts_the_verify_and_grows_ba
     assert 1 <= shrunk <= 8
     assert fan_budget(shrunk, 16, 10 * MS, 5 * MS) == shrunk + 1
     assert fan_budget(1, 16, 1 * MS, 50 * MS) == 1                     # never below one branch
+    assert fan_budget(16, 16, 10 * MS, 14 * MS, miss_cost=5 * MS) == 16   # late, but cheaper than a miss
 
 
 # -- state ---------------------------------------------------------------------------------------

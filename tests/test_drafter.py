@@ -33,7 +33,8 @@ def test_pre_drafted_branches_equal_drafting_from_scratch(tiny_pair, held_out_pr
     prompt = held_out_prompts[0][:40]
     # The prompt arrives before the verifier has its first token: nothing to draft yet, and
     # no reply (the verifier is prefilling); pre-speculation covers the likely first tokens.
-    reply = d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, 7, 0, tokens=encode_params(SamplingParams(), 0, prompt))]))
+    reply = d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, 7, 0, K, spec.fan_out_budget,
+                                                 tokens=encode_params(SamplingParams(), 0, prompt))]))
     s = d.seqs[7]
     assert reply is None and s.draft == [] and s.tokens == prompt
     outcomes = {HIT: 0, MISS: 0}
@@ -64,6 +65,52 @@ def test_pre_drafted_branches_equal_drafting_from_scratch(tiny_pair, held_out_pr
     free_before_release = d.cache.n_free
     d.handle(Frame(Rec.RELEASE, 9, [Record(Rec.RELEASE, 7)]))
     assert d.cache.n_free == free_before_release + 1 + spec.fan_out_budget == d.cache.n_slots
+
+
+def test_k_travels_with_the_outcome_cuts_drafts_and_k_zero_keeps_the_cache_in_step(tiny_pair, held_out_prompts):
+    """The verifier's K per round: an adopted branch is cut to it, a just-in-time draft has that
+    length, K = 0 drafts nothing and asks no reply, and the cache stays in step so that drafts
+    after a stretch at K = 0 are still exactly the model's own continuation."""
+    spec = EngineSpec(target=str(tiny_pair / "target"), draft=str(tiny_pair / "draft"), mode="ssd", k=K,
+                      fan_out_budget=6, max_batch=2, max_seq_len=256)
+    d = Drafter(spec)
+    ref_model = load_model(spec.draft)
+    prompt = held_out_prompts[1][:40]
+    d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, 3, 0, K, 6, tokens=encode_params(SamplingParams(), 0, prompt))]))
+    s = d.seqs[3]
+    step = 0
+
+    def outcome(k, t, kn, budget=6):
+        nonlocal step
+        step += 1
+        return d.handle(Frame(Rec.OUTCOME, step, [Record(Rec.OUTCOME, 3, step - 1, k, t, tokens=[kn, budget])]))
+
+    d.prespeculate()
+    k, t = max(s.branches)
+    assert outcome(k, t, 2) is None                    # a greedy hit, cut to 2: no reply
+    assert s.k == 2 and s.draft == _greedy(ref_model, s.tokens, 2)
+    d.prespeculate()                                   # branches now draft 2 tokens, budget 6
+    assert s.branches and all(len(br.tokens) == 2 for br in s.branches.values())
+    assert len(s.branches) == 6
+    # K = 0: the outcome commits, no draft, no reply, no pre-speculation
+    for _ in range(5):
+        t = _greedy(ref_model, s.tokens, 1)[0] if s.draft == [] else s.draft[0]
+        assert outcome(0, t + 1, 0) is None            # (a correction the drafter did not predict)
+        assert s.draft == [] and s.k == 0
+        d.prespeculate()
+        assert not s.branches
+        assert s.length == len(s.tokens) - 1           # fed everything committed but the last token
+    # a probe of one token: a miss drafted just in time, exactly the model's continuation
+    reply = outcome(0, 5, 1)
+    drafts = [r for r in reply.records if r.kind == Rec.DRAFT]
+    assert len(drafts) == 1 and drafts[0].a != HIT and drafts[0].tokens == _greedy(ref_model, s.tokens, 1)
+    # back to K = 3 with a budget of 4
+    reply = outcome(1, 9, 3, 4)
+    assert s.draft == _greedy(ref_model, s.tokens, 3)
+    d.prespeculate()
+    assert len(s.branches) == 4 and all(len(br.tokens) == 3 for br in s.branches.values())
+    for (j, t), br in s.branches.items():
+        assert br.tokens == _greedy(ref_model, s.tokens + s.draft[:j] + [t], 3), (j, t)
 
 
 def test_kv_cache_runs_and_ranged_fork():
