@@ -46,6 +46,23 @@ class Tokenizer:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
 
+def vocab_mismatch(target: Tokenizer, draft: Tokenizer) -> str | None:
+    """Why a drafter's tokenizer cannot serve this target, or None when they agree.
+
+    Drafts are token ids the verifier checks against its own vocabulary, so every id must mean
+    the same string on both sides. Models may carry extra embedding rows (padding to a multiple
+    of 64 or 128); those are not in either tokenizer and do not count.
+    """
+    a, b = target._tok.get_vocab(with_added_tokens=True), draft._tok.get_vocab(with_added_tokens=True)
+    if len(a) != len(b):
+        return f"the draft tokenizer has {len(b)} tokens, the target's {len(a)}"
+    by_id = {i: t for t, i in a.items()}
+    for tok, i in sorted(b.items(), key=lambda kv: kv[1]):
+        if by_id.get(i) != tok:
+            return f"token id {i} is {tok!r} for the drafter but {by_id.get(i)!r} for the target"
+    return None
+
+
 class IncrementalDecoder:
     """Streams text deltas, decoding only a short window of ids per push (not the whole sequence).
 
