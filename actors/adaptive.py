@@ -257,6 +257,7 @@ class Controller:
         self.probe: dict[int, Probe] = {}
         self.budget = max_budget
         self._lookups, self._hits = 0.0, 0.0
+        self._probe_every = PROBE_FIRST   # where the last finished sequence's probe backoff stood
 
     # -- sequences ---------------------------------------------------------------------------
     def add(self, sid: int, fixed_k: int | None = None) -> None:
@@ -265,9 +266,13 @@ class Controller:
             self.fixed[sid] = min(fixed_k, self.k_max)
             return
         self.cap[sid] = self.k_max
-        self.probe[sid] = Probe()
+        # a new sequence starts its probe backoff where the engine's last one left it: with a
+        # drafter that never agrees, short requests do not each pay the first, closest probes
+        self.probe[sid] = Probe(every=self._probe_every)
 
     def remove(self, sid: int) -> None:
+        if sid in self.probe:
+            self._probe_every = self.probe[sid].every
         for d in (self.acc, self.cap, self.fixed, self.probe):
             d.pop(sid, None)
 

@@ -21,7 +21,8 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
      as one batch over the sequence's block of branch slots (consecutive, so the batch reads
      the cache as a view; each round copies in only the prefix the block has not seen yet).
      This runs while the verifier verifies;
-  5. SSD only: send the speculation cache itself (a TABLE of branch tokens keyed by (k, t*)).
+  5. SSD only, when the frame asked some sequence for drafts (table_due): send the speculation
+     cache itself (a TABLE of branch tokens keyed by (k, t*)).
      It reaches the verifier before its verification ends, so on a hit the verifier starts the
      next round at once, with no round trip to this process on its critical path.
 
@@ -94,6 +95,14 @@ class DrafterTimes:
     replies: int = 0             # DRAFT replies; SSD greedy hits need none (the verifier has the table)
 
 
+def table_due(frame: Frame) -> bool:
+    """SSD: a TABLE answers a frame that asks some sequence for drafts (an OUTCOME or ADMIT with
+    K > 0). Both sides decide it from the frame alone; a frame where every sequence is at K = 0
+    (or a PING) gets none, so the verifier waits on nothing."""
+    return any((r.kind == Rec.OUTCOME and r.tokens and r.tokens[0] > 0) or (r.kind == Rec.ADMIT and r.a > 0)
+               for r in frame.records)
+
+
 class Drafter:
     def __init__(self, spec: EngineSpec):
         check_cpus(spec.draft_cpus, "models.draft.cpus")
@@ -136,15 +145,16 @@ class Drafter:
                     self.times.replies += 1
                 t2, c2 = time.perf_counter(), time.thread_time()
                 self.times.reply_s += t2 - t1
-                if self.spec.mode == "ssd":
+                if self.spec.mode == "ssd" and table_due(frame):
                     self.prespeculate()
                     self._prespec = (self._prespec[0], int((time.perf_counter() - t2) * 1e9))
                     self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
                     self.times.prespec_cpu_s += time.thread_time() - c2
-                else:  # read new prompts while the verifier prefills them
+                elif self.spec.mode != "ssd":  # read new prompts while the verifier prefills them
                     for s in self.seqs.values():
-                        self._prefill(s, len(s.tokens) - (s.k == 0))
+                        if s.k:  # at K = 0 the cache catches up when a draft is asked for
+                            self._prefill(s, len(s.tokens))
         finally:
             self.close()
 
@@ -358,8 +368,7 @@ class Drafter:
         for s in self.seqs.values():
             if s.branches or s.speculated:  # already pre-drafted for this round (a frame that moved nothing on)
                 continue
-            if s.k == 0:  # speculation off: only keep the cache in step with the committed tokens
-                self._prefill(s, len(s.tokens) - 1)
+            if s.k == 0:  # speculation off: its cache catches up when a draft is asked for
                 continue
             s.speculated = True
             self._catch_up(s)

@@ -20,8 +20,9 @@ what this loop measures: acceptance by position, the verify forward's time by ba
 drafter's just-in-time drafting and pre-speculation times (from its timestamps), hit rate. The
 K travels with the outcome, and a draft from the table is cut to it (a prefix of a draft is a
 draft), so both sides always hold the same draft. At K = 0 a sequence verifies no draft and waits
-for no reply, but its outcomes still go to the drafter, which keeps its cache in step; the
-policy probes with a one-token draft now and then, so speculation comes back when it pays.
+for no reply; its outcomes still go to the drafter, with the next frame that is due anyway (a
+round where every sequence is at K = 0 sends none, up to a heartbeat a second); the drafter
+feeds the committed tokens to its cache when a draft is asked for again. The policy probes with a one-token draft now and then, so speculation comes back when it pays.
 
 Without a drafter (mode `ar`, a request that disabled speculation, or a drafter that died) a
 sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
@@ -50,6 +51,7 @@ from actors.spec import EngineSpec
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
 from actors.verify import round_outcomes
+from actors.drafter import table_due
 from actors.wire import HIT, MISS, decode_table, encode_params
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class Verifier:
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches)
         self._jit_steps = 0                        # draft steps the reply due now waits for
+        self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
         self._last_verify_s = 0.0
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
@@ -92,7 +95,7 @@ class Verifier:
         self.channel = Channel(0, master_addr or self.spec.master_addr, master_port or self.spec.master_port,
                                backend=self.spec.backend, device=self.device, timeout_s=self.spec.timeout_s)
         self.channel.connect()
-        self.drafter_ok, self._deferred = True, None
+        self.drafter_ok, self._deferred, self._held = True, None, []
         for s in self.seqs.values():
             s.off_drafter()
 
@@ -265,15 +268,23 @@ class Verifier:
                     self.policy.observe_lookup(True)
                 if not s.req.params.greedy:
                     sampled.append(s)
+            if (not reply_needed and not sampled and all(r.kind == Rec.OUTCOME and not r.tokens[0] for r in records)
+                    and time.perf_counter() - self._last_exchange < PING_EVERY_S):
+                # Every sequence is at K = 0: nothing to ask the drafter, so no frame this round.
+                # The outcomes go with the next frame (a probe, a return, or the heartbeat).
+                self._held += records
+                return
+            records, self._held = self._held + records, []
             t1 = time.perf_counter_ns()
-            self.channel.send(Frame(Rec.OUTCOME, self._step_no, records))
+            frame = Frame(Rec.OUTCOME, self._step_no, records)
+            self.channel.send(frame)
             n_ints = RECORD_FIXED + sum(RECORD_FIXED + len(s.draft) for s in sampled)
             if reply_needed or (sampled and n_ints > INLINE_INTS):
                 self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
             elif sampled:  # only q rows are missing: they land during the target forward
                 self.channel.post_recv(n_floats=sum(len(s.draft) for s in sampled) * self.vocab)
                 self._deferred = {s.req.id for s in sampled}
-            if self.spec.mode == "ssd":
+            if self.spec.mode == "ssd" and table_due(frame):
                 self.channel.post_recv()  # the table for this round lands while we verify it
         except (ChannelClosed, ProtocolError) as e:
             self._drafter_lost(e)
@@ -320,7 +331,7 @@ class Verifier:
 
     def _drafter_lost(self, err: Exception) -> None:
         log.error("drafter lost (%s); continuing without speculation", err)
-        self.drafter_ok, self._deferred = False, None
+        self.drafter_ok, self._deferred, self._held = False, None, []
         if self.channel is not None:
             self.channel.close()
         for s in self.seqs.values():
