@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.adaptive import Controller
 from actors.kv_cache import KVCache
 from actors.model import Transformer
 from actors.sampling import SamplingParams, probs_from_logits, sample
@@ -121,8 +122,11 @@ def generate_ar(target: Transformer, prompt: list[int], stop: StopCriteria,
 
 def generate_sd(target: Transformer, draft: Transformer, prompt: list[int], stop: StopCriteria, k: int,
                 params: SamplingParams = SamplingParams(),
-                decode: Callable[[list[int]], str] | None = None) -> Generation:
-    """Synchronous speculative decoding: draft k tokens, verify them in one target pass."""
+                decode: Callable[[list[int]], str] | None = None, adaptive: bool = False) -> Generation:
+    """Synchronous speculative decoding: draft k tokens, verify them in one target pass. With
+    `adaptive`, each round's K (0..k) comes from the engine's policy (actors/adaptive.py), fed
+    with this loop's own measurements; at K = 0 a round is a plain decode step and the draft
+    cache catches up when drafting resumes."""
     params.validate()
     if k < 1:
         raise ValueError(f"k must be at least 1 for speculative decoding, got {k}")
@@ -134,13 +138,19 @@ def generate_sd(target: Transformer, draft: Transformer, prompt: list[int], stop
     tgt, dft = Stream(target, need), Stream(draft, need)
     gen = _generator(params)
     stats = SpecStats(k=k)
+    policy = Controller(k, "sd") if adaptive else None
+    if policy:
+        policy.add(0)
     seq = list(prompt)
     seq.append(_pick(tgt.feed(seq)[-1], params, gen))
     generated = [seq[-1]]
     done = _finish(generated, 0, stop, decode)
+    full_k = k
     while not done:
+        k = policy.decide([0])[0] if policy else full_k
         drafts, qs = [], []
         pending = seq[dft.length:]
+        td = time.perf_counter()
         for _ in range(k):
             logits = dft.feed(pending)[-1]
             if params.greedy:
@@ -151,13 +161,23 @@ def generate_sd(target: Transformer, draft: Transformer, prompt: list[int], stop
                 qs.append(q)
             drafts.append(tok)
             pending = [tok]
-        logits = tgt.feed(seq[tgt.length:] + drafts)[-(k + 1):]
-        d = torch.tensor(drafts)
+        tv = time.perf_counter()
+        fed = seq[tgt.length:] + drafts
+        logits = tgt.feed(fed)[-(k + 1):]
+        if policy:
+            policy.observe_verify(len(fed), time.perf_counter() - tv)
+            policy.observe_draft(k, tv - td, 0.0)
+        d = torch.tensor(drafts, dtype=torch.long)
         if params.greedy:
             out = verify_greedy(d, logits)
+        elif k == 0:  # a plain decode step: the target's own distribution
+            out = verify_sampling(d, torch.empty(0, logits.shape[-1]), probs_from_logits(logits, params), gen)
         else:
             out = verify_sampling(d, torch.stack(qs), probs_from_logits(logits, params), gen)
         stats.record_round(k, out.accepted)
+        if policy:
+            policy.observe_round(0, k, out.accepted)
+            stats.rounds_off += k == 0
         new = drafts[:out.accepted] + [out.token]
         seq += new
         tgt.rollback(len(seq) - 1)

@@ -335,3 +335,23 @@ def test_a_new_sequence_starts_its_probe_backoff_where_the_last_one_ended():
     c.add(2)
     assert c.probe[2].every == PROBE_MAX
     assert c.decide([2])[2] == 0
+
+
+@pytest.mark.parametrize("which", ["useless", "tiny"])
+def test_one_process_adaptive_sd_is_exact(tiny_pair, useless_draft, held_out_prompts, which):
+    """The in-process SD loop runs the same policy: greedy output equals AR's, and with a drafter
+    that never agrees nearly every round is at K = 0."""
+    from actors.generate import generate_ar, generate_sd
+    from actors.loader import load_model
+    from actors.stopping import StopCriteria
+
+    target = load_model(str(tiny_pair / "target"))
+    draft = load_model(str(useless_draft if which == "useless" else tiny_pair / "draft"))
+    for p in held_out_prompts[:3]:
+        stop = StopCriteria(48, frozenset(), ())
+        ar = generate_ar(target, p, stop)
+        sd = generate_sd(target, draft, p, stop, 4, adaptive=True)
+        assert sd.tokens == ar.tokens
+        h = sd.stats.k_histogram
+        if which == "useless":
+            assert h[0] > sum(h[1:]) and sd.stats.rounds_off == h[0], h
