@@ -141,12 +141,22 @@ class MetricsConfig(_Section):
     port: int = Field(9464, ge=0, le=65535)
 
 
+class HTTPConfig(_Section):
+    """The OpenAI-compatible HTTP API beside gRPC (same engine, limits and bearer token)."""
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)    # 0 = any free port
+    model_name: str | None = None              # the id /v1/models lists; None: models.target.path
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+
 class DeploymentConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     models: ModelsConfig
     speculation: SpeculationConfig = SpeculationConfig()
     engine: EngineConfig = EngineConfig()
     server: ServerConfig = ServerConfig()
+    http: HTTPConfig = HTTPConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")

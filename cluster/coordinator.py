@@ -67,10 +67,11 @@ class GenerateArgs:
 class Handle:
     """One request in flight: iterate it for Chunk objects, ending with one Final."""
 
-    def __init__(self, coord: Coordinator, eid: int, args: GenerateArgs, tok: Tokenizer | None):
+    def __init__(self, coord: Coordinator, eid: int, args: GenerateArgs, tok: Tokenizer | None, events=None):
         self.coord, self.eid, self.args = coord, eid, args
         self.request_id = args.request_id or f"req-{eid}"
-        self.events: queue.Queue = queue.Queue()
+        # Anything with put(): a queue.Queue for threads (iterate the handle), or an asyncio bridge.
+        self.events = events if events is not None else queue.Queue()
         self.stream = TextStream(tok, args.stop)
         self.text = ""                 # what the client got, stop strings cut off
         self.tokens: list[int] = []    # the tokens the client got (what usage counts)
@@ -122,7 +123,9 @@ class Coordinator:
         self._poller.start()
 
     # -- requests ------------------------------------------------------------------------------
-    def submit(self, args: GenerateArgs) -> Handle:
+    def submit(self, args: GenerateArgs, events=None) -> Handle:
+        """Start a request. Its Chunk and Final objects go to `events.put` (default: a queue the
+        returned handle iterates)."""
         if self.draining or self._stop.is_set():
             raise EngineUnavailable("the server is draining and takes no new requests")
         if self.error:
@@ -131,7 +134,7 @@ class Coordinator:
             if len(self.handles) >= self.max_queue:
                 raise QueueFull(f"{len(self.handles)} requests in flight (server.max_queue={self.max_queue})")
             eid = next(self._ids)
-            h = Handle(self, eid, args, self.tok)
+            h = Handle(self, eid, args, self.tok, events)
             self.handles[eid] = h
         try:
             self.engine.submit(Request(eid, list(args.prompt_ids), args.max_new_tokens, args.params,

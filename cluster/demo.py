@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     request = args.prompt if args.prompt is not None else [{"role": "user", "content": args.chat or DEFAULT_CHAT}]
     # Ephemeral ports: the demo never collides with a server already running here.
-    cfg = load_config(args.config, {"server.port": 0, "metrics.port": 0})
+    cfg = load_config(args.config, {"server.port": 0, "metrics.port": 0, "http.port": 0})
     out = sys.stdout
     out.write(f"=== starting {cfg.speculation.mode} on {cfg.models.target.path} + {cfg.models.draft.path} ...\n")
     out.flush()

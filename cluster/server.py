@@ -91,6 +91,8 @@ class OutriderServer:
         self.service = OutriderService(self.tok, limits, info_for(self.spec, cfg), self.metrics)
         self.grpc: grpc.Server | None = None
         self.port: int | None = None
+        self.http = None                      # cluster.api.http.HTTPServer when http.enabled
+        self.http_port: int | None = None
         self.supervisor: Supervisor | None = None
         self._stopped = threading.Event()
 
@@ -119,6 +121,8 @@ class OutriderServer:
         log.info("listening on %s:%d (%s), loading the engine", s.host, self.port, "TLS" if s.tls else "plaintext")
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        if self.cfg.http.enabled:
+            self.start_http(token)
         self.engine = self.new_engine()
         self.coord = Coordinator(self.engine, self.tok, s.max_queue, s.stream_interval_s)
         self.service.coord = self.coord
@@ -127,6 +131,15 @@ class OutriderServer:
         log.info("serving %s on %s:%d (mode=%s k=%d)", pb.DESCRIPTOR.package, s.host, self.port, self.spec.mode,
                  self.spec.k)
         return self
+
+    def start_http(self, token: str | None) -> None:
+        from cluster.api.http import HTTPServer, build_app
+
+        h = self.cfg.http
+        app = build_app(self.service, h.model_name or self.cfg.models.target.path, token, h.max_body_bytes)
+        self.http = HTTPServer(app, h.host, h.port).start()
+        self.http_port = self.http.port
+        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", h.host, self.http_port)
 
     def new_engine(self):
         return start_engine(self.cfg, self.spec)
@@ -166,6 +179,8 @@ class OutriderServer:
         self.drain(grace_s)
         if self.grpc is not None:
             self.grpc.stop(grace=1.0).wait()
+        if self.http is not None:
+            self.http.stop()
         if self.coord is not None:
             self.coord.stop()
         if self.engine is not None:

@@ -101,7 +101,8 @@ def serve_tiny(ray_local, tiny_pair):
     started = []
 
     def start(overrides: dict | None = None, **client_kw):
-        cfg = load_config("configs/local-cpu.yaml", {"server.port": 0, "metrics.port": 0, **(overrides or {})})
+        cfg = load_config("configs/local-cpu.yaml", {"server.port": 0, "metrics.port": 0, "http.port": 0,
+                                                        **(overrides or {})})
         server = OutriderServer(cfg).start()
         started.append(server)
         client = OutriderClient(f"127.0.0.1:{server.port}", **client_kw)

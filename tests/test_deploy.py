@@ -153,6 +153,7 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
     env.pop("RAY_ADDRESS", None)
     local = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
     local["metrics"]["port"] = free_port()  # the shipped 9464 may be taken by another run on this host
+    local["http"] = {"port": 0}
     (config := tmp_path / "local-cpu.yaml").write_text(yaml.safe_dump(local))
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
