@@ -137,9 +137,10 @@ class OutriderServer:
 
         h = self.cfg.http
         app = build_app(self.service, h.model_name or self.cfg.models.target.path, token, h.max_body_bytes)
-        self.http = HTTPServer(app, h.host, h.port).start()
+        tls = self.cfg.server.tls
+        self.http = HTTPServer(app, h.host, h.port, (tls.cert_file, tls.key_file) if tls else None).start()
         self.http_port = self.http.port
-        log.info("OpenAI-compatible HTTP API on http://%s:%d/v1", h.host, self.http_port)
+        log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1", "https" if tls else "http", h.host, self.http_port)
 
     def new_engine(self):
         return start_engine(self.cfg, self.spec)

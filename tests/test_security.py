@@ -89,3 +89,28 @@ def test_missing_token_variable_fails_at_start(monkeypatch):
                         "server": {"auth_token_env": "OUTRIDER_NOT_SET"}})
     with pytest.raises(ConfigError, match="OUTRIDER_NOT_SET"):
         cfg.server.auth_token()
+
+
+def test_http_api_uses_the_same_tls_and_token(secured, tmp_path):
+    import json
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    server, _, cert = secured
+    (tmp_path / "ca.pem").write_bytes(cert)
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+    url = f"https://127.0.0.1:{server.http_port}/v1/completions"
+    body = json.dumps({"prompt": "def main():", "max_tokens": 4, "temperature": 0}).encode()
+
+    def post(token):
+        req = urllib.request.Request(url, body, {"Content-Type": "application/json",
+                                                 **({"Authorization": f"Bearer {token}"} if token else {})})
+        return urllib.request.urlopen(req, context=ctx, timeout=30)
+
+    assert json.loads(post(TOKEN).read())["usage"]["completion_tokens"] == 4
+    with pytest.raises(urllib.error.HTTPError) as e:
+        post("wrong")
+    assert e.value.code == 401
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # plain HTTP on the TLS port: no answer
+        urllib.request.urlopen(url.replace("https", "http"), body, timeout=30)

@@ -253,7 +253,8 @@ async def _sse(service, handle, sink: _LoopSink, shape: _Shape, include_usage: b
 class HTTPServer:
     """uvicorn on a socket bound here (port 0 = any free port, read back at once), in a thread."""
 
-    def __init__(self, app: FastAPI, host: str, port: int):
+    def __init__(self, app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None):
+        """`tls` = (cert_file, key_file): HTTPS with the gRPC server's own certificate."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -264,8 +265,9 @@ class HTTPServer:
             raise RuntimeError(f"http.port: cannot bind {host}:{port} ({e.strerror})") from None
         self.sock.listen(128)
         self.host, self.port = host, self.sock.getsockname()[1]
+        cert, key = tls or (None, None)
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                                                    timeout_graceful_shutdown=1))
+                                                    timeout_graceful_shutdown=1, ssl_certfile=cert, ssl_keyfile=key))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        name="outrider-http", daemon=True)
 
