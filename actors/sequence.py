@@ -72,12 +72,12 @@ class Seq:
 
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:
     """Newly committed tokens cut at the first stop token or at the length limit, and the finish
-    reason ("stop", "length") when either ends the request."""
+    reason ("stop" for a stop token id, "eos", "length") when either ends the request."""
     reason = None
     stops = frozenset(s.req.stop_token_ids) | (frozenset() if s.req.ignore_eos else eos)
     for i, t in enumerate(new):
         if t in stops:
-            new, reason = new[:i + 1], "stop"
+            new, reason = new[:i + 1], "stop" if t in s.req.stop_token_ids else "eos"
             break
     room = s.req.max_new_tokens - s.n_generated
     if len(new) > room or (len(new) == room and reason is None):

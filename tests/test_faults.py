@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+import torch
 
 from actors.generate import generate_ar
 from actors.loader import load_model
@@ -138,6 +139,53 @@ def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, r
           what="drafter restart")
     assert server.engine.drafter_pid() != old_pid
     _, final = client.generate_ids(held_out_prompts[7], max_new_tokens=64)
+    assert final.stats.cache_hits > 0, "speculation did not resume after the restart"
+
+
+def test_drafter_sigkill_while_sampling(served, tiny_pair, held_out_prompts):
+    """The sampling path (q rows posted ahead, rejection sampling) loses its drafter mid-stream:
+    every stream still ends with all its tokens, each one inside the target's top-k at its position
+    (teacher forcing in transformers), and speculation resumes."""
+    from transformers import AutoModelForCausalLM
+
+    server, client = served
+    _wait(lambda: server.engine.metrics()["drafter_ok"], what="a drafter on the data plane")
+    top_k, n = 4, 4
+    old_pid = server.engine.drafter_pid()
+    restarts = server.supervisor.drafter_restarts
+    tokens_before = server.engine.metrics()["tokens"]
+    results: dict = {}
+
+    def one(i):
+        try:
+            results[i] = client.generate_ids(held_out_prompts[i], max_new_tokens=NEW, ignore_eos=True,
+                                             temperature=0.8, top_k=top_k, seed=100 + i)
+        except grpc.RpcError as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    _wait(lambda: server.engine.metrics()["tokens"] > tokens_before + 50, what="streaming")
+    os.kill(old_pid, signal.SIGKILL)
+    for t in threads:
+        t.join(180)
+    hf = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
+    for i in range(n):
+        assert not isinstance(results.get(i), grpc.RpcError), f"stream {i} failed: {results.get(i)}"
+        ids, final = results[i]
+        assert final.finish_reason == "length" and len(ids) == NEW == final.usage.completion_tokens, \
+            f"stream {i}: {final.finish_reason} after {len(ids)} tokens"
+        p = list(held_out_prompts[i])
+        with torch.inference_mode():
+            logits = hf(torch.tensor([p + ids[:-1]])).logits[0, len(p) - 1:]
+        kth = logits.topk(top_k).values[:, -1]
+        picked = logits.gather(1, torch.tensor(ids)[:, None])[:, 0]
+        outside = (picked < kth - 1e-4).nonzero().flatten().tolist()
+        assert not outside, f"stream {i}: tokens outside the target's top-{top_k} at positions {outside[:5]}"
+    _wait(lambda: server.supervisor.drafter_restarts > restarts and server.engine.metrics()["drafter_ok"],
+          what="drafter restart")
+    _, final = client.generate_ids(held_out_prompts[7], max_new_tokens=64, temperature=0.8, top_k=top_k, seed=1)
     assert final.stats.cache_hits > 0, "speculation did not resume after the restart"
 
 
