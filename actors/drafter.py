@@ -118,6 +118,7 @@ class Drafter:
         self.channel: Channel | None = None
         self.times = DrafterTimes()
         self._prespec = (0, 0)   # the last pre-speculation: (draft steps, ns), for the table's PING
+        self._catch_up_ns = 0    # this frame's catch-up prefill before just-in-time drafts (in the reply's PING)
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -192,10 +193,12 @@ class Drafter:
                     need_draft.append(s)
             elif rec.kind == Rec.RELEASE:
                 self._release(rec.seq)
+        self._catch_up_ns = 0
         self._backup(need_draft)
         if not (must_reply or need_draft or any(not self.seqs[sid].params.greedy for sid in replies)):
             return None
-        records = [Record(Rec.PING, 0, recv_posted_ns, recv_done_ns, time.perf_counter_ns())]
+        records = [Record(Rec.PING, 0, recv_posted_ns, recv_done_ns, time.perf_counter_ns(),
+                          tokens=[self._catch_up_ns])]
         for sid, hit in replies.items():
             s = self.seqs[sid]
             if hit == HIT and s.params.greedy:  # the verifier took this draft from the table
@@ -281,8 +284,10 @@ class Drafter:
                 s.q = torch.nn.functional.one_hot(torch.tensor(s.draft, dtype=torch.long),
                                                   self.model.args.vocab_size).float() if s.draft else None
         if jit:
-            for s in jit:
+            t0 = time.perf_counter_ns()
+            for s in jit:  # tokens committed while at K = 0: a prefill, not drafting cost
                 self._prefill(s, len(s.tokens) - 1)
+            self._catch_up_ns = time.perf_counter_ns() - t0
             for K, group in self._by_k(jit):
                 rows = [(s, s.slot, s.length, s.tokens[-1], None) for s in group]
                 for (s, *_), (toks, q, dists, length) in zip(rows, self._draft_rows(rows, K)):

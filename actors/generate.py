@@ -150,6 +150,9 @@ def generate_sd(target: Transformer, draft: Transformer, prompt: list[int], stop
         k = policy.decide([0])[0] if policy else full_k
         drafts, qs = [], []
         pending = seq[dft.length:]
+        if k and len(pending) > 1:  # tokens committed while at K = 0: a prefill, not drafting cost
+            dft.feed(pending[:-1])
+            pending = pending[-1:]
         td = time.perf_counter()
         for _ in range(k):
             logits = dft.feed(pending)[-1]

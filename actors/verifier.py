@@ -278,7 +278,7 @@ class Verifier:
             t1 = time.perf_counter_ns()
             frame = Frame(Rec.OUTCOME, self._step_no, records)
             self.channel.send(frame)
-            n_ints = RECORD_FIXED + sum(RECORD_FIXED + len(s.draft) for s in sampled)
+            n_ints = RECORD_FIXED + 1 + sum(RECORD_FIXED + len(s.draft) for s in sampled)  # PING (+ catch-up ns)
             if reply_needed or (sampled and n_ints > INLINE_INTS):
                 self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
             elif sampled:  # only q rows are missing: they land during the target forward
@@ -320,7 +320,8 @@ class Verifier:
             if r.kind == Rec.PING and t0 is not None:  # drafter: posted recv, got frame, sent reply
                 wire = (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
                 self.times.transport_s += wire
-                self.policy.observe_draft(self._jit_steps, (r.b - r.a) / 1e9, wire)
+                catch_up = r.tokens[0] if r.tokens else 0   # a prefill after K = 0, not drafting
+                self.policy.observe_draft(self._jit_steps, (r.b - r.a - catch_up) / 1e9, wire)
             elif r.kind == Rec.DRAFT and r.seq in self.seqs:
                 s = self.seqs[r.seq]
                 s.draft = [int(t) for t in r.tokens]
