@@ -71,6 +71,8 @@ class Metrics:
         self.accepted = Counter(P + "spec_decode_num_accepted_tokens", "draft tokens accepted", registry=r)
         self.accepted_pos = Counter(P + "spec_decode_num_accepted_tokens_per_pos", "accepted draft tokens by position",
                                     ["position"], registry=r)
+        self.rounds_by_k = Counter(P + "spec_decode_rounds_by_k", "verify rounds by the draft length K they checked "
+                                   "(adaptive speculation; K = 0: no draft)", ["k"], registry=r)
         self.hits = Counter(P + "spec_cache_hits", "speculation cache hits", registry=r)
         self.misses = Counter(P + "spec_cache_misses", "speculation cache misses", registry=r)
         self.requests = Counter(P + "request_success", "finished requests", ["finished_reason"], registry=r)
@@ -98,6 +100,9 @@ class Metrics:
         for pos, n in enumerate(stats.accepted_per_position):
             if n:
                 self.accepted_pos.labels(str(pos)).inc(n)
+        for k, n in enumerate(stats.k_histogram):
+            if n:
+                self.rounds_by_k.labels(str(k)).inc(n)
         self.hits.inc(stats.cache_hits)
         self.misses.inc(stats.cache_misses)
         self.latency.observe(total_s)

@@ -8,6 +8,7 @@ import json
 import os
 import threading
 import time
+import urllib.request
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,6 +104,10 @@ def test_extras_and_seeded_sampling(served, oai):
     spec = a.model_extra["metrics"]["speculative_decoding"]
     assert a.usage.completion_tokens == 16
     assert spec["drafts"] > 0 and spec["draft_tokens"] <= 2 * spec["drafts"]                  # k = 2 at most
+    assert sum(spec["k_histogram"][3:]) == 0 and sum(spec["k_histogram"][1:]) == spec["drafts"]
+    server, _ = served
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    assert 'outrider:spec_decode_rounds_by_k_total{k="2"}' in scrape
     b = oai.completions.create(**kw, extra_body={"top_k": 20, "disable_speculation": True})
     again = oai.completions.create(**kw, extra_body={"top_k": 20, "disable_speculation": True})
     assert b.choices[0].text == again.choices[0].text                                         # seeded: repeatable

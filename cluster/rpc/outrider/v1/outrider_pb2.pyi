@@ -83,7 +83,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("drafts", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_acceptance_length", "accepted_per_position", "cache_hits", "cache_misses", "hit_rate", "hits_by_depth", "time_to_first_token_s", "tokens_per_s")
+    __slots__ = ("drafts", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_acceptance_length", "accepted_per_position", "cache_hits", "cache_misses", "hit_rate", "hits_by_depth", "time_to_first_token_s", "tokens_per_s", "k_histogram", "rounds_off")
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class SpecStats(_message.Message):
     HITS_BY_DEPTH_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    K_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_OFF_FIELD_NUMBER: _ClassVar[int]
     drafts: int
     draft_tokens: int
     accepted_tokens: int
@@ -108,7 +110,9 @@ class SpecStats(_message.Message):
     hits_by_depth: _containers.RepeatedScalarFieldContainer[int]
     time_to_first_token_s: float
     tokens_per_s: float
-    def __init__(self, drafts: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_acceptance_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., hits_by_depth: _Optional[_Iterable[int]] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ...) -> None: ...
+    k_histogram: _containers.RepeatedScalarFieldContainer[int]
+    rounds_off: int
+    def __init__(self, drafts: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_acceptance_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., hits_by_depth: _Optional[_Iterable[int]] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., k_histogram: _Optional[_Iterable[int]] = ..., rounds_off: _Optional[int] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("finish_reason", "usage", "stats", "request_id")
