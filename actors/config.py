@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -37,7 +37,9 @@ class ModelArgs:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False          # Qwen3: RMSNorm over each head's q and k, before RoPE
     sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] | None = None  # layers that use the window; None = every layer
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -62,9 +64,24 @@ class ModelArgs:
         dim = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        window = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
-            window = None
+        window, window_layers = cfg.get("sliding_window"), None
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            # Qwen windows only layers from max_window_layers on (or those `layer_types` names),
+            # and only with use_sliding_window; transformers drops the window otherwise.
+            window = window if cfg.get("use_sliding_window", False) else None
+            n_layers = int(cfg["num_hidden_layers"])
+            types = cfg.get("layer_types")
+            if window and types:
+                if len(types) != n_layers:
+                    raise CheckpointError(f"{source}: layer_types has {len(types)} entries for {n_layers} layers")
+                window_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+            elif window:
+                first = int(cfg.get("max_window_layers", n_layers))
+                window_layers = tuple(range(first, n_layers))
+            if window_layers == ():
+                window = None
+            if window_layers == tuple(range(n_layers)):
+                window_layers = None  # every layer: the Mistral case
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -82,7 +99,9 @@ class ModelArgs:
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
             o_bias=arch != "Qwen2ForCausalLM" and bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=int(window) if window else None,
+            sliding_layers=window_layers if window else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )

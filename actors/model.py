@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2) in plain torch.
+"""A Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) in plain torch.
 
 Module names follow Hugging Face's (model.layers.N.self_attn.q_proj, ...), so a checkpoint's
 state dict loads without a name map and the demo builder saves files transformers can read.
@@ -38,30 +38,28 @@ class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
-        self.window = a.sliding_window
         self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.o_bias)
+        if a.qk_norm:  # Qwen3: each head's q and k normalised over head_dim, before RoPE
+            self.q_norm = RMSNorm(a.head_dim, a.norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
+        self.qk_norm = a.qk_norm
 
     def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, slots, input_pos, kv_len,
                 first_slot: int | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            kc, vc = cache.k[layer], cache.v[layer]  # [S, H, M, D]
-            rows = slots[:, None].expand(B, T)
-            kc[rows, :, input_pos] = k.transpose(1, 2)
-            vc[rows, :, input_pos] = v.transpose(1, 2)
-            if first_slot is not None:  # consecutive slots: a view, no gather
-                k, v = kc[first_slot:first_slot + B, :, :kv_len], vc[first_slot:first_slot + B, :, :kv_len]
-            else:
-                k = kc[:, :, :kv_len].index_select(0, slots)
-                v = vc[:, :, :kv_len].index_select(0, slots)
+        if cache is not None:  # write the new k/v, read keys 0..kv_len-1 (slot KVCache or PagedKVCache)
+            k, v = cache.attend(layer, k, v, slots, input_pos, kv_len, first_slot)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None,
             enable_gqa=self.n_heads != self.n_kv_heads)
@@ -118,31 +116,41 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        mask, first_slot = None, None
+        first_slot = None
         if cache is not None:
             if slots is None:
                 raise ValueError("slots are required with a cache")
             first_slot = first_of_run(slots.tolist())  # then a view, no per-layer gather
             kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
-            keys = torch.arange(kv_len, device=tokens.device)
-            qpos = input_pos[:, None, :, None]
-            mask = keys <= qpos
-            if self.args.sliding_window is not None:
-                mask = mask & (keys > qpos - self.args.sliding_window)
-        elif self.args.sliding_window is not None and self.args.sliding_window < T:
-            keys = torch.arange(T, device=tokens.device)
-            qpos = input_pos[:, None, :, None]
-            mask = (keys <= qpos) & (keys > qpos - self.args.sliding_window)
+        masks = self._masks(input_pos, kv_len if cache is not None else T, cache is not None)
         # RoPE in float32 (as the reference does), applied in the activation dtype.
         freqs = input_pos[:, None, :, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask, i, cache, slots, input_pos, kv_len,
-                                    first_slot)
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks[i], i, cache, slots, input_pos,
+                                    kv_len, first_slot)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.model.norm(x))
+
+    def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool) -> list[torch.Tensor | None]:
+        """One boolean attention mask per layer, [B, 1, T, n_keys]; None means SDPA's own causal
+        mask (no cache, and no sliding window shorter than the input)."""
+        a, T = self.args, input_pos.shape[1]
+        window = a.sliding_window
+        if window is not None and not cached and window >= T:
+            window = None  # every key is within reach anyway
+        windowed = set() if window is None else set(range(a.n_layers) if a.sliding_layers is None else a.sliding_layers)
+        if not cached and not windowed:
+            return [None] * a.n_layers
+        keys = torch.arange(n_keys, device=input_pos.device)
+        qpos = input_pos[:, None, :, None]
+        causal = keys <= qpos
+        slid = causal & (keys > qpos - window) if windowed else None
+        if not cached:
+            causal = None
+        return [slid if i in windowed else causal for i in range(a.n_layers)]
 
     @property
     def device(self) -> torch.device:

@@ -2,7 +2,13 @@
 
 Tiny random checkpoints of each supported family are written with `save_pretrained` (float32);
 outrider loads the same files. Logits must agree after a prefill, after incremental decoding,
-and after a rollback (truncate) followed by decoding a different continuation.
+and after a rollback (truncate) followed by decoding a different continuation; greedy generation
+must agree with transformers' `generate`.
+
+transformers initialises biases to zero and norm weights to one, which would hide a bias or a
+norm that outrider forgets to apply: every such tensor is randomised before `save_pretrained`.
+Sliding windows are shorter than the test context, so a window that is ignored (or off by one)
+changes the logits.
 """
 from __future__ import annotations
 
@@ -14,8 +20,10 @@ import torch
 from actors.config import CheckpointError
 from actors.kv_cache import KVCache
 from actors.loader import load_model
+from tests.conftest import assert_matches_or_near_tie
 
 ATOL = 2e-5
+WINDOW = 16  # sliding window, well below the 40-token prompt of the tests
 COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
 FAMILIES = {
@@ -25,7 +33,13 @@ FAMILIES = {
         "original_max_position_embeddings": 32}, "rope_theta": 500000.0}),
     "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    # Qwen windows only the layers from max_window_layers on: here the second of two.
+    "qwen2-window": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": WINDOW,
+                                                         "max_window_layers": 1}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24}),
+    "qwen3-tied": ("Qwen3Config", "Qwen3ForCausalLM", {"tie_word_embeddings": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "mistral-window": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
 }
 
 
@@ -36,9 +50,26 @@ def _save(tmp_path, family: str):
     torch.manual_seed(0)
     cfg = getattr(transformers, cfg_cls)(**{**COMMON, **extra})
     hf = getattr(transformers, model_cls)(cfg).eval()
+    _randomise(hf)
     path = tmp_path / family
     hf.save_pretrained(path)
     return hf, path
+
+
+@torch.no_grad()
+def _randomise(hf) -> None:
+    """Non-trivial values for what transformers initialises to constants: every bias (zero) and
+    every norm weight (one: input/post-attention norms, the final norm, Qwen3's q/k norms)."""
+    g = torch.Generator().manual_seed(5)
+    n = 0
+    for name, t in hf.named_parameters():
+        if name.endswith(".bias"):
+            t.copy_(0.5 * torch.randn(t.shape, generator=g))
+            n += 1
+        elif "norm" in name:
+            t.copy_(1 + 0.5 * torch.randn(t.shape, generator=g))
+            n += 1
+    assert n > 0
 
 
 @torch.inference_mode()
@@ -120,7 +151,91 @@ def test_forked_branches_decode_as_one_batch(tmp_path):
         torch.testing.assert_close(out[b], _hf_logits(hf, prompt + [t])[-1], atol=ATOL, rtol=0)
 
 
-def test_dtypes_load(tmp_path):
+def test_families_exercise_what_they_claim(tmp_path):
+    """Each family's checkpoint really has the feature its test is for, and the feature really
+    changes the logits in the test context (so ignoring it would fail test_logits_equal_transformers)."""
+    import dataclasses
+
+    from actors.model import Transformer
+
+    ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
+    for family, feature, off in [("qwen2", "qkv_bias", False), ("qwen3", "qk_norm", False),
+                                 ("qwen2-window", "sliding_window", None), ("mistral-window", "sliding_window", None)]:
+        _, path = _save(tmp_path, family)
+        model = load_model(path)
+        assert getattr(model.args, feature) not in (None, False), (family, feature)
+        without = Transformer(dataclasses.replace(model.args, **{feature: off}))
+        without.load_state_dict(model.state_dict(), strict=False)
+        with torch.inference_mode():
+            gap = (model(ids) - without(ids)).abs().max()
+        assert gap > 100 * ATOL, f"{family}: {feature} hardly changes the logits ({gap:.1e})"
+    qwen2 = load_model(_save(tmp_path, "qwen2")[1])
+    assert qwen2.model.layers[0].self_attn.k_proj.bias.abs().min() > 0
+    assert qwen2.args.sliding_window is None  # use_sliding_window is off by default
+    assert load_model(_save(tmp_path, "qwen2-window")[1]).args.sliding_layers == (1,)
+    assert load_model(_save(tmp_path, "mistral-window")[1]).args.sliding_layers is None  # every layer
+    assert not load_model(_save(tmp_path, "qwen3")[1]).args.qkv_bias
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_equals_transformers(tmp_path, family):
+    """generate_ar (prefill, then one token at a time through the KV cache) against
+    transformers' generate, past the sliding window."""
+    from actors.generate import generate_ar
+    from actors.stopping import StopCriteria
+
+    hf, path = _save(tmp_path, family)
+    hf.generation_config.eos_token_id = None  # random weights emit "EOS" too; run the full length
+    model = load_model(path)
+    new = 40
+    exact = 0
+    for seed in range(3):
+        prompt = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(10 + seed)).tolist()
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 24, dtype=torch.long),
+                              max_new_tokens=new, do_sample=False)[0, 24:].tolist()
+        ours = generate_ar(model, prompt, StopCriteria(new)).tokens
+        assert len(ref) == len(ours) == new
+        exact += assert_matches_or_near_tie(hf, prompt, ours, ref)
+    assert exact >= 2, f"{family}: {3 - exact} of 3 prompts only matched up to a near-tie"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral-window"])
+@torch.inference_mode()
+def test_bfloat16_forward_and_cache_follow_transformers(tmp_path, family):
+    """dtype: bfloat16 on CPU: the model loads in bf16, the KV cache path runs in bf16, and the
+    logits stay as close to transformers' float32 logits as transformers' own bf16 run does."""
+    hf, path = _save(tmp_path, family)
+    model = load_model(path, "bfloat16")
+    assert model.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(4)
+    prompt = torch.randint(0, 96, (40,), generator=g).tolist()
+    cont = torch.randint(0, 96, (8,), generator=g).tolist()
+    ids = torch.tensor([prompt + cont])
+    ref32 = hf(ids).logits[0]
+    hf16 = hf.to(torch.bfloat16)
+    ref16 = hf16(ids).logits[0].float()
+    hf.to(torch.float32)
+    # prefill + incremental decoding through a bf16 cache
+    cache = KVCache.for_model(model.args, 1, 64, torch.bfloat16)
+    slot = cache.alloc()
+    out = [model(torch.tensor([prompt]), torch.arange(40)[None], cache, torch.tensor([slot]))[0]]
+    cache.advance(slot, 40)
+    for i, t in enumerate(cont):
+        out.append(model(torch.tensor([[t]]), torch.tensor([[40 + i]]), cache, torch.tensor([slot]))[0])
+        cache.advance(slot, 41 + i)
+    ours = torch.cat(out).float()   # positions 0..47, as ids
+    assert ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    err_ours = (ours - ref32).abs().max()
+    err_hf = (ref16 - ref32).abs().max()
+    scale = ref32.abs().max()
+    assert err_ours < 3 * err_hf + 1e-3 * scale, f"bf16 error {err_ours:.3e} vs transformers' bf16 {err_hf:.3e}"
+    assert err_ours > 0  # really computed in bf16
+    # and the most likely next token agrees with transformers' bf16 wherever its own margin is clear
+    top2 = ref16.topk(2, -1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 4 * max(err_hf, err_ours)
+    assert (ours.argmax(-1)[clear] == ref16.argmax(-1)[clear]).all()
+
     _, path = _save(tmp_path, "qwen2")
     for dtype in ("bfloat16", "float16"):
         m = load_model(path, dtype)
