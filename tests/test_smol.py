@@ -138,8 +138,10 @@ def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prom
     from cluster.engine import RayEngine
 
     hf, _ = hf_gguf
-    cfg = load_config("configs/smol-cpu.yaml", {"models.draft.path": "demo:smol/cheap", "engine.max_seq_len": 256,
-                                                "engine.max_batch": 6})
+    # Fixed K = 4 (adaptive speculation would soon stop drafting with this drafter): every round
+    # drafts, and nearly every draft is rejected and corrected.
+    cfg = load_config("configs/smol-cpu.yaml", {"models.draft.path": "demo:smol/cheap", "speculation.adaptive": False,
+                                                "engine.max_seq_len": 256, "engine.max_batch": 6})
     spec = engine_spec(cfg)
     assert spec.mode == "ssd" and spec.k == 4
     engine = RayEngine(spec).start()
