@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from datetime import timedelta
@@ -54,10 +55,39 @@ log = logging.getLogger(__name__)
 
 def free_port(host: str = "127.0.0.1") -> int:
     """An unused TCP port on `host` ("" = every interface, for a peer on another node). Racy by
-    nature, but good enough for a fresh generation."""
+    nature (the port is free now, not when someone binds it): for a port another program must
+    bind. The data plane uses reserve_port(), which binds at once and hands the socket over."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_reserved: dict[int, socket.socket] = {}
+_reserved_lock = threading.Lock()
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to an ephemeral port on `host` and listening: a rank-0 Channel given it
+    (`listen_sock=`) serves the group's store on it, so no other process can take the port between
+    choosing it and using it."""
+    s = socket.create_server((host, 0), backlog=16)
+    s.set_inheritable(False)
+    return s
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """Bind and listen on an ephemeral port now and keep the socket for a rank-0 Channel of this
+    process on that port, which takes it over when it connects; the port goes to the peer."""
+    s = listening_socket(host)
+    port = s.getsockname()[1]
+    with _reserved_lock:
+        _reserved[port] = s
+    return port
+
+
+def _take_reserved(port: int) -> socket.socket | None:
+    with _reserved_lock:
+        return _reserved.pop(port, None)
 
 
 def pick_backend(device: str) -> str:
@@ -76,9 +106,12 @@ class Channel:
     """One end of the verifier<->drafter link. Not thread-safe: drive it from one thread."""
 
     def __init__(self, rank: int, master_addr: str, master_port: int, backend: str = "auto",
-                 device: str = "cpu", timeout_s: float = 30.0):
+                 device: str = "cpu", timeout_s: float = 30.0, listen_sock: socket.socket | None = None):
         if rank not in (0, 1):
             raise ValueError(f"rank must be 0 (verifier) or 1 (drafter), got {rank}")
+        if listen_sock is not None and (rank != 0 or listen_sock.getsockname()[1] != master_port):
+            raise ValueError("listen_sock: only rank 0 serves the store, on the socket's own port")
+        self._listen_sock = listen_sock   # rank 0: the store's bound socket (else reserve_port's, or bind now)
         self.rank = rank
         self.peer = 1 - rank
         self.master_addr = master_addr
@@ -114,9 +147,17 @@ class Channel:
             torch.cuda.set_device(self.device)
             kwargs["device_id"] = self.device
         t0 = time.perf_counter()
+        timeout = timedelta(seconds=self.timeout_s)
         try:
-            dist.init_process_group(self.backend, init_method=f"tcp://{self.master_addr}:{self.master_port}",
-                                    rank=self.rank, world_size=2, timeout=timedelta(seconds=self.timeout_s),
+            # Rank 0 serves the rendezvous store on a socket bound before its port was handed out
+            # (listen_sock or reserve_port); the store takes the descriptor over.
+            sock = self._listen_sock if self.rank == 0 else None
+            sock = sock or (_take_reserved(self.master_port) if self.rank == 0 else None)
+            self._listen_sock = None
+            fd = sock.detach() if sock is not None else None
+            store = dist.TCPStore(self.master_addr, self.master_port, 2, self.rank == 0, timeout,
+                                  master_listen_fd=fd)
+            dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=2, timeout=timeout,
                                     **kwargs)
         except (RuntimeError, ValueError) as e:  # store timeouts surface as DistStoreError/RuntimeError
             self._closed = True

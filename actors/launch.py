@@ -13,7 +13,7 @@ import logging
 import multiprocessing as mp
 import threading
 
-from actors.channel import free_port
+from actors.channel import reserve_port
 from actors.spec import EngineSpec
 from actors.verifier import Verifier
 
@@ -70,7 +70,7 @@ class LocalEngine:
         return self
 
     def _spawn_drafter(self) -> int:
-        port = self.spec.master_port or free_port()
+        port = self.spec.master_port or reserve_port()   # bound here; the verifier's connect takes it over
         ours, theirs = mp.Pipe()
         # spawn, not fork: a forked child would inherit torch's thread pools and CUDA state.
         self.proc = mp.get_context("spawn").Process(

@@ -19,7 +19,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.channel import free_port
+from actors.channel import reserve_port
 from actors.drafter import Drafter
 from actors.events import EventReader, EventStreamClosed
 from actors.spec import EngineSpec
@@ -35,7 +35,9 @@ class VerifierActor(Verifier):
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        return free_port("")  # the drafter may join from another node
+        """A port for the data plane, bound and listening here until the loop's connect takes it
+        over (no window for another process to take it); the drafter may join from another node."""
+        return reserve_port("")
 
     def pid(self) -> int:
         return os.getpid()
