@@ -148,11 +148,12 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
 
     from cluster.client import OutriderClient
 
-    gcs, grpc_port = free_port(), free_port()
+    # `ray start` is another program: its ports can only be picked free here. Ours bind port 0.
+    gcs = free_port()
     env = dict(os.environ, RAY_worker_niceness="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     env.pop("RAY_ADDRESS", None)
     local = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
-    local["metrics"]["port"] = free_port()  # the shipped 9464 may be taken by another run on this host
+    local["metrics"]["port"] = 0  # the shipped 9464 may be taken by another run on this host
     local["http"] = {"port": 0}
     (config := tmp_path / "local-cpu.yaml").write_text(yaml.safe_dump(local))
     head = subprocess.Popen(
@@ -168,8 +169,15 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
         with open(log, "w") as f:
             serve = subprocess.Popen(
                 [sys.executable, "-m", "cluster.cli", "serve", "-c", str(config),
-                 "--address", f"127.0.0.1:{gcs}", "--port", str(grpc_port)],
+                 "--address", f"127.0.0.1:{gcs}", "--port", "0"],
                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        grpc_port, deadline = None, time.monotonic() + 180
+        while grpc_port is None:   # the port it bound, as logged once the port is open
+            assert serve.poll() is None, f"outrider serve exited {serve.returncode}:\n{log.read_text()[-4000:]}"
+            assert time.monotonic() < deadline, f"no listening port logged after 180 s:\n{log.read_text()[-4000:]}"
+            found = re.findall(r"listening on [\d.]+:(\d+)", log.read_text())
+            grpc_port = int(found[0]) if found else None
+            time.sleep(0.2)
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             health, status, deadline = health_pb2_grpc.HealthStub(channel), None, time.monotonic() + 180
             while status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
