@@ -18,8 +18,10 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
   4. SSD only: pre-speculate — for every depth j in 0..len(draft) take the top-F_j candidate
      correction tokens (the drafted token d_{j+1} masked out: a rejected token is never the
      correction) and draft K tokens after tokens + d_1..d_j + t*, all branches of all sequences
-     as one batch over the sequence's block of branch slots (consecutive, so the batch reads
-     the cache as a view; each round copies in only the prefix the block has not seen yet).
+     as one batch. The KV cache is paged (actors/kv/): a branch is a block table forked from
+     its sequence's, sharing every committed block and owning only the blocks its K positions
+     write (a partly filled shared block is copied on its first write). A hit makes the
+     branch's table the sequence's own; every other branch's blocks go back to the pool.
      This runs while the verifier verifies;
   5. SSD only, when the frame asked some sequence for drafts (table_due): send the speculation
      cache itself (a TABLE of branch tokens keyed by (k, t*)).
@@ -43,7 +45,7 @@ from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
 from actors.frame import Frame, Rec, Record
 from actors.fanout import AcceptanceTracker, split_budget
-from actors.kv_cache import KVCache
+from actors.kv import PagedKVCache
 from actors.loader import load_model
 from actors.ngram import propose_ngram
 from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
@@ -70,8 +72,6 @@ class DraftSeq:
     gen: torch.Generator
     tokens: list[int]            # committed prefix (prompt + generated)
     slot: int
-    block: list[int]             # its branch slots, consecutive
-    block_len: int = 0           # positions every block slot shares with the committed prefix
     length: int = 0              # valid positions in `slot`
     round: int = 0
     draft: list[int] = field(default_factory=list)
@@ -111,9 +111,8 @@ class Drafter:
         self.k = spec.k
         self.device = spec.draft_device
         self.model = load_model(spec.draft, spec.draft_dtype, self.device)
-        n_slots = spec.max_batch * (1 + spec.max_branches)
-        self.cache = KVCache.for_model(self.model.args, n_slots, spec.max_seq_len + 2 * spec.k + 2,
-                                       self.model.dtype, self.device)
+        self.cache = PagedKVCache.for_model(self.model.args, spec.draft_blocks(), spec.kv_block_size,
+                                            spec.draft_max_len, self.model.dtype, self.device)
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
@@ -222,25 +221,26 @@ class Drafter:
         params, seed, tokens = decode_params(rec.tokens)
         gen = torch.Generator(device="cpu")
         gen.manual_seed((seed if seed is not None else 0) ^ 0x5EED)
-        slot, *block = self.cache.alloc_run(1 + self.spec.max_branches)
-        s = DraftSeq(rec.seq, params, gen, list(tokens), slot, block,
+        s = DraftSeq(rec.seq, params, gen, list(tokens), self.cache.alloc(),
                      k=min(rec.a, self.k), budget=min(rec.b, self.spec.max_branches))
         self.seqs[s.id] = s
         return s
 
     def _prefill(self, s: DraftSeq, upto: int) -> None:
         """Feed committed tokens the cache has not seen, up to (not including) index `upto`."""
-        if s.length < upto:
-            self._forward(torch.tensor([s.tokens[s.length:upto]]), torch.arange(s.length, upto)[None], [s.slot])
-            s.length = upto
-            self.cache.advance(s.slot, upto)
+        step = self.spec.prefill_chunk
+        while s.length < upto:
+            end = min(upto, s.length + step)
+            self._forward(torch.tensor([s.tokens[s.length:end]]), torch.arange(s.length, end)[None], [s.slot])
+            s.length = end
+            self.cache.advance(s.slot, end)
 
     def _release(self, sid: int) -> None:
         s = self.seqs.pop(sid, None)
         if s is None:
             return
-        for slot in [s.slot, *s.block]:
-            self.cache.free(slot)
+        for h in [s.slot, *(br.slot for br in s.branches.values())]:
+            self.cache.free(h)
 
     def _apply_outcome(self, s: DraftSeq, k: int, t_star: int) -> int:
         """Commit (k, t*) and adopt the matching pre-drafted branch if there is one."""
@@ -248,12 +248,16 @@ class Drafter:
         s.tracker.update(k, len(s.draft))
         s.tokens += s.draft[:k] + [t_star]
         br = s.branches.pop((k, t_star), None)
+        for other in s.branches.values():
+            self.cache.free(other.slot)
         s.branches = {}
         looked_up, s.speculated = s.speculated, False
-        if br is not None:  # the branch's positions from its fork on become the sequence's own
-            self.cache.copy_range(br.slot, s.slot, br.start, br.length)
-            self.cache.advance(s.slot, br.length)
-            s.length, s.draft, s.q, s.dists = br.length, br.tokens, br.q, br.dists
+        if br is not None:  # the branch's table (shared prefix + its own tail) becomes the sequence's
+            self.cache.free(s.slot)
+            s.slot = br.slot
+            # copies: the branches' rows are views of one [rows, K, V] tensor, freed with them
+            s.length, s.draft = br.length, br.tokens
+            s.q, s.dists = (br.q.clone() if br.q is not None else None), br.dists.clone()
             return HIT
         s.length = min(s.length, n_old + k)
         self.cache.truncate(s.slot, s.length)
@@ -357,6 +361,8 @@ class Drafter:
         full = s.tokens + s.draft
         if s.length >= len(full):
             return
+        if s.length < len(s.tokens) - 1:  # rows before depth 0 give no distribution: prefill them in chunks
+            self._prefill(s, len(s.tokens) - 1)
         new = full[s.length:]
         logits = self._forward(torch.tensor([new]), torch.arange(s.length, len(full))[None], [s.slot])[0]
         first_depth = s.length - (len(s.tokens) - 1)   # the depth of logits[0]
@@ -379,11 +385,6 @@ class Drafter:
             self._catch_up(s)
             n, depths = len(s.tokens), len(s.draft)
             fan = self._fan_out(s, depths)
-            # Every block slot already holds the committed prefix up to block_len; copy in the
-            # rest up to the draft's end. Branch j then overwrites positions from n + j on.
-            self.cache.fork(s.slot, s.block, n + depths, start=s.block_len)
-            s.block_len = n
-            free = iter(s.block)
             for j in range(depths + 1):
                 if fan[j] <= 0:
                     continue
@@ -391,7 +392,7 @@ class Drafter:
                 if j < depths:
                     scores[s.draft[j]] = float("-inf")  # a rejected token is never the correction
                 for t in scores.topk(min(fan[j], scores.numel() - 1)).indices.tolist():
-                    rows.append((s, next(free), n + j, t, j))
+                    rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j))
                     keys.append((s, (j, t)))
         self._prespec = (max((r[0].k for r in rows), default=0), 0)
         if not rows:

@@ -99,3 +99,16 @@ class KVCache:
         if end > start:
             self.k[:, dst, :, start:end] = self.k[:, src, :, start:end]
             self.v[:, dst, :, start:end] = self.v[:, src, :, start:end]
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, input_pos: torch.Tensor,
+               kv_len: int, first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new k/v [B, H, T, D] at rows `input_pos` of `slots`; return every
+        row's keys and values 0..kv_len-1 as [B, H, kv_len, D] (a view when the slots are a run)."""
+        kc, vc = self.k[layer], self.v[layer]  # [S, H, M, D]
+        B, T = input_pos.shape
+        rows = slots[:, None].expand(B, T)
+        kc[rows, :, input_pos] = k.transpose(1, 2)
+        vc[rows, :, input_pos] = v.transpose(1, 2)
+        if first_slot is not None:  # consecutive slots: a view, no gather
+            return kc[first_slot:first_slot + B, :, :kv_len], vc[first_slot:first_slot + B, :, :kv_len]
+        return kc[:, :, :kv_len].index_select(0, slots), vc[:, :, :kv_len].index_select(0, slots)

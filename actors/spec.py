@@ -22,6 +22,10 @@ class EngineSpec:
     saguaro_c: float = 1.0
     max_batch: int = 8
     max_seq_len: int = 1024
+    kv_block_size: int = 16         # positions per KV block (actors/kv/blocks.py)
+    target_kv_blocks: int | None = None   # the verifier's block pool; None: max_batch full-length sequences
+    draft_kv_blocks: int | None = None    # the drafter's; None: derived from the verifier's (draft_blocks)
+    prefill_chunk: int = 512        # prompt positions per prefill forward (bounds the logits buffer)
     timeout_s: float = 30.0
     master_addr: str = "127.0.0.1"
     master_port: int = 0
@@ -43,6 +47,9 @@ class EngineSpec:
             raise ValueError(f"fan_out needs k+1 = {self.k + 1} entries, got {len(self.fan_out)}")
         if self.backup not in ("jit", "ngram", "none"):
             raise ValueError(f"backup must be jit, ngram or none, got {self.backup!r}")
+        if self.kv_block_size < 1 or self.prefill_chunk < 1:
+            raise ValueError(f"kv_block_size and prefill_chunk must be >= 1, got {self.kv_block_size}, "
+                             f"{self.prefill_chunk}")
         if not 0.0 < self.saguaro_c <= 1.0:
             raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
 
@@ -54,6 +61,39 @@ class EngineSpec:
     def max_branches(self) -> int:
         """Upper bound on pre-drafted branches per sequence (sizes the drafter's cache)."""
         return sum(self.fan_out) if self.fan_out is not None else self.fan_out_budget
+
+    @property
+    def target_max_len(self) -> int:
+        """Positions a verifier table may reach: max_seq_len plus a padded verify row."""
+        return self.max_seq_len + self.k + 2
+
+    @property
+    def draft_max_len(self) -> int:
+        """Positions a drafter table may reach: a branch drafts K past a K-token draft."""
+        return self.max_seq_len + 2 * self.k + 2
+
+    @property
+    def branch_blocks(self) -> int:
+        """The most blocks one branch owns: its K positions may straddle one more block than
+        they fill, and the first may be a copy of the shared block it forked in."""
+        return -(-self.k // self.kv_block_size) + 1
+
+    def target_blocks(self) -> int:
+        if self.target_kv_blocks is not None:
+            return self.target_kv_blocks
+        return self.max_batch * -(-self.target_max_len // self.kv_block_size)
+
+    def draft_blocks(self) -> int:
+        """Enough that the drafter never runs out while the verifier admits by reservation: the
+        verifier's blocks (every committed position), per sequence a draft's overhang, and
+        per sequence max_branches branches of branch_blocks each."""
+        if self.draft_kv_blocks is not None:
+            return self.draft_kv_blocks
+        return self.target_blocks() + self.max_batch * (1 + self.max_branches) * self.branch_blocks
+
+    def reserve_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Positions a verifier sequence can ever write: prompt + max_new_tokens + a padded K."""
+        return min(prompt_len + max_new_tokens + self.k + 1, self.target_max_len)
 
     def to_dict(self) -> dict:
         return asdict(self)

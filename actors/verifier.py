@@ -44,7 +44,7 @@ from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
 from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
-from actors.kv_cache import KVCache
+from actors.kv import PagedKVCache, blocks_for
 from actors.loader import load_model
 from actors.sampling import probs_from_logits, sample
 from actors.spec import EngineSpec
@@ -67,8 +67,10 @@ class Verifier:
         self.device = spec.target_device
         self.model = load_model(spec.target, spec.target_dtype, self.device)
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
-        self.cache = KVCache.for_model(self.model.args, spec.max_batch, spec.max_seq_len + spec.k + 2,
-                                       self.model.dtype, self.device)
+        # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
+        # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.
+        self.cache = PagedKVCache.for_model(self.model.args, spec.target_blocks(), spec.kv_block_size,
+                                            spec.target_max_len, self.model.dtype, self.device)
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None
         self.drafter_ok = False
@@ -126,6 +128,10 @@ class Verifier:
         req.validate(self.vocab, self.spec.max_seq_len)
         if req.k is not None and req.k > self.k:
             raise ValueError(f"k must be at most speculation.k = {self.k}, got {req.k}")
+        need = blocks_for(self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens), self.spec.kv_block_size)
+        if need > self.cache.pool.n_blocks:
+            raise ValueError(f"prompt + max_new_tokens needs {need} KV blocks; the whole cache has "
+                             f"{self.cache.pool.n_blocks} (engine.kv_cache_memory)")
         self._inbox.put((req, time.perf_counter()))
 
     def abort(self, request_id: int) -> None:
@@ -144,7 +150,9 @@ class Verifier:
 
     def metrics(self) -> dict:
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
-                "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot()}
+                "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
+                "kv_blocks": self.cache.pool.n_blocks, "kv_blocks_used": self.cache.pool.n_blocks - self.cache.pool.n_free,
+                "kv_blocks_reserved": self.cache.n_reserved}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -193,7 +201,9 @@ class Verifier:
                 records.append(self._admit_record(s, s.tokens[:-1]))
                 s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
         admitted = []
-        while self._waiting and self.cache.n_free:
+        while (self._waiting and len(self.seqs) < self.spec.max_batch
+               and self.cache.can_reserve(self.spec.reserve_tokens(len(self._waiting[0][0].prompt),
+                                                                   self._waiting[0][0].max_new_tokens))):
             req, t_submit = self._waiting.pop(0)
             s = self._admit(req, t_submit)
             admitted.append(s)
@@ -211,7 +221,8 @@ class Verifier:
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
         gen = torch.Generator()
         gen.manual_seed(seed)
-        s = Seq(req, self.cache.alloc(), list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
+        slot = self.cache.alloc(reserve_tokens=self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens))
+        s = Seq(req, slot, list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
         self.seqs[req.id] = s
         if self.spec.speculative:
             self.policy.add(req.id, req.k if req.k is not None else (None if self.spec.adaptive else self.k))
@@ -220,10 +231,12 @@ class Verifier:
     def _prefill(self, s: Seq) -> None:
         """Feed the prompt; its last logits give the first token."""
         t0 = time.perf_counter()
-        n, params = len(s.req.prompt), s.req.params
-        logits = self._forward(torch.tensor([s.req.prompt]), torch.arange(n)[None], [s.slot])[0, -1]
+        n, params, step = len(s.req.prompt), s.req.params, self.spec.prefill_chunk
+        for a in range(0, n, step):  # in chunks: the logits buffer is [chunk, V], not [prompt, V]
+            b = min(n, a + step)
+            logits = self._forward(torch.tensor([s.req.prompt[a:b]]), torch.arange(a, b)[None], [s.slot])[0, -1]
+            self.cache.advance(s.slot, b)
         s.length = n
-        self.cache.advance(s.slot, n)
         tok = int(logits.argmax()) if params.greedy else int(sample(probs_from_logits(logits, params), s.gen))
         self.times.prefill_s += time.perf_counter() - t0
         s.t_first = time.perf_counter()

@@ -99,6 +99,22 @@ class EngineConfig(_Section):
     max_seq_len: int = Field(1024, ge=16)
     data_plane_timeout_s: float = Field(30.0, gt=0)
     master_port: int | None = Field(None, ge=1, le=65535)
+    # The verifier's KV budget (the drafter's pool follows from it): bytes, a size such as "12GiB"
+    # or "512MiB", or a fraction 0 < f <= 1 of the target device's memory. None: max_batch
+    # sequences of max_seq_len, capped on a GPU at 90 % of what weights and workspaces leave.
+    # Requests are admitted by free KV (cluster/memory_plan.py, actors/kv/).
+    kv_cache_memory: int | float | str | None = None
+    kv_block_size: int = Field(16, ge=1, le=1024)   # positions per KV block
+    prefill_chunk: int = Field(512, ge=16)          # prompt positions per prefill forward
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _kv_memory(cls, v):
+        if v is not None:
+            from cluster.memory_plan import parse_memory
+
+            parse_memory(v)
+        return v
 
 
 class TLSConfig(_Section):

@@ -45,7 +45,13 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         draft_num_threads=draft.num_threads if draft else 1,
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
+        kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk,
     )
+    from cluster.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails here
+
+    plan = plan_memory(spec, en.kv_cache_memory)
+    spec = plan.apply(spec)
+    spec.extra["memory_plan"] = plan.table()
     if spec.draft is not None:
         why = vocab_mismatch(Tokenizer(spec.target), Tokenizer(spec.draft))
         if why:

@@ -80,6 +80,7 @@ class OutriderServer:
     def __init__(self, cfg: DeploymentConfig):
         self.cfg = cfg
         self.spec = engine_spec(cfg)
+        log.info("memory plan:\n%s", self.spec.extra.get("memory_plan", "(none)"))
         self.tok = tokenizer_for(self.spec)
         self.engine = None
         self.coord: Coordinator | None = None

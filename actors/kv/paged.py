@@ -1,0 +1,64 @@
+"""Attention reads and writes through block tables.
+
+The pool's k/v are [n_layers, n_blocks, block_size, n_kv_heads, head_dim]; one layer flattened
+is [n_blocks * block_size, H, D], so position p of a table lives at flat row
+`table[p // block_size] * block_size + p % block_size`. Per forward (built once, at layer 0,
+and used by every layer):
+
+  * write: one `index_copy_` of the new rows [B*T, H, D] at their flat rows;
+  * read: each row's keys/values 0..kv_len-1 in position order, [B, H, kv_len, D]. A single row
+    whose blocks are consecutive in the pool (the common case at batch 1: a fresh pool hands out
+    blocks lowest first) is read as a strided view, no copy. Otherwise one `index_select` per
+    layer gathers them (positions a row has not reached point at some valid row and are hidden
+    by the caller's mask).
+
+On CPU the gather is what runs. On CUDA the same pool is what a paged kernel reads without a
+gather: flash-attn's `flash_attn_with_kvcache(q, k_cache, v_cache, block_table=...)` takes
+k_cache as [num_blocks, block_size, H, D] exactly, and FlexAttention reads it through a
+BlockMask whose logical->physical map is the same table (torch's paged-attention example); the
+block table tensor built here ([B, n_blocks_per_row], int32 there) is the argument both take.
+That kernel path is not wired yet: the gather runs on every device (docs/paged-kv.md).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def build_indices(tables: list[list[int]], pos: torch.Tensor, kv_len: int, block_size: int,
+                  device: torch.device) -> tuple:
+    """(flat write rows [B*T], read) where read is ("view", first_row) or ("gather", rows [B*kv_len])."""
+    B, T = pos.shape
+    nblk = -(-kv_len // block_size)
+    width = max(nblk, max(len(t) for t in tables))
+    blk = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
+    p = pos.long()
+    write = (blk.gather(1, p // block_size) * block_size + p % block_size).reshape(B * T)
+    if B == 1:
+        t = tables[0][:nblk]
+        if t == list(range(t[0], t[0] + len(t))):
+            return write.to(device), ("view", t[0] * block_size, kv_len)
+    ar = torch.arange(kv_len)
+    read = (blk[:, ar // block_size] * block_size + ar % block_size).reshape(B * kv_len)
+    return write.to(device), ("gather", read.to(device), kv_len)
+
+
+def write_kv(pool, layer: int, k: torch.Tensor, v: torch.Tensor, plan: tuple) -> None:
+    """Store k/v [B, H, T, D] at the plan's write rows."""
+    write = plan[0]
+    B, H, T, D = k.shape
+    pool.k[layer].view(-1, H, D).index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D))
+    pool.v[layer].view(-1, H, D).index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D))
+
+
+def read_kv(pool, layer: int, plan: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's keys and values 0..kv_len-1, [B, H, kv_len, D]."""
+    kind, where, kv_len = plan[1]
+    kf, vf = pool.k[layer], pool.v[layer]
+    H, D = kf.shape[-2:]
+    kf, vf = kf.view(-1, H, D), vf.view(-1, H, D)
+    if kind == "view":
+        return (kf[where:where + kv_len].permute(1, 0, 2).unsqueeze(0),
+                vf[where:where + kv_len].permute(1, 0, 2).unsqueeze(0))
+    B = where.numel() // kv_len
+    return (kf.index_select(0, where).view(B, kv_len, H, D).transpose(1, 2),
+            vf.index_select(0, where).view(B, kv_len, H, D).transpose(1, 2))
