@@ -154,6 +154,7 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
     env.pop("RAY_ADDRESS", None)
     local = yaml.safe_load((REPO / "configs" / "local-cpu.yaml").read_text())
     local["metrics"]["port"] = 0  # the shipped 9464 may be taken by another run on this host
+    local.setdefault("http", {})["port"] = 0   # and the HTTP API's 8000
     local["http"] = {"port": 0}
     (config := tmp_path / "local-cpu.yaml").write_text(yaml.safe_dump(local))
     head = subprocess.Popen(

@@ -248,6 +248,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_pair, tmp_path, ar_refs, held_out
     cfg = yaml.safe_load((ROOT / "configs" / "local-cpu.yaml").read_text())
     cfg["server"].update(port=0, drain_grace_s=60)
     cfg["metrics"]["port"] = 0
+    cfg.setdefault("http", {})["port"] = 0
     cfg["http"] = {"port": 0}
     (config := tmp_path / "serve.yaml").write_text(yaml.safe_dump(cfg))
     log = tmp_path / "serve.log"
