@@ -57,22 +57,62 @@ def hf_refs(tiny_pair, held_out_prompts):
     return hf, refs
 
 
+NEAR_TIE_GAP = 1e-4
+MAX_NEAR_TIES = 2          # per test: more than this many accepted near-ties fails the test
+NEAR_TIES: list[tuple[str, int, int, int, float]] = []   # (test, position, ours, ref, gap), for the summary
+
+
 def assert_matches_or_near_tie(hf, prompt: list[int], ours: list[int], ref: list[int]) -> bool:
     """True if identical; a near-tie mismatch passes (returns False); anything else fails.
 
-    A mismatch is only acceptable where the target's top-2 logit gap at the first differing
-    position is below 1e-4 (a floating-point near-tie); the test says so when it happens."""
+    A mismatch is only acceptable at a floating-point near-tie: at the first differing position,
+    both our token and the reference token have logits within NEAR_TIE_GAP of the target's top
+    logit. Every accepted near-tie is recorded with its gap: it is printed, listed in the run's
+    summary, and a test that accepts more than MAX_NEAR_TIES fails (`near_ties_stay_rare`), so
+    a caller that ignores the return value still cannot hide a pattern of mismatches."""
     if ours == ref:
         return True
     i = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), min(len(ours), len(ref)))
     assert i < min(len(ours), len(ref)), f"same prefix but different lengths: {len(ours)} vs {len(ref)}"
     with torch.inference_mode():
-        logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1]
-    top2 = logits.topk(2).values
-    gap = float(top2[0] - top2[1])
-    assert gap < 1e-4, f"mismatch at generated position {i} with top-2 gap {gap:.2e}: a real bug"
-    print(f"near-tie at position {i} (gap {gap:.1e}): mismatch accepted")
+        logits = hf(torch.tensor([prompt + ref[:i]])).logits[0, -1].double()
+    top = float(logits.max())
+    gap = max(top - float(logits[ours[i]]), top - float(logits[ref[i]]))
+    assert gap < NEAR_TIE_GAP, (f"mismatch at generated position {i} (ours {ours[i]}, reference {ref[i]}) "
+                                f"with logit gap {gap:.2e}: a real bug")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    NEAR_TIES.append((test, i, ours[i], ref[i], gap))
+    print(f"near-tie at generated position {i} (ours {ours[i]}, reference {ref[i]}, logit gap {gap:.1e}): "
+          "mismatch accepted")
     return False
+
+
+def assert_all_match_or_rare_near_ties(hf, prompts, outs, refs, max_near_ties: int = MAX_NEAR_TIES) -> int:
+    """Compare every prompt's output with its reference (the three lists must be equally long);
+    returns the number of accepted near-ties, which must not exceed max_near_ties."""
+    assert len(prompts) == len(outs) == len(refs), f"{len(prompts)} prompts, {len(outs)} outputs, {len(refs)} refs"
+    ties = [i for i, (p, o, r) in enumerate(zip(prompts, outs, refs)) if not assert_matches_or_near_tie(hf, p, o, r)]
+    assert len(ties) <= max_near_ties, f"{len(ties)} of {len(prompts)} prompts only matched up to a near-tie: {ties}"
+    return len(ties)
+
+
+@pytest.fixture(autouse=True)
+def near_ties_stay_rare():
+    """Every test: at most MAX_NEAR_TIES accepted near-ties, whether or not it counts them."""
+    start = len(NEAR_TIES)
+    yield
+    mine = NEAR_TIES[start:]
+    if len(mine) > MAX_NEAR_TIES:
+        pytest.fail(f"{len(mine)} near-tie mismatches accepted in one test (at most {MAX_NEAR_TIES}): "
+                    + ", ".join(f"position {i} gap {g:.1e}" for _, i, _, _, g in mine))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if NEAR_TIES:
+        terminalreporter.section("near-ties accepted as exact")
+        for test, i, ours, ref, gap in NEAR_TIES:
+            terminalreporter.write_line(f"{test}: generated position {i}, ours {ours} vs reference {ref}, "
+                                        f"logit gap {gap:.2e}")
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import torch
 from actors.config import CheckpointError
 from actors.kv_cache import KVCache
 from actors.loader import load_model
-from tests.conftest import assert_matches_or_near_tie
+from tests.conftest import assert_all_match_or_rare_near_ties
 
 ATOL = 2e-5
 WINDOW = 16  # sliding window, well below the 40-token prompt of the tests
@@ -188,16 +188,18 @@ def test_greedy_generation_equals_transformers(tmp_path, family):
     hf.generation_config.eos_token_id = None  # random weights emit "EOS" too; run the full length
     model = load_model(path)
     new = 40
-    exact = 0
-    for seed in range(3):
+    prompts, outs, refs = [], [], []
+    for seed in range(4):
         prompt = torch.randint(0, 96, (24,), generator=torch.Generator().manual_seed(10 + seed)).tolist()
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 24, dtype=torch.long),
                               max_new_tokens=new, do_sample=False)[0, 24:].tolist()
         ours = generate_ar(model, prompt, StopCriteria(new)).tokens
         assert len(ref) == len(ours) == new
-        exact += assert_matches_or_near_tie(hf, prompt, ours, ref)
-    assert exact >= 2, f"{family}: {3 - exact} of 3 prompts only matched up to a near-tie"
+        prompts.append(prompt)
+        outs.append(ours)
+        refs.append(ref)
+    assert_all_match_or_rare_near_ties(hf, prompts, outs, refs, max_near_ties=1)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral-window"])

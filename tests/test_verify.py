@@ -123,6 +123,79 @@ def test_two_token_joint_distribution_k2() -> None:
     _assert_distributed_as(pairs, torch.outer(p_row, p_row).flatten())
 
 
+def test_every_position_follows_its_own_p_row_including_the_bonus() -> None:
+    """A different p row at every position (and a different q row): the token a round emits at
+    position j, among rounds that got that far, follows p[j]. Position K is the bonus row, drawn
+    only when every draft was accepted; a bonus drawn from the wrong row fails."""
+    K, V = 3, 6
+    p, q = _random_rows(K + 1, V, 91, sharpness=1.0), _random_rows(K, V, 92, sharpness=1.0)
+    drafts, outs = _rounds(p, q, N, seed=93)
+    d = drafts.tolist()
+    for j in range(K + 1):
+        emitted = np.array([d[r][j] if o.accepted > j else o.token for r, o in enumerate(outs) if o.accepted >= j])
+        assert len(emitted) > 1000, f"position {j} reached only {len(emitted)} times"
+        _assert_distributed_as(emitted, p[j])
+    bonus = np.array([o.token for o in outs if o.accepted == K])
+    _assert_distributed_as(bonus, p[K])
+    for wrong in range(K):  # the rows really differ, and the test can tell them apart
+        assert _fit_pvalue(bonus, p[wrong]) < 1e-6
+
+
+def _markov_rows(seed: int, n_pos: int, V: int, sharpness: float) -> torch.Tensor:
+    """[n_pos, V, V]: row [n, prev] is the distribution of the token at position n after `prev`."""
+    return _random_rows(n_pos * V, V, seed, sharpness).view(n_pos, V, V)
+
+
+def test_joint_law_of_a_whole_continuation_with_context_dependent_rows() -> None:
+    """Speculative decoding of L tokens over several rounds, where both models' rows depend on the
+    position and on the previous token (as a real model's do). The joint law of the L tokens must
+    be the target's exact product of conditionals: accepted drafts, corrections, bonus tokens and
+    round boundaries all included."""
+    L, K, V = 4, 2, 3
+    T, Q = _markov_rows(94, L, V, 1.2), _markov_rows(95, L, V, 1.2)
+    g = torch.Generator().manual_seed(96)
+    n = N
+    codes = np.empty(n, dtype=np.int64)
+    bonuses = 0
+    for r in range(n):
+        seq = [0]  # a fixed start token; positions count from 1
+        while len(seq) <= L:
+            pos0, k = len(seq) - 1, min(K, L - (len(seq) - 1) - 1)
+            draft, q_rows, prev = [], [], seq[-1]
+            for i in range(k):
+                q_row = Q[pos0 + i, prev]
+                prev = int(torch.multinomial(q_row, 1, generator=g))
+                draft.append(prev)
+                q_rows.append(q_row)
+            ctx = [seq[-1]] + draft
+            p_rows = torch.stack([T[pos0 + i, ctx[i]] for i in range(k + 1)])
+            o = verify_sampling(torch.tensor(draft, dtype=torch.long),
+                                torch.stack(q_rows) if k else torch.empty(0, V), p_rows, g)
+            bonuses += k > 0 and o.accepted == k
+            seq += draft[:o.accepted] + [o.token]
+        code = 0
+        for t in seq[1:L + 1]:
+            code = code * V + t
+        codes[r] = code
+    exact = torch.ones(V ** L, dtype=torch.float64)
+    for c in range(V ** L):
+        toks = [int(x) for x in np.base_repr(c, V).zfill(L)]
+        prev = 0
+        for pos, t in enumerate(toks):
+            exact[c] *= float(T[pos, prev, t])
+            prev = t
+    assert bonuses > n // 10  # bonus rows were really drawn
+    _assert_distributed_as(codes, exact)
+    # Power: the drafter's own law of the same continuation is rejected.
+    draft_law = torch.ones(V ** L, dtype=torch.float64)
+    for c in range(V ** L):
+        prev = 0
+        for pos, t in enumerate(int(x) for x in np.base_repr(c, V).zfill(L)):
+            draft_law[c] *= float(Q[pos, prev, t])
+            prev = t
+    assert _fit_pvalue(codes, draft_law) < 1e-6
+
+
 def test_k0_is_plain_sampling_from_p() -> None:
     p = _random_rows(1, 8, 31)
     g = torch.Generator().manual_seed(32)
