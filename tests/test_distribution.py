@@ -12,8 +12,16 @@ G-test compares the counts with the reference:
 - any continuation the reference gives probability 0 (outside top-k / top-p) fails at once;
 - the test has power: the same counts are checked to reject the drafter's own distribution.
 
-Seeds are fixed, so a run's verdict is repeatable. `make test` runs N_QUICK draws per case; the
-slow variant (`pytest -m slow`) runs N_SLOW for smaller distortions.
+Seeds are fixed. AR draws repeat exactly; SSD draws repeat for all but a few percent of the
+requests (whether a round's draft came from the speculation cache or was drafted on the spot
+depends on timing, and the two consume the drafter's random stream differently), so the p-values
+move a little between runs and ALPHA sits far below them. `make test` runs N_QUICK draws per
+case; the slow variant (`pytest -m slow`) runs N_SLOW for smaller distortions.
+
+Each SSD case was checked to fail on a planted bug: a bonus token drawn from the row before
+(top_p, k = 1), corrections drawn from p instead of the residual (top_k, top_p, saguaro_top_p),
+and a drafter that samples from the Saguaro-scaled q but ships the unscaled one (both Saguaro
+cases); AR top_p fails when top-p drops the token that crosses top_p.
 """
 from __future__ import annotations
 
@@ -211,7 +219,7 @@ def test_reference_is_a_distribution(hf_pair, held_out_prompts):
     assert abs(sum(nonzero) - 1) < 1e-9
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", ["top_k", "top_p"])  # AR has no Saguaro: the other cases add nothing
 def test_ar_sampling_matches_transformers(tiny_pair, hf_pair, held_out_prompts, name):
     case = CASES[name]
     prompt = _prompt(held_out_prompts, case)
