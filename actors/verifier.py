@@ -225,8 +225,20 @@ class Verifier:
         s = Seq(req, slot, list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
         self.seqs[req.id] = s
         if self.spec.speculative:
-            self.policy.add(req.id, req.k if req.k is not None else (None if self.spec.adaptive else self.k))
+            self.policy.add(req.id, self._fixed_k(req))
         return s
+
+    def _fixed_k(self, req: Request) -> int | None:
+        """The K this request drafts every round, or None for the adaptive policy's choice.
+
+        A seeded sampling request drafts a fixed K: which random draws decide its tokens depends
+        on how many drafts each round verified, and the adaptive choice follows timings, so the
+        same seed would not give the same text twice. Its own `k` (0 = off) still overrides."""
+        if req.k is not None:
+            return req.k
+        if not self.spec.adaptive or (req.params.seed is not None and req.params.temperature > 0):
+            return self.k
+        return None
 
     def _prefill(self, s: Seq) -> None:
         """Feed the prompt; its last logits give the first token."""
