@@ -193,7 +193,7 @@ class PagedKVCache:
         shared block it writes into), and build the write and read indices every layer uses."""
         bs, device = self.block_size, self.pool.k.device
         pos = input_pos.cpu()
-        lo, hi = pos.min(dim=1).values.tolist(), pos.max(dim=1).values.tolist()
+        lo, hi = pos[:, 0].tolist(), pos[:, -1].tolist()   # every row's positions are ascending
         for h, a, z in zip(handles, lo, hi):
             t = self.tables[h]
             if z >= self.max_len:
@@ -205,7 +205,7 @@ class PagedKVCache:
                     t[i] = self.pool.copy(t[i])
         from actors.kv.paged import build_indices
 
-        self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device)
+        self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, input_pos: torch.Tensor,
                kv_len: int, first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

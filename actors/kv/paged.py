@@ -25,10 +25,17 @@ import torch
 
 
 def build_indices(tables: list[list[int]], pos: torch.Tensor, kv_len: int, block_size: int,
-                  device: torch.device) -> tuple:
-    """(flat write rows [B*T], read) where read is ("view", first_row) or ("gather", rows [B*kv_len])."""
+                  device: torch.device, lo: int = -1, hi: int = -1) -> tuple:
+    """(write, read): write is flat rows [B*T] or ("slice", first_row, T); read is
+    ("view", first_row, kv_len) or ("gather", rows [B*kv_len], kv_len). `lo`, `hi`: row 0's first
+    and last position (a batch-1 forward over consecutive blocks needs no index tensor at all)."""
     B, T = pos.shape
     nblk = -(-kv_len // block_size)
+    if B == 1 and hi - lo + 1 == T:
+        t = tables[0][:max(nblk, hi // block_size + 1)]
+        if t[-1] - t[0] == len(t) - 1 and t == list(range(t[0], t[0] + len(t))):
+            base = t[0] * block_size
+            return ("slice", base + lo, T), ("view", base, kv_len)
     width = max(nblk, max(len(t) for t in tables))
     blk = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
     p = pos.long()
@@ -46,6 +53,11 @@ def write_kv(pool, layer: int, k: torch.Tensor, v: torch.Tensor, plan: tuple) ->
     """Store k/v [B, H, T, D] at the plan's write rows."""
     write = plan[0]
     B, H, T, D = k.shape
+    if isinstance(write, tuple):  # one row on consecutive blocks: a slice
+        a = write[1]
+        pool.k[layer].view(-1, H, D)[a:a + T] = k[0].transpose(0, 1)
+        pool.v[layer].view(-1, H, D)[a:a + T] = v[0].transpose(0, 1)
+        return
     pool.k[layer].view(-1, H, D).index_copy_(0, write, k.transpose(1, 2).reshape(B * T, H, D))
     pool.v[layer].view(-1, H, D).index_copy_(0, write, v.transpose(1, 2).reshape(B * T, H, D))
 
