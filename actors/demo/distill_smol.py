@@ -1,0 +1,267 @@
+"""`demo:smol/draft`: a small drafter distilled from SmolLM2-135M-Instruct's own predictions.
+
+What speculative decoding rewards is agreement with the target on the text the target itself
+writes. So the training data is on-policy: the target answers chat requests and continues
+standard-library code greedily (batched, with the KV cache), and every forward of that
+generation already yields the teacher's distribution at each position; its top-k logits are
+kept as the labels. No separate teacher pass is needed.
+
+The student starts from the target itself (layers `DistillSpec.layers`, the embedding, final norm
+and the tied head, all but the head trainable): untrained, such a cut agrees with the target
+almost never (FIELD-NOTES), but it starts from representations that already fit the head, which
+makes the few minutes of training go far. The head is the target's and stays frozen: with the
+full 49152-token vocabulary the drafter's q covers everything the verifier can propose, so no
+engine support for a reduced vocabulary is needed.
+
+Everything is seeded and step-budgeted, so a build is reproducible on one machine; build.json
+records the teacher-forced agreement on held-out answers and the time taken.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillSpec:
+    layers: tuple[int, ...] = (0, 1, 29)   # target layers the student starts from
+    chat_requests: int = 160                # training chat requests the target answers
+    code_prompts: int = 96                  # training code prompts the target continues
+    prompt_tokens: int = 96                 # a code prompt's last tokens
+    new_tokens: int = 128                   # tokens the target generates per prompt
+    gen_batch: int = 32
+    top_k: int = 20                         # teacher logits kept per position
+    held_out: int = 16                      # generated sequences kept out of training (agreement)
+    steps: int = 160
+    batch: int = 8                          # sequences per step
+    head_fraction: float = 0.35             # positions per step that go through the head and the loss
+    lr: float = 1e-3
+    seed: int = 0
+
+    def data_key(self) -> str:
+        """What the labelled data depends on: a cache of it is reused when only training changes."""
+        fields = (self.chat_requests, self.code_prompts, self.prompt_tokens, self.new_tokens, self.top_k, self.seed)
+        return "-".join(map(str, fields))
+
+
+SPEC = DistillSpec()
+
+
+def code_prompts(n: int, seed: int) -> list[str]:
+    """Code prompts cut from the training split, as corpus.prompts cuts held-out ones."""
+    from actors.demo.corpus import _code_prompts, split
+
+    pool = _code_prompts(split()[0])
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
+
+
+@torch.inference_mode()
+def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: int, top_k: int,
+                      eos: set[int], desc: str) -> list[dict]:
+    """Greedy continuations of `prompts` by the target, with its top-k logits at every position.
+
+    Each row is prefilled alone (its own cache slot), then the rows decode together one token per
+    step, every row at its own position. A row ends at EOS; labels exist for every position whose
+    next token the target predicted (all but the last)."""
+    from actors.kv_cache import KVCache
+
+    out = []
+    bar = tqdm(total=len(prompts) * new_tokens, desc=desc, unit="tok", leave=False, mininterval=2, disable=None)
+    for start in range(0, len(prompts), batch):
+        group = prompts[start:start + batch]
+        cache = KVCache.for_model(target.args, len(group), max(map(len, group)) + new_tokens + 1)
+        slots = [cache.alloc() for _ in group]
+        rows = []
+        for p, slot in zip(group, slots):
+            logits = target(torch.tensor([p]), torch.arange(len(p))[None], cache, torch.tensor([slot]))[0]
+            v, i = logits.topk(top_k, -1)
+            rows.append({"ids": list(p), "val": [v], "idx": [i], "done": False, "prompt": len(p)})
+        for step in range(new_tokens):
+            live = [r for r in rows if not r["done"]]
+            if not live:
+                break
+            nxt = [int(r["idx"][-1][-1, 0]) for r in live]
+            for r, t in zip(live, nxt):
+                r["ids"].append(t)
+                r["done"] = t in eos
+            live = [(r, s) for r, s in zip(rows, slots) if not r["done"]]
+            bar.update(len(group))
+            if not live or step == new_tokens - 1:  # the last token needs no label
+                break
+            toks = torch.tensor([[r["ids"][-1]] for r, _ in live])
+            pos = torch.tensor([[len(r["ids"]) - 1] for r, _ in live])
+            logits = target(toks, pos, cache, torch.tensor([s for _, s in live]))[:, 0]
+            v, i = logits.topk(top_k, -1)
+            for j, (r, _) in enumerate(live):
+                r["val"].append(v[j:j + 1])
+                r["idx"].append(i[j:j + 1])
+        for r in rows:
+            n = len(r["ids"]) - 1  # positions with a label
+            out.append({"ids": torch.tensor(r["ids"]), "val": torch.cat(r["val"])[:n].half(),
+                        "idx": torch.cat(r["idx"])[:n].int(), "prompt": r["prompt"]})
+    bar.close()
+    return out
+
+
+def student_from_target(target_dir: Path, layers: tuple[int, ...]):
+    """The drafter before training: the target's `layers`, embedding, norm and tied head."""
+    from actors.config import ModelArgs
+    from actors.demo.smol import truncated_state
+    from actors.model import Transformer
+
+    cfg = json.loads((target_dir / "config.json").read_text())
+    cfg["num_hidden_layers"] = len(layers)
+    model = Transformer(ModelArgs.from_hf(cfg))
+    state = truncated_state(target_dir, len(layers), list(layers))
+    model.load_state_dict(state, strict=False)
+    if model.args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model, cfg
+
+
+def soft_ce(logits: torch.Tensor, val: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student against the teacher's renormalised top-k distribution (the
+    KL to it up to a constant): [N, V] student logits, [N, k] teacher logits and ids."""
+    logp = F.log_softmax(logits.float(), -1)
+    p = F.softmax(val.float(), -1)
+    return -(p * logp.gather(-1, idx.long())).sum(-1).mean()
+
+
+def _batches(data: list[dict], batch: int, steps: int, seed: int):
+    """`steps` batches of whole sequences, reshuffled every epoch (seeded), padded on the right."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            more = list(range(len(data)))
+            rng.shuffle(more)
+            order += more
+        pick, order = order[:batch], order[batch:]
+        rows = [data[i] for i in pick]
+        width = max(len(r["ids"]) - 1 for r in rows)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool)
+        for j, r in enumerate(rows):
+            n = len(r["ids"]) - 1
+            x[j, :n] = r["ids"][:n]
+            mask[j, :n] = True
+        yield x, mask, torch.cat([r["val"] for r in rows]), torch.cat([r["idx"] for r in rows])
+
+
+def train(student, data: list[dict], spec: DistillSpec) -> float:
+    """Train all but the (tied, frozen) embedding and head on the soft cross-entropy.
+
+    The 49152 x 576 head costs more per position than the student's layers together, so each step
+    runs the layers over whole sequences but the head and the loss over a random `head_fraction`
+    of their positions: more sequences per second for the same compute, and neighbouring
+    positions of one sequence teach much the same thing anyway."""
+    head = student.model.embed_tokens.weight
+    head.requires_grad_(False)  # also the tied head
+    params = [p for p in student.parameters() if p.requires_grad]
+    student.lm_head = torch.nn.Identity()  # forward returns the final-normed hidden states
+    g = torch.Generator().manual_seed(spec.seed)
+    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warm = max(1, spec.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(
+        0.05, 1 - max(0, s - warm) / max(1, spec.steps - warm)))
+    student.train()
+    ema = None
+    bar = tqdm(_batches(data, spec.batch, spec.steps, spec.seed), total=spec.steps, desc="distil",
+               leave=False, mininterval=2, disable=None)
+    for x, mask, val, idx in bar:
+        keep = torch.rand(len(val), generator=g) < spec.head_fraction
+        hidden = student(x)[mask][keep]
+        loss = soft_ce(hidden @ head.t(), val[keep], idx[keep])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}")
+    student.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
+    student.lm_head.weight = head
+    student.eval().requires_grad_(False)
+    return ema
+
+
+@torch.inference_mode()
+def agreement(student, data: list[dict]) -> float:
+    """Teacher-forced top-1 agreement with the target on the generated part of `data`."""
+    hits = total = 0
+    for r in data:
+        n = len(r["ids"]) - 1
+        pred = student(r["ids"][None, :n])[0].argmax(-1)
+        gen = slice(r["prompt"] - 1, n)  # positions whose next token the target generated
+        hits += int((pred[gen] == r["idx"][gen, 0].long()).sum())
+        total += gen.stop - gen.start
+    return hits / max(1, total)
+
+
+def distil(target_dir: Path, out: Path, spec: DistillSpec = SPEC) -> dict:
+    from actors.demo.chat_prompts import training_requests
+    from actors.demo.smol import write_like_target
+    from actors.loader import load_model
+    from actors.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # The labelled data is cached beside the target (a killed or retrained build reuses it).
+    cached = target_dir.parent / f"distill-data-{spec.data_key()}.pt"
+    if cached.is_file():
+        data = torch.load(cached)
+    else:
+        tok = Tokenizer(target_dir)
+        target = load_model(target_dir)
+        eos = set(target.args.eos_token_ids)
+        chats = [tok.encode_chat([{"role": "user", "content": m}])
+                 for m in training_requests(spec.chat_requests, spec.seed)]
+        code = [tok.encode(t)[-spec.prompt_tokens:] for t in code_prompts(spec.code_prompts, spec.seed)]
+        data = generate_labelled(target, chats, spec.new_tokens, spec.gen_batch, spec.top_k, eos, "answer chats")
+        data += generate_labelled(target, code, spec.new_tokens, spec.gen_batch, spec.top_k, eos, "continue code")
+        del target
+        torch.save(data, cached.with_suffix(".part"))
+        cached.with_suffix(".part").rename(cached)
+    t_gen = time.perf_counter() - t0
+    random.Random(spec.seed).shuffle(data)
+    held, data = data[:spec.held_out], data[spec.held_out:]
+    n_tokens = sum(len(r["ids"]) - 1 for r in data)
+    log.info("smol draft: %d labelled sequences (%d tokens) in %.0fs", len(data), n_tokens, t_gen)
+    student, _ = student_from_target(target_dir, spec.layers)
+    before = agreement(student, held)
+    loss = train(student, data, spec)
+    after = agreement(student, held)
+    state = {k: v.detach() for k, v in student.state_dict().items() if k != "lm_head.weight"}
+    write_like_target(target_dir, out, state, len(spec.layers))
+    info = {"draft": f"target layers {list(spec.layers)}, distilled", "spec": asdict(spec),
+            "train_tokens": n_tokens, "generate_s": round(t_gen, 1), "soft_ce": round(loss, 3),
+            "held_out_agreement_before": round(before, 3), "held_out_agreement": round(after, 3),
+            "build_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+    (out / "build.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def build_draft(root: Path | None = None, force: bool = False) -> Path:
+    from actors.demo.build import build_once
+    from actors.demo.smol import build_target, smol_dir
+
+    target = build_target(root)
+    dest = smol_dir(root) / "draft"
+    info = build_once(dest, lambda tmp: distil(target, tmp), force)
+    if info is not None:
+        log.info("distilled the smol drafter in %.0fs: held-out agreement %.3f (before training %.3f)",
+                 info["build_s"], info["held_out_agreement"], info["held_out_agreement_before"])
+    return dest
