@@ -48,7 +48,7 @@ from actors.fanout import AcceptanceTracker, split_budget
 from actors.kv import PagedKVCache
 from actors.loader import load_model
 from actors.ngram import propose_ngram
-from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
+from actors.sampling import DRAFT, SamplingParams, keyed_uniforms, probs_from_logits, saguaro_scale, sample
 from actors.spec import EngineSpec
 from actors.wire import HIT, MISS, NO_LOOKUP, decode_params, encode_table
 
@@ -69,7 +69,6 @@ class Branch:
 class DraftSeq:
     id: int
     params: SamplingParams
-    gen: torch.Generator
     tokens: list[int]            # committed prefix (prompt + generated)
     slot: int
     length: int = 0              # valid positions in `slot`
@@ -218,10 +217,8 @@ class Drafter:
         return Frame(Rec.TABLE, step, records)
 
     def _admit(self, rec: Record) -> DraftSeq:
-        params, seed, tokens = decode_params(rec.tokens)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed((seed if seed is not None else 0) ^ 0x5EED)
-        s = DraftSeq(rec.seq, params, gen, list(tokens), self.cache.alloc(),
+        params, _, tokens = decode_params(rec.tokens)   # params.seed keys its draws (sampling.py)
+        s = DraftSeq(rec.seq, params, list(tokens), self.cache.alloc(),
                      k=min(rec.a, self.k), budget=min(rec.b, self.spec.max_branches))
         self.seqs[s.id] = s
         return s
@@ -332,7 +329,9 @@ class Drafter:
                     # Next round pre-drafts the top-F_step tokens of this very distribution at
                     # depth `step`: those are the ones Saguaro scales by c.
                     q = saguaro_scale(p, self._fan_out(s, K)[step], self.spec.saguaro_c)
-                nxt[idx] = sample(q, s.gen)
+                # keyed by the drafted token's position: a branch and a just-in-time draft of the
+                # same context draw the same token (actors/sampling.py)
+                nxt[idx] = sample(q, uniforms=keyed_uniforms(s.params.seed, (pos[idx] + 1).tolist(), DRAFT))
                 dists[idx, step] = p
                 qs[idx, step] = q
             toks[:, step] = nxt

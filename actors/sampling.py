@@ -110,7 +110,32 @@ def saguaro_scale(q: torch.Tensor, fan_out: int | torch.Tensor, c: float) -> tor
     return scaled / scaled.sum(-1, keepdim=True)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+# Keyed draws. A sequence's random numbers are a function of (seed, position, purpose), not of
+# how many numbers were drawn before: a draft token at position p uses the same uniform whether it
+# was pre-drafted in a speculation branch or drafted just in time, and the verifier's test and
+# correction at p do not depend on how the rounds before fell. So a seeded request repeats
+# whatever the timing-dependent hits and misses were (with a fixed K: drafts of another length
+# test other positions).
+DRAFT, ACCEPT, TOKEN = 1, 2, 3    # purposes: a drafted token, the verifier's test, an emitted token
+_M64 = (1 << 64) - 1
+
+
+def _mix(z: int) -> int:
+    """splitmix64's finaliser: a bijection on 64 bits that scatters every input bit."""
+    z = (z + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def keyed_uniforms(seed: int, positions: list[int], purpose: int) -> list[float]:
+    """One uniform in [0, 1) per position, for this seed and purpose (53-bit doubles)."""
+    base = _mix(_mix(seed & _M64) ^ purpose)
+    return [(_mix(base ^ (p & _M64)) >> 11) * (1.0 / (1 << 53)) for p in positions]
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+           uniforms: list[float] | None = None) -> torch.Tensor:
     """Draw one token per row of [..., V] probabilities -> LongTensor[...].
 
     Inverse CDF: one uniform per row, scaled by the row's total, located in the running sum.
@@ -119,9 +144,13 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> tor
     returns the first index whose running sum exceeds u, so a zero-probability entry (a flat step
     in the sum) is never picked and a one-hot row (greedy) always yields its argmax. The sum is
     float64 so rounding cannot shift mass between neighbours. The generator must live on probs'
-    device.
+    device. `uniforms` (one per row, e.g. `keyed_uniforms`) replace the generator's draws.
     """
     flat = probs.reshape(-1, probs.shape[-1]).double()
     cum = flat.cumsum(-1)
-    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64, device=flat.device) * cum[:, -1:]
+    if uniforms is not None:
+        u = torch.tensor(uniforms, dtype=torch.float64, device=flat.device).reshape(-1, 1)
+    else:
+        u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64, device=flat.device)
+    u = u * cum[:, -1:]
     return torch.searchsorted(cum, u, right=True).clamp_(max=flat.shape[-1] - 1).reshape(probs.shape[:-1])

@@ -46,8 +46,7 @@ class Seq:
     req: Request
     slot: int
     tokens: list[int]
-    seed: int
-    gen: torch.Generator
+    seed: int                          # keys the sequence's random draws (actors/sampling.py)
     stats: SpecStats
     t_submit: float
     length: int = 0                    # valid positions in the target's KV slot

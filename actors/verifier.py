@@ -22,7 +22,8 @@ K travels with the outcome, and a draft from the table is cut to it (a prefix of
 draft), so both sides always hold the same draft. At K = 0 a sequence verifies no draft and waits
 for no reply; its outcomes still go to the drafter, with the next frame that is due anyway (a
 round where every sequence is at K = 0 sends none, up to a heartbeat a second); the drafter
-feeds the committed tokens to its cache when a draft is asked for again. The policy probes with a one-token draft now and then, so speculation comes back when it pays.
+feeds the committed tokens to its cache when a draft is asked for again. The policy probes with a
+one-token draft now and then, so speculation comes back when it pays.
 
 Without a drafter (mode `ar`, a request that disabled speculation, or a drafter that died) a
 sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
@@ -46,7 +47,7 @@ from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv import PagedKVCache, blocks_for
 from actors.loader import load_model
-from actors.sampling import probs_from_logits, sample
+from actors.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
 from actors.spec import EngineSpec
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
@@ -149,9 +150,10 @@ class Verifier:
         return self.events.listen(token, "127.0.0.1" if local_only else "")
 
     def metrics(self) -> dict:
+        pool = self.cache.pool
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
                 "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
-                "kv_blocks": self.cache.pool.n_blocks, "kv_blocks_used": self.cache.pool.n_blocks - self.cache.pool.n_free,
+                "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_blocks - pool.n_free,
                 "kv_blocks_reserved": self.cache.n_reserved}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -219,10 +221,8 @@ class Verifier:
 
     def _admit(self, req: Request, t_submit: float) -> Seq:
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
-        gen = torch.Generator()
-        gen.manual_seed(seed)
         slot = self.cache.alloc(reserve_tokens=self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens))
-        s = Seq(req, slot, list(req.prompt), seed, gen, SpecStats(k=self.k), t_submit)
+        s = Seq(req, slot, list(req.prompt), seed, SpecStats(k=self.k), t_submit)
         self.seqs[req.id] = s
         if self.spec.speculative:
             self.policy.add(req.id, self._fixed_k(req))
@@ -249,7 +249,8 @@ class Verifier:
             logits = self._forward(torch.tensor([s.req.prompt[a:b]]), torch.arange(a, b)[None], [s.slot])[0, -1]
             self.cache.advance(s.slot, b)
         s.length = n
-        tok = int(logits.argmax()) if params.greedy else int(sample(probs_from_logits(logits, params), s.gen))
+        tok = int(logits.argmax()) if params.greedy else int(
+            sample(probs_from_logits(logits, params), uniforms=keyed_uniforms(s.seed, [len(s.tokens)], TOKEN)))
         self.times.prefill_s += time.perf_counter() - t0
         s.t_first = time.perf_counter()
         if not self._commit(s, [tok]) and s.on_drafter:

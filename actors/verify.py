@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.sampling import probs_from_logits
+from actors.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_from_logits, sample
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,10 @@ def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Outcome:
 
 
 def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
-                    generator: torch.Generator | None = None) -> Outcome:
-    """draft [K], q [K, V], p [K+1, V] -> Outcome. All randomness comes from `generator`.
+                    generator: torch.Generator | None = None, key: tuple[int, int] | None = None) -> Outcome:
+    """draft [K], q [K, V], p [K+1, V] -> Outcome. All randomness comes from `generator`, or with
+    `key` = (seed, position of draft[0]) from keyed draws (actors/sampling.py: the test at each
+    position and the token emitted there each have their own uniform).
 
     q must be the distribution each draft token was really drawn from (after temperature, top-k,
     top-p and any Saguaro scaling); p is the target's rows processed with the same settings.
@@ -71,16 +73,29 @@ def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
         # also far cheaper than a chain of small tensor ops in this per-sequence path.
         idx = torch.arange(K, device=draft.device)
         pd, qd = p[idx, draft].tolist(), q[idx, draft].tolist()
-        u = torch.rand(K, generator=generator, dtype=torch.float64, device=p.device).tolist()
+        if key is not None:
+            u = keyed_uniforms(key[0], range(key[1], key[1] + K), ACCEPT)
+        else:
+            u = torch.rand(K, generator=generator, dtype=torch.float64, device=p.device).tolist()
         for i in range(K):
             # u < p/q written as u * q < p: no division, and q(d) == 0 is an explicit reject.
             if not (qd[i] > 0 and u[i] * qd[i] < pd[i]):
-                return Outcome(i, _correction(p[i], q[i], int(draft[i]), generator))
-    return Outcome(K, int(torch.multinomial(p[K].double(), 1, generator=generator)))
+                return Outcome(i, _correction(p[i], q[i], int(draft[i]), generator, _token_key(key, i)))
+    return Outcome(K, _draw(p[K].double(), generator, _token_key(key, K)))
+
+
+def _token_key(key: tuple[int, int] | None, i: int) -> list[float] | None:
+    return None if key is None else keyed_uniforms(key[0], [key[1] + i], TOKEN)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None, uniforms: list[float] | None) -> int:
+    if uniforms is not None:
+        return int(sample(probs, uniforms=uniforms))
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _correction(p_row: torch.Tensor, q_row: torch.Tensor, rejected: int,
-                generator: torch.Generator | None) -> int:
+                generator: torch.Generator | None, uniforms: list[float] | None = None) -> int:
     """Draw t* from normalize(max(p - q, 0)), never returning the rejected token."""
     residual = (p_row.double() - q_row.double()).clamp_min(0)
     # A genuine rejection already has a zero residual at d; this only matters when q(d) == 0.
@@ -92,13 +107,14 @@ def _correction(p_row: torch.Tensor, q_row: torch.Tensor, rejected: int,
             # p is entirely on d, yet d was rejected: inputs are malformed (q(d) == 0 with
             # p(d) == 1). Returning d is the only choice that p allows.
             return rejected
-    return int(torch.multinomial(residual, 1, generator=generator))
+    return _draw(residual, generator, uniforms)
 
 
 def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
     """(k, t*) for each sequence of one batched verify forward. Row i of `logits` scores
     rows[i] = pending committed tokens + draft; a sequence's draft is `s.draft` (with q rows
-    `s.q` when sampling with `s.req.params` and `s.gen`). All-greedy batches take one argmax."""
+    `s.q` when sampling with `s.req.params`; draws keyed by `s.seed` and position). All-greedy batches
+    take one argmax."""
     n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
     if all(s.req.params.greedy for s in seqs):
         # One argmax for the whole batch, then a plain comparison per row: this runs right after
@@ -121,6 +137,6 @@ def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int
             o = verify_greedy(d, rows_i)
         else:
             q = s.q if kd else torch.empty(0, vocab)
-            o = verify_sampling(d, q, probs_from_logits(rows_i, s.req.params), s.gen)
+            o = verify_sampling(d, q, probs_from_logits(rows_i, s.req.params), key=(s.seed, len(s.tokens)))
         out.append((o.accepted, o.token))
     return out
