@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo models models-bench models-smol bench lint proto clean
+.PHONY: install test demo demo-tiny models models-bench models-smol bench bench-smol lint proto clean
 
 install: $(STAMP)
 
@@ -27,8 +27,16 @@ models-bench: install
 models-smol: install
 	$(VENV)/bin/outrider models build --size smol
 
-demo: install models
-	$(PY) -m cluster.demo
+# The real pair (SmolLM2-135M-Instruct + its distilled drafter) answering a chat message over gRPC
+demo: install models-smol
+	$(PY) -m cluster.demo -c configs/smol-cpu.yaml
+
+# The same on the tiny test pair (seconds; its text is not meant to be good)
+demo-tiny: install models
+	$(PY) -m cluster.demo -c configs/local-cpu.yaml --prompt 'def read_config(path):'
+
+bench-smol: install models-smol
+	$(VENV)/bin/outrider bench -c configs/smol-cpu.yaml
 
 bench: install models-bench
 	$(VENV)/bin/outrider bench -c configs/bench-cpu.yaml

@@ -228,7 +228,8 @@ class Drafter:
         step = self.spec.prefill_chunk
         while s.length < upto:
             end = min(upto, s.length + step)
-            self._forward(torch.tensor([s.tokens[s.length:end]]), torch.arange(s.length, end)[None], [s.slot])
+            self._forward(torch.tensor([s.tokens[s.length:end]]), torch.arange(s.length, end)[None], [s.slot],
+                          last=True)   # only the cache matters here: skip the vocabulary head for all but one row
             s.length = end
             self.cache.advance(s.slot, end)
 
@@ -344,10 +345,10 @@ class Drafter:
             out.append((toks[i].tolist(), qs[i] if i in sampled_rows else None, dists[i], length))
         return out
 
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             dev = self.device
-            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev))
+            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev), last=last)
         return logits.float().cpu()
 
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:

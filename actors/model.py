@@ -106,8 +106,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                kv_len: int | None = None) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, V].
+                kv_len: int | None = None, last: bool = False) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, V] (`last`: only the last position's, [B, 1, V]).
 
         Without a cache: plain causal attention over the T tokens (training, reference).
         With a cache: row b's tokens sit at positions input_pos[b] of cache slot slots[b]; they
@@ -132,6 +132,8 @@ class Transformer(nn.Module):
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks[i], i, cache, slots, input_pos,
                                     kv_len, first_slot)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
+        if last:  # a prefill needs one row: the vocabulary head is the costliest matmul of a small model
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool) -> list[torch.Tensor | None]:

@@ -244,9 +244,10 @@ class Verifier:
         """Feed the prompt; its last logits give the first token."""
         t0 = time.perf_counter()
         n, params, step = len(s.req.prompt), s.req.params, self.spec.prefill_chunk
-        for a in range(0, n, step):  # in chunks: the logits buffer is [chunk, V], not [prompt, V]
+        for a in range(0, n, step):  # in chunks, and only the last row's logits
             b = min(n, a + step)
-            logits = self._forward(torch.tensor([s.req.prompt[a:b]]), torch.arange(a, b)[None], [s.slot])[0, -1]
+            logits = self._forward(torch.tensor([s.req.prompt[a:b]]), torch.arange(a, b)[None], [s.slot],
+                                   last=True)[0, -1]
             self.cache.advance(s.slot, b)
         s.length = n
         tok = int(logits.argmax()) if params.greedy else int(
@@ -389,10 +390,10 @@ class Verifier:
         self.drafter_ok = False
 
     # -- verification ------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int]) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             dev = self.device
-            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev))
+            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev), last=last)
         return logits.float().cpu()
 
     def _verify(self, seqs: list[Seq]) -> None:
