@@ -24,7 +24,8 @@ from actors.channel import (
     ProtocolError,
     Rec,
     Record,
-    free_port,
+    listening_socket,
+    reserve_port,
 )
 from actors.frame import INLINE_INTS
 
@@ -37,7 +38,7 @@ V = 5  # float row width in the process tests
 def test_channel_rejects_bad_use():
     with pytest.raises(ValueError):
         Channel(2, ADDR, 1)
-    ch = Channel(0, ADDR, free_port())
+    ch = Channel(0, ADDR, reserve_port())
     assert ch.backend == "gloo"
     with pytest.raises(ChannelClosed, match="not connected"):
         ch.recv()
@@ -47,6 +48,17 @@ def test_channel_rejects_bad_use():
 
 # ---------------------------------------------------------------------------------------------
 # process helpers
+
+
+def _bound():
+    """A listening socket for the master's process (handed over, not re-bound: no other process
+    can take the port meanwhile) and its port for the peer."""
+    sock = listening_socket()
+    return sock, sock.getsockname()[1]
+
+
+def _master(sock, timeout_s: float) -> Channel:
+    return Channel(0, ADDR, sock.getsockname()[1], timeout_s=timeout_s, listen_sock=sock)
 
 
 def _child(q, name: str, fn, *args) -> None:
@@ -123,8 +135,8 @@ def _echo_peer(port: int, timeout_s: float) -> dict:
             ch.send(Frame(Rec.DRAFT, f.step, reply))
 
 
-def _echo_master(port: int, n: int, n_ping: int, timeout_s: float) -> dict:
-    with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
+def _echo_master(sock, n: int, n_ping: int, timeout_s: float) -> dict:
+    with _master(sock, timeout_s) as ch:
         for i in range(n):
             sent = _step_frame(i)
             ch.send(sent)
@@ -153,8 +165,8 @@ def _echo_master(port: int, n: int, n_ping: int, timeout_s: float) -> dict:
 
 
 def test_echo_200_frames():
-    port, n, n_ping = free_port(), 200, 200
-    results, codes = _run({"master": (_echo_master, port, n, n_ping, 10.0), "peer": (_echo_peer, port, 10.0)})
+    (sock, port), n, n_ping = _bound(), 200, 200
+    results, codes = _run({"master": (_echo_master, sock, n, n_ping, 10.0), "peer": (_echo_peer, port, 10.0)})
     m, p = _ok(results, "master"), _ok(results, "peer")
     assert codes == {"master": 0, "peer": 0}
     assert m["frames_sent"] == n + n_ping + 1 and m["frames_recv"] == n + n_ping
@@ -179,10 +191,10 @@ def _table_peer(port: int, n: int, timeout_s: float) -> None:
             ch.send(Frame(Rec.TABLE, i, [Record(Rec.TABLE, 1, i, 2, 5, list(range(i, i + width)))]))
 
 
-def _table_master(port: int, n: int, timeout_s: float) -> int:
+def _table_master(sock, n: int, timeout_s: float) -> int:
     """Replies with q rows are posted ahead (their size is known), then the table behind them;
     plain replies are received at once. Everything arrives whole and in order."""
-    with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
+    with _master(sock, timeout_s) as ch:
         for i in range(n):
             if ch.posted:
                 time.sleep(0.002 * (i % 3))  # "verifying": the frames land meanwhile (or not yet)
@@ -205,8 +217,8 @@ def _table_master(port: int, n: int, timeout_s: float) -> int:
         return ch.frames_recv
 
 
-def _wrong_size_master(port: int, timeout_s: float) -> str:
-    with Channel(0, ADDR, port, timeout_s=timeout_s) as ch:
+def _wrong_size_master(sock, timeout_s: float) -> str:
+    with _master(sock, timeout_s) as ch:
         ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.OUTCOME, 1, 0, 1, 2)]))
         ch.post_recv(n_floats=3 * V)  # the peer's next frame is a table, without floats
         try:
@@ -219,20 +231,20 @@ def _wrong_size_master(port: int, timeout_s: float) -> str:
 
 
 def test_posted_receive_keeps_the_order_of_frames():
-    port, n = free_port(), 60
-    results, codes = _run({"master": (_table_master, port, n, 10.0), "peer": (_table_peer, port, n, 10.0)})
+    (sock, port), n = _bound(), 60
+    results, codes = _run({"master": (_table_master, sock, n, 10.0), "peer": (_table_peer, port, n, 10.0)})
     assert _ok(results, "master") == n + n // 2
     assert codes == {"master": 0, "peer": 0}
 
 
 def test_posted_floats_of_the_wrong_size_are_a_protocol_error():
-    port = free_port()
-    results, _ = _run({"master": (_wrong_size_master, port, 5.0), "peer": (_table_peer, port, 1, 5.0)}, deadline_s=30)
+    sock, port = _bound()
+    results, _ = _run({"master": (_wrong_size_master, sock, 5.0), "peer": (_table_peer, port, 1, 5.0)}, deadline_s=30)
     assert "posted" in _ok(results, "master")
 
 
-def _master_sees_dead_peer(port: int, timeout_s: float) -> dict:
-    ch = Channel(0, ADDR, port, timeout_s=timeout_s)
+def _master_sees_dead_peer(sock, timeout_s: float) -> dict:
+    ch = _master(sock, timeout_s)
     ch.connect()
     ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.PING, 0)]))
     t0 = time.perf_counter()
@@ -263,8 +275,8 @@ def _peer_dies(port: int, timeout_s: float) -> None:
 
 
 def test_dead_peer_raises_channel_closed():
-    port = free_port()
-    results, codes = _run({"master": (_master_sees_dead_peer, port, 3.0), "peer": (_peer_dies, port, 3.0)})
+    sock, port = _bound()
+    results, codes = _run({"master": (_master_sees_dead_peer, sock, 3.0), "peer": (_peer_dies, port, 3.0)})
     m = _ok(results, "master")
     assert codes == {"master": 0, "peer": 3}
     assert m["elapsed"] < 15 and m["refused_s"] < 1
@@ -272,11 +284,11 @@ def test_dead_peer_raises_channel_closed():
     log.info("dead peer noticed after %.3fs (%s): %s", m["elapsed"], m["cause"], m["msg"])
 
 
-def _survivor(ports: list[int], go: list, timeout_s: float) -> dict:
+def _survivor(socks: list, go: list, timeout_s: float) -> dict:
     """The verifier outlives two drafters: one goes silent (timeout), then a healthy one joins."""
     out = {}
     go[0].set()
-    ch = Channel(0, ADDR, ports[0], timeout_s=timeout_s)
+    ch = _master(socks[0], timeout_s)
     ch.connect()
     ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.PING, 0)]))
     t0 = time.perf_counter()
@@ -288,7 +300,7 @@ def _survivor(ports: list[int], go: list, timeout_s: float) -> dict:
     ch.close()
 
     go[1].set()
-    with Channel(0, ADDR, ports[1], timeout_s=timeout_s) as ch:
+    with _master(socks[1], timeout_s) as ch:
         for i in range(20):
             ch.send(_step_frame(i))
             assert ch.recv().records[0].seq == i
@@ -322,8 +334,9 @@ def _late_peer(port: int, go, timeout_s: float) -> dict:
 
 def test_reform_after_timeout_on_fresh_port():
     timeout_s = 3.0
-    ports, go = [free_port(), free_port()], [CTX.Event(), CTX.Event()]
-    results, codes = _run({"survivor": (_survivor, ports, go, timeout_s),
+    (s0, p0), (s1, p1) = _bound(), _bound()
+    ports, go = [p0, p1], [CTX.Event(), CTX.Event()]
+    results, codes = _run({"survivor": (_survivor, [s0, s1], go, timeout_s),
                            "silent": (_silent_peer, ports[0], go[0], timeout_s),
                            "late": (_late_peer, ports[1], go[1], timeout_s)}, deadline_s=35)
     s, silent, late = _ok(results, "survivor"), _ok(results, "silent"), _ok(results, "late")
