@@ -84,6 +84,7 @@ class Verifier:
         self._reconnect: tuple[str, int] | None = None
         self._release: list[int] = []
         self._last_exchange, self._step_no = time.perf_counter(), 0
+        self._sent_step = -1   # the step number of the last frame sent: replies and tables must name it
         self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches)
@@ -305,6 +306,7 @@ class Verifier:
             t1 = time.perf_counter_ns()
             frame = Frame(Rec.OUTCOME, self._step_no, records)
             self.channel.send(frame)
+            self._sent_step = self._step_no
             n_ints = RECORD_FIXED + 1 + sum(RECORD_FIXED + len(s.draft) for s in sampled)  # PING (+ catch-up ns)
             if reply_needed or (sampled and n_ints > INLINE_INTS):
                 self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
@@ -329,6 +331,7 @@ class Verifier:
         t1 = time.perf_counter_ns()
         if frame.kind != Rec.TABLE:
             raise ProtocolError(f"expected the drafter's TABLE frame, got {frame.kind!r}")
+        _check_step(frame, self._sent_step)
         for r in frame.records:
             if r.kind == Rec.PING:  # b: when the drafter sent the table; round, a: its draft steps, ns
                 self.times.transport_s += (t1 - max(t0, r.b)) / 1e9
@@ -343,6 +346,7 @@ class Verifier:
         t1 = time.perf_counter_ns()
         if reply.kind != Rec.DRAFT:
             raise ProtocolError(f"expected the drafter's DRAFT frame, got {reply.kind!r}")
+        _check_step(reply, self._sent_step)
         for r in reply.records:
             if r.kind == Rec.PING and t0 is not None:  # drafter: posted recv, got frame, sent reply
                 wire = (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
@@ -351,6 +355,8 @@ class Verifier:
                 self.policy.observe_draft(self._jit_steps, (r.b - r.a - catch_up) / 1e9, wire)
             elif r.kind == Rec.DRAFT and r.seq in self.seqs:
                 s = self.seqs[r.seq]
+                if r.round != s.round:  # a draft for another round would be verified against the wrong q
+                    raise ProtocolError(f"sequence {r.seq}: a draft for round {r.round}, expected {s.round}")
                 s.draft = [int(t) for t in r.tokens]
                 s.q = r.floats.view(len(s.draft), self.vocab) if r.b else None
                 if r.a in (HIT, MISS) and s.stats.drafts and r.seq not in from_table:
@@ -470,3 +476,11 @@ class Verifier:
             "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated,
             "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,
         })
+
+
+def _check_step(frame: Frame, expected: int) -> None:
+    """Replies and tables name the step of the frame they answer; any other number means the two
+    sides fell out of step, and using the frame would verify against the wrong draft or q."""
+    if frame.step != expected:
+        raise ProtocolError(f"the drafter's {Rec(frame.kind).name} frame answers step {frame.step}, "
+                            f"expected {expected}: the data plane is out of step")

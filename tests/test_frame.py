@@ -85,3 +85,12 @@ def test_encode_rejects_inconsistent_floats():
     with pytest.raises(ProtocolError, match="earlier rows"):
         encode(Frame(Rec.DRAFT, 0, [Record(Rec.DRAFT, 1, b=1, tokens=[1], floats=torch.ones(4)),
                                     Record(Rec.DRAFT, 2, b=1, tokens=[1], floats=torch.ones(5))]))
+
+
+def test_a_reply_for_another_step_is_a_protocol_error():
+    from actors.verifier import _check_step
+
+    reply = Frame(Rec.DRAFT, 7, [Record(Rec.DRAFT, 1, 3, 0, 0, [5, 6])])
+    _check_step(reply, 7)
+    with pytest.raises(ProtocolError, match="answers step 7, expected 8: the data plane is out of step"):
+        _check_step(reply, 8)
