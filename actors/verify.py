@@ -66,6 +66,9 @@ def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
       the rejection itself had ~0 probability); t* is drawn from p with d excluded.
     """
     K = _check_shapes(draft, p, "p")
+    # q rows arrive over the data plane (on the GPU with NCCL) while p may be on the host: one
+    # device for both, or the residual p - q would mix devices at the first rejection.
+    q, draft = q.to(p.device), draft.to(p.device)
     if tuple(q.shape) != (K, p.shape[1]):
         raise ValueError(f"q must be [K, V] = [{K}, {p.shape[1]}], got shape {tuple(q.shape)}")
     if K:
