@@ -14,6 +14,7 @@ import json
 import logging
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def measure(target_dir, draft_dir, k: int = 4, n: int = 12, new_tokens: int = 96
     out = {}
     for name, ps in sets.items():
         stats = SpecStats(k=k)
-        for p in ps:
+        for p in tqdm(ps, desc=f"{name} k={k}", unit="prompt", mininterval=5, disable=False, leave=False):
             stats.merge(generate_sd(target, draft, p, stop, k=k).stats)
         out[name] = {"prompts": len(ps), "acceptance": round(stats.acceptance_rate, 3),
                      "mean_acceptance_length": round(stats.mean_acceptance_length, 3),

@@ -35,6 +35,34 @@ CODE_TEMPLATES = [
     "How would you write a function `{name}` in Python? {doc}",
 ]
 
+# Everyday programming tasks, the kind of request the demo sends; phrased several ways. None of
+# them is a held-out request (those are checked against below).
+TASKS = [
+    "checks whether a string is a palindrome", "computes the factorial of a number",
+    "returns the largest element of a list", "counts the vowels in a string",
+    "removes duplicates from a list while keeping the order", "checks whether a year is a leap year",
+    "converts a temperature from Celsius to Fahrenheit", "returns the sum of the digits of an integer",
+    "merges two sorted lists into one sorted list", "finds the greatest common divisor of two numbers",
+    "checks whether two strings are anagrams", "flattens a nested list",
+    "counts how often each word appears in a text", "returns the second largest number in a list",
+    "checks whether a number is even", "computes the average of a list of numbers",
+    "reverses a string", "sorts a list of dictionaries by a key", "checks whether a list is sorted",
+    "returns all prime factors of a number", "converts a binary string to an integer",
+    "capitalizes the first letter of every word", "finds the longest word in a sentence",
+    "computes the power of a number without using **", "checks whether a number is a perfect square",
+    "returns the n-th triangular number", "implements binary search on a sorted list",
+    "implements bubble sort", "checks whether parentheses in a string are balanced",
+    "returns the intersection of two lists", "computes the least common multiple of two numbers",
+    "counts the lines in a text file", "checks whether a string contains only digits",
+    "returns the list of even numbers from a list", "computes compound interest",
+    "finds the missing number in a list from 1 to n", "checks whether a number is an Armstrong number",
+    "rotates a list by k positions", "converts a decimal number to binary",
+]
+TASK_TEMPLATES = [
+    "Write a Python function that {}.", "Write a function in Python that {}.",
+    "Can you write a Python function that {}?", "Write a short Python program that {}.",
+]
+
 # Written by hand; never produced by the templates above.
 HELD_OUT = [
     "Write a Python function that tells whether a number is prime.",
@@ -74,12 +102,16 @@ def _function_tasks(limit: int, rng: random.Random) -> list[str]:
 
 
 def training_requests(n: int, seed: int = 0) -> list[str]:
-    """`n` deterministic training requests, half general, half Python tasks."""
+    """`n` deterministic training requests: a third general, a third everyday programming tasks,
+    a third Python tasks worded from standard-library docstrings."""
     rng = random.Random(seed)
     general = [t.format(topic) for topic in TOPICS for t in TEMPLATES]
     rng.shuffle(general)
-    code = _function_tasks(n - n // 2, rng)
-    mixed = general[:n // 2] + code
+    tasks = [t.format(task) for task in TASKS for t in TASK_TEMPLATES]
+    rng.shuffle(tasks)
+    n_general, n_tasks = n // 3, n // 3
+    code = tasks[:n_tasks] + _function_tasks(n - n_general - n_tasks, rng)
+    mixed = general[:n_general] + code
     rng.shuffle(mixed)
     held = set(HELD_OUT)
     return [m for m in mixed if m not in held]

@@ -18,6 +18,7 @@ records the teacher-forced agreement on held-out answers and the time taken.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,26 +37,40 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DistillSpec:
     layers: tuple[int, ...] = (0, 1, 29)   # target layers the student starts from
-    chat_requests: int = 160                # training chat requests the target answers
-    code_prompts: int = 96                  # training code prompts the target continues
+    chat_requests: int = 96                 # training chat requests the target answers
+    code_prompts: int = 32                  # training code prompts the target continues
     prompt_tokens: int = 96                 # a code prompt's last tokens
     new_tokens: int = 128                   # tokens the target generates per prompt
     gen_batch: int = 32
+    forced_windows: int = 32                # standard-library code windows the target reads (teacher-forced)
+    window: int = 256                       # tokens per window
     top_k: int = 20                         # teacher logits kept per position
-    held_out: int = 16                      # generated sequences kept out of training (agreement)
-    steps: int = 160
+    held_out: int = 12                      # generated sequences kept out of training (agreement)
+    steps: int = 300
     batch: int = 8                          # sequences per step
-    head_fraction: float = 0.35             # positions per step that go through the head and the loss
-    lr: float = 1e-3
+    head_fraction: float = 0.35             # labelled positions per step that go through the head and the loss
+    lr: float = 1.5e-3
     seed: int = 0
 
     def data_key(self) -> str:
-        """What the labelled data depends on: a cache of it is reused when only training changes."""
-        fields = (self.chat_requests, self.code_prompts, self.prompt_tokens, self.new_tokens, self.top_k, self.seed)
-        return "-".join(map(str, fields))
+        """What the labelled data depends on (the sizes and the request texts themselves): a
+        cache of it is reused when only training changes."""
+        from actors.demo.chat_prompts import training_requests
+
+        fields = (DATA_VERSION, self.chat_requests, self.code_prompts, self.prompt_tokens, self.new_tokens,
+                  self.forced_windows, self.window, self.top_k, self.seed)
+        texts = "\n".join(training_requests(self.chat_requests, self.seed)).encode()
+        return "-".join(map(str, fields)) + "-" + hashlib.sha1(texts).hexdigest()[:10]
 
 
+DATA_VERSION = 2
 SPEC = DistillSpec()
+
+
+def _bar(**kw) -> tqdm:
+    """A progress bar on stderr that also shows in logs that are not a terminal (`make demo` piped
+    to a file, CI), updated at most every few seconds so it stays a handful of lines."""
+    return tqdm(leave=False, mininterval=5, disable=False, dynamic_ncols=True, **kw)
 
 
 def code_prompts(n: int, seed: int) -> list[str]:
@@ -67,50 +82,89 @@ def code_prompts(n: int, seed: int) -> list[str]:
     return pool[:n]
 
 
+def code_windows(tok, n: int, width: int, seed: int) -> list[list[int]]:
+    """`n` windows of `width` tokens from training-split modules (one per file, seeded)."""
+    from actors.demo.corpus import read, split
+
+    files = list(split()[0])
+    rng = random.Random(seed)
+    rng.shuffle(files)
+    out = []
+    for p in files:
+        ids = tok.encode(read(p))
+        if len(ids) < width + 1:
+            continue
+        start = rng.randrange(0, len(ids) - width)
+        out.append(ids[start:start + width])
+        if len(out) == n:
+            break
+    return out
+
+
+@torch.inference_mode()
+def forced_labelled(target, windows: list[list[int]], top_k: int, batch: int = 4) -> list[dict]:
+    """The target's top-k logits at every position of `windows`, read in one forward each
+    (teacher forcing: no generation, ~2 CPU-ms a token)."""
+    out = []
+    bar = _bar(total=sum(map(len, windows)), desc="teacher reads code", unit="tok")
+    for start in range(0, len(windows), batch):
+        group = windows[start:start + batch]
+        logits = target(torch.tensor(group))
+        v, i = logits.topk(top_k, -1)
+        for j, w in enumerate(group):
+            n = len(w) - 1
+            out.append({"ids": torch.tensor(w), "val": v[j, :n].half(), "idx": i[j, :n].int(), "prompt": 1})
+        bar.update(sum(map(len, group)))
+    bar.close()
+    return out
+
+
 @torch.inference_mode()
 def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: int, top_k: int,
                       eos: set[int], desc: str) -> list[dict]:
     """Greedy continuations of `prompts` by the target, with its top-k logits at every position.
 
-    Each row is prefilled alone (its own cache slot), then the rows decode together one token per
-    step, every row at its own position. A row ends at EOS; labels exist for every position whose
-    next token the target predicted (all but the last)."""
+    Each row is prefilled alone, then the rows of a group decode together one token per step,
+    every row at its own position. A finished row (EOS) stays in the batch, fed its last token,
+    until the whole group is done: the group's cache slots stay one consecutive run, which the
+    model reads as a view (dropping rows would make every layer gather the cache). Labels exist
+    for every position whose next token the target predicted (all but the last)."""
     from actors.kv_cache import KVCache
 
     out = []
-    bar = tqdm(total=len(prompts) * new_tokens, desc=desc, unit="tok", leave=False, mininterval=2, disable=None)
+    bar = _bar(total=len(prompts) * new_tokens, desc=desc, unit="tok")
     for start in range(0, len(prompts), batch):
         group = prompts[start:start + batch]
         cache = KVCache.for_model(target.args, len(group), max(map(len, group)) + new_tokens + 1)
-        slots = [cache.alloc() for _ in group]
+        slots = cache.alloc_run(len(group))
         rows = []
         for p, slot in zip(group, slots):
             logits = target(torch.tensor([p]), torch.arange(len(p))[None], cache, torch.tensor([slot]))[0]
             v, i = logits.topk(top_k, -1)
             rows.append({"ids": list(p), "val": [v], "idx": [i], "done": False, "prompt": len(p)})
+        slot_t = torch.tensor(slots)
         for step in range(new_tokens):
-            live = [r for r in rows if not r["done"]]
-            if not live:
-                break
-            nxt = [int(r["idx"][-1][-1, 0]) for r in live]
-            for r, t in zip(live, nxt):
-                r["ids"].append(t)
-                r["done"] = t in eos
-            live = [(r, s) for r, s in zip(rows, slots) if not r["done"]]
+            for r in rows:
+                if not r["done"]:
+                    t = int(r["idx"][-1][-1, 0])
+                    r["ids"].append(t)
+                    r["done"] = t in eos
             bar.update(len(group))
-            if not live or step == new_tokens - 1:  # the last token needs no label
+            if all(r["done"] for r in rows) or step == new_tokens - 1:  # the last token needs no label
                 break
-            toks = torch.tensor([[r["ids"][-1]] for r, _ in live])
-            pos = torch.tensor([[len(r["ids"]) - 1] for r, _ in live])
-            logits = target(toks, pos, cache, torch.tensor([s for _, s in live]))[:, 0]
+            toks = torch.tensor([[r["ids"][-1]] for r in rows])
+            pos = torch.tensor([[len(r["ids"]) - 1] for r in rows])
+            logits = target(toks, pos, cache, slot_t)[:, 0]
             v, i = logits.topk(top_k, -1)
-            for j, (r, _) in enumerate(live):
-                r["val"].append(v[j:j + 1])
-                r["idx"].append(i[j:j + 1])
+            for j, r in enumerate(rows):
+                if not r["done"]:
+                    r["val"].append(v[j:j + 1])
+                    r["idx"].append(i[j:j + 1])
         for r in rows:
             n = len(r["ids"]) - 1  # positions with a label
             out.append({"ids": torch.tensor(r["ids"]), "val": torch.cat(r["val"])[:n].half(),
                         "idx": torch.cat(r["idx"])[:n].int(), "prompt": r["prompt"]})
+        bar.update(len(group) * new_tokens - (bar.n - start * new_tokens))  # rows that ended early
     bar.close()
     return out
 
@@ -140,7 +194,9 @@ def soft_ce(logits: torch.Tensor, val: torch.Tensor, idx: torch.Tensor) -> torch
 
 
 def _batches(data: list[dict], batch: int, steps: int, seed: int):
-    """`steps` batches of whole sequences, reshuffled every epoch (seeded), padded on the right."""
+    """`steps` batches of whole sequences, reshuffled every epoch (seeded), padded on the right.
+    Yields the tokens, the mask of positions that carry a label and count (those whose next token
+    the target wrote itself, or every position of a teacher-forced window), and their labels."""
     rng = random.Random(seed)
     order: list[int] = []
     for _ in range(steps):
@@ -156,8 +212,9 @@ def _batches(data: list[dict], batch: int, steps: int, seed: int):
         for j, r in enumerate(rows):
             n = len(r["ids"]) - 1
             x[j, :n] = r["ids"][:n]
-            mask[j, :n] = True
-        yield x, mask, torch.cat([r["val"] for r in rows]), torch.cat([r["idx"] for r in rows])
+            mask[j, r["prompt"] - 1:n] = True
+        yield (x, mask, torch.cat([r["val"][r["prompt"] - 1:] for r in rows]),
+               torch.cat([r["idx"][r["prompt"] - 1:] for r in rows]))
 
 
 def train(student, data: list[dict], spec: DistillSpec) -> float:
@@ -165,7 +222,7 @@ def train(student, data: list[dict], spec: DistillSpec) -> float:
 
     The 49152 x 576 head costs more per position than the student's layers together, so each step
     runs the layers over whole sequences but the head and the loss over a random `head_fraction`
-    of their positions: more sequences per second for the same compute, and neighbouring
+    of the labelled positions: more sequences per second for the same compute, and neighbouring
     positions of one sequence teach much the same thing anyway."""
     head = student.model.embed_tokens.weight
     head.requires_grad_(False)  # also the tied head
@@ -178,8 +235,8 @@ def train(student, data: list[dict], spec: DistillSpec) -> float:
         0.05, 1 - max(0, s - warm) / max(1, spec.steps - warm)))
     student.train()
     ema = None
-    bar = tqdm(_batches(data, spec.batch, spec.steps, spec.seed), total=spec.steps, desc="distil",
-               leave=False, mininterval=2, disable=None)
+    bar = _bar(iterable=_batches(data, spec.batch, spec.steps, spec.seed), total=spec.steps, desc="distil drafter",
+               unit="step")
     for x, mask, val, idx in bar:
         keep = torch.rand(len(val), generator=g) < spec.head_fraction
         hidden = student(x)[mask][keep]
@@ -190,7 +247,8 @@ def train(student, data: list[dict], spec: DistillSpec) -> float:
         opt.step()
         sched.step()
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}")
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    bar.close()
     student.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
     student.lm_head.weight = head
     student.eval().requires_grad_(False)
@@ -210,46 +268,60 @@ def agreement(student, data: list[dict]) -> float:
     return hits / max(1, total)
 
 
-def distil(target_dir: Path, out: Path, spec: DistillSpec = SPEC) -> dict:
+def labelled_data(target_dir: Path, spec: DistillSpec) -> list[dict]:
+    """The teacher's labelled sequences: its greedy answers to chat requests and continuations of
+    code prompts (generated), then standard-library windows it reads (teacher-forced). Cached
+    beside the target, so a killed build or a retrain reuses them."""
     from actors.demo.chat_prompts import training_requests
-    from actors.demo.smol import write_like_target
     from actors.loader import load_model
     from actors.tokenizer import Tokenizer
+
+    cached = target_dir.parent / f"distill-data-{spec.data_key()}.pt"
+    if cached.is_file():
+        return torch.load(cached)
+    tok = Tokenizer(target_dir)
+    target = load_model(target_dir)
+    eos = set(target.args.eos_token_ids)
+    chats = [tok.encode_chat([{"role": "user", "content": m}])
+             for m in training_requests(spec.chat_requests, spec.seed)]
+    code = [tok.encode(t)[-spec.prompt_tokens:] for t in code_prompts(spec.code_prompts, spec.seed)]
+    data = generate_labelled(target, chats + code, spec.new_tokens, spec.gen_batch, spec.top_k, eos,
+                             "teacher answers")
+    data += forced_labelled(target, code_windows(tok, spec.forced_windows, spec.window, spec.seed), spec.top_k)
+    del target
+    part = cached.with_suffix(".part")
+    torch.save(data, part)
+    part.rename(cached)
+    return data
+
+
+def distil(target_dir: Path, out: Path, spec: DistillSpec = SPEC) -> dict:
+    from actors.demo.smol import write_like_target
 
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    # The labelled data is cached beside the target (a killed or retrained build reuses it).
-    cached = target_dir.parent / f"distill-data-{spec.data_key()}.pt"
-    if cached.is_file():
-        data = torch.load(cached)
-    else:
-        tok = Tokenizer(target_dir)
-        target = load_model(target_dir)
-        eos = set(target.args.eos_token_ids)
-        chats = [tok.encode_chat([{"role": "user", "content": m}])
-                 for m in training_requests(spec.chat_requests, spec.seed)]
-        code = [tok.encode(t)[-spec.prompt_tokens:] for t in code_prompts(spec.code_prompts, spec.seed)]
-        data = generate_labelled(target, chats, spec.new_tokens, spec.gen_batch, spec.top_k, eos, "answer chats")
-        data += generate_labelled(target, code, spec.new_tokens, spec.gen_batch, spec.top_k, eos, "continue code")
-        del target
-        torch.save(data, cached.with_suffix(".part"))
-        cached.with_suffix(".part").rename(cached)
-    t_gen = time.perf_counter() - t0
-    random.Random(spec.seed).shuffle(data)
-    held, data = data[:spec.held_out], data[spec.held_out:]
-    n_tokens = sum(len(r["ids"]) - 1 for r in data)
-    log.info("smol draft: %d labelled sequences (%d tokens) in %.0fs", len(data), n_tokens, t_gen)
+    data = labelled_data(target_dir, spec)
+    t_data = time.perf_counter() - t0
+    gen = [r for r in data if r["prompt"] > 1]  # held out from the generated sequences only
+    random.Random(spec.seed).shuffle(gen)
+    held = gen[:spec.held_out]
+    data = [r for r in data if not any(r is h for h in held)]
+    n_tokens = sum(len(r["ids"]) - r["prompt"] for r in data)
+    log.info("smol draft: %d labelled sequences (%d labelled tokens) in %.0fs", len(data), n_tokens, t_data)
     student, _ = student_from_target(target_dir, spec.layers)
     before = agreement(student, held)
+    t1 = time.perf_counter()
     loss = train(student, data, spec)
+    t_train = time.perf_counter() - t1
     after = agreement(student, held)
     state = {k: v.detach() for k, v in student.state_dict().items() if k != "lm_head.weight"}
     write_like_target(target_dir, out, state, len(spec.layers))
     info = {"draft": f"target layers {list(spec.layers)}, distilled", "spec": asdict(spec),
-            "train_tokens": n_tokens, "generate_s": round(t_gen, 1), "soft_ce": round(loss, 3),
-            "held_out_agreement_before": round(before, 3), "held_out_agreement": round(after, 3),
-            "build_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+            "train_tokens": n_tokens, "data_s": round(t_data, 1), "train_s": round(t_train, 1),
+            "soft_ce": round(loss, 3), "held_out_agreement_before": round(before, 3),
+            "held_out_agreement": round(after, 3), "build_s": round(time.perf_counter() - t0, 1),
+            "torch": torch.__version__}
     (out / "build.json").write_text(json.dumps(info, indent=2))
     return info
 
