@@ -124,7 +124,7 @@ def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: 
                       eos: set[int], desc: str) -> list[dict]:
     """Greedy continuations of `prompts` by the target, with its top-k logits at every position.
 
-    Each row is prefilled alone, then the rows of a group decode together one token per step,
+    A group's rows are prefilled together, then decode together one token per step,
     every row at its own position. A finished row (EOS) stays in the batch, fed its last token,
     until the whole group is done: the group's cache slots stay one consecutive run, which the
     model reads as a view (dropping rows would make every layer gather the cache). Labels exist
@@ -137,12 +137,14 @@ def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: 
         group = prompts[start:start + batch]
         cache = KVCache.for_model(target.args, len(group), max(map(len, group)) + new_tokens + 1)
         slots = cache.alloc_run(len(group))
-        rows = []
-        for p, slot in zip(group, slots):
-            logits = target(torch.tensor([p]), torch.arange(len(p))[None], cache, torch.tensor([slot]))[0]
-            v, i = logits.topk(top_k, -1)
-            rows.append({"ids": list(p), "val": [v], "idx": [i], "done": False, "prompt": len(p)})
+        # One prefill for the group, padded on the right: a padding key sits past its row's prompt,
+        # where the causal mask hides it until decoding overwrites it.
         slot_t = torch.tensor(slots)
+        width = max(map(len, group))
+        x = torch.tensor([p + [p[-1]] * (width - len(p)) for p in group])
+        v, i = target(x, torch.arange(width).expand(len(group), width), cache, slot_t).topk(top_k, -1)
+        rows = [{"ids": list(p), "val": [v[j, :len(p)]], "idx": [i[j, :len(p)]], "done": False, "prompt": len(p)}
+                for j, p in enumerate(group)]
         for step in range(new_tokens):
             for r in rows:
                 if not r["done"]:
