@@ -35,6 +35,7 @@ every outcome misses (there is no table), so each frame with outcomes gets its r
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -118,6 +119,12 @@ class Drafter:
         self._prespec = (0, 0)   # the last pre-speculation: (draft steps, ns), for the table's PING
         self._catch_up_ns = 0    # this frame's catch-up prefill before just-in-time drafts (in the reply's PING)
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
+        self.online = None       # online learning (actors/online.py): None unless the spec turns it on
+        self._rx = None          # with online learning: (go, got) queues of the frame-receiving thread
+        if spec.online_learning is not None:
+            from actors.online import OnlineLearner
+
+            self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -132,7 +139,7 @@ class Drafter:
         try:
             while True:
                 t0 = time.perf_counter()
-                frame = self.channel.recv()
+                frame = self.channel.recv() if self.online is None else self._wait_and_learn()
                 t1 = time.perf_counter()
                 self.times.wait_s += t1 - t0
                 self.times.frames += 1
@@ -158,11 +165,65 @@ class Drafter:
             self.close()
 
     def close(self) -> None:
+        if self.online is not None and self.online.spec.save_path is not None and self.online.steps:
+            try:
+                self.online.save()
+            except Exception:  # shutting down either way: say so, keep closing
+                log.exception("online learning: saving the drafter failed")
         if self.channel is not None:
             self.channel.close()
 
     def stats(self) -> dict:
+        if self.online is not None:
+            return dict(vars(self.times), seqs=len(self.seqs), **self.online.stats())
         return dict(vars(self.times), seqs=len(self.seqs))
+
+    def _wait_and_learn(self) -> Frame:
+        """Online learning: take optimizer steps while the verifier's next frame has not come.
+        The frame is received by a helper thread (gloo's posted receive cannot be polled), so
+        this thread trains meanwhile. The table this side owed has already gone out; while
+        sequences are active a step is taken only if its measured duration fits in what is left
+        of the measured gap between a table and the next frame, so frames are rarely kept
+        waiting (train_late_s sums the steps a frame landed during: an upper bound of the delay).
+        With no sequence active, steps run at up to max_steps_per_s. The weights change only
+        here, between two frames: never inside a draft or a pre-speculation."""
+        ol = self.online
+        if self._rx is None:
+            self._rx = (queue.SimpleQueue(), queue.SimpleQueue())
+            threading.Thread(target=self._receive_for_learning, name="outrider-drafter-rx", daemon=True).start()
+        go, got = self._rx
+        start = time.perf_counter()
+        active = bool(self.seqs)
+        go.put(True)
+        while got.empty():
+            now = time.perf_counter()
+            if ol.due(now) and (not active or ol.fits(now - start)):
+                ol.step()
+            elif ol.save_due(now) and not active:
+                ol.save()
+            else:  # nothing due now: wait for the frame (idle: or until the next step is allowed)
+                try:
+                    item = got.get(timeout=ol.wait_hint(now) if ol.has_data() and not active else None)
+                except queue.Empty:
+                    continue
+                got.put(item)
+                break
+            if not got.empty():
+                ol.late_s += time.perf_counter() - now
+        frame, err, arrived = got.get()
+        if err is not None:
+            raise err
+        if active:
+            ol.observe_gap(arrived - start)
+        return frame
+
+    def _receive_for_learning(self) -> None:
+        go, got = self._rx
+        while go.get():
+            try:
+                got.put((self.channel.recv(), None, time.perf_counter()))
+            except BaseException as e:  # handed to the loop thread, which raises it
+                got.put((None, e, time.perf_counter()))
 
     # -- one frame -------------------------------------------------------------------------
     def handle(self, frame: Frame, recv_posted_ns: int = 0, recv_done_ns: int = 0) -> Frame | None:
@@ -183,6 +244,8 @@ class Drafter:
                 if rec.tokens:  # the K and fan-out budget from now on
                     s.k, s.budget = min(int(rec.tokens[0]), self.k), min(int(rec.tokens[1]), self.spec.max_branches)
                 hit = self._apply_outcome(s, rec.a, rec.b)
+                if self.online is not None:
+                    self.online.progress(s.id, s.tokens)
                 self._cut_draft(s, s.k)
                 if s.k == 0:  # off: nothing to draft, nothing to reply
                     continue
@@ -221,6 +284,8 @@ class Drafter:
         s = DraftSeq(rec.seq, params, list(tokens), self.cache.alloc(),
                      k=min(rec.a, self.k), budget=min(rec.b, self.spec.max_branches))
         self.seqs[s.id] = s
+        if self.online is not None:
+            self.online.admit(s.id, len(s.tokens))
         return s
 
     def _prefill(self, s: DraftSeq, upto: int) -> None:
@@ -237,6 +302,8 @@ class Drafter:
         s = self.seqs.pop(sid, None)
         if s is None:
             return
+        if self.online is not None:
+            self.online.release(sid, s.tokens)
         for h in [s.slot, *(br.slot for br in s.branches.values())]:
             self.cache.free(h)
 

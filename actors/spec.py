@@ -6,6 +6,24 @@ from dataclasses import asdict, dataclass, field
 
 
 @dataclass
+class OnlineLearningSpec:
+    """Online drafter adaptation (actors/online.py): the drafter trains on the committed tokens it
+    already receives, in the gaps of its own loop. None on EngineSpec (the default): off."""
+    lr: float = 1e-4
+    max_steps_per_s: float = 20.0   # optimizer steps per second at most (the duty bound)
+    buffer_tokens: int = 65536      # replay buffer bound (tokens of committed context)
+    batch_size: int = 8             # windows per optimizer step
+    window_tokens: int = 128        # a window's length (context + the target's tokens it scores)
+    save_path: str | None = None    # HF checkpoint directory written at intervals and on shutdown
+    save_every_s: float = 300.0
+
+    def __post_init__(self):
+        if not (self.lr > 0 and self.max_steps_per_s > 0 and self.buffer_tokens >= self.window_tokens >= 2
+                and self.batch_size >= 1 and self.save_every_s > 0):
+            raise ValueError(f"online learning settings out of range: {self}")
+
+
+@dataclass
 class EngineSpec:
     target: str                     # checkpoint directory (already resolved)
     draft: str | None = None
@@ -34,6 +52,7 @@ class EngineSpec:
     draft_num_threads: int = 1      # the drafter's
     target_cpus: tuple[int, ...] | None = None  # pin the verifier's loop thread to these CPUs (Linux)
     draft_cpus: tuple[int, ...] | None = None   # the drafter's
+    online_learning: OnlineLearningSpec | None = None   # None: the drafter never trains
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

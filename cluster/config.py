@@ -75,6 +75,25 @@ class ModelsConfig(_Section):
     draft: ModelConfig | None = None
 
 
+class OnlineLearningConfig(_Section):
+    """The drafter keeps learning from the committed tokens (the target's own outputs) it already
+    receives, in the gaps of its loop (actors/online.py, docs/online-learning.md). Off by default."""
+    enabled: bool = False
+    lr: float = Field(1e-4, gt=0, le=1.0)                 # AdamW learning rate
+    max_steps_per_s: float = Field(20.0, gt=0, le=10_000)  # optimizer steps per second at most
+    buffer_tokens: int = Field(65536, ge=16)             # replay buffer bound (tokens)
+    batch_size: int = Field(8, ge=1, le=1024)            # windows per optimizer step
+    window_tokens: int = Field(128, ge=2, le=65536)      # tokens per training window
+    save_path: str | None = None                         # HF checkpoint dir: at intervals and on shutdown
+    save_every_s: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _window_fits(self):
+        if self.window_tokens > self.buffer_tokens:
+            raise ValueError(f"window_tokens: {self.window_tokens} exceeds buffer_tokens ({self.buffer_tokens})")
+        return self
+
+
 class SpeculationConfig(_Section):
     mode: Literal["ar", "sd", "ssd"] = "ssd"
     k: int = Field(4, ge=1, le=16)      # the largest K (with adaptive: each sequence's K is in 0..k)
@@ -83,6 +102,7 @@ class SpeculationConfig(_Section):
     fan_out_budget: int = Field(16, ge=1, le=256)
     backup: Literal["jit", "ngram", "none"] = "jit"
     saguaro_c: float = Field(1.0, gt=0.0, le=1.0)
+    online_learning: OnlineLearningConfig = OnlineLearningConfig()
 
     @model_validator(mode="after")
     def _fan_out_len(self):
@@ -189,6 +209,8 @@ class DeploymentConfig(_Section):
             out.append("speculation.mode=ar: models.draft is not loaded")
         if sp.mode != "ssd" and (sp.fan_out is not None):
             out.append(f"speculation.fan_out only applies to mode ssd (mode is {sp.mode})")
+        if sp.mode == "ar" and sp.online_learning.enabled:
+            out.append("speculation.online_learning only applies with a drafter (mode is ar)")
         if self.cluster.address is not None and self.cluster.num_cpus is not None:
             out.append("cluster.num_cpus only applies to the embedded cluster (cluster.address is set)")
         return out

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from actors.affinity import check_cpus
-from actors.spec import EngineSpec
+from actors.spec import EngineSpec, OnlineLearningSpec
 from actors.tokenizer import Tokenizer, vocab_mismatch
 from cluster.config import ConfigError, DeploymentConfig
 
@@ -23,6 +23,15 @@ def resolve_model(path: str) -> str:
     if not p.is_dir():
         raise FileNotFoundError(f"model path {path!r} is not a directory")
     return str(p)
+
+
+def _online_spec(ol) -> OnlineLearningSpec | None:
+    if not ol.enabled:
+        return None
+    return OnlineLearningSpec(lr=ol.lr, max_steps_per_s=ol.max_steps_per_s, buffer_tokens=ol.buffer_tokens,
+                              batch_size=ol.batch_size, window_tokens=ol.window_tokens,
+                              save_path=str(Path(ol.save_path).expanduser()) if ol.save_path else None,
+                              save_every_s=ol.save_every_s)
 
 
 def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
@@ -46,6 +55,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
         kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk,
+        online_learning=_online_spec(sp.online_learning) if draft else None,
     )
     from cluster.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails here
 

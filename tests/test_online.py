@@ -1,0 +1,170 @@
+"""Online drafter learning (actors/online.py): the drafter trains on committed tokens while it
+serves, and the output stays exactly the target's (greedy against transformers, sampling by a
+chi-square test against plain AR sampling). The engines here make the drafter learn fast (high
+lr, many steps, pauses between waves of requests where it trains while idle)."""
+from __future__ import annotations
+
+import collections
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from scipy.stats import chi2_contingency
+
+from actors.generate import generate_ar
+from actors.launch import LocalEngine
+from actors.loader import load_model
+from actors.online import IGNORE, OnlineLearner, ReplayBuffer
+from actors.sampling import SamplingParams
+from actors.spec import OnlineLearningSpec
+from actors.stopping import StopCriteria
+from cluster.config import ConfigError, load_config
+from cluster.coordinator import Coordinator, GenerateArgs
+from cluster.deployment import engine_spec
+from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties
+
+pytestmark = pytest.mark.timeout(900)
+FAST = {"enabled": True, "lr": 1e-2, "max_steps_per_s": 1000, "batch_size": 4, "window_tokens": 64}
+
+
+def _spec(online: dict | None = None, **overrides):
+    ov = {"engine.max_batch": 8, **overrides}
+    for k, v in (online or {}).items():
+        ov[f"speculation.online_learning.{k}"] = v
+    return engine_spec(load_config("configs/local-cpu.yaml", ov))
+
+
+def _waves(coord, prompts, waves: int, pause_s: float, max_new=HF_NEW, params=None):
+    """Serve the prompts `waves` times; between waves the engine idles (the drafter trains)."""
+    outs = []
+    for _ in range(waves):
+        hs = [coord.submit(GenerateArgs(list(p), max_new, params or SamplingParams())) for p in prompts]
+        finals = [h.result() for h in hs]
+        outs.append(([h.tokens for h in hs], finals))
+        time.sleep(pause_s)
+    return outs
+
+
+def test_config_is_off_by_default_and_errors_name_the_key():
+    cfg = load_config("configs/local-cpu.yaml")
+    assert cfg.speculation.online_learning.enabled is False
+    assert engine_spec(cfg).online_learning is None
+    on = _spec({"enabled": True, "lr": 3e-4, "save_path": "/tmp/x"}).online_learning
+    assert on == OnlineLearningSpec(lr=3e-4, save_path="/tmp/x")
+    with pytest.raises(ConfigError, match=r"speculation\.online_learning\.lrate: unknown key"):
+        load_config("configs/local-cpu.yaml", {"speculation.online_learning.lrate": 1e-3})
+    with pytest.raises(ConfigError, match=r"speculation\.online_learning\.lr"):
+        load_config("configs/local-cpu.yaml", {"speculation.online_learning.lr": 0})
+    with pytest.raises(ConfigError, match=r"speculation\.online_learning\.window_tokens"):
+        load_config("configs/local-cpu.yaml", {"speculation.online_learning.window_tokens": 512,
+                                               "speculation.online_learning.buffer_tokens": 100})
+
+
+def test_replay_buffer_scores_every_generated_token_once_and_stays_bounded():
+    b = ReplayBuffer(max_tokens=10_000, window=8)
+    seq = list(range(100, 140))
+    b.add(seq, 10)   # tokens 10.. were generated; 0..9 are the prompt
+    scored = [w[i] for w, first in b.items for i in range(first, len(w))]
+    assert sorted(scored) == seq[10:]
+    inputs, targets = b.batch(len(b))
+    for x, y in zip(inputs.tolist(), targets.tolist()):   # a target is the input's next token
+        assert all(t == IGNORE or seq.index(t) == seq.index(x[i]) + 1 for i, t in enumerate(y))
+    small = ReplayBuffer(max_tokens=20, window=8)
+    for i in range(10):
+        small.add(list(range(i * 50, i * 50 + 30)), 5)
+    assert small.tokens <= 20 and small.items[-1][0][-1] == 9 * 50 + 29   # the newest stay
+
+
+def test_a_learner_step_lowers_the_loss_and_its_checkpoint_loads_in_transformers(tiny_pair, tmp_path,
+                                                                                 held_out_prompts):
+    from transformers import AutoModelForCausalLM
+
+    target = load_model(tiny_pair / "target")
+    drafter = load_model(tiny_pair / "draft")
+    before = {k: v.clone() for k, v in drafter.state_dict().items()}
+    learner = OnlineLearner(drafter, OnlineLearningSpec(lr=1e-2, window_tokens=64, batch_size=4),
+                            str(tiny_pair / "draft"))
+    for i, p in enumerate(held_out_prompts[:6]):
+        out = generate_ar(target, p, StopCriteria(48), SamplingParams()).tokens
+        learner.admit(i, len(p))
+        learner.release(i, list(p) + out)
+    losses = [learner.step() for _ in range(40)]
+    assert learner.steps == 40 and sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
+    assert any(not torch.equal(before[k], v) for k, v in drafter.state_dict().items())
+    path = learner.save(str(tmp_path / "adapted"))
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "online.json"):
+        assert (path / f).is_file(), f
+    saved = load_file(str(path / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in drafter.state_dict().items())
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    x = torch.tensor([held_out_prompts[0][:40]])
+    with torch.inference_mode():
+        torch.testing.assert_close(hf(x).logits, drafter(x), rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_stays_exact_while_the_drafter_learns_and_the_adapted_drafter_serves(
+        tiny_pair, hf_refs, held_out_prompts, tmp_path):
+    hf, refs = hf_refs
+    prompts = held_out_prompts[:12]
+    ckpt = tmp_path / "adapted"
+    engine = LocalEngine(_spec({**FAST, "save_path": str(ckpt)})).start()
+    coord = Coordinator(engine, None)
+    try:
+        waves = _waves(coord, prompts, 3, pause_s=0.5)
+        m = engine.metrics()["drafter"]
+    finally:
+        coord.stop()
+        engine.stop()
+    for outs, finals in waves:
+        assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
+        assert sum(f.stats.drafts for f in finals) > 0
+    assert m["train_steps"] >= 10 and m["train_scored_tokens"] > 0 and m["train_loss"] == m["train_loss"], m
+    # The drafter really changed, and the checkpoint written on shutdown holds the change.
+    orig = load_file(str(tiny_pair / "draft" / "model.safetensors"))
+    new = load_file(str(ckpt / "model.safetensors"))
+    assert orig.keys() == new.keys() and any(not torch.equal(orig[k], new[k]) for k in orig)
+    # The adapted checkpoint serves (as the drafter), exactly.
+    engine = LocalEngine(_spec(**{"models.draft.path": str(ckpt)})).start()
+    coord = Coordinator(engine, None)
+    try:
+        [(outs, finals)] = _waves(coord, prompts, 1, pause_s=0)
+    finally:
+        coord.stop()
+        engine.stop()
+    assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
+    assert sum(f.stats.accepted_tokens for f in finals) > 0
+
+
+def test_sampling_stays_the_targets_law_while_the_drafter_learns(tiny_pair, held_out_prompts):
+    """Tokens 2 and 3 of a continuation pass through speculation while the drafter's weights
+    move between waves; their joint law must still be the target's (AR, another seed stream)."""
+    prompt = held_out_prompts[3][-32:]
+    n, new, wave = 400, 3, 50
+    engine = LocalEngine(_spec(FAST)).start()
+    coord = Coordinator(engine, None, max_queue=1024)
+    try:
+        toks = []
+        for w in range(n // wave):
+            hs = [coord.submit(GenerateArgs(list(prompt), new, SamplingParams(temperature=0.8, top_k=6,
+                                                                              seed=10_000 + w * wave + i)))
+                  for i in range(wave)]
+            for h in hs:
+                h.result()
+            toks += [tuple(h.tokens[1:new]) for h in hs]
+            time.sleep(0.1)
+        steps = engine.metrics()["drafter"]["train_steps"]
+    finally:
+        coord.stop()
+        engine.stop()
+    assert steps > 0
+    target = load_model(tiny_pair / "target")
+    ar = [tuple(generate_ar(target, prompt, StopCriteria(new), SamplingParams(0.8, 6, seed=i)).tokens[1:new])
+          for i in range(n)]
+    a, b = collections.Counter(ar), collections.Counter(toks)
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
+    table = [[a[k] for k in keys] + [n - sum(a[k] for k in keys)],
+             [b[k] for k in keys] + [n - sum(b[k] for k in keys)]]
+    assert len(keys) >= 3, f"too few common outcomes to test: {table}"
+    p = chi2_contingency(table).pvalue
+    assert p > 0.01, f"sampling while learning differs from AR (p={p:.4f}): {table}"
