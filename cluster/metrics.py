@@ -58,6 +58,26 @@ class EngineCollector:
             for key in ("wait_s", "reply_s", "prespec_s"):
                 ds.add_metric([key.removesuffix("_s")], float(d.get(key, 0.0)))
             yield ds
+            if "train_steps" in d:  # online learning (speculation.online_learning) is on
+                ts = CounterMetricFamily(P + "drafter_train_steps", "optimizer steps the drafter took online")
+                ts.add_metric([], float(d["train_steps"]))
+                yield ts
+                tt = CounterMetricFamily(P + "drafter_train_seconds", "seconds the drafter spent in online "
+                                         "training steps, and the part of them a verifier frame waited for",
+                                         labels=["part"])
+                tt.add_metric(["total"], float(d.get("train_s", 0.0)))
+                tt.add_metric(["late"], float(d.get("train_late_s", 0.0)))
+                yield tt
+                tok = CounterMetricFamily(P + "drafter_train_tokens", "target tokens the online steps trained on")
+                tok.add_metric([], float(d.get("train_scored_tokens", 0)))
+                yield tok
+                loss = GaugeMetricFamily(P + "drafter_train_loss", "online training cross-entropy on the "
+                                         "target's tokens (moving average)")
+                loss.add_metric([], float(d.get("train_loss_ema", float("nan"))))
+                yield loss
+                buf = GaugeMetricFamily(P + "drafter_train_buffer_tokens", "tokens in the replay buffer")
+                buf.add_metric([], float(d.get("train_buffer_tokens", 0)))
+                yield buf
         ok = GaugeMetricFamily(P + "drafter_up", "1 while the drafter is on the data plane")
         ok.add_metric([], 1.0 if m.get("drafter_ok") else 0.0)
         yield ok

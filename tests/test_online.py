@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from prometheus_client import generate_latest
 from safetensors.torch import load_file
 from scipy.stats import chi2_contingency
 
@@ -19,6 +20,7 @@ from actors.online import IGNORE, OnlineLearner, ReplayBuffer
 from actors.sampling import SamplingParams
 from actors.spec import OnlineLearningSpec
 from actors.stopping import StopCriteria
+from cluster.metrics import Metrics
 from cluster.config import ConfigError, load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.deployment import engine_spec
@@ -113,6 +115,7 @@ def test_greedy_stays_exact_while_the_drafter_learns_and_the_adapted_drafter_ser
     try:
         waves = _waves(coord, prompts, 3, pause_s=0.5)
         m = engine.metrics()["drafter"]
+        scrape = generate_latest(Metrics(lambda: engine).registry).decode()
     finally:
         coord.stop()
         engine.stop()
@@ -120,6 +123,9 @@ def test_greedy_stays_exact_while_the_drafter_learns_and_the_adapted_drafter_ser
         assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
         assert sum(f.stats.drafts for f in finals) > 0
     assert m["train_steps"] >= 10 and m["train_scored_tokens"] > 0 and m["train_loss"] == m["train_loss"], m
+    steps = [ln for ln in scrape.splitlines() if ln.startswith("outrider:drafter_train_steps_total ")]
+    assert steps and float(steps[0].split()[1]) >= 10, scrape
+    assert "outrider:drafter_train_loss " in scrape and 'outrider:drafter_train_seconds_total{part="late"}' in scrape
     # The drafter really changed, and the checkpoint written on shutdown holds the change.
     orig = load_file(str(tiny_pair / "draft" / "model.safetensors"))
     new = load_file(str(ckpt / "model.safetensors"))
@@ -129,11 +135,13 @@ def test_greedy_stays_exact_while_the_drafter_learns_and_the_adapted_drafter_ser
     coord = Coordinator(engine, None)
     try:
         [(outs, finals)] = _waves(coord, prompts, 1, pause_s=0)
+        off = engine.metrics()["drafter"]
     finally:
         coord.stop()
         engine.stop()
     assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
     assert sum(f.stats.accepted_tokens for f in finals) > 0
+    assert not any(k.startswith("train_") for k in off), off   # off (the default): no learner at all
 
 
 def test_sampling_stays_the_targets_law_while_the_drafter_learns(tiny_pair, held_out_prompts):
