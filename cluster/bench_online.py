@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--steps-per-s", type=float, default=100.0)
     ap.add_argument("--window", type=int, default=20, help="requests per point of the plot")
+    ap.add_argument("--order", default="off,on", help="which arm runs first (the CPU is shared: swap to check)")
     ap.add_argument("--out", default="docs/bench/online")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     ckpt = out / "adapted-drafter"
     base = {"models.draft.path": str(weak), "speculation.adaptive": True, "engine.max_batch": 8}
     arms = {}
-    for arm in ("off", "on"):
+    for arm in a.order.split(","):
         ov = dict(base)
         if arm == "on":
             ov.update({"speculation.online_learning.enabled": True, "speculation.online_learning.lr": a.lr,
