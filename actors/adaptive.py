@@ -27,6 +27,10 @@ from dataclasses import dataclass, field
 
 PRIOR_ALPHA = 0.6     # what a sequence assumes before anything was measured
 PROBE_K = 1           # the draft length of a probe from K = 0
+# Speculation must be predicted to beat plain decoding by this much: with a drafter that never
+# agrees, the prior keeps its estimated acceptance a little above 0, and when drafting looks
+# nearly free (a flat t_verify, pre-speculation hidden) that alone would keep it drafting.
+SPEC_MARGIN = 0.05
 PROBE_FIRST, PROBE_MAX = 8, 64   # rounds at K = 0 before the first probe; the backoff's cap
 
 
@@ -203,6 +207,9 @@ def choose_ks(curves: list[list[float]], mode: str, costs: Costs,
         r = rate(ks)
         if r > best:
             best_ks, best = ks, r
+    off = [0] * len(curves)
+    if any(best_ks) and best <= rate(off) * (1 + SPEC_MARGIN):
+        return off
     return best_ks
 
 

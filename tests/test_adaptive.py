@@ -115,6 +115,15 @@ def test_mixed_batch_turns_off_only_the_sequence_that_does_not_pay():
     assert good >= 3 and bad == 0
 
 
+def test_near_free_drafting_of_a_drafter_that_barely_agrees_stays_off():
+    """A flat t_verify and hidden, always-hit pre-speculation make drafting look almost free; an
+    acceptance of 2 % (a prior's floor) must still not turn speculation on: it has to pay by a
+    margin, not by rounding."""
+    free = cpu_costs(slope_ms=0.0, draft_step_ms=0.01, transport_ms=0.01, hit_rate=1.0, prespec_step_ms=0.01)
+    assert k_for(0.02, "ssd", costs=free) == [0]
+    assert k_for(0.5, "ssd", costs=free)[0] > 0   # and a drafter that agrees still speculates
+
+
 def test_a_cap_bounds_the_choice():
     curves = [expected_curve([0.99] * 8, 2)]
     assert choose_ks(curves, "ssd", cpu_costs()) == [2]
