@@ -67,8 +67,8 @@ def run_worker(tree: str, mode: str, streams: int, new: int, runs: int, config: 
     env = {**os.environ, "PYTHONPATH": tree}
     if not (Path(tree) / "cluster" / HERE.name).exists():  # the same driver in the other tree
         (Path(tree) / "cluster" / HERE.name).write_text(HERE.read_text())
-    cmd = [sys.executable, "-m", "cluster.bench_paged", "worker", "--mode", mode, "--streams", str(streams), "--new", str(new),
-           "--runs", str(runs), "--config", config]
+    cmd = [sys.executable, "-m", "cluster.bench_paged", "worker", "--mode", mode, "--streams", str(streams),
+           "--new", str(new), "--runs", str(runs), "--config", config]
     out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not lines:

@@ -201,7 +201,8 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
             if room // per_block < full:
                 blocks = max(0, room // per_block)
                 notes.append(f"default {keys}: {HEADROOM:.0%} of {tdev} less weights, workspace"
-                             + (" and the drafter" if same else "") + f" holds {blocks} blocks (max_batch needs {full})")
+                             + (" and the drafter" if same else "")
+                             + f" holds {blocks} blocks (max_batch needs {full})")
     else:
         kind, n = parse_memory(kv_cache_memory)
         if kind == "fraction":
