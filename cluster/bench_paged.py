@@ -94,12 +94,27 @@ def ab(a) -> None:
 
 
 def sweep(a) -> None:
+    run_concurrency(a.config, None, a.streams, a.modes, a.new, a.runs)
+
+
+def run_concurrency(config: str, out: str | None, streams: list[int], modes: list[str], new: int = 64,
+                    runs: int = 2) -> int:
+    """`outrider bench --concurrency`: aggregate tokens/s and median request latency for each mode
+    at each number of concurrent streams (each point a fresh plain-process engine); the table is
+    printed and, with `out`, written to <out>/concurrency.json."""
     tree = str(HERE.parents[1])
+    rows = []
     print("mode  streams  tok/s   median latency (s)")
-    for mode in a.modes:
-        for n in a.streams:
-            r = run_worker(tree, mode, n, a.new, a.runs, a.config)
+    for mode in modes:
+        for n in streams:
+            r = run_worker(tree, mode, n, new, runs, config)
+            rows.append(r)
             print(f"{mode:5s} {n:7d}  {r['tok_s']:6.1f}  {r['latency_s']:.2f}", flush=True)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "concurrency.json").write_text(json.dumps({"config": config, "new_tokens": new, "runs": runs,
+                                                                "points": rows}, indent=1))
+    return 0
 
 
 def main(argv=None) -> int:

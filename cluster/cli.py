@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ks", type=_csv(int), default=None, metavar="K,...", help="--explore: K values")
     bench.add_argument("--budgets", type=_csv(int), default=None, metavar="N,...",
                        help="--explore: fan-out budgets (branches per round)")
+    bench.add_argument("--concurrency", type=_csv(int), default=None, metavar="N,...",
+                       help="throughput and latency at N concurrent streams (e.g. 1,4,8) for --modes")
+    bench.add_argument("--modes", type=_csv(str), default=["ar", "sd", "ssd"], metavar="MODE,...",
+                       help="--concurrency: the modes to sweep (default ar,sd,ssd)")
     return ap
 
 
@@ -114,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
                 return run_explore(args.config, args.out, args.drafts, args.ks, args.budgets, quick=args.quick)
             if args.drafts or args.ks or args.budgets:
                 raise ValueError("--drafts, --ks and --budgets belong to --explore")
+            if args.concurrency:
+                from cluster.bench_paged import run_concurrency
+
+                return run_concurrency(args.config, args.out, args.concurrency, args.modes,
+                                       new=16 if args.quick else 64, runs=1 if args.quick else 2)
             from cluster.bench import run_bench
 
             return run_bench(args.config, args.out, quick=args.quick)

@@ -130,3 +130,13 @@ def test_idle_engines_run_in_the_background_class_only_while_another_is_timed():
     finally:
         child.kill()
         child.wait()
+
+
+def test_concurrency_sweep_reports_every_point(tiny_pair, tmp_path):
+    """`outrider bench --concurrency`: each mode at each stream count, from a fresh engine."""
+    from cluster.bench_paged import run_concurrency
+
+    assert run_concurrency("configs/local-cpu.yaml", str(tmp_path), [1, 3], ["ar", "ssd"], new=8, runs=1) == 0
+    rep = json.loads((tmp_path / "concurrency.json").read_text())
+    assert [(p["mode"], p["streams"]) for p in rep["points"]] == [("ar", 1), ("ar", 3), ("ssd", 1), ("ssd", 3)]
+    assert all(p["tok_s"] > 0 and p["latency_s"] > 0 for p in rep["points"])
