@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -60,6 +61,14 @@ def hf_refs(tiny_pair, held_out_prompts):
 NEAR_TIE_GAP = 1e-4
 MAX_NEAR_TIES = 2          # per test: more than this many accepted near-ties fails the test
 NEAR_TIES: list[tuple[str, int, int, int, float]] = []   # (test, position, ours, ref, gap), for the summary
+
+
+def wait_for(cond, timeout: float = 60.0, what: str = "condition") -> None:
+    """Poll `cond` until it holds; fail the test, naming `what`, after `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"{what} not reached within {timeout}s"
+        time.sleep(0.02)
 
 
 def assert_matches_or_near_tie(hf, prompt: list[int], ours: list[int], ref: list[int]) -> bool:

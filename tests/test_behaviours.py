@@ -14,18 +14,12 @@ import ray
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import HF_NEW, assert_matches_or_near_tie
+from tests.conftest import HF_NEW, assert_matches_or_near_tie, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 BATCH = 4          # engine.max_batch of the shared server: a fifth long request has to queue
 SAMPLED = dict(temperature=0.9, top_k=8)
 
-
-def _wait(cond, timeout=60.0, what="condition"):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"{what} not reached within {timeout}s"
-        time.sleep(0.02)
 
 
 def _drafter_seqs(server) -> int:
@@ -34,9 +28,9 @@ def _drafter_seqs(server) -> int:
 
 def _idle(server):
     """Nothing left anywhere: coordinator, verifier (running and waiting), drafter."""
-    _wait(lambda: server.coord.in_flight == 0, what="coordinator empty")
-    _wait(lambda: (lambda m: m["active"] == 0 and m["waiting"] == 0)(server.engine.metrics()), what="verifier empty")
-    _wait(lambda: _drafter_seqs(server) == 0, what="drafter empty")
+    wait_for(lambda: server.coord.in_flight == 0, what="coordinator empty")
+    wait_for(lambda: (lambda m: m["active"] == 0 and m["waiting"] == 0)(server.engine.metrics()), what="verifier empty")
+    wait_for(lambda: _drafter_seqs(server) == 0, what="drafter empty")
 
 
 def _collect(stream):
@@ -168,7 +162,7 @@ def test_abort_while_queued(served, held_out_prompts):
             next(b)
         assert server.engine.metrics()["active"] == BATCH
         queued = client.generate(held_out_prompts[BATCH], max_new_tokens=16, request_id="queued-1")
-        _wait(lambda: server.engine.metrics()["waiting"] == 1, what="the request queued in the verifier")
+        wait_for(lambda: server.engine.metrics()["waiting"] == 1, what="the request queued in the verifier")
         assert _drafter_seqs(server) == BATCH
         assert client.abort("queued-1") is True
         ids, final = _collect(queued)
@@ -198,7 +192,7 @@ def test_abort_during_prefill(served, tiny_tok):
     for attempt, delay_s in enumerate((0.0, 0.0, 0.002, 0.005, 0.01)):
         rid = f"prefill-{attempt}"
         stream = client.generate(prompt, max_new_tokens=new, request_id=rid)
-        _wait(lambda rid=rid: server.coord.find(rid) is not None, 30, "the coordinator holding the request")
+        wait_for(lambda rid=rid: server.coord.find(rid) is not None, 30, "the coordinator holding the request")
         time.sleep(delay_s)
         assert client.abort(rid) is True
         ids, final = _collect(stream)

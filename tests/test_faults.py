@@ -19,17 +19,12 @@ from actors.generate import generate_ar
 from actors.loader import load_model
 from actors.stopping import StopCriteria
 from cluster.client import OutriderClient
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).parent.parent
 NEW = 300
 pytestmark = pytest.mark.timeout(600)
 
-
-def _wait(cond, timeout=60.0, what="condition"):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +87,7 @@ class HealthWatch:
         self._call = client.health_stub.Watch(health_pb2.HealthCheckRequest(service=""))
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        _wait(lambda: self.seen, 10, "the first health status")
+        wait_for(lambda: self.seen, 10, "the first health status")
 
     def _run(self):
         try:
@@ -127,7 +122,7 @@ def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, r
     tokens_before = server.engine.metrics()["tokens"]
     results: dict = {}
     threads = _run_streams(client, held_out_prompts[:6], results)
-    _wait(lambda: server.engine.metrics()["tokens"] > tokens_before + 50, what="streaming")
+    wait_for(lambda: server.engine.metrics()["tokens"] > tokens_before + 50, what="streaming")
     os.kill(old_pid, signal.SIGKILL)
     for t in threads:
         t.join(180)
@@ -135,7 +130,7 @@ def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, r
         ids, final = results[i]  # an RpcError here would fail the test: nothing may be lost
         assert final.finish_reason == "length" and ids == ref, f"stream {i} differs after the drafter died"
     assert _exact_or_unavailable(results, ar_refs, allow_unavailable=False) == len(ar_refs)
-    _wait(lambda: server.supervisor.drafter_restarts >= 1 and server.engine.metrics()["drafter_ok"],
+    wait_for(lambda: server.supervisor.drafter_restarts >= 1 and server.engine.metrics()["drafter_ok"],
           what="drafter restart")
     assert server.engine.drafter_pid() != old_pid
     _, final = client.generate_ids(held_out_prompts[7], max_new_tokens=64)
@@ -149,7 +144,7 @@ def test_drafter_sigkill_while_sampling(served, tiny_pair, held_out_prompts):
     from transformers import AutoModelForCausalLM
 
     server, client = served
-    _wait(lambda: server.engine.metrics()["drafter_ok"], what="a drafter on the data plane")
+    wait_for(lambda: server.engine.metrics()["drafter_ok"], what="a drafter on the data plane")
     top_k, n = 4, 4
     old_pid = server.engine.drafter_pid()
     restarts = server.supervisor.drafter_restarts
@@ -166,7 +161,7 @@ def test_drafter_sigkill_while_sampling(served, tiny_pair, held_out_prompts):
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
-    _wait(lambda: server.engine.metrics()["tokens"] > tokens_before + 50, what="streaming")
+    wait_for(lambda: server.engine.metrics()["tokens"] > tokens_before + 50, what="streaming")
     os.kill(old_pid, signal.SIGKILL)
     for t in threads:
         t.join(180)
@@ -183,7 +178,7 @@ def test_drafter_sigkill_while_sampling(served, tiny_pair, held_out_prompts):
         picked = logits.gather(1, torch.tensor(ids)[:, None])[:, 0]
         outside = (picked < kth - 1e-4).nonzero().flatten().tolist()
         assert not outside, f"stream {i}: tokens outside the target's top-{top_k} at positions {outside[:5]}"
-    _wait(lambda: server.supervisor.drafter_restarts > restarts and server.engine.metrics()["drafter_ok"],
+    wait_for(lambda: server.supervisor.drafter_restarts > restarts and server.engine.metrics()["drafter_ok"],
           what="drafter restart")
     _, final = client.generate_ids(held_out_prompts[7], max_new_tokens=64, temperature=0.8, top_k=top_k, seed=1)
     assert final.stats.cache_hits > 0, "speculation did not resume after the restart"
@@ -196,8 +191,8 @@ def test_verifier_sigkill_fails_fast_then_recovers(served, ar_refs, held_out_pro
     assert watch.seen[0] == "SERVING"
     tokens_before = server.engine.metrics()["tokens"]
     threads = _run_streams(client, held_out_prompts[:4], results)
-    _wait(lambda: server.coord.in_flight == 4, what="admission")
-    _wait(lambda: server.engine.metrics()["tokens"] > tokens_before + 8, what="streaming")
+    wait_for(lambda: server.coord.in_flight == 4, what="admission")
+    wait_for(lambda: server.engine.metrics()["tokens"] > tokens_before + 8, what="streaming")
     os.kill(server.engine.verifier_pid(), signal.SIGKILL)
     t0 = time.monotonic()
     for t in threads:
@@ -208,9 +203,9 @@ def test_verifier_sigkill_fails_fast_then_recovers(served, ar_refs, held_out_pro
     # Each stream is exact to the end or UNAVAILABLE: none may end OK with a truncated text.
     _exact_or_unavailable(results, ar_refs[:4], allow_unavailable=True)
     # The transition itself, as announced to a watcher: NOT_SERVING while rebuilding, then SERVING.
-    _wait(lambda: watch.saw("NOT_SERVING", "SERVING"), 30, "NOT_SERVING then SERVING announced")
+    wait_for(lambda: watch.saw("NOT_SERVING", "SERVING"), 30, "NOT_SERVING then SERVING announced")
     watch.close()
-    _wait(lambda: client.health() == "SERVING", 30, "SERVING again")
+    wait_for(lambda: client.health() == "SERVING", 30, "SERVING again")
     assert time.monotonic() - t0 < 30
     assert server.supervisor.verifier_rebuilds == 1
     _, final = client.generate_ids(held_out_prompts[5], max_new_tokens=32)
@@ -269,7 +264,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_pair, tmp_path, ar_refs, held_out
                 if "metrics on http://" in line:
                     metrics_port = int(line.split("metrics on http://", 1)[1].split("/")[0].rsplit(":", 1)[1])
             return port is not None
-        _wait(listening, 180, "server start")
+        wait_for(listening, 180, "server start")
         assert metrics_port and metrics_port != 9464, f"metrics not on an ephemeral port: {metrics_port}"
         import urllib.request
         body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
@@ -287,7 +282,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_pair, tmp_path, ar_refs, held_out
             verifier.suspend()
             stopped = verifier
             proc.send_signal(signal.SIGTERM)
-            _wait(lambda: client.health() == "NOT_SERVING", 30, "NOT_SERVING after SIGTERM")
+            wait_for(lambda: client.health() == "NOT_SERVING", 30, "NOT_SERVING after SIGTERM")
             with pytest.raises(grpc.RpcError) as refused:
                 client.generate_ids("x = ", max_new_tokens=4)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()

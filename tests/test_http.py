@@ -15,17 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.test_chat import CHATML, _with_template
+from tests.conftest import wait_for
 
 TOKEN = "http-test-token"
 PROMPT = 'def read_config(path):\n    """Read a configuration file and return a dict."""\n    with'
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
 
-
-def _wait(cond, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -199,11 +194,11 @@ def test_disconnect_mid_stream_frees_the_sequence(served):
     got = b""
     while got.count(b"data:") < 3:
         got += r.read1(4096)
-    _wait(lambda: server.engine.metrics()["active"] == 1)
+    wait_for(lambda: server.engine.metrics()["active"] == 1)
     conn.sock.close()
     conn.close()
-    _wait(lambda: server.engine.metrics()["active"] == 0)
-    _wait(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
+    wait_for(lambda: server.engine.metrics()["active"] == 0)
+    wait_for(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
     # aborted, not run to its end: far fewer than the 500 tokens it asked for were generated
     assert server.engine.metrics()["tokens"] - tokens_before < 400
 
@@ -240,7 +235,7 @@ def test_health_follows_the_life_cycle(serve_tiny, tiny_pair):
     t = threading.Thread(target=server.start)
     t.start()
     try:
-        _wait(lambda: server.http_port is not None, 60)
+        wait_for(lambda: server.http_port is not None, 60)
         while t.is_alive() or not seen or seen[-1] != 200:
             code, _ = _raw(server, "GET", "/health", token=None)
             if not seen or seen[-1] != code:
@@ -259,7 +254,7 @@ def test_health_follows_the_life_cycle(serve_tiny, tiny_pair):
         assert code == 429 and out["error"]["code"] == "rate_limit_exceeded"
         conn.sock.close()
         conn.close()
-        _wait(lambda: server.coord.in_flight == 0)
+        wait_for(lambda: server.coord.in_flight == 0)
         server.coord.draining = True
         assert _raw(server, "GET", "/health", token=None)[0] == 503
         code, out = _raw(server, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})

@@ -5,7 +5,6 @@ import filecmp
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,17 +15,11 @@ import ray
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
-from tests.conftest import HF_NEW, assert_matches_or_near_tie
+from tests.conftest import HF_NEW, assert_matches_or_near_tie, wait_for
 
 ROOT = Path(__file__).parent.parent
 pytestmark = pytest.mark.timeout(600)
 
-
-def _wait(cond, timeout=30.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "condition not reached in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -77,10 +70,10 @@ def test_cancel_mid_stream_frees_the_sequence(served):
         if got >= 5:
             stream.cancel()
             break
-    _wait(lambda: server.coord.in_flight == 0)
+    wait_for(lambda: server.coord.in_flight == 0)
     m = server.engine.metrics()
-    _wait(lambda: server.engine.metrics()["active"] == 0)
-    _wait(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
+    wait_for(lambda: server.engine.metrics()["active"] == 0)
+    wait_for(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
     assert m["drafter_ok"]
     assert client.health() == "SERVING"
     assert client.generate_text("x = ", max_new_tokens=4)[1].usage.completion_tokens == 4
@@ -106,9 +99,9 @@ def test_deadline_exceeded_frees_the_sequence(served):
     assert drafter_seqs == 1, "the drafter never held the sequence"
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert 0 < len(got) < 1000
-    _wait(lambda: server.coord.in_flight == 0)
-    _wait(lambda: server.engine.metrics()["active"] == 0)
-    _wait(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
+    wait_for(lambda: server.coord.in_flight == 0)
+    wait_for(lambda: server.engine.metrics()["active"] == 0)
+    wait_for(lambda: server.engine.metrics()["drafter"]["seqs"] == 0)
     assert client.generate_text("x = ", max_new_tokens=4)[1].usage.completion_tokens == 4
 
 
@@ -167,13 +160,13 @@ def test_queue_full_is_resource_exhausted(served):
     server, client = served
     streams = [client.generate(f"def f{i}(x):\n    return", max_new_tokens=1000, ignore_eos=True) for i in range(12)]
     # 12 x 1000 tokens keep the engine busy for seconds: the queue is full right after submission.
-    _wait(lambda: server.coord.in_flight == 12, timeout=10)
+    wait_for(lambda: server.coord.in_flight == 12, timeout=10)
     with pytest.raises(grpc.RpcError) as e:
         client.generate_text("one too many", max_new_tokens=4)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value.details()
     for s in streams:
         s.cancel()
-    _wait(lambda: server.coord.in_flight == 0)
+    wait_for(lambda: server.coord.in_flight == 0)
 
 
 def test_health_info_reflection_metrics(served):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from actors.demo.chat_prompts import HELD_OUT
 from actors.demo.smol import fetch_gguf
 from actors.loader import load_model
 from actors.tokenizer import Tokenizer
@@ -29,14 +30,7 @@ TEXTS = [
 ]
 
 # Held-out chat requests (the drafter's distillation prompts never contain these).
-CHAT = [
-    "Write a Python function that tells whether a number is prime.",
-    "What is the capital of France? Answer in one sentence.",
-    "Explain what a hash table is to a beginner.",
-    "Give me three tips for writing readable code.",
-    "Translate 'good morning' into Spanish and German.",
-    "Write a haiku about the sea.",
-]
+CHAT = HELD_OUT[:6]
 
 
 @pytest.fixture(scope="module")
