@@ -35,72 +35,24 @@ every outcome misses (there is no table), so each frame with outcomes gets its r
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
-
 import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
+from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
 from actors.frame import Frame, Rec, Record
-from actors.fanout import AcceptanceTracker, split_budget
+from actors.fanout import split_budget
 from actors.kv import PagedKVCache
 from actors.loader import load_model
 from actors.ngram import propose_ngram
-from actors.sampling import DRAFT, SamplingParams, keyed_uniforms, probs_from_logits, saguaro_scale, sample
+from actors.online import OnlineLearner, TrainWhileWaiting
+from actors.sampling import DRAFT, keyed_uniforms, probs_from_logits, saguaro_scale, sample
 from actors.spec import EngineSpec
 from actors.wire import HIT, MISS, NO_LOOKUP, decode_params, encode_table
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Branch:
-    slot: int
-    start: int                   # the position it forked at: its correction token's
-    length: int
-    tokens: list[int]
-    q: torch.Tensor | None       # [K, V] probabilities the tokens were drawn from (sampling)
-    dists: torch.Tensor          # [K, V] unscaled drafter distributions, depth 0..K-1
-
-
-@dataclass
-class DraftSeq:
-    id: int
-    params: SamplingParams
-    tokens: list[int]            # committed prefix (prompt + generated)
-    slot: int
-    length: int = 0              # valid positions in `slot`
-    round: int = 0
-    draft: list[int] = field(default_factory=list)
-    q: torch.Tensor | None = None
-    dists: torch.Tensor | None = None   # row j: drafter distribution after tokens + draft[:j]
-    branches: dict[tuple[int, int], Branch] = field(default_factory=dict)
-    tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
-    k: int = 0                   # the draft length the verifier asked for (0: speculation off)
-    budget: int = 0              # fan-out budget for pre-speculation
-    speculated: bool = False     # pre-speculation ran for this round (a lookup follows)
-
-
-@dataclass
-class DrafterTimes:
-    wait_s: float = 0.0          # blocked waiting for the verifier's next frame (idle)
-    reply_s: float = 0.0         # from frame received to reply sent (on the critical path)
-    prespec_s: float = 0.0       # pre-speculation and its table (hidden behind verification)
-    prespec_cpu_s: float = 0.0   # the loop thread's CPU time in it (the rest: descheduled)
-    branches: int = 0
-    frames: int = 0
-    replies: int = 0             # DRAFT replies; SSD greedy hits need none (the verifier has the table)
-
-
-def table_due(frame: Frame) -> bool:
-    """SSD: a TABLE answers a frame that asks some sequence for drafts (an OUTCOME or ADMIT with
-    K > 0). Both sides decide it from the frame alone; a frame where every sequence is at K = 0
-    (or a PING) gets none, so the verifier waits on nothing."""
-    return any((r.kind == Rec.OUTCOME and r.tokens and r.tokens[0] > 0) or (r.kind == Rec.ADMIT and r.a > 0)
-               for r in frame.records)
 
 
 class Drafter:
@@ -120,10 +72,8 @@ class Drafter:
         self._catch_up_ns = 0    # this frame's catch-up prefill before just-in-time drafts (in the reply's PING)
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
         self.online = None       # online learning (actors/online.py): None unless the spec turns it on
-        self._rx = None          # with online learning: (go, got) queues of the frame-receiving thread
+        self._waiter = None      # with online learning: receives frames while the loop trains
         if spec.online_learning is not None:
-            from actors.online import OnlineLearner
-
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -139,7 +89,7 @@ class Drafter:
         try:
             while True:
                 t0 = time.perf_counter()
-                frame = self.channel.recv() if self.online is None else self._wait_and_learn()
+                frame = self.channel.recv() if self.online is None else self._train_until_frame()
                 t1 = time.perf_counter()
                 self.times.wait_s += t1 - t0
                 self.times.frames += 1
@@ -178,52 +128,10 @@ class Drafter:
             return dict(vars(self.times), seqs=len(self.seqs), **self.online.stats())
         return dict(vars(self.times), seqs=len(self.seqs))
 
-    def _wait_and_learn(self) -> Frame:
-        """Online learning: take optimizer steps while the verifier's next frame has not come.
-        The frame is received by a helper thread (gloo's posted receive cannot be polled), so
-        this thread trains meanwhile. The table this side owed has already gone out; while
-        sequences are active a step is taken only if its measured duration fits in what is left
-        of the measured gap between a table and the next frame, so frames are rarely kept
-        waiting (train_late_s sums the steps a frame landed during: an upper bound of the delay).
-        With no sequence active, steps run at up to max_steps_per_s. The weights change only
-        here, between two frames: never inside a draft or a pre-speculation."""
-        ol = self.online
-        if self._rx is None:
-            self._rx = (queue.SimpleQueue(), queue.SimpleQueue())
-            threading.Thread(target=self._receive_for_learning, name="outrider-drafter-rx", daemon=True).start()
-        go, got = self._rx
-        start = time.perf_counter()
-        active = bool(self.seqs)
-        go.put(True)
-        while got.empty():
-            now = time.perf_counter()
-            if ol.due(now) and (not active or ol.fits(now - start)):
-                ol.step()
-            elif ol.save_due(now) and not active:
-                ol.save()
-            else:  # nothing due now: wait for the frame (idle: or until the next step is allowed)
-                try:
-                    item = got.get(timeout=ol.wait_hint(now) if ol.has_data() and not active else None)
-                except queue.Empty:
-                    continue
-                got.put(item)
-                break
-            if not got.empty():
-                ol.late_s += time.perf_counter() - now
-        frame, err, arrived = got.get()
-        if err is not None:
-            raise err
-        if active:
-            ol.observe_gap(arrived - start)
-        return frame
-
-    def _receive_for_learning(self) -> None:
-        go, got = self._rx
-        while go.get():
-            try:
-                got.put((self.channel.recv(), None, time.perf_counter()))
-            except BaseException as e:  # handed to the loop thread, which raises it
-                got.put((None, e, time.perf_counter()))
+    def _train_until_frame(self) -> Frame:
+        if self._waiter is None:
+            self._waiter = TrainWhileWaiting(self.channel, self.online)
+        return self._waiter.next_frame(active=bool(self.seqs))
 
     # -- one frame -------------------------------------------------------------------------
     def handle(self, frame: Frame, recv_posted_ns: int = 0, recv_done_ns: int = 0) -> Frame | None:

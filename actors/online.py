@@ -23,8 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -225,3 +227,51 @@ class OnlineLearner:
                 "train_scored_tokens": self.scored_tokens, "train_buffer_tokens": self.buffer.tokens,
                 "train_windows": self.buffer.added,
                 "train_step_s": self.step_ema or 0.0, "train_gap_s": self.gap_ema}
+
+class TrainWhileWaiting:
+    """Online learning in the drafter's loop: optimizer steps while the verifier's next frame has
+    not come. The frame is received by a helper thread (gloo's posted receive cannot be polled),
+    so the loop thread trains meanwhile. The table the drafter owed has already gone out; while
+    sequences are active a step is taken only if its measured duration fits in what is left of
+    the measured gap between a table and the next frame, so frames are rarely kept waiting
+    (late_s sums the steps a frame landed during: an upper bound of the delay). With no sequence
+    active, steps run at up to max_steps_per_s. The weights change only here, between two frames:
+    never inside a draft or a pre-speculation."""
+
+    def __init__(self, channel, learner: OnlineLearner):
+        self.channel, self.learner = channel, learner
+        self.go, self.got = queue.SimpleQueue(), queue.SimpleQueue()
+        threading.Thread(target=self._receive, name="outrider-drafter-rx", daemon=True).start()
+
+    def next_frame(self, active: bool):
+        ol, go, got = self.learner, self.go, self.got
+        start = time.perf_counter()
+        go.put(True)
+        while got.empty():
+            now = time.perf_counter()
+            if ol.due(now) and (not active or ol.fits(now - start)):
+                ol.step()
+            elif ol.save_due(now) and not active:
+                ol.save()
+            else:  # nothing due now: wait for the frame (idle: or until the next step is allowed)
+                try:
+                    item = got.get(timeout=ol.wait_hint(now) if ol.has_data() and not active else None)
+                except queue.Empty:
+                    continue
+                got.put(item)
+                break
+            if not got.empty():
+                ol.late_s += time.perf_counter() - now
+        frame, err, arrived = got.get()
+        if err is not None:
+            raise err
+        if active:
+            ol.observe_gap(arrived - start)
+        return frame
+
+    def _receive(self) -> None:
+        while self.go.get():
+            try:
+                self.got.put((self.channel.recv(), None, time.perf_counter()))
+            except BaseException as e:  # handed to the loop thread, which raises it
+                self.got.put((None, e, time.perf_counter()))

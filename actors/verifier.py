@@ -52,7 +52,7 @@ from actors.spec import EngineSpec
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
 from actors.verify import round_outcomes
-from actors.drafter import table_due
+from actors.draft_state import table_due
 from actors.wire import HIT, MISS, decode_table, encode_params
 
 log = logging.getLogger(__name__)

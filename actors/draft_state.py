@@ -1,0 +1,59 @@
+"""What the drafter keeps: per sequence its committed prefix, current draft and pre-drafted
+branches (the speculation cache), its loop's time accounts, and when a table is due.
+The verifier's counterpart is actors/sequence.py."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.fanout import AcceptanceTracker
+from actors.frame import Frame, Rec
+from actors.sampling import SamplingParams
+
+
+@dataclass
+class Branch:
+    slot: int
+    start: int                   # the position it forked at: its correction token's
+    length: int
+    tokens: list[int]
+    q: torch.Tensor | None       # [K, V] probabilities the tokens were drawn from (sampling)
+    dists: torch.Tensor          # [K, V] unscaled drafter distributions, depth 0..K-1
+
+
+@dataclass
+class DraftSeq:
+    id: int
+    params: SamplingParams
+    tokens: list[int]            # committed prefix (prompt + generated)
+    slot: int
+    length: int = 0              # valid positions in `slot`
+    round: int = 0
+    draft: list[int] = field(default_factory=list)
+    q: torch.Tensor | None = None
+    dists: torch.Tensor | None = None   # row j: drafter distribution after tokens + draft[:j]
+    branches: dict[tuple[int, int], Branch] = field(default_factory=dict)
+    tracker: AcceptanceTracker = field(default_factory=AcceptanceTracker)
+    k: int = 0                   # the draft length the verifier asked for (0: speculation off)
+    budget: int = 0              # fan-out budget for pre-speculation
+    speculated: bool = False     # pre-speculation ran for this round (a lookup follows)
+
+
+@dataclass
+class DrafterTimes:
+    wait_s: float = 0.0          # blocked waiting for the verifier's next frame (idle)
+    reply_s: float = 0.0         # from frame received to reply sent (on the critical path)
+    prespec_s: float = 0.0       # pre-speculation and its table (hidden behind verification)
+    prespec_cpu_s: float = 0.0   # the loop thread's CPU time in it (the rest: descheduled)
+    branches: int = 0
+    frames: int = 0
+    replies: int = 0             # DRAFT replies; SSD greedy hits need none (the verifier has the table)
+
+
+def table_due(frame: Frame) -> bool:
+    """SSD: a TABLE answers a frame that asks some sequence for drafts (an OUTCOME or ADMIT with
+    K > 0). Both sides decide it from the frame alone; a frame where every sequence is at K = 0
+    (or a PING) gets none, so the verifier waits on nothing."""
+    return any((r.kind == Rec.OUTCOME and r.tokens and r.tokens[0] > 0) or (r.kind == Rec.ADMIT and r.a > 0)
+               for r in frame.records)
