@@ -17,7 +17,7 @@ from cluster.config import load_config
 from cluster.deployment import shutdown_ray
 from cluster.server import OutriderServer
 
-DEFAULT_CHAT = "Write a Python function that tells whether a number is prime."
+DEFAULT_CHAT = "Write a Python function that checks whether a string is a palindrome."
 
 
 def main(argv: list[str] | None = None) -> int:
