@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 
 import torch
@@ -63,7 +64,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     res = measure(_path(args.target), _path(args.draft), args.k, args.n, args.new_tokens)
-    print(json.dumps(res, indent=2))
+    sys.stdout.write(json.dumps(res, indent=2) + "\n")   # the result, on stdout for scripts
 
 
 if __name__ == "__main__":
