@@ -9,7 +9,7 @@ cross-entropy is an unbiased estimate of the forward KL to the target's (warped)
 
 When: only in the drafter's own loop, while it would otherwise wait for the verifier's next frame
 (the table it owes has already gone out), at most `max_steps_per_s` optimizer steps a second
-(actors/drafter.py `_wait_and_learn`). The optimizer (AdamW) updates the drafting weights in
+(`TrainWhileWaiting` below, in the drafter's loop). The optimizer (AdamW) updates the drafting weights in
 place: the loop is one thread, so a step lands whole between two frames, i.e. between two
 pre-speculations, never inside a draft. The drafter's KV cache computed with older weights is
 kept (docs/online-learning.md): a step moves the weights by about lr, a request lives for a few

@@ -49,13 +49,18 @@ def hf_refs(tiny_pair, held_out_prompts):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
+    return hf, hf_greedy(hf, held_out_prompts, HF_NEW)
+
+
+def hf_greedy(hf, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """transformers' greedy continuation of each prompt (`generate(do_sample=False)`)."""
     refs = []
     with torch.inference_mode():
-        for p in held_out_prompts:
+        for p in prompts:
             out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=HF_NEW, do_sample=False)
+                              max_new_tokens=new_tokens, do_sample=False)
             refs.append(out[0, len(p):].tolist())
-    return hf, refs
+    return refs
 
 
 NEAR_TIE_GAP = 1e-4

@@ -16,6 +16,7 @@ from actors.generate import generate_ar, generate_sd
 from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
+from tests.conftest import hf_greedy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,13 +34,7 @@ def bf16_refs(tiny_pair, held_out_prompts):
     hf32 = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
     hf16.generation_config.eos_token_id = None  # full length, EOS included, as ignore_eos does
     prompts = held_out_prompts[:N_PROMPTS]
-    refs = []
-    with torch.inference_mode():
-        for p in prompts:
-            out = hf16.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                max_new_tokens=NEW, do_sample=False)
-            refs.append(out[0, len(p):].tolist())
-    return hf32, prompts, refs
+    return hf32, prompts, hf_greedy(hf16, prompts, NEW)
 
 
 def _check(hf32, prompts, outs, refs, what: str) -> None:

@@ -15,7 +15,7 @@ from actors.demo.chat_prompts import HELD_OUT
 from actors.demo.smol import fetch_gguf
 from actors.loader import load_model
 from actors.tokenizer import Tokenizer
-from tests.conftest import assert_matches_or_near_tie
+from tests.conftest import assert_matches_or_near_tie, hf_greedy
 
 pytestmark = pytest.mark.timeout(900)
 NEW = 64
@@ -116,13 +116,7 @@ def smol_prompts(hf_gguf):
 @pytest.fixture(scope="module")
 def smol_refs(hf_gguf, smol_prompts):
     hf, _ = hf_gguf
-    refs = []
-    with torch.inference_mode():
-        for p in smol_prompts:
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=NEW, do_sample=False)
-            refs.append(out[0, len(p):].tolist())
-    return refs
+    return hf_greedy(hf, smol_prompts, NEW)
 
 
 def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prompts, smol_refs):
