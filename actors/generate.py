@@ -37,7 +37,7 @@ class Stream:
     def __init__(self, model: Transformer, max_len: int):
         self.model = model
         self.cache = KVCache.for_model(model.args, 1, max_len, model.dtype, model.device)
-        self.slot = torch.tensor([self.cache.alloc()], device=model.device)
+        self.slot = self.cache.alloc()
         self.length = 0
 
     @torch.inference_mode()
@@ -45,16 +45,16 @@ class Stream:
         """Run `tokens` at the next positions; returns float32 logits [len(tokens), V]."""
         n = len(tokens)
         dev = self.model.device
-        x = torch.tensor([tokens], device=dev)
-        pos = torch.arange(self.length, self.length + n, device=dev)[None]
-        logits = self.model(x, pos, self.cache, self.slot, kv_len=self.length + n)
+        pos = torch.arange(self.length, self.length + n)[None]
+        self.cache.prepare([self.slot], pos, self.length + n)   # host bookkeeping: no device reads
+        logits = self.model(torch.tensor([tokens], device=dev), pos.to(dev), self.cache, kv_len=self.length + n)
         self.length += n
-        self.cache.advance(int(self.slot), self.length)
+        self.cache.advance(self.slot, self.length)
         return logits[0].float()
 
     def rollback(self, length: int) -> None:
         self.length = min(self.length, length)
-        self.cache.truncate(int(self.slot), self.length)
+        self.cache.truncate(self.slot, self.length)
 
 
 def check_context(model: Transformer, n_prompt: int, max_new_tokens: int, k: int = 0) -> int:

@@ -23,6 +23,12 @@ def first_of_run(slots: list[int]) -> int | None:
     return slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None
 
 
+def rows_aligned(pos: torch.Tensor, kv_len: int) -> bool:
+    """Whether every row's positions are the last T before kv_len (host positions [B, T]). Then
+    attention needs no explicit mask: one query sees every key, and T == kv_len is plain causal."""
+    return bool((pos[:, -1] == kv_len - 1).all()) and bool((pos[:, 0] == kv_len - pos.shape[1]).all())
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -100,10 +106,19 @@ class KVCache:
             self.k[:, dst, :, start:end] = self.k[:, src, :, start:end]
             self.v[:, dst, :, start:end] = self.v[:, src, :, start:end]
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, input_pos: torch.Tensor,
-               kv_len: int, first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new k/v [B, H, T, D] at rows `input_pos` of `slots`; return every
+    def prepare(self, slots: list[int], input_pos: torch.Tensor, kv_len: int) -> None:
+        """Before a forward, from host bookkeeping: the rows' slots and (host) positions. Builds
+        the device-side indices every layer's `attend` uses, so the forward itself never asks the
+        device for a number (no host sync, capturable as a graph)."""
+        pos = input_pos.cpu()   # callers pass host positions; a device tensor costs one sync here
+        self._plan = (torch.tensor(slots, device=self.k.device), pos.to(self.k.device), kv_len,
+                      first_of_run(list(slots)))
+        self.aligned = rows_aligned(pos, kv_len)
+
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new k/v [B, H, T, D] at the prepared rows' positions; return every
         row's keys and values 0..kv_len-1 as [B, H, kv_len, D] (a view when the slots are a run)."""
+        slots, input_pos, kv_len, first_slot = self._plan
         kc, vc = self.k[layer], self.v[layer]  # [S, H, M, D]
         B, T = input_pos.shape
         rows = slots[:, None].expand(B, T)

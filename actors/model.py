@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.config import ModelArgs, rope_inv_freq
-from actors.kv_cache import KVCache, first_of_run
+from actors.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -47,8 +47,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.qk_norm = a.qk_norm
 
-    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None, slots, input_pos, kv_len,
-                first_slot: int | None = None):
+    def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: KVCache | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -59,9 +58,11 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:  # write the new k/v, read keys 0..kv_len-1 (slot KVCache or PagedKVCache)
-            k, v = cache.attend(layer, k, v, slots, input_pos, kv_len, first_slot)
+            k, v = cache.attend(layer, k, v)
+        # No explicit mask where the shape allows one (SDPA may then pick a fused kernel); GQA reads
+        # the shared k/v heads as they are, without repeating them.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and causal,
             enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -105,52 +106,60 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
                 kv_len: int | None = None, last: bool = False) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] (`last`: only the last position's, [B, 1, V]).
 
         Without a cache: plain causal attention over the T tokens (training, reference).
-        With a cache: row b's tokens sit at positions input_pos[b] of cache slot slots[b]; they
-        are written into the cache and attend to every cached key at or before their position.
+        With a cache: row b's tokens sit at positions input_pos[b] of its sequence; they are
+        written into the cache and attend to every cached key at or before their position.
+        The hot path prepares the cache from host bookkeeping first (`cache.prepare(handles,
+        host positions, kv_len)`) and passes kv_len, so the forward never reads a number back
+        from the device (tests/test_compile.py compiles it with fullgraph=True). Passing `slots`
+        instead prepares here (one host read of the positions when they live on a GPU).
         """
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        first_slot = None
+        aligned = cache is None
         if cache is not None:
-            if slots is None:
-                raise ValueError("slots are required with a cache")
-            first_slot = first_of_run(slots.tolist())  # then a view, no per-layer gather
-            kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
-        masks = self._masks(input_pos, kv_len if cache is not None else T, cache is not None)
+            if slots is not None:
+                kv_len = int(input_pos.max()) + 1 if kv_len is None else kv_len
+                cache.prepare(slots.tolist() if torch.is_tensor(slots) else list(slots), input_pos, kv_len)
+            elif kv_len is None:
+                raise ValueError("a prepared cache needs kv_len (or pass slots)")
+            aligned = cache.aligned
+        masks = self._masks(input_pos, kv_len if cache is not None else T, cache is not None, aligned)
+        causal = cache is None or kv_len == T   # aligned rows with T == kv_len: plain causal
         # RoPE in float32 (as the reference does), applied in the activation dtype.
         freqs = input_pos[:, None, :, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks[i], i, cache, slots, input_pos,
-                                    kv_len, first_slot)
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks[i], causal, i, cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if last:  # a prefill needs one row: the vocabulary head is the costliest matmul of a small model
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
-    def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool) -> list[torch.Tensor | None]:
-        """One boolean attention mask per layer, [B, 1, T, n_keys]; None means SDPA's own causal
-        mask (no cache, and no sliding window shorter than the input)."""
+    def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool, aligned: bool) -> list[torch.Tensor | None]:
+        """One boolean attention mask per layer, [B, 1, T, n_keys]; None means no explicit mask:
+        SDPA's own causal mask, or none at all for one aligned query row (`aligned`: every row's
+        positions are the last T before n_keys, known from host bookkeeping)."""
         a, T = self.args, input_pos.shape[1]
         window = a.sliding_window
-        if window is not None and not cached and window >= T:
+        if window is not None and window >= n_keys:
             window = None  # every key is within reach anyway
         windowed = set() if window is None else set(range(a.n_layers) if a.sliding_layers is None else a.sliding_layers)
-        if not cached and not windowed:
+        plain = not cached or (aligned and (T == 1 or n_keys == T))
+        if plain and not windowed:
             return [None] * a.n_layers
         keys = torch.arange(n_keys, device=input_pos.device)
         qpos = input_pos[:, None, :, None]
         causal = keys <= qpos
         slid = causal & (keys > qpos - window) if windowed else None
-        if not cached:
+        if plain:
             causal = None
         return [slid if i in windowed else causal for i in range(a.n_layers)]
 

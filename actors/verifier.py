@@ -326,8 +326,9 @@ class Verifier(DrafterLink):
     # -- verification ------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
         with torch.inference_mode():
-            dev = self.device
-            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, torch.tensor(slots, device=dev), last=last)
+            dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
+            self.cache.prepare(slots, pos, kv_len)
+            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
         return logits.float().cpu()
 
     def _verify(self, seqs: list[Seq]) -> None:

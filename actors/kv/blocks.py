@@ -23,7 +23,7 @@ import heapq
 
 import torch
 
-from actors.kv_cache import CacheFullError
+from actors.kv_cache import CacheFullError, rows_aligned
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -189,10 +189,12 @@ class PagedKVCache:
 
     # -- the model's side ----------------------------------------------------------------
     def prepare(self, handles: list[int], input_pos: torch.Tensor, kv_len: int) -> None:
-        """Before a forward: give every row blocks for the positions it writes (copying any
-        shared block it writes into), and build the write and read indices every layer uses."""
+        """Before a forward, from host bookkeeping (handles, host positions [B, T], kv_len): give
+        every row blocks for the positions it writes (copying any shared block it writes into),
+        and build the write and read indices every layer uses. The forward then never asks the
+        device for a number (no host sync, capturable as a graph)."""
         bs, device = self.block_size, self.pool.k.device
-        pos = input_pos.cpu()
+        pos = input_pos.cpu()   # callers pass host positions; a device tensor costs one sync here
         lo, hi = pos[:, 0].tolist(), pos[:, -1].tolist()   # every row's positions are ascending
         for h, a, z in zip(handles, lo, hi):
             t = self.tables[h]
@@ -206,15 +208,13 @@ class PagedKVCache:
         from actors.kv.paged import build_indices
 
         self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
+        self.aligned = rows_aligned(pos, kv_len)
 
-    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, input_pos: torch.Tensor,
-               kv_len: int, first_slot: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this layer's new k/v [B, H, T, D] at their positions; return every row's keys
-        and values 0..kv_len-1 as [B, H, kv_len, D], in position order (the caller's mask hides
-        what a row has not reached)."""
+    def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's new k/v [B, H, T, D] at the prepared positions; return every row's
+        keys and values 0..kv_len-1 as [B, H, kv_len, D], in position order (the caller's mask
+        hides what a row has not reached)."""
         from actors.kv.paged import read_kv, write_kv
 
-        if layer == 0:
-            self.prepare(slots.tolist(), input_pos, kv_len)
         write_kv(self.pool, layer, k, v, self._plan)
         return read_kv(self.pool, layer, self._plan)
