@@ -52,6 +52,11 @@ class EngineSpec:
     draft_num_threads: int = 1      # the drafter's
     target_cpus: tuple[int, ...] | None = None  # pin the verifier's loop thread to these CPUs (Linux)
     draft_cpus: tuple[int, ...] | None = None   # the drafter's
+    tensor_parallel_size: int = 1   # the target's ranks: one placement bundle (device) each
+    # Custom Ray resources on each of a role's placement bundles: they pin the role to the nodes
+    # that declare them (cluster/placement.py). Empty: any node with the CPUs/GPUs will do.
+    target_resources: dict[str, float] = field(default_factory=dict)
+    draft_resources: dict[str, float] = field(default_factory=dict)
     online_learning: OnlineLearningSpec | None = None   # None: the drafter never trains
     extra: dict = field(default_factory=dict)
 
@@ -71,6 +76,8 @@ class EngineSpec:
                              f"{self.prefill_chunk}")
         if not 0.0 < self.saguaro_c <= 1.0:
             raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
 
     @property
     def speculative(self) -> bool:

@@ -8,12 +8,18 @@ Secrets never live in YAML: the file names the environment variable that holds t
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
+
+
+# Resources Ray itself accounts for: a role's CPUs and GPU follow from num_threads and device.
+BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+_RESOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]*")   # also Ray's node:<ip> and accelerator_type:<x>
 
 
 class ConfigError(ValueError):
@@ -50,6 +56,32 @@ class ModelConfig(_Section):
     # Pin this role's compute thread (and its torch threads) to these CPU ids (Linux); None: the
     # OS places it. Keeps other threads from preempting the critical path (actors/affinity.py).
     cpus: list[int] | None = None
+    # Custom Ray resources added to each of this role's placement bundles (one per tensor-parallel
+    # rank), e.g. {verifier_host: 1}: the role runs only on nodes started with
+    # `ray start --resources '{"verifier_host": 1}'` (cluster/placement.py). CPUs and GPUs come
+    # from num_threads and device, not from here.
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _resources(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError(f"must map custom Ray resource names to amounts, e.g. {{verifier_host: 1}}, got {v!r}")
+        for name, amount in v.items():   # messages start with the name: the error reads resources.<name>
+            if not isinstance(name, str) or not _RESOURCE_NAME.fullmatch(name):
+                raise ValueError(f"{name}: not a resource name (letters, digits and _ - . : / only)")
+            if name in BUILTIN_RESOURCES:
+                raise ValueError(f"{name}: set by num_threads and device; resources names custom resources only")
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0 < amount <= 1e12:
+                raise ValueError(f"{name}: the amount must be a number > 0 (and at most 1e12), got {amount!r}")
+            if amount > 1 and amount != int(amount):
+                raise ValueError(f"{name}: amounts above 1 must be whole numbers (nodes declare whole units), "
+                                 f"got {amount}")
+            if amount < 1 and round(amount * 10_000) != amount * 10_000:
+                raise ValueError(f"{name}: Ray counts fractions of a unit in steps of 0.0001, got {amount}")
+        return v
 
     @field_validator("cpus")
     @classmethod
@@ -199,6 +231,31 @@ class DeploymentConfig(_Section):
     def _draft_needed(self):
         if self.speculation.mode != "ar" and self.models.draft is None:
             raise ValueError(f"models.draft: required by speculation.mode={self.speculation.mode}")
+        return self
+
+    @model_validator(mode="after")
+    def _placement(self):
+        """Placements Ray could never make, or would wait for forever, are refused here."""
+        c, tp = self.cluster, self.models.target.tensor_parallel_size
+        if c.placement_strategy == "STRICT_SPREAD" and tp > 1:
+            raise ValueError(f"cluster.placement_strategy: STRICT_SPREAD puts every bundle on a node of its own, but "
+                             f"the target's {tp} tensor-parallel ranks (models.target.tensor_parallel_size) must "
+                             "share one; keep PACK and separate the roles with models.target.resources and "
+                             "models.draft.resources")
+        embedded = c.launcher == "ray" and c.address is None
+        if c.placement_strategy == "STRICT_SPREAD" and embedded and self.speculation.mode != "ar":
+            raise ValueError("cluster.placement_strategy: STRICT_SPREAD needs a node per role, and the embedded "
+                             "cluster (cluster.address: null) is one node; join a cluster (cluster.address: auto)")
+        for role, m in (("target", self.models.target), ("draft", self.models.draft)):
+            if m is None or not m.resources:
+                continue
+            if c.launcher == "local":
+                raise ValueError(f"models.{role}.resources: custom Ray resources place a Ray actor, but "
+                                 "cluster.launcher: local runs without Ray; remove one of them")
+            if embedded:
+                raise ValueError(f"models.{role}.resources: the embedded cluster (cluster.address: null) declares no "
+                                 "custom resources; join a cluster whose nodes were started with "
+                                 "`ray start --resources ...` (cluster.address: auto)")
         return self
 
     def warnings(self) -> list[str]:

@@ -56,6 +56,8 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
         kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk,
         online_learning=_online_spec(sp.online_learning) if draft else None,
+        tensor_parallel_size=m.target.tensor_parallel_size,
+        target_resources=dict(m.target.resources), draft_resources=dict(draft.resources) if draft else {},
     )
     from cluster.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails here
 

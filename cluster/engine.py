@@ -13,56 +13,92 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 
+import psutil
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.channel import reserve_port
 from actors.drafter import Drafter
 from actors.events import EventReader, EventStreamClosed
 from actors.spec import EngineSpec
 from actors.verifier import Verifier
+from cluster.placement import actor_options, drafter_bundle, missing_resources, placement_bundles
 
 log = logging.getLogger(__name__)
+CALL_TIMEOUT_S = 10.0          # a quick call to a live actor (the supervisor's thread makes some)
+DRAFTER_WAIT_REPORT_S = 30.0   # how often a drafter still waiting for a node is reported
 
 
-class VerifierActor(Verifier):
-    """The plain Verifier plus what only a Ray deployment needs to ask it."""
+def _gloo_on_node_address() -> None:
+    """gloo binds its pairs to whatever this host's name resolves to, which Debian and Ubuntu map
+    to 127.0.1.1 in /etc/hosts: a peer on another node would then be told to connect to its own
+    loopback. Point gloo at the interface that carries this node's Ray address instead (the
+    address the other nodes already reach). A loopback node address needs nothing."""
+    ip = ray.util.get_node_ip_address()
+    if "GLOO_SOCKET_IFNAME" in os.environ or ip.startswith("127."):
+        return
+    name = interface_with(ip)
+    if name is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def interface_with(ip: str) -> str | None:
+    """The network interface that holds address `ip` here, if any."""
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family in (socket.AF_INET, socket.AF_INET6) and a.address.split("%")[0] == ip for a in addrs):
+            return name
+    return None
+
+
+class _OnRay:
+    """What only a Ray deployment asks an engine actor."""
+
+    def ready(self) -> bool:
+        return True
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def loop_thread(self) -> int | None:
+        return self.loop_tid
+
+
+class VerifierActor(_OnRay, Verifier):
+    def __init__(self, spec: EngineSpec):
+        _gloo_on_node_address()
+        super().__init__(spec)
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        """A port for the data plane, bound and listening here until the loop's connect takes it
-        over (no window for another process to take it); the drafter may join from another node."""
-        return reserve_port("")
+        """A port for the data plane on this node's address, bound and listening here until the
+        loop's connect takes it over (no window for another process to take it); the drafter
+        may join from another node."""
+        return reserve_port(self.node_ip())
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def loop_thread(self) -> int | None:
-        return self.loop_tid
-
-
-class DrafterActor(Drafter):
-    def pid(self) -> int:
-        return os.getpid()
-
-    def loop_thread(self) -> int | None:
-        return self.loop_tid
+    def open_events(self, token: str, local_only: bool = False) -> int:
+        """The host's event stream: on 127.0.0.1 when the serving process is on this node, else
+        on this node's address (the one the serving process reaches it by)."""
+        return self.events.listen(token, "127.0.0.1" if local_only else self.node_ip())
 
 
-def _bundle(device: str, num_threads: int) -> dict:
-    if device.startswith("cuda"):
-        return {"CPU": num_threads, "GPU": 1}
-    return {"CPU": num_threads}
+class DrafterActor(_OnRay, Drafter):
+    def __init__(self, spec: EngineSpec):
+        _gloo_on_node_address()
+        super().__init__(spec)
 
-
-def _options(bundle: dict, pg, index: int, **kw) -> dict:
-    return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index), **kw)
+    def join_and_run(self, addr: str, port: int) -> None:
+        """Join the verifier's data plane, then serve it until SHUTDOWN; one call, so Ray reports
+        a failure to join and a lost loop the same way (the call raises)."""
+        self.connect(addr, port)
+        self.run()
 
 
 class RayEngine:
@@ -78,29 +114,45 @@ class RayEngine:
         self.verifier = None
         self.drafter = None
         self.pg = None
+        self.bundles = placement_bundles(spec)
+        self.rendezvous: tuple[str, int] | None = None   # the data plane's address and port, last formed
         self.events: EventReader | None = None
         self._events_token = secrets.token_hex(16)
         self._runs: list = []
+        self._drafter_ready = None   # the drafter's ready() call: resolves once Ray placed and built it
+        self._drafter_run = None     # its join_and_run(): resolves when its loop ends; None until it joins
+        self._drafter_since = 0.0    # when the current drafter was asked for
+        self._drafter_said = 0.0     # when a drafter still waiting for a node was last reported
 
     # -- bring-up ------------------------------------------------------------------------------
     def start(self) -> RayEngine:
         s = self.spec
-        bundles = [_bundle(s.target_device, s.num_threads)]
-        if s.speculative:
-            bundles.append(_bundle(s.draft_device, s.draft_num_threads))
-        self.pg = placement_group(bundles, strategy=self.placement_strategy)
-        if not self.pg.wait(timeout_seconds=self.ready_timeout_s):
-            raise RuntimeError(f"the Ray cluster cannot place {bundles} ({self.placement_strategy}): "
-                               f"not enough CPUs/GPUs; see `ray status`")
+        self.pg = placement_group(self.bundles, strategy=self.placement_strategy)
+        self._wait_placed()
         self.verifier = ray.remote(VerifierActor).options(
-            **_options(bundles[0], self.pg, 0, max_concurrency=16, name=None, max_restarts=0)).remote(s)
+            **actor_options(self.bundles[0], self.pg, 0, max_concurrency=16, name=None, max_restarts=0)).remote(s)
         if s.speculative:
-            self._start_drafter(bundles[1])
-        else:
-            self._runs.append(self.verifier.run.remote())
+            self._new_drafter()
+            ray.get(self._drafter_ready, timeout=self.ready_timeout_s)
+            addr, port = self._data_plane()
+            v = self.verifier.connect.remote(addr, port)   # the loop is not running yet: form the group directly
+            self._drafter_run = self.drafter.join_and_run.remote(addr, port)
+            ray.get(v, timeout=self.ready_timeout_s)
+            log.info("engine up: mode=%s k=%d, data plane on %s:%d", s.mode, s.k, addr, port)
+        self._runs.append(self.verifier.run.remote())
         ray.get(self.verifier.ready.remote(), timeout=self.ready_timeout_s)
         self._open_events()
         return self
+
+    def _wait_placed(self) -> None:
+        missing = missing_resources(self.bundles, ray.cluster_resources())
+        if missing:
+            log.warning("no node of the Ray cluster declares %s (models.target.resources / models.draft.resources); "
+                        "waiting up to %.0fs for nodes that do", missing, self.ready_timeout_s)
+        if not self.pg.wait(timeout_seconds=self.ready_timeout_s):
+            raise RuntimeError(f"the Ray cluster cannot place {self.bundles} ({self.placement_strategy}) within "
+                               f"{self.ready_timeout_s:.0f}s: not enough CPUs/GPUs/custom resources on its nodes"
+                               + (f" (none declares {missing})" if missing else "") + "; see `ray status`")
 
     def _open_events(self, timeout_s: float | None = None) -> None:
         """Committed tokens come over a stream of their own (actors/events.py), not Ray calls.
@@ -113,29 +165,51 @@ class RayEngine:
         after = self.events.last_n if self.events is not None else 0
         self.events = EventReader(addr, port, self._events_token, timeout_s, after=after)
 
-    def _start_drafter(self, bundle: dict | None = None) -> None:
-        bundle = bundle or _bundle(self.spec.draft_device, self.spec.draft_num_threads)
-        addr = ray.get(self.verifier.node_ip.remote())
-        port = ray.get(self.verifier.free_port.remote())
+    def _data_plane(self, timeout_s: float | None = None) -> tuple[str, int]:
+        """The verifier's node address and a port reserved on it: the drafter's rendezvous."""
+        timeout_s = timeout_s or self.ready_timeout_s
+        addr = ray.get(self.verifier.node_ip.remote(), timeout=timeout_s)
+        self.rendezvous = (addr, ray.get(self.verifier.free_port.remote(), timeout=timeout_s))
+        return self.rendezvous
+
+    def _new_drafter(self) -> None:
+        """Ask Ray for a drafter in the drafter's bundle. Returns at once: the actor starts when
+        its bundle is placed, which after losing its node waits for a node with the resources."""
+        i = drafter_bundle(self.spec)
         self.drafter = ray.remote(DrafterActor).options(
-            **_options(bundle, self.pg, 1, max_concurrency=2)).remote(self.spec)
-        first = not self._runs
-        if first:  # the verifier's loop is not running yet: form the group directly
-            v = self.verifier.connect.remote(addr, port)
-            d = self.drafter.connect.remote(addr, port)
-            ray.get([v, d], timeout=self.ready_timeout_s)
-            self._runs.append(self.verifier.run.remote())
-        else:      # the loop is running: it joins the new group itself, between steps
-            self.verifier.reconnect.remote(addr, port)
-            ray.get(self.drafter.connect.remote(addr, port), timeout=self.ready_timeout_s)
-        self._drafter_run = self.drafter.run.remote()
-        log.info("engine up: mode=%s k=%d, data plane on %s:%d", self.spec.mode, self.spec.k, addr, port)
+            **actor_options(self.bundles[i], self.pg, i, max_concurrency=2)).remote(self.spec)
+        self._drafter_ready = self.drafter.ready.remote()
+        self._drafter_run = None
+        self._drafter_since = self._drafter_said = time.monotonic()
 
     def restart_drafter(self) -> None:
-        """Replace a dead drafter; the verifier keeps serving (without drafts) meanwhile."""
+        """Replace a dead drafter without waiting for it: the verifier keeps serving (without
+        drafts), and the replacement joins from check_drafter() once Ray has started it."""
         if self.drafter is not None:
             ray.kill(self.drafter, no_restart=True)
-        self._start_drafter()
+        self._new_drafter()
+
+    def _join_when_started(self) -> bool:
+        """A replacement drafter joins the running loop once it is up; False if it failed to start."""
+        ready, _ = ray.wait([self._drafter_ready], timeout=0)
+        if not ready:
+            now = time.monotonic()
+            if now - self._drafter_said >= DRAFTER_WAIT_REPORT_S:
+                self._drafter_said = now
+                log.warning("the drafter has waited %.0fs for Ray to place it (bundle %s); serving without "
+                            "speculation meanwhile", now - self._drafter_since, self.bundles[drafter_bundle(self.spec)])
+            return True
+        try:
+            ray.get(ready[0])
+        except Exception as e:
+            log.error("the replacement drafter did not start: %s", e)
+            return False
+        addr, port = self._data_plane(timeout_s=CALL_TIMEOUT_S)
+        self.verifier.reconnect.remote(addr, port)   # the loop joins the new group itself, between steps
+        self._drafter_run = self.drafter.join_and_run.remote(addr, port)
+        log.info("drafter started after %.1fs; joining the data plane on %s:%d",
+                 time.monotonic() - self._drafter_since, addr, port)
+        return True
 
     # -- the verifier's API, through Ray -------------------------------------------------------
     def submit(self, req) -> None:
@@ -156,10 +230,12 @@ class RayEngine:
     def metrics(self) -> dict:
         m = ray.get(self.verifier.metrics.remote())
         if self.drafter is not None:
-            try:
-                m["drafter"] = ray.get(self.drafter.stats.remote(), timeout=5)
-            except Exception:  # a dead drafter must not break metrics
-                m["drafter"] = None
+            m["drafter"] = None   # while a replacement waits to be placed, or a dead one
+            if self._drafter_run is not None:
+                try:
+                    m["drafter"] = ray.get(self.drafter.stats.remote(), timeout=5)
+                except Exception:  # a dead drafter must not break metrics
+                    pass
         return m
 
     def drafter_pid(self) -> int:
@@ -191,8 +267,16 @@ class RayEngine:
     def verifier_pid(self) -> int:
         return ray.get(self.verifier.pid.remote())
 
+    def node_ids(self) -> dict[str, str]:
+        """The Ray node each role runs on."""
+        actors = {"verifier": self.verifier, "drafter": self.drafter}
+        return {role: ray.get(a.node_id.remote(), timeout=CALL_TIMEOUT_S) for role, a in actors.items() if a}
+
     def check_drafter(self) -> bool:
-        """True when the drafter's run loop is still going (or cleanly finished)."""
+        """True when the drafter's run loop is still going (or cleanly finished), or while a
+        replacement waits to be placed; a replacement that has started joins here."""
+        if self._drafter_run is None:
+            return self._join_when_started()
         ready, _ = ray.wait([self._drafter_run], timeout=0)
         if not ready:
             return True

@@ -1,7 +1,10 @@
 """Keep the engine whole: restart a dead drafter, rebuild the pair when the verifier dies.
 
 A dead drafter costs speed, never correctness: the verifier notices the broken data plane,
-keeps decoding without drafts, and joins the replacement between two steps. A dead verifier
+keeps decoding without drafts, and joins the replacement between two steps. Restarting only asks
+for the replacement; it may wait minutes for Ray to place it (its node is gone until one with the
+same resources joins), and it joins from a later check once it has started, so this loop never
+waits for it and keeps watching the verifier meanwhile. A dead verifier
 takes the sequences' state with it: the coordinator ends every open stream with an error
 (UNAVAILABLE to clients), health goes NOT_SERVING, a fresh pair is started, health returns to
 SERVING, and new requests succeed.
@@ -13,6 +16,8 @@ import threading
 import time
 
 log = logging.getLogger(__name__)
+QUICK_DEATH_S = 60.0   # a replacement drafter dying sooner than this after its restart backs the next one off
+MAX_BACKOFF_S = 60.0   # the longest wait between two restarts of a drafter that keeps dying
 
 
 class Supervisor:
@@ -21,6 +26,9 @@ class Supervisor:
         self.period_s = period_s
         self.drafter_restarts = 0
         self.verifier_rebuilds = 0
+        self.checks = 0                # completed checks: the loop is alive and not stuck
+        self._last_restart = -QUICK_DEATH_S
+        self._backoff_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outrider-supervisor", daemon=True)
 
@@ -38,6 +46,7 @@ class Supervisor:
                 self.check()
             except Exception as e:  # the supervisor must outlive whatever it supervises
                 log.exception("supervisor check failed: %s", e)
+            self.checks += 1
 
     def check(self) -> None:
         engine = self.server.engine
@@ -46,9 +55,20 @@ class Supervisor:
         if not engine.verifier_alive():
             self._rebuild(engine)
         elif engine.spec.speculative and not engine.check_drafter():
-            log.warning("drafter died: restarting it (the verifier decodes without drafts meanwhile)")
-            engine.restart_drafter()
-            self.drafter_restarts += 1
+            self._restart_drafter(engine)
+
+    def _restart_drafter(self, engine) -> None:
+        """A drafter that keeps dying soon after its restart (it cannot start where Ray puts it: a
+        checkpoint missing on that node, a bad device) is retried less and less often."""
+        now = time.monotonic()
+        if now < self._last_restart + self._backoff_s:
+            return
+        quick = now - self._last_restart < QUICK_DEATH_S
+        self._backoff_s = min(max(1.0, 2 * self._backoff_s), MAX_BACKOFF_S) if quick else 0.0
+        self._last_restart = now
+        log.warning("drafter died: restarting it (the verifier decodes without drafts meanwhile)")
+        engine.restart_drafter()
+        self.drafter_restarts += 1
 
     def _rebuild(self, dead) -> None:
         server = self.server

@@ -54,6 +54,19 @@ def test_local_cpu_is_embedded_ssd_on_two_cores():
     ({"engine": {"max_batch": "lots"}}, "engine.max_batch"),
     ({"cluster": {"placement_strategy": "ANYWHERE"}}, "cluster.placement_strategy"),
     ({"metrics": {"enabled": "perhaps"}}, "metrics.enabled"),
+    ({"models": {"target": {"path": "t", "resources": {"CPU": 1}}}}, "models.target.resources.CPU"),
+    ({"models": {"target": {"path": "t", "resources": ["verifier_host"]}}}, "models.target.resources"),
+    ({"models": {"target": {"path": "t", "resources": {"two words": 1}}}}, "models.target.resources.two words"),
+    ({"models": {"target": {"path": "t", "resources": {"vh": 0}}}}, "models.target.resources.vh"),
+    ({"models": {"target": {"path": "t", "resources": {"vh": -1}}}}, "models.target.resources.vh"),
+    ({"models": {"target": {"path": "t"}, "draft": {"path": "d", "resources": {"drafter_host": 1.5}}}},
+     "models.draft.resources.drafter_host"),
+    ({"models": {"target": {"path": "t", "resources": {"verifier_host": "lots"}}}},
+     "models.target.resources.verifier_host"),
+    ({"models": {"target": {"path": "t", "resources": {"verifier_host": True}}}},
+     "models.target.resources.verifier_host"),
+    ({"models": {"target": {"path": "t", "resources": {"verifier_host": 0.00001}}}},
+     "models.target.resources.verifier_host"),
 ])
 def test_bad_values_name_the_key(sections, key):
     with pytest.raises(ConfigError) as e:
@@ -98,6 +111,30 @@ def test_token_comes_from_the_environment(monkeypatch):
 def test_ignored_settings_are_reported():
     cfg = parse_config(_cfg(speculation={"mode": "ar"}))
     assert any("models.draft" in w for w in cfg.warnings())
+
+
+def test_per_role_resources_and_strategies():
+    joined = {"cluster": {"address": "auto"}}
+    cfg = parse_config(_cfg(**joined, models={"target": {"path": "t", "resources": {"verifier_host": 1}},
+                                              "draft": {"path": "d", "resources": {"drafter_host": 0.5,
+                                                                                    "node:10.0.0.2": 0.01}}}))
+    assert cfg.models.target.resources == {"verifier_host": 1} and cfg.models.draft.resources["drafter_host"] == 0.5
+    assert parse_config(_cfg(cluster={"address": "auto", "placement_strategy": "STRICT_SPREAD"})).cluster.address
+    refused = [  # (sections, the key the error must name, a phrase of its reason)
+        ({"cluster": {"address": "auto", "placement_strategy": "STRICT_SPREAD"},
+          "models": {"target": {"path": "t", "tensor_parallel_size": 4}}}, "cluster.placement_strategy", "share one"),
+        ({"cluster": {"placement_strategy": "STRICT_SPREAD"}}, "cluster.placement_strategy", "embedded"),
+        ({"models": {"target": {"path": "t", "resources": {"verifier_host": 1}}}}, "models.target.resources",
+         "embedded"),
+        ({"cluster": {"launcher": "local"}, "models": {"draft": {"path": "d", "resources": {"drafter_host": 1}}}},
+         "models.draft.resources", "launcher: local"),
+    ]
+    for sections, key, why in refused:
+        with pytest.raises(ConfigError) as e:
+            parse_config(_cfg(**sections))
+        assert key in str(e.value) and why in str(e.value), str(e.value)
+    # one role only on the embedded cluster (mode ar): nothing to spread
+    assert parse_config(_cfg(cluster={"placement_strategy": "STRICT_SPREAD"}, speculation={"mode": "ar"}))
 
 
 def test_tensor_parallel_refused_clearly():

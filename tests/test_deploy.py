@@ -26,7 +26,8 @@ from cluster.cli import build_parser
 from cluster.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-YAMLS = {"local": REPO / "deploy" / "ray-local-hosts.yaml", "aws": REPO / "deploy" / "ray-aws.yaml"}
+YAMLS = {"local": REPO / "deploy" / "ray-local-hosts.yaml", "aws": REPO / "deploy" / "ray-aws.yaml",
+         "8gpu": REPO / "deploy" / "ray-8gpu-host.yaml"}
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
@@ -54,7 +55,7 @@ def test_ray_up_accepts(name):
     cfg = ray_up_offline(raw)
     types = cfg["available_node_types"]
     assert cfg["head_node_type"] in types
-    if name == "local":
+    if raw["provider"]["type"] == "local":
         node = types["local.cluster.node"]
         n = len(raw["provider"]["worker_ips"])
         assert (node["min_workers"], node["max_workers"]) == (n, n), node
@@ -68,6 +69,21 @@ def test_ray_up_accepts(name):
         assert len(starts) == 1 and want in starts[0], f"{key}: {starts}"
         for env in ("RAY_worker_niceness=0", "RAY_AUTH_MODE=token"):
             assert env in starts[0], f"{key}: {env} missing from {starts[0]!r}"
+
+
+def test_8gpu_host_places_a_tp4_verifier_and_a_drafter():
+    """The 8-GPU example's bundles: four target ranks then the drafter, one GPU each, all on the one
+    host (STRICT_PACK; STRICT_SPREAD with TP > 1 is a config error)."""
+    from actors.spec import EngineSpec
+    from cluster.placement import drafter_bundle, placement_bundles
+
+    cfg = load_config(REPO / "configs" / "llama70b-8gpu.yaml")
+    assert cfg.cluster.placement_strategy == "STRICT_PACK" and "llama70b-8gpu.yaml" in YAMLS["8gpu"].read_text()
+    m = cfg.models
+    spec = EngineSpec(target=m.target.path, draft=m.draft.path, target_device=m.target.device,
+                      draft_device=m.draft.device, tensor_parallel_size=m.target.tensor_parallel_size)
+    bundles = placement_bundles(spec)
+    assert [b["GPU"] for b in bundles] == [1] * 5 and drafter_bundle(spec) == 4, bundles
 
 
 def _set(path: str, value):
