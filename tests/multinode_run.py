@@ -1,15 +1,17 @@
 """Serve the tiny pair on a three-node Ray cluster on this machine and lose the drafter's node.
 
 Run by tests/test_multinode.py in a process of its own (its Ray driver must not meet the embedded
-Ray of other tests): `python tests/multinode_run.py ARGS.json`. ARGS names the pair, the prompt
+Ray of other tests): `python -m tests.multinode_run ARGS.json`. ARGS names the pair, the prompt
 token ids, the tokens to generate and where to write what was seen (a JSON file); the test makes
 the assertions.
 
 ray.cluster_utils.Cluster starts one raylet per node: a head with no CPUs (the serving process,
-the Ray driver, runs beside it), a node declaring {verifier_host: 1} and one declaring
-{drafter_host: 1}. The nodes take loopback addresses of their own (127.0.0.2, 127.0.0.3, Linux
-routes all of 127/8), so the drafter's rendezvous and the serving process's event stream really
-go to another node's address, not to 127.0.0.1 or the head's.
+the Ray driver, runs beside it), a node declaring {CPU: 2, verifier_host: 1} and one declaring
+{CPU: 1, drafter_host: 1}. The verifier's node has room for the drafter too, so PACK (the
+default) would put both there: only the per-role resources keep them apart. The nodes take
+loopback addresses of their own (127.0.0.2, 127.0.0.3; Linux routes all of 127/8), so the
+drafter's rendezvous and the serving process's event stream really go to another node's
+address, not to 127.0.0.1 or the head's.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ resources joins.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -68,8 +69,10 @@ def test_roles_on_their_nodes_and_a_lost_drafter_node(tiny_pair, held_out_prompt
     (tmp_path / "args.json").write_text(json.dumps(args))
     log = tmp_path / "run.log"
     with open(log, "w") as f:
-        run = subprocess.Popen([sys.executable, str(ROOT / "tests" / "multinode_run.py"), str(tmp_path / "args.json")],
-                               cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        # PYTHONPATH: this checkout's modules in the run and in every Ray worker its raylets start
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        run = subprocess.Popen([sys.executable, "-m", "tests.multinode_run", str(tmp_path / "args.json")],
+                               cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         run.wait(RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
