@@ -1,32 +1,46 @@
 """The data plane between the verifier (rank 0) and the drafter (rank 1).
 
-Two processes form a torch.distributed group of world size 2 and exchange *frames*: each step the
-verifier sends one frame and the drafter answers with the frames the engine's protocol says are
-due (a DRAFT reply when one is needed, a TABLE in SSD mode; see actors/drafter.py). Both sides
-know that sequence, so every message has exactly one matching receive posted in the same order
-on both sides: the protocol cannot deadlock and behaves identically under gloo (tagged,
-unordered matching) and NCCL (tags ignored, in-order matching). The verifier's send is
-asynchronous (isend) so the master never stalls behind a drafter that is still computing; the
-drafter's sends are plain blocking sends.
+Two processes form a link of world size 2 and exchange *frames*: each step the verifier sends one
+frame and the drafter answers with the frames the engine's protocol says are due (a DRAFT reply
+when one is needed, a TABLE in SSD mode; see actors/drafter.py). Both sides know that sequence, so
+every message has exactly one matching receive posted in the same order on both sides: the
+protocol cannot deadlock and behaves identically under gloo (tagged matching; the tag is always 0,
+so in order) and NCCL (tags ignored, in-order matching). The verifier's sends are asynchronous so
+the master never stalls behind a drafter that is still computing; the drafter's sends block.
+
+Groups. A Channel builds its own process groups from its own TCPStore and talks through the group
+objects; it never touches torch.distributed's process-global default group. So a process may hold
+a default group of its own (a tensor-parallel verifier uses it for its TP ranks), and a new Channel
+can be formed while an old one still exists (a restarted drafter is joined beside the dead one's).
+Two groups, each rendezvousing under its own prefix of the one store:
+
+- `ctl`, always gloo on CPU tensors: every frame's header and ints. Control never syncs a device;
+- `bulk`, the float payload (q rows) alone: an NCCL group when the backend is nccl, else the ctl
+  group itself. The floats of a frame are the only NCCL traffic, so NCCL's in-order matching
+  holds within it as gloo's does within ctl: each group carries its messages in frame order.
+
+Received floats land on `device`, the device of the math that uses them (the verifier's model
+device): NCCL receives them there; gloo receives on the CPU and copies them over when the frame is
+collected. The NCCL path is untested on real GPUs (CI has none): it is kept to the group's
+construction, one warm-up message and the float send/recv.
 
 `post_recv()` posts the receive of the peer's next frame ahead of time: its first message (and,
 when the caller knows their count, its floats) then lands while this side computes, and the
 `recv()` that follows only collects it. The verifier uses this for the drafter's speculation
 table and for the q rows of sampling hits, both of which arrive during verification. Posted
-frames are collected first in, first out, in the order they are sent (NCCL matches point-to-point
-operations by order, gloo by tag, which is always 0 here); a frame may be posted behind another
-only when everything of the one before it is posted too (its ints fit the first message).
+frames are collected first in, first out, in the order they are sent; a frame may be posted
+behind another only when everything of the one before it is posted too (its ints fit the first
+message), or the later frame's first message would be matched to the earlier one's ints.
 
 The frame format is in actors/frame.py.
 
-Backends: gloo runs everything on CPU tensors and is the only option when both roles share a GPU
-(NCCL refuses two ranks on one device) or run on CPU. NCCL keeps the tensors on `device`.
-`backend="auto"` picks NCCL iff `device` starts with "cuda", CUDA is available and
-OUTRIDER_SAME_GPU != "1"; otherwise gloo.
+Backends: `backend="auto"` picks NCCL iff `device` starts with "cuda", CUDA is available and
+OUTRIDER_SAME_GPU != "1" (NCCL refuses two ranks on one device); otherwise gloo, which also serves
+a GPU verifier whose drafter shares its GPU (the floats cross through host memory).
 
-A Channel owns the process-global default group, so a process holds at most one connected
-Channel at a time, and it must be driven from a single thread (a group is not thread-safe).
-To re-form after a peer restart, close() the old Channel and connect a new one on a fresh port.
+Threads: a group is not thread-safe, so one thread at a time drives a Channel. It may be formed
+(connect) in one thread and used in another after a handoff: the verifier joins a restarted
+drafter in a background thread and its loop takes the formed Channel over between two steps.
 """
 from __future__ import annotations
 
@@ -102,8 +116,23 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _nccl_group(store: dist.Store, rank: int, device: torch.device, timeout: timedelta):
+    """The bulk group for NCCL, connected now by one float from rank 0 to rank 1 (the first
+    point-to-point operation creates the communicator: better in connect, which may run in a
+    background thread, than on the loop's first sampling round). Untested on real GPUs."""
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = False
+    opts._timeout = timeout
+    with torch.cuda.device(device):
+        pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
+        one = torch.zeros(1, device=device)
+        (pg.send([one], 1, 0) if rank == 0 else pg.recv([one], 0, 0)).wait()
+        torch.cuda.synchronize(device)   # wait() only orders streams: finish here, not in the loop
+    return pg
+
+
 class Channel:
-    """One end of the verifier<->drafter link. Not thread-safe: drive it from one thread."""
+    """One end of the verifier<->drafter link. One thread at a time drives it (see the module)."""
 
     def __init__(self, rank: int, master_addr: str, master_port: int, backend: str = "auto",
                  device: str = "cpu", timeout_s: float = 30.0, listen_sock: socket.socket | None = None):
@@ -117,10 +146,15 @@ class Channel:
         self.master_addr = master_addr
         self.master_port = master_port
         self.backend = pick_backend(device) if backend == "auto" else backend
-        # gloo moves CPU tensors only; NCCL needs them on the GPU.
-        self.device = torch.device(device if self.backend == "nccl" else "cpu")
+        if self.backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be auto, gloo or nccl, got {backend!r}")
+        self.device = torch.device(device)   # where received floats land
+        # The floats travel on the GPU under NCCL, through host memory under gloo.
+        self._wire = self.device if self.backend == "nccl" else torch.device("cpu")
         self.timeout_s = timeout_s
-        self._first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64, device=self.device)
+        self._store: dist.TCPStore | None = None
+        self._ctl = self._bulk = None   # the groups (see the module); bulk is ctl under gloo
+        self._first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64)
         self._pending: list[tuple[dist.Work, torch.Tensor]] = []  # isends and the buffers they read
         # pre-posted receives, oldest first: (first-message buffer, its work, (floats work, buffer) | None)
         self._posted: deque[tuple[torch.Tensor, dist.Work, tuple[dist.Work, torch.Tensor] | None]] = deque()
@@ -138,14 +172,10 @@ class Channel:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def connect(self) -> Channel:
+        """Rendezvous with the peer and build the groups; blocks until the peer has done the same
+        (or raises ChannelClosed after timeout_s)."""
         if self._connected or self._closed:
             raise RuntimeError("a Channel connects once; make a new one (fresh port) to re-form")
-        if dist.is_initialized():
-            raise RuntimeError("this process already has a default process group; close the old Channel")
-        kwargs = {}
-        if self.backend == "nccl":
-            torch.cuda.set_device(self.device)
-            kwargs["device_id"] = self.device
         t0 = time.perf_counter()
         timeout = timedelta(seconds=self.timeout_s)
         try:
@@ -155,12 +185,14 @@ class Channel:
             sock = sock or (_take_reserved(self.master_port) if self.rank == 0 else None)
             self._listen_sock = None
             fd = sock.detach() if sock is not None else None
-            store = dist.TCPStore(self.master_addr, self.master_port, 2, self.rank == 0, timeout,
-                                  master_listen_fd=fd)
-            dist.init_process_group(self.backend, store=store, rank=self.rank, world_size=2, timeout=timeout,
-                                    **kwargs)
+            self._store = dist.TCPStore(self.master_addr, self.master_port, 2, self.rank == 0, timeout,
+                                        master_listen_fd=fd)
+            self._ctl = dist.ProcessGroupGloo(dist.PrefixStore("ctl", self._store), self.rank, 2, timeout)
+            self._bulk = self._ctl if self.backend == "gloo" else _nccl_group(
+                dist.PrefixStore("bulk", self._store), self.rank, self.device, timeout)
         except (RuntimeError, ValueError) as e:  # store timeouts surface as DistStoreError/RuntimeError
             self._closed = True
+            self._drop_groups()
             raise ChannelClosed(f"rank {self.rank}: peer rank {self.peer} did not join "
                                 f"tcp://{self.master_addr}:{self.master_port} within {self.timeout_s}s: {e}") from e
         self._connected = True
@@ -169,7 +201,7 @@ class Channel:
         return self
 
     def close(self) -> None:
-        """Finish pending sends (best effort) and tear the group down. Idempotent."""
+        """Finish pending sends (best effort) and tear the groups down. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -182,10 +214,15 @@ class Channel:
                 log.warning("rank %d: dropping unfinished sends on close: %s", self.rank, e)
         self._pending.clear()
         self._posted.clear()
-        try:
-            dist.destroy_process_group()
-        except RuntimeError as e:  # a group whose peer died may fail to tear down cleanly
-            log.warning("rank %d: destroy_process_group: %s", self.rank, e)
+        self._drop_groups()
+
+    def _drop_groups(self) -> None:
+        for pg in {id(g): g for g in (self._bulk, self._ctl) if g is not None}.values():
+            try:
+                pg.shutdown()
+            except RuntimeError as e:  # a group whose peer died may fail to tear down cleanly
+                log.warning("rank %d: shutting the %s group down: %s", self.rank, pg.name(), e)
+        self._ctl = self._bulk = self._store = None
 
     def __enter__(self) -> Channel:
         return self.connect()
@@ -197,33 +234,28 @@ class Channel:
 
     def send(self, frame: Frame) -> None:
         """Rank 0: isend and return at once; the previous frame's sends are waited first, and until
-        then the frame's float payload (sent without a copy when there is one DRAFT part) must not
-        be modified. Rank 1: blocking send."""
+        then the frame's float payload (sent without a copy when there is one DRAFT part already
+        where it travels) must not be modified. Rank 1: blocking send."""
         self._check_usable("send")
         header, ints, floats = encode(frame)
         first = torch.zeros(HEADER_LEN + INLINE_INTS, dtype=torch.int64)
         first[:HEADER_LEN] = header
-        tensors = [first]
+        msgs = [(self._ctl, first)]
         if ints is not None and ints.numel() <= INLINE_INTS:
             first[HEADER_LEN:HEADER_LEN + ints.numel()] = ints
         elif ints is not None:
-            tensors.append(ints)
+            msgs.append((self._ctl, ints.cpu()))
         if floats is not None:
-            tensors.append(floats)
-        tensors = [t.to(self.device) for t in tensors]
+            msgs.append((self._bulk, floats.to(self._wire)))
         self._wait_pending()
         try:
-            if self.rank == 0:
-                self._pending = [(dist.isend(t, dst=self.peer), t) for t in tensors]
-            else:
-                t0 = time.perf_counter()
-                for t in tensors:
-                    dist.send(t, dst=self.peer)
-                self.send_wait_s += time.perf_counter() - t0
+            self._pending = [(pg.send([t], self.peer, 0), t) for pg, t in msgs]
         except RuntimeError as e:
             raise self._fail("send", e) from e
+        if self.rank == 1:   # the drafter's sends block
+            self._wait_pending()
         self.frames_sent += 1
-        self.bytes_sent += sum(_nbytes(t) for t in tensors)
+        self.bytes_sent += sum(_nbytes(t) for _, t in msgs)
 
     @property
     def posted(self) -> int:
@@ -234,19 +266,20 @@ class Channel:
         """Post the receive of the peer's next frame now; a later recv() collects it. With
         `n_floats`, the frame's float payload (exactly that many) is posted too."""
         self._check_usable("recv")
-        first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64, device=self.device)
+        first = torch.empty(HEADER_LEN + INLINE_INTS, dtype=torch.int64)
         try:
-            work = dist.irecv(first, src=self.peer)
+            work = self._ctl.recv([first], self.peer, 0)
             floats = None
             if n_floats:
-                buf = torch.empty(n_floats, dtype=torch.float32, device=self.device)
-                floats = (dist.irecv(buf, src=self.peer), buf)
+                buf = torch.empty(n_floats, dtype=torch.float32, device=self._wire)
+                floats = (self._bulk.recv([buf], self.peer, 0), buf)
         except RuntimeError as e:
             raise self._fail("recv", e) from e
         self._posted.append((first, work, floats))
 
     def recv(self) -> Frame:
-        """Block until the peer's next frame arrives (or raise ChannelClosed within timeout_s)."""
+        """Block until the peer's next frame arrives (or raise ChannelClosed within timeout_s);
+        its floats are on `device`."""
         self._check_usable("recv")
         t0 = time.perf_counter()
         try:
@@ -255,7 +288,7 @@ class Channel:
                 first, work, posted_floats = self._posted.popleft()
                 work.wait()
             else:
-                dist.recv(first, src=self.peer)
+                self._ctl.recv([first], self.peer, 0).wait()
             h = first[:HEADER_LEN].tolist()
             try:
                 check_header(h)
@@ -270,14 +303,14 @@ class Channel:
             if 0 < h[4] <= INLINE_INTS:
                 ints = first[HEADER_LEN:HEADER_LEN + h[4]].clone()
             elif h[4]:
-                ints = torch.empty(h[4], dtype=torch.int64, device=self.device)
-                dist.recv(ints, src=self.peer)
+                ints = torch.empty(h[4], dtype=torch.int64)
+                self._ctl.recv([ints], self.peer, 0).wait()
             if posted_floats is not None:
                 posted_floats[0].wait()
                 floats = posted_floats[1]
             elif h[5]:
-                floats = torch.empty(h[5], dtype=torch.float32, device=self.device)
-                dist.recv(floats, src=self.peer)
+                floats = torch.empty(h[5], dtype=torch.float32, device=self._wire)
+                self._bulk.recv([floats], self.peer, 0).wait()
         except RuntimeError as e:
             raise self._fail("recv", e) from e
         finally:
@@ -285,7 +318,7 @@ class Channel:
         self.frames_recv += 1
         extra = [t for t in (ints, floats) if t is not None and (t is floats or h[4] > INLINE_INTS)]
         self.bytes_recv += _nbytes(first) + sum(_nbytes(t) for t in extra)
-        return decode_parts(h, ints, floats)
+        return decode_parts(h, ints, None if floats is None else floats.to(self.device))
 
     def stats(self) -> dict[str, float]:
         return {"frames_sent": self.frames_sent, "frames_recv": self.frames_recv,

@@ -2,13 +2,21 @@
 speculation table and DRAFT replies (checking they answer the frame just sent), and losing,
 rejoining and shutting down the drafter. `Verifier` (actors/verifier.py) mixes it in; its step
 sends the frames (`_exchange`) and calls these to take what comes back.
+
+Rejoining never stops the loop. A restarted drafter's Channel is formed in a background thread
+(`_join`): the store rendezvous and the groups' construction are what wait for the new process to
+start, load its model and connect. The loop decodes without drafts meanwhile, as it does whenever
+the drafter is lost, and between two steps takes the formed Channel over (`_do_reconnect`); from
+then on only the loop thread drives it. A join that fails or times out is logged and leaves
+speculation off, until the supervisor's next restart.
 """
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
-from actors.channel import ChannelClosed
+from actors.channel import Channel, ChannelClosed
 from actors.frame import Frame, ProtocolError, Rec, Record
 from actors.wire import HIT, MISS, decode_table
 
@@ -65,19 +73,67 @@ class DrafterLink:
         for s in self.seqs.values():
             s.off_drafter()
 
-    def _do_reconnect(self) -> None:
-        addr, port = self._reconnect
-        self._reconnect = None
+    # -- joining a drafter ---------------------------------------------------------------------
+    _join_lock = threading.Lock()     # guards the handoff below (shared by instances: it is brief)
+    _join_gen = 0                     # the latest join asked for; an older one that ends late is dropped
+    _joined: Channel | None = None    # formed by the join thread, not yet taken over by the loop
+
+    def _form_channel(self, addr: str, port: int) -> Channel:
+        return Channel(0, addr, port, backend=self.spec.backend, device=self.device,
+                       timeout_s=self.spec.timeout_s).connect()
+
+    def _use_channel(self, channel: Channel) -> None:
+        """The loop thread (or the bring-up, before it runs): talk to the drafter over `channel` from
+        the next step on."""
         if self.channel is not None:
             self.channel.close()
+        self.channel = channel
+        self.drafter_ok, self._deferred, self._held = True, None, []
+        for s in self.seqs.values():  # re-admitted to the new drafter by the next step's _control
+            s.off_drafter()
+
+    def _join_in_background(self, addr: str, port: int) -> None:
+        with self._join_lock:
+            self._join_gen = gen = self._join_gen + 1
+        threading.Thread(target=self._join, args=(gen, addr, port), name="outrider-drafter-join",
+                         daemon=True).start()
+
+    def _join(self, gen: int, addr: str, port: int) -> None:
+        """The join thread: form the Channel, then leave it for the loop (it only constructs)."""
+        t0 = time.perf_counter()
         try:
-            self.connect(addr, port)
-            log.info("drafter rejoined on %s:%d; speculation resumes", addr, port)
+            channel = self._form_channel(addr, port)
         except Exception as e:  # keep serving without a drafter rather than dying
-            log.error("could not join the drafter on %s:%d: %s", addr, port, e)
-            self.drafter_ok = False
+            log.error("could not join the drafter on %s:%d: %s; speculation stays off", addr, port, e)
+            return
+        with self._join_lock:
+            current = gen == self._join_gen
+            if current:
+                channel, self._joined = self._joined, channel   # one formed earlier but never taken: drop it
+                self._reconnect = (addr, port)   # the loop looks for this between two steps
+        if channel is not None:
+            channel.close()   # stale: never handed to the loop, so this thread may close it
+        if current:
+            log.info("drafter on %s:%d joined in %.2fs, in the background", addr, port, time.perf_counter() - t0)
+
+    def _do_reconnect(self) -> None:
+        """The loop thread, between two steps: take over the Channel the join thread formed."""
+        with self._join_lock:
+            (addr, port), self._reconnect = self._reconnect, None
+            channel, self._joined = self._joined, None
+        if channel is not None:
+            self._use_channel(channel)
+            log.info("drafter rejoined on %s:%d; speculation resumes", addr, port)
+
+    def _cancel_joins(self) -> None:
+        with self._join_lock:
+            self._join_gen += 1   # a join still running closes what it forms
+            channel, self._joined, self._reconnect = self._joined, None, None
+        if channel is not None:
+            channel.close()
 
     def _shutdown_drafter(self) -> None:
+        self._cancel_joins()
         if self.drafter_ok and self.channel is not None:
             try:
                 while self.channel.posted:  # the drafter sends what is due before it listens again

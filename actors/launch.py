@@ -76,6 +76,7 @@ class LocalEngine:
         self.proc = mp.get_context("spawn").Process(
             target=_drafter_main, args=(self.spec, "127.0.0.1", port, theirs), daemon=True)
         self.proc.start()
+        theirs.close()   # the child holds its own copy: once it dies, our end reads EOF at once
         with self._stats_lock:
             if self._stats is not None:
                 self._stats.close()
@@ -124,8 +125,8 @@ class LocalEngine:
         return self.proc is not None and (self.proc.is_alive() or self.proc.exitcode == 0)
 
     def restart_drafter(self) -> None:
-        """Replace a dead drafter; the verifier keeps serving (without drafts) and joins the new
-        one between two steps."""
+        """Replace a dead drafter. The verifier keeps serving (without drafts) while the new
+        process starts; it joins it in the background and swaps it in between two steps."""
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()
         self.verifier.reconnect("127.0.0.1", self._spawn_drafter())

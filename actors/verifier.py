@@ -95,19 +95,17 @@ class Verifier(DrafterLink):
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
+        """Form the data plane with the drafter and wait for it: the bring-up, before the loop runs."""
         if not self.spec.speculative:
             return
-        self.channel = Channel(0, master_addr or self.spec.master_addr, master_port or self.spec.master_port,
-                               backend=self.spec.backend, device=self.device, timeout_s=self.spec.timeout_s)
-        self.channel.connect()
-        self.drafter_ok, self._deferred, self._held = True, None, []
-        for s in self.seqs.values():
-            s.off_drafter()
+        self._use_channel(self._form_channel(master_addr or self.spec.master_addr,
+                                             master_port or self.spec.master_port))
 
     def reconnect(self, master_addr: str, master_port: int) -> None:
-        """Ask the loop to join a restarted drafter (done in the loop thread: process groups
-        are process-global and not thread-safe)."""
-        self._reconnect = (master_addr, master_port)
+        """Join a restarted drafter without stopping the loop (any thread may ask): its Channel
+        forms in a background thread and the loop swaps it in between two steps (drafter_link.py)."""
+        if self.spec.speculative:
+            self._join_in_background(master_addr, master_port)
 
     def ready(self) -> bool:
         return True

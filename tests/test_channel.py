@@ -345,3 +345,61 @@ def test_reform_after_timeout_on_fresh_port():
     assert silent["elapsed"] < timeout_s + 1 and "peer rank 0" in silent["msg"]
     assert late["frames_recv"] == 21
     log.info("silent peer timed out after %.2fs: %s", s["timeout_elapsed"], s["timeout_msg"])
+
+
+# ---------------------------------------------------------------------------------------------
+# a Channel is its own groups: beside a default group, beside another Channel
+
+
+def _beside_default_group(store_path: str, fn, *args):
+    """fn with a default process group of this process's own in place (world size 1, gloo): what a
+    tensor-parallel verifier holds for its TP ranks. The Channel must neither need nor touch it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 1), rank=0, world_size=1)
+    try:
+        out = fn(*args)
+        t = torch.ones(2)
+        dist.all_reduce(t)  # still the process's own group after the Channel came and went
+        assert dist.is_initialized() and dist.get_world_size() == 1 and t.tolist() == [1.0, 1.0]
+        return out
+    finally:
+        dist.destroy_process_group()
+
+
+def test_channel_beside_a_default_group(tmp_path):
+    (sock, port), n = _bound(), 30
+    results, codes = _run({"master": (_beside_default_group, str(tmp_path / "m"), _echo_master, sock, n, 5, 10.0),
+                           "peer": (_beside_default_group, str(tmp_path / "p"), _echo_peer, port, 10.0)})
+    assert _ok(results, "master")["frames_recv"] == n + 5
+    assert _ok(results, "peer")["frames_recv"] == n + 5 + 1
+    assert codes == {"master": 0, "peer": 0}
+
+
+def _two_channels(socks: list, n: int, timeout_s: float) -> list[int]:
+    """One process, two Channels: the second formed while the first is open, frames interleaved
+    on both, then the first closed and the second still carrying frames."""
+    a = _master(socks[0], timeout_s).connect()
+    b = _master(socks[1], timeout_s).connect()
+    for i in range(n):
+        for ch in (a, b):
+            ch.send(_step_frame(i))
+            assert ch.recv().records[0].seq == i
+    a.send(Frame(Rec.SHUTDOWN, n, [Record(Rec.SHUTDOWN, 0)]))
+    a.close()
+    for i in range(n, 2 * n):
+        b.send(_step_frame(i))
+        got = b.recv()
+        assert got.step == i and got.records[0].seq == i
+    b.send(Frame(Rec.SHUTDOWN, 2 * n, [Record(Rec.SHUTDOWN, 0)]))
+    b.close()
+    return [a.frames_recv, b.frames_recv]
+
+
+def test_two_channels_in_one_process():
+    (s0, p0), (s1, p1), n = _bound(), _bound(), 20
+    results, codes = _run({"master": (_two_channels, [s0, s1], n, 10.0),
+                           "a": (_echo_peer, p0, 10.0), "b": (_echo_peer, p1, 10.0)})
+    assert _ok(results, "master") == [n, 2 * n]
+    assert _ok(results, "a")["frames_recv"] == n + 1 and _ok(results, "b")["frames_recv"] == 2 * n + 1
+    assert codes == {"master": 0, "a": 0, "b": 0}

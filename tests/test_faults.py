@@ -1,7 +1,9 @@
-"""Faults on the real processes: SIGKILL the drafter, SIGKILL the verifier, SIGTERM the server."""
+"""Faults on the real processes: SIGKILL the drafter (and time the stall its restart causes), SIGKILL
+the verifier, SIGTERM the server."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -22,7 +24,9 @@ from cluster.client import OutriderClient
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).parent.parent
+log = logging.getLogger(__name__)
 NEW = 300
+USERS, RESTART_NEW, MAX_GAP_S = 3, 200, 1.0   # the timed restart: streams, tokens per request, bound
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -135,6 +139,137 @@ def test_drafter_sigkill_keeps_streams_exact_and_speculation_resumes(launcher, r
     assert server.engine.drafter_pid() != old_pid
     _, final = client.generate_ids(held_out_prompts[7], max_new_tokens=64)
     assert final.stats.cache_hits > 0, "speculation did not resume after the restart"
+
+
+class Timeline:
+    """The verifier's drafter_ok flag, sampled every few ms from a thread of the test: when
+    speculation stopped after the kill and when it came back (`rejoined`)."""
+
+    def __init__(self, verifier):
+        self.verifier = verifier
+        self.lost_at = self.back_at = None
+        self.rejoined = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            now, ok = time.perf_counter(), self.verifier.drafter_ok
+            if self.lost_at is None and not ok:
+                self.lost_at = now
+            elif self.lost_at is not None and ok:
+                self.back_at = now
+                self.rejoined.set()
+                return
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+
+
+def test_drafter_restart_stalls_no_stream(served_local, ar_refs, held_out_prompts):
+    """A drafter restart stalls nobody. Three users stream 200-token greedy requests back to back
+    (the tiny pair decodes one in a fraction of a second; the replacement drafter takes seconds to
+    start, so one request would end before the join it is meant to measure). The drafter is
+    SIGKILLed in the middle of their first requests; each user goes on until a request begun after
+    the rejoin has finished. The verifier joins the new drafter in the background
+    (actors/drafter_link.py), so the largest gap between two chunks of a stream around the kill
+    stays under MAX_GAP_S, the one timed bound of the reliability spec; when the loop joined the
+    drafter itself, every stream froze until the new process had started (1.7 s measured)."""
+    server, client = served_local
+    verifier = server.engine.verifier
+    wait_for(lambda: verifier.drafter_ok, what="a drafter on the data plane")
+    old_pid, restarts = server.engine.drafter_pid(), server.supervisor.drafter_restarts
+    arrivals: dict[int, list[float]] = {u: [] for u in range(USERS)}
+    done: list[tuple[int, int, list[int], object, float]] = []   # (user, prompt, tokens, final, start)
+    timeline: list[Timeline] = []
+    errors: list[BaseException] = []
+
+    def user(u):
+        try:
+            for n in range(100):   # a bound far above the ~20 a run takes
+                prompt, t_start = (u + USERS * n) % len(ar_refs), time.perf_counter()
+                ids, final = [], None
+                for item in client.generate(held_out_prompts[prompt], max_new_tokens=RESTART_NEW, ignore_eos=True):
+                    if item.HasField("chunk"):
+                        arrivals[u].append(time.perf_counter())
+                        ids += item.chunk.token_ids
+                    else:
+                        final = item.final
+                done.append((u, prompt, ids, final, t_start))
+                if timeline and timeline[0].rejoined.is_set() and t_start > timeline[0].back_at:
+                    return
+        except BaseException as e:  # reported by the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(u,)) for u in range(USERS)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: all(len(a) >= 5 for a in arrivals.values()), what="every stream under way")
+    t_kill = time.perf_counter()
+    timeline.append(Timeline(verifier))
+    os.kill(old_pid, signal.SIGKILL)
+    for t in threads:
+        t.join(120)
+    tl = timeline[0]
+    tl.close()
+    assert not errors, f"a stream failed: {errors[0]!r}"
+
+    for u, prompt, ids, final, _ in done:
+        assert final is not None and final.finish_reason == "length", f"user {u}: a stream ended without its final"
+        assert ids == ar_refs[prompt][:RESTART_NEW], f"user {u}: prompt {prompt} differs from plain AR decoding"
+    assert tl.rejoined.is_set(), "the drafter did not rejoin while the users streamed"
+    after = [final for u, _, _, final, t_start in done if t_start > tl.back_at]
+    assert len(after) == USERS, "every user must finish a request begun after the rejoin"
+    assert all(f.stats.cache_hits > 0 for f in after), "speculation did not resume after the restart"
+    # Around the kill: from just before it until the new drafter has had a second on the data plane
+    # (the swap, the re-admissions, its first drafts); later chunks only measure the machine's load.
+    gap, at = max((b - a, a - t_kill) for a_s in arrivals.values() for a, b in zip(a_s, a_s[1:])
+                  if t_kill - 0.5 < b < tl.back_at + 1.0)
+    log.info("drafter killed: lost after %.3fs, rejoined after %.2fs; %d requests; largest gap between two "
+             "chunks of a stream %.3fs, from %.2fs after the kill", tl.lost_at - t_kill, tl.back_at - t_kill,
+             len(done), gap, at)
+    assert gap < MAX_GAP_S, f"a stream stalled {gap:.2f}s around the drafter restart ({at:.2f}s after the kill)"
+    assert server.supervisor.drafter_restarts > restarts and server.engine.drafter_pid() != old_pid
+
+
+def test_a_join_that_times_out_leaves_speculation_off(tiny_pair, held_out_prompts, caplog):
+    """Nobody joins the port the verifier was sent to: the loop keeps decoding meanwhile, the
+    join gives up after timeout_s with an error in the log, and speculation stays off."""
+    from actors.channel import reserve_port
+    from actors.sequence import Request
+    from actors.spec import EngineSpec
+    from actors.verifier import Verifier
+
+    spec = EngineSpec(target=str(tiny_pair / "target"), draft=str(tiny_pair / "draft"), mode="ssd",
+                      max_batch=2, max_seq_len=256, timeout_s=1.0)
+    v = Verifier(spec)
+    v.submit(Request(1, list(held_out_prompts[0]), 100, ignore_eos=True))
+    with caplog.at_level(logging.ERROR, logger="actors.verifier"):
+        v.reconnect("127.0.0.1", reserve_port())
+        steps, t0 = 0, time.perf_counter()
+        while "could not join" not in caplog.text:
+            assert time.perf_counter() - t0 < 30, "the join neither formed nor gave up"
+            v.step()
+            steps += 1
+    tokens: list[int] = []
+    done = _take_events(v, tokens)
+    assert steps > 1 and tokens, "the loop stood still while the join waited"
+    assert not v.drafter_ok and v.channel is None and v._reconnect is None
+    while not done:  # the sequence finishes without drafts
+        v.step()
+        done = _take_events(v, tokens)
+    assert len(tokens) == 100
+
+
+def _take_events(v, tokens: list[int]) -> bool:
+    """Append the newly committed tokens; True once the request is done."""
+    done = False
+    for e in v.poll(timeout=0):
+        tokens += e["tokens"]
+        done = done or e["done"]
+    return done
 
 
 def test_drafter_sigkill_while_sampling(served, tiny_pair, held_out_prompts):
