@@ -258,7 +258,7 @@ class Drafter:
         if backup == "ngram":
             for s in seqs:
                 s.draft = propose_ngram(s.tokens, s.k)
-                s.q = torch.nn.functional.one_hot(torch.tensor(s.draft, dtype=torch.long),
+                s.q = torch.nn.functional.one_hot(torch.tensor(s.draft, dtype=torch.long, device=self.device),
                                                   self.model.args.vocab_size).float() if s.draft else None
         if jit:
             t0 = time.perf_counter_ns()
@@ -282,17 +282,17 @@ class Drafter:
         """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out),
         one batched forward per step. Returns per row (tokens, q rows, dists, cache length);
         the rows' q and dists are views into one [B, K, V] tensor each (no per-row copies)."""
-        B, V = len(rows), self.model.args.vocab_size
+        B, V, dev = len(rows), self.model.args.vocab_size, self.device
         slots = [r[1] for r in rows]
-        pos = torch.tensor([r[2] for r in rows])
-        cur = torch.tensor([r[3] for r in rows])
-        toks = torch.empty(B, K, dtype=torch.long)
+        pos = torch.tensor([r[2] for r in rows])         # host bookkeeping (the cache's plan)
+        cur = torch.tensor([r[3] for r in rows], device=dev)
+        toks = torch.empty(B, K, dtype=torch.long, device=dev)   # every step stays on the device
         sampled: dict[int, list[int]] = {}   # sampling sequences' rows; greedy rows take the argmax
         for i, r in enumerate(rows):
             if not r[0].params.greedy:
                 sampled.setdefault(r[0].id, []).append(i)
-        dists = torch.empty(B, K, V)
-        qs = torch.empty(B, K, V) if sampled else None
+        dists = torch.empty(B, K, V, device=dev)
+        qs = torch.empty(B, K, V, device=dev) if sampled else None
         for step in range(K):
             logits = self._forward(cur[:, None], pos[:, None], slots)[:, 0]
             nxt = logits.argmax(-1)
@@ -314,10 +314,10 @@ class Drafter:
             cur, pos = nxt, pos + 1
         sampled_rows = {i for idx in sampled.values() for i in idx}
         out = []
-        for i, r in enumerate(rows):
+        for i, (r, t) in enumerate(zip(rows, toks.tolist())):   # the one read back: the drafted tokens
             length = r[2] + K
             self.cache.advance(slots[i], length)
-            out.append((toks[i].tolist(), qs[i] if i in sampled_rows else None, dists[i], length))
+            out.append((t, qs[i] if i in sampled_rows else None, dists[i], length))
         return out
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
@@ -325,7 +325,7 @@ class Drafter:
             dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
             self.cache.prepare(slots, pos, kv_len)
             logits = self.model(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
-        return logits.float().cpu()
+        return logits.float()   # stays on the drafter's device: only drafted tokens are read back
 
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
         if self.spec.fan_out is not None:
