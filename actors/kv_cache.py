@@ -114,6 +114,7 @@ class KVCache:
         self._plan = (torch.tensor(slots, device=self.k.device), pos.to(self.k.device), kv_len,
                       first_of_run(list(slots)))
         self.aligned = rows_aligned(pos, kv_len)
+        self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this layer's new k/v [B, H, T, D] at the prepared rows' positions; return every

@@ -130,7 +130,7 @@ class Transformer(nn.Module):
                 raise ValueError("a prepared cache needs kv_len (or pass slots)")
             aligned = cache.aligned
         masks = self._masks(input_pos, kv_len if cache is not None else T, cache is not None, aligned)
-        causal = cache is None or kv_len == T   # aligned rows with T == kv_len: plain causal
+        causal = cache is None or cache.causal   # host-known: aligned rows with T == kv_len
         # RoPE in float32 (as the reference does), applied in the activation dtype.
         freqs = input_pos[:, None, :, None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -209,6 +209,7 @@ class PagedKVCache:
 
         self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
         self.aligned = rows_aligned(pos, kv_len)
+        self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this layer's new k/v [B, H, T, D] at the prepared positions; return every row's
