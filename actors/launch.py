@@ -15,6 +15,7 @@ import threading
 
 from actors.channel import reserve_port
 from actors.spec import EngineSpec
+from actors.tp.worker import end_workers, spawn_workers
 from actors.verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ class LocalEngine:
             # NCCL refuses two ranks on one GPU; the data plane's few ints go over gloo instead.
             spec = dataclasses.replace(spec, backend="gloo")
         self.spec = spec
+        # Tensor-parallel ranks 1..N-1 (actors/tp/) load their shards while the verifier loads rank 0's.
+        self.tp_port, self.tp_procs = spawn_workers(spec) if spec.tensor_parallel_size > 1 else (0, [])
         self.verifier = Verifier(spec)
         self.proc: mp.Process | None = None
         self._stats = None                  # our end of the drafter's stats pipe
@@ -63,6 +66,8 @@ class LocalEngine:
         self._error: BaseException | None = None
 
     def start(self) -> LocalEngine:
+        if self.tp_procs:
+            self.verifier.join_tp("127.0.0.1", self.tp_port)
         if self.spec.speculative:
             self.verifier.connect("127.0.0.1", self._spawn_drafter())
         self._thread = threading.Thread(target=self._run, name="outrider-verifier", daemon=True)
@@ -118,8 +123,8 @@ class LocalEngine:
 
     # -- the supervisor's calls --------------------------------------------------------------
     def verifier_alive(self) -> bool:
-        """False once the verifier's loop has ended with an error."""
-        return self._thread is not None and self._error is None
+        """False once the verifier's loop has ended with an error, or a tensor-parallel rank has died."""
+        return self._thread is not None and self._error is None and all(p.is_alive() for p in self.tp_procs)
 
     def check_drafter(self) -> bool:
         return self.proc is not None and (self.proc.is_alive() or self.proc.exitcode == 0)
@@ -134,10 +139,14 @@ class LocalEngine:
     def drafter_pid(self) -> int:
         return self.proc.pid
 
+    def tp_pids(self) -> list[int]:
+        return [p.pid for p in self.tp_procs]
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self.verifier.stop()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        end_workers(self.tp_procs, timeout_s)
         if self.proc is not None:
             self.proc.join(timeout_s)
             if self.proc.is_alive():

@@ -2,7 +2,9 @@
 
 Reads config.json plus model.safetensors or a sharded model.safetensors.index.json. Weights
 are built on the meta device and assigned straight from the safetensors files, so loading does
-not first allocate and randomly initialise a second copy.
+not first allocate and randomly initialise a second copy. A tensor-parallel rank (`tp=(rank, N)`)
+reads only its slices of the split tensors (actors/tp/shard.py), so no process ever holds the
+whole target; a rank without `head` (a TP worker: rank 0 alone samples) skips the vocabulary head.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from actors.config import CheckpointError, ModelArgs, rope_inv_freq
 from actors.model import Transformer
+from actors.tp.shard import load_part, rank_args
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +47,28 @@ def weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> Transformer:
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
+               tp: tuple[int, int] = (0, 1), head: bool = True) -> Transformer:
+    """The checkpoint at `path`; with `tp=(rank, N)` rank `rank`'s part of it (its heads and MLP
+    features, actors/tp/shard.py); without `head`, no vocabulary head (forward returns the final
+    hidden states)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
-    args = ModelArgs.from_dir(path)
+    args = rank_args(ModelArgs.from_dir(path), tp[1])
     dt = parse_dtype(dtype)
     with torch.device("meta"):
         model = Transformer(args)
+    if not head:
+        model.lm_head = nn.Identity()
+    skip = {"lm_head.weight"} if args.tie_word_embeddings or not head else set()
     state = {}
     for f in weight_files(path):
         with safe_open(str(f), framework="pt", device=str(device)) as sf:
             for name in sf.keys():
-                state[name] = sf.get_tensor(name).to(dt)
-    if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = {k for k in model.state_dict() if not (args.tie_word_embeddings and k == "lm_head.weight")}
+                if name not in skip:
+                    state[name] = load_part(sf, name, *tp).to(dt)
+    expected = set(model.state_dict()) - skip
     missing = sorted(expected - state.keys())
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
@@ -66,7 +76,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if unexpected:
         log.warning("%s: ignoring %d unexpected tensors, e.g. %s", path, len(unexpected), unexpected[:3])
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
-    if args.tie_word_embeddings:
+    if args.tie_word_embeddings and head:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).to(device)  # the only non-checkpoint buffer, still on meta
     return model.eval().requires_grad_(False)

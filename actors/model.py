@@ -9,6 +9,8 @@ its own positions, so rows of different lengths share one batch.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -29,6 +31,18 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def tp_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    """A row-parallel layer's output: its partial sums added over the tensor-parallel group
+    (actors/tp/), or x itself without one. Traced, a functional collective (what torch.compile
+    captures, as in gpt-fast); eager, the plain in-place one (gloo: about 4x less overhead)."""
+    if group is None:
+        return x
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(x, "sum", group)
+    dist.all_reduce(x, group=group)
+    return x
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -46,6 +60,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.qk_norm = a.qk_norm
+        self.tp = None   # the tensor-parallel group when `a` holds this rank's heads only (actors/tp/)
 
     def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: KVCache | None):
         B, T, _ = x.shape
@@ -64,7 +79,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and causal,
             enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return tp_reduce(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), self.tp)
 
 
 class MLP(nn.Module):
@@ -73,9 +88,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
+        self.tp = None   # as Attention's
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return tp_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -164,9 +180,9 @@ class Transformer(nn.Module):
         return [slid if i in windowed else causal for i in range(a.n_layers)]
 
     @property
-    def device(self) -> torch.device:
-        return self.lm_head.weight.device
+    def device(self) -> torch.device:   # the embedding: a tensor-parallel worker has no head
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self.model.embed_tokens.weight.dtype

@@ -51,6 +51,7 @@ from actors.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
 from actors.spec import EngineSpec
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
+from actors.tp.group import TPLead
 from actors.verify import round_outcomes
 from actors.draft_state import table_due
 from actors.drafter_link import DrafterLink
@@ -67,12 +68,14 @@ class Verifier(DrafterLink):
         self.spec = spec
         self.k = spec.k
         self.device = spec.target_device
-        self.model = load_model(spec.target, spec.target_dtype, self.device)
+        n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/tp/)
+        self.model = load_model(spec.target, spec.target_dtype, self.device, tp=(0, n_tp))
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
         # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.
         self.cache = PagedKVCache.for_model(self.model.args, spec.target_blocks(), spec.kv_block_size,
                                             spec.target_max_len, self.model.dtype, self.device)
+        self.tp = TPLead(n_tp, self.device, spec.timeout_s, self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None
         self.drafter_ok = False
@@ -107,6 +110,10 @@ class Verifier(DrafterLink):
         if self.spec.speculative:
             self._join_in_background(master_addr, master_port)
 
+    def join_tp(self, addr: str, port: int) -> None:
+        """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop."""
+        self.tp.connect(addr, port, self.model)
+
     def ready(self) -> bool:
         return True
 
@@ -118,6 +125,8 @@ class Verifier(DrafterLink):
                 self.step()
         finally:
             self._shutdown_drafter()
+            if self.tp is not None:
+                self.tp.close()
             self.events.close()
 
     def stop(self) -> None:
@@ -326,6 +335,8 @@ class Verifier(DrafterLink):
         with torch.inference_mode():
             dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
             self.cache.prepare(slots, pos, kv_len)
+            if self.tp is not None:   # the other ranks run this very forward with us
+                self.tp.call(tokens, pos, kv_len, last, self.cache)
             logits = self.model(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
         return logits.float().cpu()
 

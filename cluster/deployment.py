@@ -6,8 +6,10 @@ import sys
 from pathlib import Path
 
 from actors.affinity import check_cpus
+from actors.config import ModelArgs
 from actors.spec import EngineSpec, OnlineLearningSpec
 from actors.tokenizer import Tokenizer, vocab_mismatch
+from actors.tp.shard import rank_args, rank_device, split_error
 from cluster.config import ConfigError, DeploymentConfig
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,9 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
     m, sp, en = cfg.models, cfg.speculation, cfg.engine
     for w in cfg.warnings():
         log.warning("config: %s", w)
-    for role, spec in (("target", m.target), ("draft", m.draft)):
-        if spec is not None and spec.tensor_parallel_size > 1:
-            raise NotImplementedError(f"models.{role}.tensor_parallel_size={spec.tensor_parallel_size}: tensor "
-                                      "parallelism is not implemented yet; use 1")
+    if m.draft is not None and m.draft.tensor_parallel_size > 1:
+        raise ConfigError(f"models.draft.tensor_parallel_size={m.draft.tensor_parallel_size}: the drafter runs on "
+                          "one device (only the target is split); use 1")
     draft = m.draft if sp.mode != "ar" else None
     spec = EngineSpec(
         target=resolve_model(m.target.path), draft=resolve_model(draft.path) if draft else None,
@@ -61,7 +62,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
     )
     from cluster.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails here
 
-    plan = plan_memory(spec, en.kv_cache_memory)
+    plan = plan_memory(spec, en.kv_cache_memory, target_args=_target_rank_args(cfg, spec.target))
     spec = plan.apply(spec)
     spec.extra["memory_plan"] = plan.table()
     if spec.draft is not None:
@@ -75,9 +76,23 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         _check_device(spec.target_device, "models.target.device")
+        if cfg.cluster.launcher == "local" and spec.tensor_parallel_size > 1:   # rank r on the r-th GPU after it
+            _check_device(rank_device(spec.target_device, spec.tensor_parallel_size - 1), "models.target.device")
         if draft:
             _check_device(spec.draft_device, "models.draft.device")
     return spec
+
+
+def _target_rank_args(cfg: DeploymentConfig, path: str):
+    """The shapes one tensor-parallel rank of the target holds (the memory plan is per device);
+    a checkpoint whose heads or MLP features do not split N ways is refused here, not at load."""
+    n = cfg.models.target.tensor_parallel_size
+    args = ModelArgs.from_dir(path)
+    why = split_error(args, n)
+    if why:
+        raise ConfigError(f"models.target.tensor_parallel_size={n}: the target cannot be split {n} ways: "
+                          f"{Path(path) / 'config.json'} has {why}")
+    return rank_args(args, n)
 
 
 def _check_device(device: str, key: str) -> None:

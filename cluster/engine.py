@@ -24,6 +24,7 @@ from actors.channel import reserve_port
 from actors.drafter import Drafter
 from actors.events import EventReader, EventStreamClosed
 from actors.spec import EngineSpec
+from actors.tp.worker import TPWorker
 from actors.verifier import Verifier
 from cluster.placement import actor_options, drafter_bundle, missing_resources, placement_bundles
 
@@ -101,6 +102,18 @@ class DrafterActor(_OnRay, Drafter):
         self.run()
 
 
+class TPWorkerActor(_OnRay, TPWorker):
+    def __init__(self, spec: EngineSpec, rank: int):
+        _gloo_on_node_address()
+        super().__init__(spec, rank)
+
+    def join_and_run(self, addr: str, port: int) -> None:
+        """Join rank 0's tensor-parallel group, then serve its calls until told to stop; one call,
+        so Ray reports a failure to join and a lost loop the same way (the call raises)."""
+        self.connect(addr, port)
+        self.run()
+
+
 class RayEngine:
     """Verifier + drafter actors and their data plane. `submit/abort/poll/metrics` mirror the
     Verifier's own methods, so the coordinator works the same on Ray or in plain processes."""
@@ -119,6 +132,8 @@ class RayEngine:
         self.events: EventReader | None = None
         self._events_token = secrets.token_hex(16)
         self._runs: list = []
+        self.tp_workers: list = []   # the target's ranks 1..N-1 (actors/tp/), in bundles 1..N-1
+        self._tp_runs: list = []     # their join_and_run() calls: one resolves only if its loop ends
         self._drafter_ready = None   # the drafter's ready() call: resolves once Ray placed and built it
         self._drafter_run = None     # its join_and_run(): resolves when its loop ends; None until it joins
         self._drafter_since = 0.0    # when the current drafter was asked for
@@ -131,6 +146,8 @@ class RayEngine:
         self._wait_placed()
         self.verifier = ray.remote(VerifierActor).options(
             **actor_options(self.bundles[0], self.pg, 0, max_concurrency=16, name=None, max_restarts=0)).remote(s)
+        if s.tensor_parallel_size > 1:
+            self._start_tp_ranks()
         if s.speculative:
             self._new_drafter()
             ray.get(self._drafter_ready, timeout=self.ready_timeout_s)
@@ -143,6 +160,23 @@ class RayEngine:
         ray.get(self.verifier.ready.remote(), timeout=self.ready_timeout_s)
         self._open_events()
         return self
+
+    def _start_tp_ranks(self) -> None:
+        """Ranks 1..N-1 join rank 0 (the verifier) on its node address and a port it reserved."""
+        t = self.ready_timeout_s
+        addr = ray.get(self.verifier.node_ip.remote(), timeout=t)
+        port = ray.get(self.verifier.free_port.remote(), timeout=t)
+        worker = ray.remote(TPWorkerActor)
+        self.tp_workers = [worker.options(**actor_options(self.bundles[r], self.pg, r, max_concurrency=2))
+                           .remote(self.spec, r) for r in range(1, self.spec.tensor_parallel_size)]
+        self._tp_runs = [w.join_and_run.remote(addr, port) for w in self.tp_workers]
+        joined = self.verifier.join_tp.remote(addr, port)
+        first, _ = ray.wait([joined, *self._tp_runs], num_returns=1, timeout=t)
+        ray.get(first or joined, timeout=t)   # a rank that failed to start raises here, not after rank 0's wait
+        log.info("tensor-parallel target: %d ranks, group on %s:%d", self.spec.tensor_parallel_size, addr, port)
+
+    def tp_pids(self) -> list[int]:
+        return ray.get([w.pid.remote() for w in self.tp_workers], timeout=CALL_TIMEOUT_S)
 
     def _wait_placed(self) -> None:
         missing = missing_resources(self.bundles, ray.cluster_resources())
@@ -242,8 +276,11 @@ class RayEngine:
         return ray.get(self.drafter.pid.remote())
 
     def verifier_alive(self) -> bool:
-        """False once the verifier's run loop has ended with an error (its process died)."""
+        """False once the verifier's run loop has ended with an error (its process died), or the
+        loop of one of its tensor-parallel ranks has ended (they end only with the verifier)."""
         if self.verifier is None or not self._runs:
+            return False
+        if self._tp_runs and ray.wait(self._tp_runs, timeout=0)[0]:
             return False
         ready, _ = ray.wait([self._runs[0]], timeout=0)
         if not ready:
@@ -293,7 +330,7 @@ class RayEngine:
                 ray.wait(self._runs, timeout=timeout_s)
             except Exception as e:
                 log.warning("verifier did not stop cleanly: %s", e)
-        for a in (self.drafter, self.verifier):
+        for a in (self.drafter, self.verifier, *self.tp_workers):
             if a is not None:
                 try:
                     ray.kill(a)

@@ -45,6 +45,9 @@ class BlockPool:
         self.ref = [0] * n_blocks
         self._free = list(range(n_blocks))   # a heap
         self.copies = 0                      # copy-on-write block copies so far
+        # A list: every copy is also logged as (src, dst), for a tensor-parallel rank 0 to have its
+        # workers make the same copies in their pools (actors/tp/); None: not logged.
+        self.copy_log: list[tuple[int, int]] | None = None
 
     @property
     def n_blocks(self) -> int:
@@ -84,6 +87,8 @@ class BlockPool:
         self.v[:, dst] = self.v[:, src]
         self.decref(src)
         self.copies += 1
+        if self.copy_log is not None:
+            self.copy_log.append((src, dst))
         return dst
 
 
@@ -210,6 +215,11 @@ class PagedKVCache:
         self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
         self.aligned = rows_aligned(pos, kv_len)
         self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
+
+    @property
+    def plan(self) -> tuple | None:
+        """The last prepare's write and read indices (actors/kv/paged.py), as attend uses them."""
+        return self._plan
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this layer's new k/v [B, H, T, D] at the prepared positions; return every row's
