@@ -41,6 +41,7 @@ import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
+from actors.compiled import compile_forward
 from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
 from actors.frame import Frame, Rec, Record
 from actors.fanout import split_budget
@@ -75,6 +76,8 @@ class Drafter:
         self._waiter = None      # with online learning: receives frames while the loop trains
         if spec.online_learning is not None:
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
+        if spec.compile and self.online is None:   # a learning drafter trains through the plain forward
+            compile_forward(self.model, "drafter")
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:

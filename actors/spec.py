@@ -44,6 +44,7 @@ class EngineSpec:
     target_kv_blocks: int | None = None   # the verifier's block pool; None: max_batch full-length sequences
     draft_kv_blocks: int | None = None    # the drafter's; None: derived from the verifier's (draft_blocks)
     prefill_chunk: int = 512        # prompt positions per prefill forward (bounds the logits buffer)
+    compile: bool = False           # torch.compile the cached forwards (actors/compiled.py)
     timeout_s: float = 30.0
     master_addr: str = "127.0.0.1"
     master_port: int = 0

@@ -43,6 +43,7 @@ import torch
 from actors.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
+from actors.compiled import compile_forward
 from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv import PagedKVCache, blocks_for
@@ -70,6 +71,8 @@ class Verifier(DrafterLink):
         self.device = spec.target_device
         n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/tp/)
         self.model = load_model(spec.target, spec.target_dtype, self.device, tp=(0, n_tp))
+        if spec.compile:
+            compile_forward(self.model, "verifier")
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
         # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="throughput and latency at N concurrent streams (e.g. 1,4,8) for --modes")
     bench.add_argument("--modes", type=_csv(str), default=["ar", "sd", "ssd"], metavar="MODE,...",
                        help="--concurrency: the modes to sweep (default ar,sd,ssd)")
+    bench.add_argument("--compile", action="store_true",
+                       help="engine.compile off against on: forward times and AR/SD/SSD tokens/s, interleaved")
     return ap
 
 
@@ -118,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                 return run_explore(args.config, args.out, args.drafts, args.ks, args.budgets, quick=args.quick)
             if args.drafts or args.ks or args.budgets:
                 raise ValueError("--drafts, --ks and --budgets belong to --explore")
+            if args.compile:
+                from cluster.bench_compile import run as run_compile_ab
+
+                return run_compile_ab(args.config, args.out, 2 if args.quick else 6, 16 if args.quick else 64)
             if args.concurrency:
                 from cluster.bench_paged import run_concurrency
 

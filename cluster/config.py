@@ -158,6 +158,9 @@ class EngineConfig(_Section):
     kv_cache_memory: int | float | str | None = None
     kv_block_size: int = Field(16, ge=1, le=1024)   # positions per KV block
     prefill_chunk: int = Field(512, ge=16)          # prompt positions per prefill forward
+    # torch.compile the decode/verify forwards (inductor; dynamic shapes). Opt-in: on CPU it
+    # measured slower than eager (docs/compiled.md); the compile itself takes seconds to minutes.
+    compile: bool = False
 
     @field_validator("kv_cache_memory")
     @classmethod
