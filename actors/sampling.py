@@ -51,27 +51,92 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     makes the sampling acceptance rule reduce exactly to the greedy one.
     """
     params.validate()
-    logits = logits.float()
     V = logits.shape[-1]
     if params.greedy:
         return F.one_hot(logits.argmax(-1), V).float()
-    x = logits / params.temperature
+    x = logits.float() / params.temperature
     if 0 < params.top_k < V:
-        # Mask by index, not by `x < kth value`: with ties the value test would keep more than k.
-        top = x.topk(params.top_k, dim=-1).indices
-        keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top, True)
-        x = x.masked_fill(~keep, float("-inf"))
+        x = _top_k(x, params.top_k)
     probs = torch.softmax(x, dim=-1)
     # top_p == 1 is skipped outright: a float cumsum can reach 1.0 early and would drop tail tokens.
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass strictly
-        # before it already does. The top-1 token always survives since nothing precedes it.
-        before = sorted_p.double().cumsum(-1) - sorted_p.double()
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before >= params.top_p)
-        probs = probs.masked_fill(drop, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
+    return _top_p(probs, params.top_p) if params.top_p < 1 else probs
+
+
+def probs_per_row(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor) -> torch.Tensor:
+    """[N, V] logits -> [N, V] float32 probabilities, each row with its own settings: host tensors
+    of N values, top_p float64 (in a verify batch a sequence's rows share its request's settings).
+
+    Row by row this is probs_from_logits: the same ops on the same values. The settings stay on
+    the host, where they only choose rows, so nothing here waits on the logits' device; top-k
+    and top-p touch only the rows that use them. Top-p takes each row's own threshold in one
+    sort; top-k runs once per distinct k in the batch (usually one), since which of the tokens
+    tied at the cut topk keeps can depend on k.
+    """
+    if top_p.dtype != torch.float64:  # the cut compares float64 sums with it, as with a float
+        raise TypeError(f"top_p must be float64, got {top_p.dtype}")
+    V, dev = logits.shape[-1], logits.device
+    greedy = temperature == 0
+    if greedy.all():
+        return F.one_hot(logits.argmax(-1), V).float()
+    # Greedy rows divide by 1 here and become their one-hot at the end. Rows are rewritten in
+    # place from here on (fresh buffers of N x V floats cost page faults on a host).
+    x = logits.float() / torch.where(greedy, 1.0, temperature).to(dev, torch.float32)[:, None]
+    use_k = (top_k > 0) & (top_k < V) & ~greedy
+    for k in top_k[use_k].unique().tolist():
+        x = _on_rows(x, use_k & (top_k == k), _top_k, k)
+    # On a host the softmax overwrites x (the tests check it equals probs_from_logits): glibc maps
+    # a buffer the logits' size afresh each round, a page fault per 1024 floats.
+    probs = torch.softmax(x, dim=-1, out=x if dev.type == "cpu" else None)
+    probs = _on_rows(probs, (top_p < 1) & ~greedy, _top_p, top_p)
+    if greedy.any():
+        rows = greedy.nonzero()[:, 0].to(dev)
+        probs.index_copy_(0, rows, F.one_hot(logits.index_select(0, rows).argmax(-1), V).float())
     return probs
+
+
+def row_settings(params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs_per_row's settings for rows with these params: temperature, top_k, top_p (float64)."""
+    return (torch.tensor([x.temperature for x in params]), torch.tensor([x.top_k for x in params]),
+            torch.tensor([x.top_p for x in params], dtype=torch.float64))
+
+
+def _on_rows(x: torch.Tensor, mask: torch.Tensor, f, setting) -> torch.Tensor:
+    """x, rewritten in place, with f(rows, setting) in the rows where the host mask holds; a
+    per-row setting (a host tensor) goes with its rows. Only those rows are computed, moved by
+    index_select / index_copy_ (a CPU index_put of whole rows costs milliseconds)."""
+    n = int(mask.sum())
+    if n == 0:
+        return x
+    if n == len(mask):
+        return f(x, setting)
+    rows = mask.nonzero()[:, 0]
+    at = rows.to(x.device)
+    if isinstance(setting, torch.Tensor):
+        setting = setting[rows]
+    return x.index_copy_(0, at, f(x.index_select(0, at), setting))
+
+
+def _top_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[..., V] -> all but each row's top k at -inf (0 < k < V), in place."""
+    # Mask by index, not by `x < kth value`: with ties the value test would keep more than k.
+    top = x.topk(k, dim=-1).indices
+    keep = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top, True)
+    return x.masked_fill_(~keep, float("-inf"))
+
+
+def _top_p(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
+    """[..., V] probabilities -> the nucleus of each row, renormalised in place; top_p (< 1) a
+    float for every row, or a host tensor with one per row of [n, V]."""
+    if isinstance(top_p, torch.Tensor):
+        top_p = top_p.to(probs.device, torch.float64)[:, None]
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass strictly
+    # before it already does. The top-1 token always survives since nothing precedes it.
+    before = sorted_p.double().cumsum(-1) - sorted_p.double()
+    drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, before >= top_p)
+    probs.masked_fill_(drop, 0.0)
+    return probs.div_(probs.sum(-1, keepdim=True))
 
 
 def saguaro_scale(q: torch.Tensor, fan_out: int | torch.Tensor, c: float) -> torch.Tensor:

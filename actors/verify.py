@@ -9,6 +9,10 @@ sampling: accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first 
 
 Either way a round commits k + 1 tokens: the accepted prefix, then t*.
 
+verify_batch applies the same rule to a whole verify batch at once, on the logits' device, and
+round_outcomes uses it; verify_greedy and verify_sampling stay as the readable per-sequence rule
+that it must reproduce exactly (tests/test_verify_batch.py).
+
 A rejected draft token can never be the correction token (greedy: it differed from the argmax;
 sampling: a rejection needs p(d) < q(d), so the residual is zero there). The drafter relies on
 this when it picks the correction tokens to pre-draft for, and the edge cases below keep it true.
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_from_logits, sample
+from actors.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_per_row, row_settings, sample
 
 
 @dataclass(frozen=True)
@@ -113,11 +117,67 @@ def _correction(p_row: torch.Tensor, q_row: torch.Tensor, rejected: int,
     return _draw(residual, generator, uniforms)
 
 
+def verify_batch(draft: torch.Tensor, lengths: torch.Tensor, p: torch.Tensor, q: torch.Tensor,
+                 u_accept: torch.Tensor, u_token: torch.Tensor,
+                 greedy: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rule of verify_greedy / verify_sampling for B sequences at once, on p's device.
+
+    draft [B, Kmax] (row b padded after its lengths[b] tokens), p [B, Kmax+1, V] (row b's rows
+    0..lengths[b] are its target rows), q [B, Kmax, V], u_accept [B, Kmax] and u_token [B, Kmax+1]
+    float64 (the keyed uniforms of each position's test and emitted token), greedy a host bool
+    tensor [B] or None (those rows compare with argmax p and read no q or uniforms). Returns
+    accepted k [B] and token t* [B] as tensors on p's device: nothing here waits on the device.
+
+    Gives the same (k, t*) as the per-sequence functions for the same uniforms: the same float64
+    test u * q(d) < p(d), the same edge cases, the same inverse-CDF draw (actors/sampling.py
+    `sample`) from the same float64 rows.
+    """
+    dev, (B, K), V = p.device, draft.shape, p.shape[-1]
+    draft, lengths, q = draft.to(dev), lengths.to(dev), q.to(dev)
+    u_accept, u_token = u_accept.to(dev), u_token.to(dev)
+    ar = torch.arange(B, device=dev)
+    g_rows = greedy.nonzero()[:, 0].to(dev) if greedy is not None and greedy.any() else None  # a host mask
+    # -- k: the first position whose test fails (found with a cumprod; padding fails them all) --
+    d = draft[..., None]
+    pd, qd = p[:, :K].gather(-1, d)[..., 0].double(), q.gather(-1, d)[..., 0].double()
+    # u < p/q written as u * q < p: no division, and q(d) == 0 is an explicit reject.
+    passed = (qd > 0) & (u_accept * qd < pd)
+    if g_rows is not None:  # argmax over the greedy rows only
+        best = p.index_select(0, g_rows).argmax(-1)
+        passed.index_copy_(0, g_rows, draft.index_select(0, g_rows) == best[:, :K])
+    k = (passed & (torch.arange(K, device=dev) < lengths[:, None])).long().cumprod(-1).sum(-1)
+    # -- t*: a draw from row k of p, or at a rejection from the residual there ---------------
+    # Rows are picked with index_select (row copies, not a gather) and worked on in place, in
+    # float64 like the host rule's: few and small buffers, which a host's malloc can reuse.
+    pk = p.reshape(-1, V).index_select(0, ar * (K + 1) + k)
+    dist, dk, rejected = pk.double(), k, torch.zeros(B, dtype=torch.bool, device=dev)  # K == 0: all bonus
+    if K:
+        rejected = k < lengths
+        kc = k.clamp(max=K - 1)
+        dk = draft.gather(-1, kc[:, None])
+        # d is excluded from the residual (a genuine rejection already has a zero there; this
+        # matters when q(d) == 0), and from p where an all-zero residual falls back to it.
+        dist.sub_(q.reshape(-1, V).index_select(0, ar * K + kc)).clamp_min_(0).scatter_(-1, dk, 0)
+        use_residual = rejected & (dist.sum(-1) > 0)
+        torch.where(use_residual[:, None], dist, pk, out=dist)   # pk's floats widen exactly
+        dist.scatter_(-1, dk, torch.where(rejected[:, None], 0.0, dist.gather(-1, dk)))
+        dk = dk[:, 0]
+    cum = dist.cumsum_(-1)
+    u = u_token.gather(-1, k[:, None]) * cum[:, -1:]
+    t = torch.searchsorted(cum, u, right=True).clamp_(max=V - 1)[:, 0]
+    # Rejected with nothing left: p is entirely on d, the only token p allows (see _correction).
+    t = torch.where(rejected & (cum[:, -1] <= 0), dk, t)
+    if g_rows is not None:
+        t.index_copy_(0, g_rows, best.gather(-1, k.index_select(0, g_rows)[:, None])[:, 0])
+    return k, t
+
+
 def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
     """(k, t*) for each sequence of one batched verify forward. Row i of `logits` scores
     rows[i] = pending committed tokens + draft; a sequence's draft is `s.draft` (with q rows
-    `s.q` when sampling with `s.req.params`; draws keyed by `s.seed` and position). All-greedy batches
-    take one argmax."""
+    `s.q` when sampling with `s.req.params`; draws keyed by `s.seed` and position). All-greedy
+    batches take one argmax; others one probs_per_row and one verify_batch on the logits'
+    device, whichever it is, and one read of the results at the end."""
     n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
     if all(s.req.params.greedy for s in seqs):
         # One argmax for the whole batch, then a plain comparison per row: this runs right after
@@ -131,15 +191,53 @@ def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int
                 k += 1
             out.append((k, b[k]))
         return out
-    out = []
-    for i, s in enumerate(seqs):
-        kd, p0 = len(s.draft), n_pend[i] - 1
-        rows_i = logits[i, p0:p0 + kd + 1]
-        d = torch.tensor(s.draft, dtype=torch.long)
-        if s.req.params.greedy:
-            o = verify_greedy(d, rows_i)
-        else:
-            q = s.q if kd else torch.empty(0, vocab)
-            o = verify_sampling(d, q, probs_from_logits(rows_i, s.req.params), key=(s.seed, len(s.tokens)))
-        out.append((o.accepted, o.token))
-    return out
+    dev, (B, T, V) = logits.device, logits.shape
+    Ks, params = [len(s.draft) for s in seqs], [s.req.params for s in seqs]
+    K = max(Ks)
+    # The K_b + 1 rows each sequence verifies (its rows from its last pending token on). Only
+    # they are processed: one slice of the logits when every sequence has K drafts after as
+    # many pending tokens, else picked by flat row number and laid out padded.
+    if len(set(Ks)) == 1 and len(set(n_pend)) == 1:
+        x, at = logits[:, n_pend[0] - 1:n_pend[0] + K].reshape(B * (K + 1), V), None
+        per_row = [sp for sp in params for _ in range(K + 1)]
+    else:
+        src = [b * T + n_pend[b] - 1 + i for b in range(B) for i in range(Ks[b] + 1)]
+        dst = [b * (K + 1) + i for b in range(B) for i in range(Ks[b] + 1)]
+        per_row, at = [params[r // (K + 1)] for r in dst], torch.tensor([src, dst]).to(dev)
+        x = logits.reshape(B * T, V).index_select(0, at[0])
+    probs = probs_per_row(x, *row_settings(per_row))
+    if at is not None:
+        probs = probs.new_zeros(B * (K + 1), V).index_copy_(0, at[1], probs)
+    # The rest of the host data in three small copies: the q rows, the ints (drafts and lengths)
+    # and the keyed uniforms (float64, like the host rule's).
+    q = _padded_q(seqs, K, vocab, dev)
+    ints = torch.tensor([s.draft + [0] * (K - kd) + [kd] for s, kd in zip(seqs, Ks)]).to(dev)
+    floats = torch.tensor([[0.0] * (2 * K + 1) if sp.greedy else round_uniforms(s.seed, len(s.tokens), kd, K)
+                           for s, kd, sp in zip(seqs, Ks, params)], dtype=torch.float64).to(dev)
+    k, t = verify_batch(ints[:, :K], ints[:, K], probs.view(B, K + 1, V), q, floats[:, :K], floats[:, K:],
+                        torch.tensor([sp.greedy for sp in params]))
+    return list(zip(*torch.stack([k, t]).tolist()))
+
+
+def round_uniforms(seed: int, pos: int, kd: int, K: int) -> list[float]:
+    """The keyed uniforms of one round whose kd-token draft starts at position `pos`, as one row
+    of verify_batch's uniforms padded to K: the kd tests (ACCEPT), then the kd + 1 emitted-token
+    draws (TOKEN), 2K + 1 values; the same numbers verify_sampling draws with key=(seed, pos)."""
+    pad = [0.0] * (K - kd)
+    return (keyed_uniforms(seed, range(pos, pos + kd), ACCEPT) + pad
+            + keyed_uniforms(seed, range(pos, pos + kd + 1), TOKEN) + pad)
+
+
+def _padded_q(seqs, K: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, K, V] q rows of the sampling sequences' drafts, zeros elsewhere (greedy rows need
+    none): the rows move in one copy, then land in place on the device."""
+    own = [not s.req.params.greedy and len(s.draft) > 0 for s in seqs]
+    if not any(own):
+        return torch.zeros(len(seqs), K, vocab, device=device)
+    rows = torch.cat([s.q for s, o in zip(seqs, own) if o]).to(device)
+    if len(rows) == len(seqs) * K:  # every sequence samples a K-token draft: already in place
+        return rows.view(len(seqs), K, vocab)
+    lengths = torch.tensor([len(s.draft) if o else 0 for s, o in zip(seqs, own)])
+    bi, ii = (torch.arange(K) < lengths[:, None]).nonzero(as_tuple=True)
+    q = rows.new_zeros(len(seqs) * K, vocab).index_copy_(0, (bi * K + ii).to(device), rows)
+    return q.view(len(seqs), K, vocab)
