@@ -341,7 +341,7 @@ class Verifier(DrafterLink):
             if self.tp is not None:   # the other ranks run this very forward with us
                 self.tp.call(tokens, pos, kv_len, last, self.cache)
             logits = self.model(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
-        return logits.float().cpu()
+        return logits.float()   # stays on the device: verification reads back only (k, t*)
 
     def _verify(self, seqs: list[Seq]) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_per_row, row_settings, sample
+from actors.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_from_logits, probs_per_row, row_settings, sample
 
 
 @dataclass(frozen=True)
@@ -172,12 +172,14 @@ def verify_batch(draft: torch.Tensor, lengths: torch.Tensor, p: torch.Tensor, q:
     return k, t
 
 
-def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
+def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int,
+                   batched: bool | None = None) -> list[tuple[int, int]]:
     """(k, t*) for each sequence of one batched verify forward. Row i of `logits` scores
     rows[i] = pending committed tokens + draft; a sequence's draft is `s.draft` (with q rows
     `s.q` when sampling with `s.req.params`; draws keyed by `s.seed` and position). All-greedy
-    batches take one argmax; others one probs_per_row and one verify_batch on the logits'
-    device, whichever it is, and one read of the results at the end."""
+    batches take one argmax. Otherwise, on a GPU: one probs_per_row and one verify_batch on the
+    logits' device and one read of the results at the end; on a CPU the same rule one sequence at
+    a time (`_per_sequence`: faster there). `batched` overrides that choice (tests)."""
     n_pend = [len(r) - len(s.draft) for s, r in zip(seqs, rows)]
     if all(s.req.params.greedy for s in seqs):
         # One argmax for the whole batch, then a plain comparison per row: this runs right after
@@ -191,6 +193,8 @@ def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int
                 k += 1
             out.append((k, b[k]))
         return out
+    if not (logits.device.type != "cpu" if batched is None else batched):
+        return _per_sequence(seqs, n_pend, logits, vocab)
     dev, (B, T, V) = logits.device, logits.shape
     Ks, params = [len(s.draft) for s in seqs], [s.req.params for s in seqs]
     K = max(Ks)
@@ -217,6 +221,26 @@ def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int
     k, t = verify_batch(ints[:, :K], ints[:, K], probs.view(B, K + 1, V), q, floats[:, :K], floats[:, K:],
                         torch.tensor([sp.greedy for sp in params]))
     return list(zip(*torch.stack([k, t]).tolist()))
+
+
+def _per_sequence(seqs, n_pend: list[int], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
+    """The reference rule one sequence at a time: what runs on a CPU. There the batched rule's
+    [B, K+1, V] temporaries come from fresh pages on every round (glibc maps buffers that large
+    anew), which made it 2.7x slower at V = 49152 (cluster/bench_verify.py: 14.2 against 5.3 ms
+    per round, B = 8, K = 4); one sequence's rows stay in cache. Both give identical (k, t*)
+    (tests/test_verify_batch.py)."""
+    out = []
+    for i, s in enumerate(seqs):
+        kd, p0 = len(s.draft), n_pend[i] - 1
+        rows_i = logits[i, p0:p0 + kd + 1]
+        d = torch.tensor(s.draft, dtype=torch.long)
+        if s.req.params.greedy:
+            o = verify_greedy(d, rows_i)
+        else:
+            q = s.q if kd else torch.empty(0, vocab)
+            o = verify_sampling(d, q, probs_from_logits(rows_i, s.req.params), key=(s.seed, len(s.tokens)))
+        out.append((o.accepted, o.token))
+    return out
 
 
 def round_uniforms(seed: int, pos: int, kd: int, K: int) -> list[float]:

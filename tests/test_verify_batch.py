@@ -254,6 +254,7 @@ def test_round_outcomes_mixed_batch_is_the_per_sequence_rule(seed: int, B: int, 
             o = verify_sampling(draft, q, probs_from_logits(target, params), key=(s.seed, len(s.tokens)))
         expected.append((o.accepted, o.token))
     before = logits.clone()
-    assert round_outcomes(seqs, rows, logits, V) == expected
+    assert round_outcomes(seqs, rows, logits, V, batched=True) == expected   # the GPU's path
     assert torch.equal(logits, before)  # processing works on its own buffers, never the forward's
+    assert round_outcomes(seqs, rows, logits, V) == expected                 # the CPU's
 
