@@ -38,6 +38,7 @@ class DraftSeq:
     k: int = 0                   # the draft length the verifier asked for (0: speculation off)
     budget: int = 0              # fan-out budget for pre-speculation
     speculated: bool = False     # pre-speculation ran for this round (a lookup follows)
+    kv_steps: int = 0            # online learning: optimizer steps when its KV was last computed from scratch
 
 
 @dataclass

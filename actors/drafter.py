@@ -157,6 +157,7 @@ class Drafter:
                 hit = self._apply_outcome(s, rec.a, rec.b)
                 if self.online is not None:
                     self.online.progress(s.id, s.tokens)
+                    self._refresh_kv(s)
                 self._cut_draft(s, s.k)
                 if s.k == 0:  # off: nothing to draft, nothing to reply
                     continue
@@ -197,6 +198,7 @@ class Drafter:
         self.seqs[s.id] = s
         if self.online is not None:
             self.online.admit(s.id, len(s.tokens))
+            s.kv_steps = self.online.steps
         return s
 
     def _prefill(self, s: DraftSeq, upto: int) -> None:
@@ -239,6 +241,21 @@ class Drafter:
         self.cache.truncate(s.slot, s.length)
         s.draft, s.q, s.dists = [], None, None
         return MISS if self.spec.mode == "ssd" and looked_up else NO_LOOKUP
+
+    def _refresh_kv(self, s: DraftSeq) -> None:
+        """online_learning.recompute_kv: once optimizer steps ran since this sequence's KV was
+        (re)computed, drop it all, so the next catch-up (`_backup`'s prefill, or `_catch_up` in
+        pre-speculation) recomputes it, and the depth distributions the next fan-out picks from,
+        with the current weights. The adopted draft's tokens (and q rows) stay: the verifier
+        already holds them."""
+        ol = self.online
+        if ol.spec.recompute_kv and s.kv_steps != ol.steps:
+            s.kv_steps = ol.steps
+            if s.length:   # (at K = 0 the cache may hold nothing yet)
+                ol.kv_recomputes += 1
+                ol.kv_recompute_tokens += s.length
+                s.length = 0
+                self.cache.truncate(s.slot, 0)
 
     def _cut_draft(self, s: DraftSeq, k: int) -> None:
         """Keep the first k tokens of the adopted draft (any prefix of a draft is a draft: the

@@ -12,8 +12,10 @@ When: only in the drafter's own loop, while it would otherwise wait for the veri
 (`TrainWhileWaiting` below, in the drafter's loop). The optimizer (AdamW) updates the drafting weights in
 place: the loop is one thread, so a step lands whole between two frames, i.e. between two
 pre-speculations, never inside a draft. The drafter's KV cache computed with older weights is
-kept (docs/online-learning.md): a step moves the weights by about lr, a request lives for a few
-dozen steps, and recomputing every active sequence's cache per step would cost a prefill each.
+kept by default: a step moves the weights by about lr, and recomputing costs a prefill per active
+sequence after every round that had steps. With `recompute_kv` the drafter drops it and its
+catch-up prefill recomputes it before the sequence's next draft (Drafter._refresh_kv);
+docs/online-learning.md measures both.
 
 Exactness does not depend on any of this: the verifier tests every draft against the target with
 the q the drafter drew it from, whatever the weights were.
@@ -117,6 +119,8 @@ class OnlineLearner:
         self.scored_tokens = 0                # target tokens the steps trained on
         self.step_ema: float | None = None    # seconds per step (None until one ran)
         self.gap_ema = 0.0                    # seconds from a table sent to the next frame, sequences active
+        self.kv_recomputes = 0                # recompute_kv: sequences whose KV was dropped to be recomputed
+        self.kv_recompute_tokens = 0          # ... and the positions dropped
 
     # -- data ------------------------------------------------------------------------------
     def admit(self, sid: int, prompt_len: int) -> None:
@@ -226,7 +230,8 @@ class OnlineLearner:
                 "train_s": self.train_s, "train_late_s": self.late_s, "train_saves": self.saves,
                 "train_scored_tokens": self.scored_tokens, "train_buffer_tokens": self.buffer.tokens,
                 "train_windows": self.buffer.added,
-                "train_step_s": self.step_ema or 0.0, "train_gap_s": self.gap_ema}
+                "train_step_s": self.step_ema or 0.0, "train_gap_s": self.gap_ema,
+                "train_kv_recomputes": self.kv_recomputes, "train_kv_recompute_tokens": self.kv_recompute_tokens}
 
 class TrainWhileWaiting:
     """Online learning in the drafter's loop: optimizer steps while the verifier's next frame has

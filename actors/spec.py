@@ -16,6 +16,7 @@ class OnlineLearningSpec:
     window_tokens: int = 128        # a window's length (context + the target's tokens it scores)
     save_path: str | None = None    # HF checkpoint directory written at intervals and on shutdown
     save_every_s: float = 300.0
+    recompute_kv: bool = False      # after steps, active sequences' drafter KV is recomputed (else kept)
 
     def __post_init__(self):
         if not (self.lr > 0 and self.max_steps_per_s > 0 and self.buffer_tokens >= self.window_tokens >= 2

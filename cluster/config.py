@@ -118,6 +118,9 @@ class OnlineLearningConfig(_Section):
     window_tokens: int = Field(128, ge=2, le=65536)      # tokens per training window
     save_path: str | None = None                         # HF checkpoint dir: at intervals and on shutdown
     save_every_s: float = Field(300.0, gt=0)
+    # After optimizer steps, recompute the drafter's KV of active sequences before their next
+    # draft (false: keep the KV computed with older weights; docs/online-learning.md measures both)
+    recompute_kv: bool = False
 
     @model_validator(mode="after")
     def _window_fits(self):

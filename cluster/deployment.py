@@ -33,7 +33,7 @@ def _online_spec(ol) -> OnlineLearningSpec | None:
     return OnlineLearningSpec(lr=ol.lr, max_steps_per_s=ol.max_steps_per_s, buffer_tokens=ol.buffer_tokens,
                               batch_size=ol.batch_size, window_tokens=ol.window_tokens,
                               save_path=str(Path(ol.save_path).expanduser()) if ol.save_path else None,
-                              save_every_s=ol.save_every_s)
+                              save_every_s=ol.save_every_s, recompute_kv=ol.recompute_kv)
 
 
 def engine_spec(cfg: DeploymentConfig) -> EngineSpec:

@@ -13,13 +13,16 @@ from prometheus_client import generate_latest
 from safetensors.torch import load_file
 from scipy.stats import chi2_contingency
 
+from actors.drafter import Drafter
+from actors.frame import Frame, Rec, Record
 from actors.generate import generate_ar
 from actors.launch import LocalEngine
 from actors.loader import load_model
 from actors.online import IGNORE, OnlineLearner, ReplayBuffer
 from actors.sampling import SamplingParams
-from actors.spec import OnlineLearningSpec
+from actors.spec import EngineSpec, OnlineLearningSpec
 from actors.stopping import StopCriteria
+from actors.wire import encode_params
 from cluster.metrics import Metrics
 from cluster.config import ConfigError, load_config
 from cluster.coordinator import Coordinator, GenerateArgs
@@ -176,3 +179,82 @@ def test_sampling_stays_the_targets_law_while_the_drafter_learns(tiny_pair, held
     assert len(keys) >= 3, f"too few common outcomes to test: {table}"
     p = chi2_contingency(table).pvalue
     assert p > 0.01, f"sampling while learning differs from AR (p={p:.4f}): {table}"
+
+
+
+def test_recompute_kv_keeps_greedy_exact(hf_refs, held_out_prompts):
+    """The whole engine with recompute_kv on (SSD, branches, hits) stays transformers' greedy."""
+    hf, refs = hf_refs
+    prompts = held_out_prompts[:12]
+    engine = LocalEngine(_spec({**FAST, "recompute_kv": True})).start()
+    coord = Coordinator(engine, None)
+    try:
+        waves = _waves(coord, prompts, 2, pause_s=0.5)
+        m = engine.metrics()["drafter"]
+    finally:
+        coord.stop()
+        engine.stop()
+    for outs, finals in waves:
+        assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
+        assert sum(f.stats.drafts for f in finals) > 0
+    assert m["train_steps"] >= 10 and "train_kv_recomputes" in m, m
+
+
+@torch.inference_mode()
+def _greedy(model, tokens: list[int], n: int) -> list[int]:
+    """The model's own greedy continuation, no cache."""
+    out = list(tokens)
+    for _ in range(n):
+        out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
+    return out[len(tokens):]
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_kv_drafts_from_the_current_weights(tiny_pair, hf_refs, held_out_prompts, recompute):
+    """The drafter in process, the test playing a greedy verifier with transformers' output, two
+    optimizer steps between every table and the next outcome (where the loop trains). With
+    recompute_kv every pre-drafted branch and just-in-time draft equals drafting from scratch
+    with the weights of that moment, and every outcome recomputed the sequence's KV (counted);
+    keeping the old-weight KV, some differ (what recompute_kv is for). Either way the drafter's
+    committed tokens are transformers' greedy continuation."""
+    K, sid = 4, 5
+    _, refs = hf_refs
+    ol = OnlineLearningSpec(lr=1e-2, batch_size=4, window_tokens=64, recompute_kv=recompute)
+    spec = EngineSpec(target=str(tiny_pair / "target"), draft=str(tiny_pair / "draft"), mode="ssd", k=K,
+                      fan_out_budget=6, max_batch=2, max_seq_len=256, online_learning=ol)
+    d = Drafter(spec)
+    for i in range(6, 12):   # training data: other prompts' greedy continuations
+        d.online.admit(100 + i, len(held_out_prompts[i]))
+        d.online.release(100 + i, held_out_prompts[i] + refs[i])
+    prompt, ref = held_out_prompts[0], refs[0]
+    d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, sid, 0, K, spec.fan_out_budget,
+                                         tokens=encode_params(SamplingParams(), 0, prompt))]))
+    s = d.seqs[sid]
+    stale = rounds = hits = 0
+    g = 0   # tokens generated so far; the first outcome is (0, first token)
+    while True:
+        d.prespeculate()
+        for (j, t), br in s.branches.items():
+            stale += br.tokens != _greedy(d.model, s.tokens + s.draft[:j] + [t], K)
+        d.online.step()
+        d.online.step()
+        k = next((i for i, x in enumerate(s.draft) if x != ref[g + i]), len(s.draft))
+        if g + k + 1 > len(ref) - K - 1:
+            break
+        hit = (k, ref[g + k]) in s.branches
+        d.handle(Frame(Rec.OUTCOME, rounds + 1, [Record(Rec.OUTCOME, sid, rounds, k, ref[g + k],
+                                                        tokens=[K, spec.fan_out_budget])]))
+        g, rounds, hits = g + k + 1, rounds + 1, hits + hit
+        assert s.tokens == prompt + ref[:g]
+        if not hit:
+            stale += s.draft != _greedy(d.model, s.tokens, K)
+    assert rounds >= 10 and hits, (rounds, hits)
+    m = d.stats()
+    assert m["train_steps"] == 2 * (rounds + 1)
+    if recompute:
+        assert stale == 0 and m["train_kv_recomputes"] == rounds and m["train_kv_recompute_tokens"] > 0, m
+    else:
+        assert stale > 0 and m["train_kv_recomputes"] == 0, m
+    d.cache.check()
+    d.handle(Frame(Rec.RELEASE, rounds + 2, [Record(Rec.RELEASE, sid)]))
+    assert d.cache.pool.n_free == d.cache.pool.n_blocks
