@@ -27,7 +27,9 @@ one-token draft now and then, so speculation comes back when it pays.
 
 Without a drafter (mode `ar`, a request that disabled speculation, or a drafter that died) a
 sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
-Other threads only touch the queues (submit, abort, poll), never torch or the channel.
+Other threads only touch the queues (submit, abort, poll), never torch or the channel in use; a
+rejoining drafter's new channel is formed by a thread of its own and handed to the loop, which
+swaps it in between two steps (actors/drafter_link.py).
 """
 from __future__ import annotations
 

@@ -239,7 +239,7 @@ class RayEngine:
             log.error("the replacement drafter did not start: %s", e)
             return False
         addr, port = self._data_plane(timeout_s=CALL_TIMEOUT_S)
-        self.verifier.reconnect.remote(addr, port)   # the loop joins the new group itself, between steps
+        self.verifier.reconnect.remote(addr, port)   # formed in the background, swapped in between steps
         self._drafter_run = self.drafter.join_and_run.remote(addr, port)
         log.info("drafter started after %.1fs; joining the data plane on %s:%d",
                  time.monotonic() - self._drafter_since, addr, port)
