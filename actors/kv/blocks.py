@@ -104,7 +104,7 @@ class PagedKVCache:
         self.lengths: dict[int, int] = {}
         self.reserved: dict[int, int] = {}    # handle -> blocks reserved at admission
         self._next = 0
-        self._plan: tuple | None = None       # this forward's indices, built at layer 0
+        self._plan: tuple | None = None       # this forward's indices, built by prepare
 
     @classmethod
     def for_model(cls, args, n_blocks: int, block_size: int, max_len: int, dtype=torch.float32,

@@ -2,8 +2,8 @@
 
 The pool's k/v are [n_layers, n_blocks, block_size, n_kv_heads, head_dim]; one layer flattened
 is [n_blocks * block_size, H, D], so position p of a table lives at flat row
-`table[p // block_size] * block_size + p % block_size`. Per forward (built once, at layer 0,
-and used by every layer):
+`table[p // block_size] * block_size + p % block_size`. Per forward (built once, by
+PagedKVCache.prepare before the forward, and used by every layer):
 
   * write: one `index_copy_` of the new rows [B*T, H, D] at their flat rows;
   * read: each row's keys/values 0..kv_len-1 in position order, [B, H, kv_len, D]. A single row
