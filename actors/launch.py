@@ -13,8 +13,9 @@ import logging
 import multiprocessing as mp
 import threading
 
-from actors.channel import reserve_port
+from actors.channel import _take_reserved, reserve_port
 from actors.spec import EngineSpec
+from actors.tp.group import close_group
 from actors.tp.worker import end_workers, spawn_workers
 from actors.verifier import Verifier
 
@@ -58,21 +59,42 @@ class LocalEngine:
         self.spec = spec
         # Tensor-parallel ranks 1..N-1 (actors/tp/) load their shards while the verifier loads rank 0's.
         self.tp_port, self.tp_procs = spawn_workers(spec) if spec.tensor_parallel_size > 1 else (0, [])
-        self.verifier = Verifier(spec)
         self.proc: mp.Process | None = None
+        try:
+            self.verifier = Verifier(spec)
+        except BaseException:
+            self._abandon()
+            raise
         self._stats = None                  # our end of the drafter's stats pipe
         self._stats_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
     def start(self) -> LocalEngine:
-        if self.tp_procs:
-            self.verifier.join_tp("127.0.0.1", self.tp_port)
-        if self.spec.speculative:
-            self.verifier.connect("127.0.0.1", self._spawn_drafter())
+        try:
+            if self.tp_procs:
+                self.verifier.join_tp("127.0.0.1", self.tp_port)
+            if self.spec.speculative:
+                self.verifier.connect("127.0.0.1", self._spawn_drafter())
+        except BaseException:
+            self._abandon()
+            raise
         self._thread = threading.Thread(target=self._run, name="outrider-verifier", daemon=True)
         self._thread.start()
         return self
+
+    def _abandon(self) -> None:
+        """A bring-up that failed: end the processes it started. Nothing else would (the caller
+        never gets this engine to stop), and each holds a model: a TP worker would keep its shard
+        until its rendezvous timed out, minutes later."""
+        for p in [*self.tp_procs, *([self.proc] if self.proc is not None else [])]:
+            p.kill()
+            p.join()
+        if self.tp_procs:
+            close_group()   # rank 0's side, if it formed (a later engine in this process forms its own)
+            sock = _take_reserved(self.tp_port)   # or the port it never took over
+            if sock is not None:
+                sock.close()
 
     def _spawn_drafter(self) -> int:
         port = self.spec.master_port or reserve_port()   # bound here; the verifier's connect takes it over
