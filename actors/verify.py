@@ -226,9 +226,9 @@ def round_outcomes(seqs, rows: list[list[int]], logits: torch.Tensor, vocab: int
 def _per_sequence(seqs, n_pend: list[int], logits: torch.Tensor, vocab: int) -> list[tuple[int, int]]:
     """The reference rule one sequence at a time: what runs on a CPU. There the batched rule's
     [B, K+1, V] temporaries come from fresh pages on every round (glibc maps buffers that large
-    anew), which made it 2.7x slower at V = 49152 (cluster/bench_verify.py: 14.2 against 5.3 ms
-    per round, B = 8, K = 4); one sequence's rows stay in cache. Both give identical (k, t*)
-    (tests/test_verify_batch.py)."""
+    anew), which made it 2.7x slower at V = 49152 (cluster/bench_verify.py with --batched and
+    without: 14.2 against 5.3 ms per round, B = 8, K = 4); one sequence's rows stay in cache.
+    Both give identical (k, t*) (tests/test_verify_batch.py)."""
     out = []
     for i, s in enumerate(seqs):
         kd, p0 = len(s.draft), n_pend[i] - 1

@@ -43,14 +43,16 @@ def batch(B: int, K: int, V: int, params: SamplingParams, seed: int = 0):
     return seqs, rows, logits
 
 
-def time_round(B: int, K: int, V: int, params: SamplingParams, calls: int = 30) -> tuple[float, float]:
-    """(median milliseconds, median minor page faults) per call of round_outcomes."""
+def time_round(B: int, K: int, V: int, params: SamplingParams, calls: int = 30,
+               batched: bool | None = None) -> tuple[float, float]:
+    """(median milliseconds, median minor page faults) per call of round_outcomes (`batched`:
+    force its path; None: the one it picks on this device)."""
     seqs, rows, logits = batch(B, K, V, params)
-    round_outcomes(seqs, rows, logits, V)
+    round_outcomes(seqs, rows, logits, V, batched=batched)
     ms, faults = [], []
     for _ in range(calls):
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time_ns()
-        round_outcomes(seqs, rows, logits, V)
+        round_outcomes(seqs, rows, logits, V, batched=batched)
         ms.append((time.thread_time_ns() - t0) / 1e6)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     return statistics.median(ms), statistics.median(faults)
@@ -61,12 +63,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--vocab", type=int, nargs="+", default=[4096, 49152])
+    ap.add_argument("--batched", action="store_true",
+                    help="time the batched rule (a GPU's path) instead of the one this device picks")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     for V in args.vocab:
         for name, params in SETTINGS.items():
-            ms, faults = time_round(args.batch, args.k, V, params, calls=5 if "top-p" in name and V > 10_000 else 30)
+            ms, faults = time_round(args.batch, args.k, V, params, calls=5 if "top-p" in name and V > 10_000 else 30,
+                                    batched=True if args.batched else None)
             log.info("B=%d K=%d V=%d %-28s %8.3f ms/round %6.0f page faults", args.batch, args.k, V, name, ms, faults)
 
 
