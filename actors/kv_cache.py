@@ -6,7 +6,7 @@ erased: `truncate` only moves the committed length back, because the model atten
 position p to keys 0..p only, and every key in that range is rewritten before it is read again.
 `fork` copies a prefix into other slots so several continuations of it decode as one batch.
 Slots given out as a run (`alloc_run`) are consecutive, so a batch over them reads the cache
-as a view instead of gathering it (see model.py).
+as a view instead of gathering it (`prepare` notes the run, `attend` reads it).
 """
 from __future__ import annotations
 
