@@ -125,7 +125,12 @@ class LocalEngine:
         self.verifier.abort(request_id)
 
     def poll(self, timeout: float = 0.05, linger_s: float = 0.0) -> list[dict]:
-        return self.verifier.poll(timeout, linger_s)
+        events = self.verifier.poll(timeout, linger_s)
+        if not events and self._error is not None:
+            # The loop died: no event will ever come. Raising lets the coordinator fail the open
+            # requests at once (as a dead Ray actor's poll does) instead of leaving them waiting.
+            raise RuntimeError(f"the verifier loop died: {type(self._error).__name__}: {self._error}")
+        return events
 
     def metrics(self) -> dict:
         m = self.verifier.metrics()

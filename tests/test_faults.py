@@ -445,3 +445,33 @@ def test_sigterm_drains_and_exits_cleanly(tiny_pair, tmp_path, ar_refs, held_out
     for name, procs in named.items():
         left = [p.pid for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         assert not left, f"{name} still running after the server exited: {left}"
+
+
+def test_a_dead_local_verifier_loop_fails_open_requests(tiny_pair, held_out_prompts):
+    """`launcher: local` with a bare coordinator (no supervisor: the bench, a script): when the
+    verify loop dies of an exception, the open request ends with an error instead of waiting
+    for events that will never come."""
+    from actors.launch import LocalEngine
+    from actors.sampling import SamplingParams
+    from actors.spec import EngineSpec
+    from cluster.coordinator import Coordinator, GenerateArgs
+
+    engine = LocalEngine(EngineSpec(target=str(tiny_pair / "target"), mode="ar", max_batch=2, max_seq_len=256))
+
+    def broken(seqs):   # a fault inside the round, as a bug or a device error would raise it
+        raise RuntimeError("injected fault in the round")
+
+    engine.verifier._verify = broken
+    engine.start()
+    coord = Coordinator(engine, None)
+    try:
+        h = coord.submit(GenerateArgs(list(held_out_prompts[0]), 16, SamplingParams(), ignore_eos=True))
+        done = threading.Event()
+        final = []
+        threading.Thread(target=lambda: (final.append(h.result()), done.set()), daemon=True).start()
+        assert done.wait(30), "the request still waits on a dead verify loop"
+        assert final[0].finish_reason == "error" and "engine unavailable" in final[0].error
+        assert not engine.verifier_alive()
+    finally:
+        coord.stop()
+        engine.stop()
