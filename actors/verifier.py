@@ -46,6 +46,7 @@ from actors.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
 from actors.compiled import compile_forward
+from actors.devtime import DeviceTimer
 from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv import PagedKVCache, blocks_for
@@ -100,6 +101,7 @@ class Verifier(DrafterLink):
         self._jit_steps = 0                        # draft steps the reply due now waits for
         self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
         self._last_verify_s = 0.0
+        self._timer = DeviceTimer(self.device)   # the verify forward's device time
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -351,15 +353,16 @@ class Verifier(DrafterLink):
         T = max(len(r) for r in rows)
         x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
         pos = torch.tensor([list(range(s.length, s.length + T)) for s in seqs])
-        tf = time.perf_counter()
+        self._timer.start()
         logits = self._forward(x, pos, [s.slot for s in seqs])
-        self._last_verify_s = time.perf_counter() - tf
-        self.times.forward_s += self._last_verify_s
-        self.policy.observe_verify(x.numel(), self._last_verify_s)
+        self._timer.stop()
         if self._deferred is not None and not self._q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.
             rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
+        self._last_verify_s = self._timer.seconds()   # the read-back above waited for the forward
+        self.times.forward_s += self._last_verify_s
+        self.policy.observe_verify(x.numel(), self._last_verify_s)
         t1 = time.perf_counter()
         self.times.verify_s += t1 - t0
         self.times.verify_cpu_s += time.thread_time() - c0
