@@ -104,7 +104,13 @@ class DrafterLink:
         try:
             channel = self._form_channel(addr, port)
         except Exception as e:  # keep serving without a drafter rather than dying
-            log.error("could not join the drafter on %s:%d: %s; speculation stays off", addr, port, e)
+            with self._join_lock:
+                superseded = gen != self._join_gen
+            if superseded:   # a newer restart's join is under way: this one's failure changes nothing
+                log.info("an earlier join of the drafter on %s:%d gave up (a newer one is under way): %s",
+                         addr, port, e)
+            else:
+                log.error("could not join the drafter on %s:%d: %s; speculation stays off", addr, port, e)
             return
         with self._join_lock:
             current = gen == self._join_gen

@@ -34,7 +34,6 @@ def forward_ab(target_dir: str, k: int, ctx: int = 128, steps: int = 40) -> dict
     from actors.loader import load_model
 
     eager, compiled = load_model(target_dir), load_model(target_dir)
-    compiled.load_state_dict(eager.state_dict())
     compile_forward(compiled, "bench")
     out = {}
     for T in (1, k + 1):

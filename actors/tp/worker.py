@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from actors.channel import reserve_port
+from actors.compiled import compile_forward
 from actors.kv import BlockPool
 from actors.kv.paged import read_kv, write_kv
 from actors.loader import load_model
@@ -46,6 +47,8 @@ class TPWorker:
         self.spec, self.rank, self.n = spec, rank, spec.tensor_parallel_size
         self.device = device or spec.target_device
         self.model = load_model(spec.target, spec.target_dtype, self.device, tp=(rank, self.n), head=False)
+        if spec.compile:   # as rank 0's: every rank runs the same forward
+            compile_forward(self.model, f"tensor-parallel rank {rank}")
         a = self.model.args
         self.pool = BlockPool(a.n_layers, spec.target_blocks(), spec.kv_block_size, a.n_kv_heads, a.head_dim,
                               self.model.dtype, self.device)
