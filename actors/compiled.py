@@ -8,10 +8,12 @@ step. Distinct graphs
 remain for what changes the computation (one query row or several, masked or not, a fresh
 prefill), a handful per role, compiled on first use.
 
-On CUDA this is inductor's kernels without CUDA graphs: a graph replay needs every shape fixed,
-and kv_len is not (it would take a paged kernel reading a fixed-size block table, the layout
-actors/kv/ already keeps, plus bucketed batch sizes and K + 1 positions). docs/compiled.md has the
-CPU measurements.
+With padded shapes (`EngineSpec.pads`: compile on CUDA, or `engine.pad_shapes`) decode/verify
+forwards run at fixed bucket shapes (actors/buckets.py, PagedKVCache.prepare_padded), so the
+static forward compiles with `dynamic=False`, one graph per bucket, and on CUDA with
+mode="reduce-overhead": CUDA graphs, the pool's k/v marked static so their in-place writes are
+captured instead of copied. Prefill chunks keep the eager forward. docs/compiled.md has the CPU
+measurements; the CUDA-graph capture itself is untested (no GPU here).
 """
 from __future__ import annotations
 
@@ -35,3 +37,21 @@ def compile_forward(model: nn.Module, role: str) -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
     model.forward = torch.compile(model.forward, dynamic=True)
     log.info("%s: forward compiled with torch.compile (dynamic shapes); graphs build on first use", role)
+
+
+def compile_static(model: nn.Module, role: str, cache, n_shapes: int) -> None:
+    """A fixed-shape forward as `model.static_forward` (the padded decode/verify path); the
+    module's own forward stays eager for prefill chunks. On CUDA: CUDA graphs. `n_shapes`: the
+    buckets' count (Buckets.n_shapes); dynamo's recompile limit is raised to it, or shapes past
+    its default 8 would silently run eager."""
+    cuda = cache.pool.k.is_cuda
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 2 * n_shapes)   # two models may share Transformer.forward
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4 * n_shapes)
+    if cuda:   # written in place by every replay: static addresses, as gpt-fast's cache buffers
+        torch._dynamo.mark_static_address(cache.pool.k)
+        torch._dynamo.mark_static_address(cache.pool.v)
+    # Not fullgraph, as compile_forward: tests/test_buckets.py proves one graph per bucket with it.
+    model.static_forward = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
+    log.info("%s: padded forward compiled with torch.compile (static shapes%s); one graph per bucket",
+             role, ", CUDA graphs" if cuda else "")

@@ -41,7 +41,8 @@ import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
-from actors.compiled import compile_forward
+from actors.buckets import Buckets, kv_step_for, pad_tokens
+from actors.compiled import compile_forward, compile_static
 from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
 from actors.frame import Frame, Rec, Record
 from actors.fanout import split_budget
@@ -65,7 +66,10 @@ class Drafter:
         self.device = spec.draft_device
         self.model = load_model(spec.draft, spec.draft_dtype, self.device)
         self.cache = PagedKVCache.for_model(self.model.args, spec.draft_blocks(), spec.kv_block_size,
-                                            spec.draft_max_len, self.model.dtype, self.device)
+                                            spec.draft_max_len, self.model.dtype, self.device,
+                                            scratch=spec.pads(self.device))
+        self.buckets = Buckets(spec.draft_rows(), spec.k, spec.draft_max_len, kv_step_for(spec.kv_block_size)) \
+            if spec.pads(self.device) else None
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
@@ -76,7 +80,9 @@ class Drafter:
         self._waiter = None      # with online learning: receives frames while the loop trains
         if spec.online_learning is not None:
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
-        if spec.compile and self.online is None:   # a learning drafter trains through the plain forward
+        if spec.compile and self.online is None and self.buckets:
+            compile_static(self.model, "drafter", self.cache, self.buckets.n_shapes())
+        elif spec.compile and self.online is None:   # a learning drafter trains through the plain forward
             compile_forward(self.model, "drafter")
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -343,8 +349,17 @@ class Drafter:
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
-            self.cache.prepare(slots, pos, kv_len)
-            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
+            B, T = tokens.shape
+            shape = self.buckets.shape(B, T, kv_len, last) if self.buckets else None
+            if shape is not None:   # fixed shapes (actors/buckets.py): pad, run, slice back
+                pos = self.cache.prepare_padded(slots, pos, kv_len, shape)
+                tokens, kv_len = pad_tokens(tokens, shape), shape[2]
+            else:
+                self.cache.prepare(slots, pos, kv_len)
+            fwd = self.model if shape is None else getattr(self.model, "static_forward", self.model)
+            logits = fwd(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
+            if shape is not None:   # a CUDA graph's output is overwritten by its next replay
+                logits = logits[:B, :T].clone()
         return logits.float()   # stays on the drafter's device: only drafted tokens are read back
 
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:

@@ -46,6 +46,7 @@ class EngineSpec:
     draft_kv_blocks: int | None = None    # the drafter's; None: derived from the verifier's (draft_blocks)
     prefill_chunk: int = 512        # prompt positions per prefill forward (bounds the logits buffer)
     compile: bool = False           # torch.compile the cached forwards (actors/compiled.py)
+    pad_shapes: bool = False        # pad decode/verify forwards to fixed buckets even off CUDA (testing knob)
     timeout_s: float = 30.0
     master_addr: str = "127.0.0.1"
     master_port: int = 0
@@ -106,7 +107,16 @@ class EngineSpec:
         they fill, and the first may be a copy of the shared block it forked in."""
         return -(-self.k // self.kv_block_size) + 1
 
+    def pads(self, device: str) -> bool:
+        """Whether a role on `device` pads its decode/verify forwards to fixed shapes
+        (actors/buckets.py): always for CUDA-graph capture (compile on CUDA), else if forced."""
+        return self.pad_shapes or (self.compile and str(device).startswith("cuda"))
+
     def target_blocks(self) -> int:
+        """The verifier's pool, plus the scratch block when it pads (reservations never count it)."""
+        return self._target_blocks() + self.pads(self.target_device)
+
+    def _target_blocks(self) -> int:
         if self.target_kv_blocks is not None:
             return self.target_kv_blocks
         return self.max_batch * -(-self.target_max_len // self.kv_block_size)
@@ -115,9 +125,14 @@ class EngineSpec:
         """Enough that the drafter never runs out while the verifier admits by reservation: the
         verifier's blocks (every committed position), per sequence a draft's overhang, and
         per sequence max_branches branches of branch_blocks each."""
+        scratch = self.pads(self.draft_device)
         if self.draft_kv_blocks is not None:
-            return self.draft_kv_blocks
-        return self.target_blocks() + self.max_batch * (1 + self.max_branches) * self.branch_blocks
+            return self.draft_kv_blocks + scratch
+        return self._target_blocks() + self.max_batch * (1 + self.max_branches) * self.branch_blocks + scratch
+
+    def draft_rows(self) -> int:
+        """The most rows one drafter forward batches: every sequence's branches and its own row."""
+        return self.max_batch * (1 + self.max_branches)
 
     def reserve_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
         """Positions a verifier sequence can ever write: prompt + max_new_tokens + a padded K."""

@@ -45,7 +45,8 @@ import torch
 from actors.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
-from actors.compiled import compile_forward
+from actors.buckets import Buckets, kv_step_for, pad_tokens
+from actors.compiled import compile_forward, compile_static
 from actors.devtime import DeviceTimer
 from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
@@ -74,13 +75,18 @@ class Verifier(DrafterLink):
         self.device = spec.target_device
         n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/tp/)
         self.model = load_model(spec.target, spec.target_dtype, self.device, tp=(0, n_tp))
-        if spec.compile:
-            compile_forward(self.model, "verifier")
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
         # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.
         self.cache = PagedKVCache.for_model(self.model.args, spec.target_blocks(), spec.kv_block_size,
-                                            spec.target_max_len, self.model.dtype, self.device)
+                                            spec.target_max_len, self.model.dtype, self.device,
+                                            scratch=spec.pads(self.device))
+        self.buckets = Buckets(spec.max_batch, spec.k, spec.target_max_len, kv_step_for(spec.kv_block_size)) \
+            if spec.pads(self.device) else None
+        if spec.compile and self.buckets:
+            compile_static(self.model, "verifier", self.cache, self.buckets.n_shapes())
+        elif spec.compile:
+            compile_forward(self.model, "verifier")
         self.tp = TPLead(n_tp, self.device, spec.timeout_s, self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None
@@ -146,9 +152,9 @@ class Verifier(DrafterLink):
         if req.k is not None and req.k > self.k:
             raise ValueError(f"k must be at most speculation.k = {self.k}, got {req.k}")
         need = blocks_for(self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens), self.spec.kv_block_size)
-        if need > self.cache.pool.n_blocks:
+        if need > self.cache.capacity:
             raise ValueError(f"prompt + max_new_tokens needs {need} KV blocks; the whole cache has "
-                             f"{self.cache.pool.n_blocks} (engine.kv_cache_memory)")
+                             f"{self.cache.capacity} (engine.kv_cache_memory)")
         self._inbox.put((req, time.perf_counter()))
 
     def abort(self, request_id: int) -> None:
@@ -341,10 +347,19 @@ class Verifier(DrafterLink):
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
         with torch.inference_mode():
             dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
-            self.cache.prepare(slots, pos, kv_len)
+            B, T = tokens.shape
+            shape = self.buckets.shape(B, T, kv_len, last) if self.buckets else None
+            if shape is not None:   # fixed shapes (actors/buckets.py): pad, run, slice back
+                pos = self.cache.prepare_padded(slots, pos, kv_len, shape)
+                tokens, kv_len = pad_tokens(tokens, shape), shape[2]
+            else:
+                self.cache.prepare(slots, pos, kv_len)
             if self.tp is not None:   # the other ranks run this very forward with us
                 self.tp.call(tokens, pos, kv_len, last, self.cache)
-            logits = self.model(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
+            fwd = self.model if shape is None else getattr(self.model, "static_forward", self.model)
+            logits = fwd(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
+            if shape is not None:   # a CUDA graph's output is overwritten by its next replay
+                logits = logits[:B, :T].clone()
         return logits.float()   # stays on the device: verification reads back only (k, t*)
 
     def _verify(self, seqs: list[Seq]) -> None:

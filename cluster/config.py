@@ -161,9 +161,13 @@ class EngineConfig(_Section):
     kv_cache_memory: int | float | str | None = None
     kv_block_size: int = Field(16, ge=1, le=1024)   # positions per KV block
     prefill_chunk: int = Field(512, ge=16)          # prompt positions per prefill forward
-    # torch.compile the decode/verify forwards (inductor; dynamic shapes). Opt-in: on CPU it
-    # measured slower than eager (docs/compiled.md); the compile itself takes seconds to minutes.
+    # torch.compile the decode/verify forwards. Opt-in: on CPU it measured slower than eager
+    # (docs/compiled.md); the compile itself takes seconds to minutes. On CUDA the forwards run at
+    # padded bucket shapes and are captured as CUDA graphs (actors/buckets.py); elsewhere dynamic.
     compile: bool = False
+    # Testing/CPU knob: pad decode/verify forwards to the fixed bucket shapes CUDA graphs use even
+    # off CUDA (with compile: static shapes, one graph per bucket, no CUDA graphs).
+    pad_shapes: bool = False
 
     @field_validator("kv_cache_memory")
     @classmethod

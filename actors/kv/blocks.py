@@ -16,6 +16,10 @@ Admission uses *reservations*: a sequence reserves the most blocks it can ever h
 max_new_tokens + K), so an admitted sequence never runs out of cache halfway; `can_reserve`
 tells the admitter whether the next one fits. Sides that fork (the drafter) are sized by the
 memory plan (cluster/memory_plan.py) so they never need to refuse.
+
+With padded shapes (actors/buckets.py) one block is the *scratch* block: taken out of the free
+list for good, never in any table, it is where dummy rows and padding positions write and what
+reads past a table's end point at. Reservations count the other blocks only (`capacity`).
 """
 from __future__ import annotations
 
@@ -96,7 +100,7 @@ class PagedKVCache:
     """Sequences as block tables over one BlockPool. A handle (int) names a table, where the
     slot-based KVCache names a slot; `attend` is what the model's attention calls."""
 
-    def __init__(self, pool: BlockPool, max_len: int):
+    def __init__(self, pool: BlockPool, max_len: int, scratch: bool = False):
         self.pool = pool
         self.max_len = max_len
         self.block_size = pool.block_size
@@ -105,27 +109,35 @@ class PagedKVCache:
         self.reserved: dict[int, int] = {}    # handle -> blocks reserved at admission
         self._next = 0
         self._plan: tuple | None = None       # this forward's indices, built by prepare
+        # padded forwards' write target (prepare_padded); the pool's lowest free block
+        self.scratch: int | None = pool.take() if scratch else None
+        self.padded_forwards = 0              # plans built by prepare_padded
 
     @classmethod
     def for_model(cls, args, n_blocks: int, block_size: int, max_len: int, dtype=torch.float32,
-                  device="cpu") -> PagedKVCache:
+                  device="cpu", scratch: bool = False) -> PagedKVCache:
         return cls(BlockPool(args.n_layers, n_blocks, block_size, args.n_kv_heads, args.head_dim, dtype, device),
-                   max_len)
+                   max_len, scratch)
 
     # -- tables --------------------------------------------------------------------------
     @property
     def n_reserved(self) -> int:
         return sum(self.reserved.values())
 
+    @property
+    def capacity(self) -> int:
+        """Blocks sequences can hold: the pool's, less the scratch block."""
+        return self.pool.n_blocks - (self.scratch is not None)
+
     def can_reserve(self, n_tokens: int) -> bool:
-        return self.n_reserved + blocks_for(n_tokens, self.block_size) <= self.pool.n_blocks
+        return self.n_reserved + blocks_for(n_tokens, self.block_size) <= self.capacity
 
     def alloc(self, reserve_tokens: int = 0) -> int:
         """A new, empty table; with `reserve_tokens`, blocks for that many positions are set
         aside for it (CacheFullError when they are not there)."""
         need = blocks_for(reserve_tokens, self.block_size)
-        if need and self.n_reserved + need > self.pool.n_blocks:
-            raise CacheFullError(f"cannot reserve {need} KV blocks: {self.n_reserved} of {self.pool.n_blocks} "
+        if need and self.n_reserved + need > self.capacity:
+            raise CacheFullError(f"cannot reserve {need} KV blocks: {self.n_reserved} of {self.capacity} "
                                  "are reserved")
         h = self._next
         self._next += 1
@@ -181,8 +193,11 @@ class PagedKVCache:
 
     def check(self) -> None:
         """Every reference count equals the number of tables that hold the block (no leak, no
-        double free). Raises AssertionError otherwise."""
+        double free); the scratch block, if any, holds exactly one (its own). Raises AssertionError
+        otherwise."""
         counts = [0] * self.pool.n_blocks
+        if self.scratch is not None:
+            counts[self.scratch] = 1
         for t in self.tables.values():
             for b in t:
                 counts[b] += 1
@@ -201,6 +216,39 @@ class PagedKVCache:
         bs, device = self.block_size, self.pool.k.device
         pos = input_pos.cpu()   # callers pass host positions; a device tensor costs one sync here
         lo, hi = pos[:, 0].tolist(), pos[:, -1].tolist()   # every row's positions are ascending
+        self._own(handles, lo, hi)
+        from actors.kv.paged import build_indices
+
+        self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
+        self.aligned = rows_aligned(pos, kv_len)
+        self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
+
+    def prepare_padded(self, handles: list[int], input_pos: torch.Tensor, kv_len: int, shape) -> torch.Tensor:
+        """`prepare` for a forward padded to `shape` = (rows, T', kv_len') (actors/buckets.py):
+        input_pos [B, T] are the real rows' host positions, kv_len >= theirs. Real rows own blocks
+        for their real positions only (no extra blocks, reservations hold); dummy rows and padding
+        positions write into the scratch block; reads past a table's end read scratch. The plan
+        is always masked (aligned/causal False), so each real query sees exactly the keys it sees
+        unpadded. Returns the padded host positions [rows, T'] the forward must be given."""
+        from actors.buckets import pad_positions
+        from actors.kv.paged import build_padded_indices
+
+        if self.scratch is None:
+            raise ValueError("a padded forward needs a cache built with scratch=True")
+        pos = input_pos.cpu()
+        if shape[2] < kv_len or shape[0] < pos.shape[0] or shape[1] < pos.shape[1]:
+            raise ValueError(f"padded shape {shape} is smaller than the forward's {tuple(pos.shape)}, kv_len {kv_len}")
+        self._own(handles, pos[:, 0].tolist(), pos[:, -1].tolist())
+        padded = pad_positions(pos, shape)
+        self._plan = build_padded_indices([self.tables[h] for h in handles], padded, pos.shape[1], shape[2],
+                                          self.block_size, self.scratch, self.pool.k.device)
+        self.aligned = self.causal = False
+        self.padded_forwards += 1
+        return padded
+
+    def _own(self, handles: list[int], lo: list[int], hi: list[int]) -> None:
+        """Give every row blocks for positions lo..hi, copying any shared block it writes into."""
+        bs = self.block_size
         for h, a, z in zip(handles, lo, hi):
             t = self.tables[h]
             if z >= self.max_len:
@@ -210,11 +258,6 @@ class PagedKVCache:
             for i in range(a // bs, z // bs + 1):
                 if self.pool.ref[t[i]] > 1:
                     t[i] = self.pool.copy(t[i])
-        from actors.kv.paged import build_indices
-
-        self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
-        self.aligned = rows_aligned(pos, kv_len)
-        self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
 
     @property
     def plan(self) -> tuple | None:

@@ -74,3 +74,25 @@ def read_kv(pool, layer: int, plan: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     B = where.numel() // kv_len
     return (kf.index_select(0, where).view(B, kv_len, H, D).transpose(1, 2),
             vf.index_select(0, where).view(B, kv_len, H, D).transpose(1, 2))
+
+
+def build_padded_indices(tables: list[list[int]], pos: torch.Tensor, n_real: int, kv_len: int, block_size: int,
+                         scratch: int, device: torch.device) -> tuple:
+    """(write, read) for a padded forward (actors/buckets.py), always as index tensors so their
+    shapes depend on the bucket alone: write [rows*T], read ("gather", [rows*kv_len], kv_len).
+    `pos` is the padded [rows, T]; `tables` are the real rows', whose first `n_real` positions are
+    theirs. Every other write (a dummy row's, a real row's padding) lands in the `scratch` block,
+    so a real row writes nothing outside its own positions; every read past a table's end reads
+    scratch, and the caller's mask hides it from real queries."""
+    rows, T = pos.shape
+    nblk = -(-kv_len // block_size)
+    blk = torch.full((rows, nblk), scratch, dtype=torch.long)
+    for i, t in enumerate(tables):
+        n = min(len(t), nblk)
+        blk[i, :n] = torch.tensor(t[:n], dtype=torch.long)
+    write = scratch * block_size + torch.arange(T).remainder(block_size).repeat(rows, 1)
+    p = pos[:len(tables), :n_real].long()
+    write[:len(tables), :n_real] = blk[:len(tables)].gather(1, p // block_size) * block_size + p % block_size
+    ar = torch.arange(kv_len)
+    read = (blk[:, ar // block_size] * block_size + ar % block_size).reshape(rows * kv_len)
+    return write.reshape(rows * T).to(device), ("gather", read.to(device), kv_len)
