@@ -32,14 +32,15 @@ class Buckets:
     max_len: int        # the cache's max_len (positions a table may reach)
     kv_step: int = 128  # kv_len granularity (a multiple of the block size keeps gathers block-aligned)
 
-    def shape(self, B: int, T: int, kv_len: int, last: bool = False) -> Shape | None:
-        """The padded (B, T, kv_len) of a forward, or None for one that runs unpadded."""
-        if last or T > self.k + 1:
+    def shape(self, n_rows: int, n_tok: int, kv_len: int, last: bool = False) -> Shape | None:
+        """The padded (rows, tokens per row, kv_len) of a forward of n_rows x n_tok tokens, or
+        None for one that runs unpadded."""
+        verify = self.k + 1
+        if last or n_tok > verify:
             return None
-        rows = 1 << (B - 1).bit_length()
-        rows = B if B > self.max_rows else min(rows, self.max_rows)
+        rows = min(1 << (n_rows - 1).bit_length(), max(self.max_rows, n_rows))   # past max_rows: as is
         kv = min(-(-kv_len // self.kv_step) * self.kv_step, self.max_len)
-        return rows, (1 if T == 1 else self.k + 1), max(kv, kv_len)
+        return rows, (1 if n_tok == 1 else verify), max(kv, kv_len)
 
     def n_shapes(self) -> int:
         """How many distinct shapes `shape` can return (the compiled graphs' upper bound)."""

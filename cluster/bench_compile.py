@@ -2,6 +2,7 @@
 
     outrider bench -c configs/local-cpu.yaml --compile [--quick]
     python -m cluster.bench_compile -c configs/local-cpu.yaml [--prompts 6] [--new-tokens 64]
+    python -m cluster.bench_compile --padded-forward   # eager vs the padded, static-shape forward
 
 Two parts, both A/B within the same run so the machine's drift falls on both alike:
   * t_verify(K+1) and t(1): the target's forward alone over a prepared paged cache (the verify
@@ -27,21 +28,27 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def forward_ab(target_dir: str, k: int, ctx: int = 128, steps: int = 40) -> dict:
-    """Median ms of the target's forward at T = 1 and T = K+1, eager vs compiled, alternating."""
-    from actors.compiled import compile_forward
+def forward_ab(target_dir: str, k: int, ctx: int = 128, steps: int = 40, padded: bool = False) -> dict:
+    """Median ms of the target's forward at T = 1 and T = K+1, eager vs compiled, alternating.
+    `padded`: the compiled side is the fixed-shape path CUDA graphs need (actors/buckets.py): one
+    real row padded to a batch of 2, kv_len to a multiple of 128, a static-shape compile."""
+    from actors.buckets import Buckets, pad_tokens
+    from actors.compiled import compile_forward, compile_static
     from actors.kv import PagedKVCache
     from actors.loader import load_model
 
     eager, compiled = load_model(target_dir), load_model(target_dir)
-    compile_forward(compiled, "bench")
+    fwd = {"eager": eager, "compiled": compiled}
+    if not padded:
+        compile_forward(compiled, "bench")
     out = {}
     for T in (1, k + 1):
         times = {"eager": [], "compiled": []}
         caches = {}
         for name, m in (("eager", eager), ("compiled", compiled)):
             max_len = ctx + steps + 3 + T
-            c = PagedKVCache.for_model(m.args, -(-max_len // 16), 16, max_len)
+            pad = padded and name == "compiled"
+            c = PagedKVCache.for_model(m.args, -(-max_len // 16) + pad, 16, max_len, scratch=pad)
             h = c.alloc()
             pos = torch.arange(ctx)[None]
             with torch.inference_mode():
@@ -49,17 +56,27 @@ def forward_ab(target_dir: str, k: int, ctx: int = 128, steps: int = 40) -> dict
                 m(torch.zeros(1, ctx, dtype=torch.long), pos, c, kv_len=ctx)
             c.advance(h, ctx)
             caches[name] = (c, h)
+        if padded:
+            c = caches["compiled"][0]
+            buckets = Buckets(max_rows=2, k=k, max_len=c.max_len)
+            if T == 1:
+                compile_static(compiled, "bench", c, buckets.n_shapes())
+            fwd["compiled"] = compiled.static_forward
         t_compile = time.perf_counter()
         for i in range(steps + 3):   # the first calls compile: not timed
-            for name, m in ((("eager", eager), ("compiled", compiled)) if i % 2 else
-                            (("compiled", compiled), ("eager", eager))):
+            for name in (("eager", "compiled") if i % 2 else ("compiled", "eager")):
                 c, h = caches[name]
                 L = ctx + i
-                pos = torch.arange(L, L + T)[None]
-                c.prepare([h], pos, L + T)
+                pos, toks, kv_len = torch.arange(L, L + T)[None], torch.ones(1, T, dtype=torch.long), L + T
                 with torch.inference_mode():
+                    if padded and name == "compiled":   # both sides time the forward alone
+                        shape = (2, T, buckets.shape(1, T, kv_len)[2])
+                        pos = c.prepare_padded([h], pos, kv_len, shape)
+                        toks, kv_len = pad_tokens(toks, shape), shape[2]
+                    else:
+                        c.prepare([h], pos, kv_len)
                     t0 = time.perf_counter()
-                    m(torch.ones(1, T, dtype=torch.long), pos, c, kv_len=L + T)
+                    fwd[name](toks, pos, c, kv_len=kv_len)
                     dt = time.perf_counter() - t0
                 c.advance(h, L + 1)
                 if i >= 3:
@@ -141,8 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--padded-forward", action="store_true",
+                   help="only the forward A/B: eager against the padded, static-shape compiled forward")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if a.padded_forward:
+        from cluster.config import load_config
+        from cluster.deployment import engine_spec
+
+        spec = engine_spec(load_config(a.config, {"speculation.mode": "ssd"}))
+        torch.set_num_threads(1)
+        for key, v in forward_ab(spec.target, spec.k, padded=True).items():
+            sys.stdout.write(f"| {key} ms | {v['eager']:.2f} | {v['compiled']:.2f} | "
+                             f"{v['compiled'] / v['eager']:.2f}x |\n")
+        return 0
     return run(a.config, a.out, a.prompts, a.new_tokens)
 
 
