@@ -1,17 +1,23 @@
-"""Online drafter learning, measured: a weak drafter serves a stream of requests from one domain
-twice on the same prompts, with speculation.online_learning off and on (adaptive K on in both).
+"""Online drafter learning, measured: a weak drafter serves a stream of requests from one domain,
+once per arm on the same prompts (adaptive K on in every arm): `off` (no learning), `on` (learning,
+the KV computed with older weights kept) and `recompute` (learning with
+speculation.online_learning.recompute_kv: that KV is recomputed after steps).
 
-The weak drafter is the tiny pair's drafter shape with fresh random weights (it has never seen
-the target), saved beside the pair as draft-untrained. The stream is code prompts from held-out
+The weak drafter is the pair's drafter shape with fresh random weights (it has never seen the
+target), saved beside the pair as draft-untrained; `--pair tiny` (the tests' pair: the drafter
+costs half a target forward) or `--pair bench` (configs/bench-cpu.yaml: a target >= 10x its
+drafter's cost, where acceptance can turn into speed). The stream is code prompts from held-out
 modules, `--concurrency` requests at a time with `--gap-s` of idle between blocks (a server that
 is not saturated: the idle is where the drafter trains). Per request: acceptance (accepted /
-drafted tokens) and tokens per second (completion tokens / request latency). The bench also
-measures the drafters' greedy agreement with the target on the stream's own continuations,
+drafted tokens) and tokens per second (completion tokens / request latency). The arms' outputs
+must be token-identical, and a sample of them equal plain AR decoding of the target. The bench
+also measures the drafters' greedy agreement with the target on the stream's own continuations,
 before and after (teacher-forced, independent of how often adaptive K drafts), on the stream's
-requests and on held-out code prompts the stream never contained. Writes a plot
-and a JSON next to each other; prints the report.
+requests and on held-out code prompts the stream never contained. Writes a plot and a JSON next
+to each other; prints the report.
 
     python -m cluster.bench_online --requests 200 --out docs/bench/online
+    python -m cluster.bench_online --pair bench --arms off,on,recompute --out docs/bench/online-bench
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import argparse
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -102,16 +109,35 @@ def summary(rows: list[dict], lo: int, hi: int) -> dict:
             "tokens_per_s": sum(r["tokens"] for r in part) / sum(r["seconds"] for r in part)}
 
 
+CONFIGS = {"tiny": "configs/local-cpu.yaml", "bench": "configs/bench-cpu.yaml"}
+
+
+def arm_overrides(arm: str, a, ckpt: Path) -> dict:
+    """The config overrides of one arm beyond the shared ones."""
+    if arm == "off":
+        return {}
+    if arm not in ("on", "recompute"):
+        raise SystemExit(f"--arms: unknown arm {arm!r} (off, on, recompute)")
+    ol = "speculation.online_learning."
+    return {ol + "enabled": True, ol + "lr": a.lr, ol + "max_steps_per_s": a.steps_per_s,
+            ol + "batch_size": a.train_batch, ol + "window_tokens": a.train_window,
+            ol + "save_path": str(ckpt), ol + "recompute_kv": arm == "recompute"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pair", choices=sorted(CONFIGS), default="tiny")
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--gap-s", type=float, default=0.1, help="idle between blocks of requests")
     ap.add_argument("--max-new", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--steps-per-s", type=float, default=100.0)
+    ap.add_argument("--train-batch", type=int, default=8, help="windows per optimizer step")
+    ap.add_argument("--train-window", type=int, default=128, help="tokens per training window")
     ap.add_argument("--window", type=int, default=20, help="requests per point of the plot")
-    ap.add_argument("--order", default="off,on", help="which arm runs first (the CPU is shared: swap to check)")
+    ap.add_argument("--arms", "--order", dest="arms", default="off,on",
+                    help="arms in the order they run: off, on, recompute (the CPU is shared: swap to check)")
     ap.add_argument("--out", default="docs/bench/online")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -123,7 +149,7 @@ def main(argv=None) -> int:
     from cluster.config import load_config
     from cluster.deployment import engine_spec
 
-    pair = build_pair("tiny")
+    pair = build_pair(a.pair)
     weak = untrained_drafter(pair)
     tok = Tokenizer(pair / "target")
     pool = corpus_prompts("code", 10_000)
@@ -133,49 +159,64 @@ def main(argv=None) -> int:
     prompts = (prompts * (a.requests // len(prompts) + 1))[:a.requests]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "adapted-drafter"
-    base = {"models.draft.path": str(weak), "speculation.adaptive": True, "engine.max_batch": 8}
+    names = a.arms.split(",")
+    ckpts = {arm: out / ("adapted-drafter" if arm == "on" else f"adapted-drafter-{arm}") for arm in names}
+    base = {"models.draft.path": str(weak), "speculation.adaptive": True,
+            "engine.max_batch": max(8, a.concurrency)}
     arms = {}
-    for arm in a.order.split(","):
-        ov = dict(base)
-        if arm == "on":
-            ov.update({"speculation.online_learning.enabled": True, "speculation.online_learning.lr": a.lr,
-                       "speculation.online_learning.max_steps_per_s": a.steps_per_s,
-                       "speculation.online_learning.save_path": str(ckpt)})
+    for arm in names:
+        ov = {**base, **arm_overrides(arm, a, ckpts[arm])}
+        shutil.rmtree(ckpts[arm], ignore_errors=True)
         t0 = time.perf_counter()
-        rows, m = run_arm(engine_spec(load_config("configs/local-cpu.yaml", ov)), prompts, a.concurrency, a.gap_s,
+        rows, m = run_arm(engine_spec(load_config(CONFIGS[a.pair], ov)), prompts, a.concurrency, a.gap_s,
                           a.max_new)
         d = m.get("drafter") or {}
         arms[arm] = {"rows": rows, "wall_s": time.perf_counter() - t0,
                      "drafter": {k: v for k, v in d.items() if isinstance(v, (int, float))},
-                     "verifier_wait_s": m.get("wait_s"), "verifier_steps": m.get("steps")}
+                     "verifier": {k: m.get(k) for k in ("wait_s", "table_wait_s", "verify_s", "prefill_s", "idle_s",
+                                                        "steps", "rounds")},
+                     "adaptive": m.get("adaptive")}
         print(f"{arm}: {len(rows)} requests in {arms[arm]['wall_s']:.1f}s; drafter {arms[arm]['drafter']}")
-    for i, (x, y) in enumerate(zip(arms["off"]["rows"], arms["on"]["rows"])):
-        if x["out"] != y["out"]:
-            raise SystemExit(f"request {i}: the two arms' greedy outputs differ: exactness is broken")
-    from actors.loader import load_model
-
-    target = load_model(pair / "target")
-    sample = list(range(0, a.requests, max(1, a.requests // 40)))
-    ps, cs = [prompts[i] for i in sample], [arms["off"]["rows"][i]["out"] for i in sample]
+    first = names[0]
+    for arm in names[1:]:
+        for i, (x, y) in enumerate(zip(arms[first]["rows"], arms[arm]["rows"])):
+            if x["out"] != y["out"]:
+                raise SystemExit(f"request {i}: arms {first} and {arm} give different greedy outputs: "
+                                 "exactness is broken")
     from actors.generate import generate_ar
+    from actors.loader import load_model
     from actors.sampling import SamplingParams
     from actors.stopping import StopCriteria
 
-    held_c = [generate_ar(target, p, StopCriteria(a.max_new), SamplingParams()).tokens for p in held]
-    agree = {"stream": {name: agreement(path, target, ps, cs) for name, path in
-                        (("before", weak), ("after", ckpt), ("pair_drafter", pair / "draft"))},
-             "held_out": {name: agreement(path, target, held, held_c) for name, path in
-                          (("before", weak), ("after", ckpt), ("pair_drafter", pair / "draft"))}}
+    target = load_model(pair / "target")
+    ar = lambda p: generate_ar(target, p, StopCriteria(a.max_new), SamplingParams()).tokens  # noqa: E731
+    sample = list(range(0, a.requests, max(1, a.requests // 40)))
+    ps, cs = [prompts[i] for i in sample], [arms[first]["rows"][i]["out"] for i in sample]
+    same_as_ar = sum(ar(p) == c for p, c in zip(ps, cs))
+    held_c = [ar(p) for p in held]
+    drafters = [("before", weak)] + [(f"after_{arm}", ckpts[arm]) for arm in names if arm != "off"] + \
+        [("pair_drafter", pair / "draft")]
+    agree = {"stream": {name: agreement(path, target, ps, cs) for name, path in drafters},
+             "held_out": {name: agreement(path, target, held, held_c) for name, path in drafters}}
     n = a.requests
     marks = sorted({min(n, m) for m in (50, 100, 200, n)})
-    report = {"requests": n, "concurrency": a.concurrency, "gap_s": a.gap_s, "max_new": a.max_new, "lr": a.lr,
-              "steps_per_s": a.steps_per_s, "greedy_agreement": agree, "identical_outputs": True,
+    build = json.loads((pair / "build.json").read_text())
+    report = {"command": "python -m cluster.bench_online " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "pair": a.pair, "cost_ratio": build.get("cost_ratio"), "requests": n, "concurrency": a.concurrency,
+              "gap_s": a.gap_s, "max_new": a.max_new, "lr": a.lr, "steps_per_s": a.steps_per_s,
+              "train_batch": a.train_batch, "train_window": a.train_window, "arms": names,
+              "greedy_agreement": agree, "identical_outputs": True,
+              "equal_to_ar": f"{same_as_ar}/{len(sample)}",
               "windows": {f"{max(0, m - a.window)}-{m}": {arm: summary(arms[arm]["rows"], max(0, m - a.window), m)
                                                           for arm in arms} for m in marks},
               "whole": {arm: summary(arms[arm]["rows"], 0, n) for arm in arms},
+              "wall_s": {arm: arms[arm]["wall_s"] for arm in arms},
               "drafter": {arm: arms[arm]["drafter"] for arm in arms},
-              "verifier_wait_s": {arm: arms[arm]["verifier_wait_s"] for arm in arms}}
+              "verifier": {arm: arms[arm]["verifier"] for arm in arms},
+              "adaptive_policy_at_end": {arm: arms[arm]["adaptive"] for arm in arms},
+              "per_request": {arm: {"columns": ["tokens", "seconds", "drafted", "accepted"],
+                                    "rows": [[r["tokens"], round(r["seconds"], 4), r["drafted"], r["accepted"]]
+                                             for r in arms[arm]["rows"]]} for arm in arms}}
     (out / "online.json").write_text(json.dumps(report, indent=2))
 
     import matplotlib
@@ -183,19 +224,22 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    for arm, style in (("off", "--"), ("on", "-")):
+    styles = {"off": "--", "on": "-", "recompute": ":"}
+    for arm in names:
         acc, tps = windowed(arms[arm]["rows"], a.window)
         xs = range(1, n + 1)
-        ax1.plot(xs, acc, style, label=f"online learning {arm}")
-        ax2.plot(xs, tps, style, label=f"online learning {arm}")
+        label = {"off": "online learning off", "on": "on (old-weight KV kept)",
+                 "recompute": "on (KV recomputed after steps)"}[arm]
+        ax1.plot(xs, acc, styles[arm], label=label)
+        ax2.plot(xs, tps, styles[arm], label=label)
     ax1.set_ylabel(f"acceptance (last {a.window} requests)")
     ax2.set_ylabel(f"tokens/s per request (last {a.window})")
     ax2.set_xlabel("requests served")
     ax1.legend()
-    ax1.set_title("untrained drafter, tiny target, code stream, adaptive K")
+    ax1.set_title(f"untrained drafter, {a.pair} pair, code stream, adaptive K")
     fig.tight_layout()
     fig.savefig(out / "online.png", dpi=100)
-    print(json.dumps({k: report[k] for k in ("greedy_agreement", "windows", "whole")}, indent=1))
+    print(json.dumps({k: report[k] for k in ("greedy_agreement", "equal_to_ar", "windows", "whole")}, indent=1))
     return 0
 
 
