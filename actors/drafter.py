@@ -41,15 +41,13 @@ import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
-from actors.buckets import Buckets, kv_step_for, pad_tokens
-from actors.compiled import compile_forward, compile_static
 from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
 from actors.frame import Frame, Rec, Record
 from actors.fanout import split_budget
-from actors.kv import PagedKVCache
 from actors.loader import load_model
 from actors.ngram import propose_ngram
 from actors.online import OnlineLearner, TrainWhileWaiting
+from actors.runner import Runner
 from actors.sampling import DRAFT, keyed_uniforms, probs_from_logits, saguaro_scale, sample
 from actors.spec import EngineSpec
 from actors.wire import HIT, MISS, NO_LOOKUP, decode_params, encode_table
@@ -65,11 +63,6 @@ class Drafter:
         self.k = spec.k
         self.device = spec.draft_device
         self.model = load_model(spec.draft, spec.draft_dtype, self.device)
-        self.cache = PagedKVCache.for_model(self.model.args, spec.draft_blocks(), spec.kv_block_size,
-                                            spec.draft_max_len, self.model.dtype, self.device,
-                                            scratch=spec.pads(self.device))
-        self.buckets = Buckets(spec.draft_rows(), spec.k, spec.draft_max_len, kv_step_for(spec.kv_block_size)) \
-            if spec.pads(self.device) else None
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
@@ -80,10 +73,10 @@ class Drafter:
         self._waiter = None      # with online learning: receives frames while the loop trains
         if spec.online_learning is not None:
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
-        if spec.compile and self.online is None and self.buckets:
-            compile_static(self.model, "drafter", self.cache, self.buckets.n_shapes())
-        elif spec.compile and self.online is None:   # a learning drafter trains through the plain forward
-            compile_forward(self.model, "drafter")
+        # A learning drafter trains through the plain forward: it is never compiled.
+        self._forward = Runner(self.model, spec, "drafter", self.device, spec.draft_blocks(), spec.draft_rows(),
+                               spec.draft_max_len, compile_ok=self.online is None)
+        self.cache = self._forward.cache
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -345,22 +338,6 @@ class Drafter:
             self.cache.advance(slots[i], length)
             out.append((t, qs[i] if i in sampled_rows else None, dists[i], length))
         return out
-
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
-        with torch.inference_mode():
-            dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
-            B, T = tokens.shape
-            shape = self.buckets.shape(B, T, kv_len, last) if self.buckets else None
-            if shape is not None:   # fixed shapes (actors/buckets.py): pad, run, slice back
-                pos = self.cache.prepare_padded(slots, pos, kv_len, shape)
-                tokens, kv_len = pad_tokens(tokens, shape), shape[2]
-            else:
-                self.cache.prepare(slots, pos, kv_len)
-            fwd = self.model if shape is None else getattr(self.model, "static_forward", self.model)
-            logits = fwd(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
-            if shape is not None:   # a CUDA graph's output is overwritten by its next replay
-                logits = logits[:B, :T].clone()
-        return logits.float()   # stays on the drafter's device: only drafted tokens are read back
 
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
         if self.spec.fan_out is not None:

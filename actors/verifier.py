@@ -45,15 +45,14 @@ import torch
 from actors.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
-from actors.buckets import Buckets, kv_step_for, pad_tokens
-from actors.compiled import compile_forward, compile_static
 from actors.devtime import DeviceTimer
 from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
-from actors.kv import PagedKVCache, blocks_for
+from actors.kv import blocks_for
 from actors.loader import load_model
 from actors.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
 from actors.spec import EngineSpec
+from actors.runner import Runner
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
 from actors.tp.group import TPLead
@@ -78,16 +77,10 @@ class Verifier(DrafterLink):
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
         # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.
-        self.cache = PagedKVCache.for_model(self.model.args, spec.target_blocks(), spec.kv_block_size,
-                                            spec.target_max_len, self.model.dtype, self.device,
-                                            scratch=spec.pads(self.device))
-        self.buckets = Buckets(spec.max_batch, spec.k, spec.target_max_len, kv_step_for(spec.kv_block_size)) \
-            if spec.pads(self.device) else None
-        if spec.compile and self.buckets:
-            compile_static(self.model, "verifier", self.cache, self.buckets.n_shapes())
-        elif spec.compile:
-            compile_forward(self.model, "verifier")
-        self.tp = TPLead(n_tp, self.device, spec.timeout_s, self.cache.pool) if n_tp > 1 else None
+        self._forward = Runner(self.model, spec, "verifier", self.device, spec.target_blocks(), spec.max_batch,
+                               spec.target_max_len)
+        self.cache = self._forward.cache
+        self.tp = self._forward.tp = TPLead(n_tp, self.device, spec.timeout_s, self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None
         self.drafter_ok = False
@@ -344,24 +337,6 @@ class Verifier(DrafterLink):
         self.times.wait_s += (time.perf_counter_ns() - t0) / 1e9
 
     # -- verification ------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, slots: list[int], last: bool = False) -> torch.Tensor:
-        with torch.inference_mode():
-            dev, kv_len = self.device, int(pos.max()) + 1   # host positions: no device read
-            B, T = tokens.shape
-            shape = self.buckets.shape(B, T, kv_len, last) if self.buckets else None
-            if shape is not None:   # fixed shapes (actors/buckets.py): pad, run, slice back
-                pos = self.cache.prepare_padded(slots, pos, kv_len, shape)
-                tokens, kv_len = pad_tokens(tokens, shape), shape[2]
-            else:
-                self.cache.prepare(slots, pos, kv_len)
-            if self.tp is not None:   # the other ranks run this very forward with us
-                self.tp.call(tokens, pos, kv_len, last, self.cache)
-            fwd = self.model if shape is None else getattr(self.model, "static_forward", self.model)
-            logits = fwd(tokens.to(dev), pos.to(dev), self.cache, kv_len=kv_len, last=last)
-            if shape is not None:   # a CUDA graph's output is overwritten by its next replay
-                logits = logits[:B, :T].clone()
-        return logits.float()   # stays on the device: verification reads back only (k, t*)
-
     def _verify(self, seqs: list[Seq]) -> None:
         t0, c0 = time.perf_counter(), time.thread_time()
         rows = [s.tokens[s.length:] + s.draft for s in seqs]

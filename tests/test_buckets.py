@@ -172,7 +172,7 @@ def test_padded_engine_equals_transformers(tiny_pair, hf_refs, held_out_prompts)
     assert spec.pad_shapes and spec.pads("cpu")
     engine = LocalEngine(spec).start()
     v = engine.verifier
-    assert v.buckets is not None and v.cache.scratch is not None
+    assert v._forward.buckets is not None and v.cache.scratch is not None
     coord = Coordinator(engine, None)
     try:
         handles = [coord.submit(GenerateArgs(list(p), len(refs[0]), SamplingParams(), ignore_eos=True))
