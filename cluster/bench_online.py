@@ -26,10 +26,12 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", "--order", dest="arms", default="off,on",
                     help="arms in the order they run: off, on, recompute (the CPU is shared: swap to check)")
     ap.add_argument("--out", default="docs/bench/online")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every arm, e.g. speculation.fan_out_budget=4 (YAML value)")
+    ap.add_argument("--drafters-dir", help="keep the adapted drafters here (default: a temporary directory)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
@@ -160,9 +165,14 @@ def main(argv=None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     names = a.arms.split(",")
-    ckpts = {arm: out / ("adapted-drafter" if arm == "on" else f"adapted-drafter-{arm}") for arm in names}
+    # the adapted drafters (saved on shutdown, read back for the agreement figures) stay out of --out
+    keep = Path(a.drafters_dir) if a.drafters_dir else Path(tempfile.mkdtemp(prefix="outrider-online-"))
+    ckpts = {arm: keep / f"adapted-drafter-{arm}" for arm in names}
     base = {"models.draft.path": str(weak), "speculation.adaptive": True,
             "engine.max_batch": max(8, a.concurrency)}
+    for kv in a.set:
+        key, _, value = kv.partition("=")
+        base[key] = yaml.safe_load(value)
     arms = {}
     for arm in names:
         ov = {**base, **arm_overrides(arm, a, ckpts[arm])}
@@ -218,6 +228,8 @@ def main(argv=None) -> int:
                                     "rows": [[r["tokens"], round(r["seconds"], 4), r["drafted"], r["accepted"]]
                                              for r in arms[arm]["rows"]]} for arm in arms}}
     (out / "online.json").write_text(json.dumps(report, indent=2))
+    if not a.drafters_dir:
+        shutil.rmtree(keep, ignore_errors=True)
 
     import matplotlib
     matplotlib.use("Agg")

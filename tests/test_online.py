@@ -5,6 +5,7 @@ lr, many steps, pauses between waves of requests where it trains while idle)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 
 import pytest
@@ -28,6 +29,7 @@ from cluster.config import ConfigError, load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.deployment import engine_spec
 from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties
+from tests.test_drafter import _greedy
 
 pytestmark = pytest.mark.timeout(900)
 FAST = {"enabled": True, "lr": 1e-2, "max_steps_per_s": 1000, "batch_size": 4, "window_tokens": 64}
@@ -38,6 +40,18 @@ def _spec(online: dict | None = None, **overrides):
     for k, v in (online or {}).items():
         ov[f"speculation.online_learning.{k}"] = v
     return engine_spec(load_config("configs/local-cpu.yaml", ov))
+
+
+@contextlib.contextmanager
+def _serving(spec):
+    """A started engine and its coordinator, both stopped on the way out."""
+    engine = LocalEngine(spec).start()
+    coord = Coordinator(engine, None, max_queue=1024)
+    try:
+        yield engine, coord
+    finally:
+        coord.stop()
+        engine.stop()
 
 
 def _waves(coord, prompts, waves: int, pause_s: float, max_new=HF_NEW, params=None):
@@ -113,15 +127,10 @@ def test_greedy_stays_exact_while_the_drafter_learns_and_the_adapted_drafter_ser
     hf, refs = hf_refs
     prompts = held_out_prompts[:12]
     ckpt = tmp_path / "adapted"
-    engine = LocalEngine(_spec({**FAST, "save_path": str(ckpt)})).start()
-    coord = Coordinator(engine, None)
-    try:
+    with _serving(_spec({**FAST, "save_path": str(ckpt)})) as (engine, coord):
         waves = _waves(coord, prompts, 3, pause_s=0.5)
         m = engine.metrics()["drafter"]
         scrape = generate_latest(Metrics(lambda: engine).registry).decode()
-    finally:
-        coord.stop()
-        engine.stop()
     for outs, finals in waves:
         assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
         assert sum(f.stats.drafts for f in finals) > 0
@@ -134,14 +143,9 @@ def test_greedy_stays_exact_while_the_drafter_learns_and_the_adapted_drafter_ser
     new = load_file(str(ckpt / "model.safetensors"))
     assert orig.keys() == new.keys() and any(not torch.equal(orig[k], new[k]) for k in orig)
     # The adapted checkpoint serves (as the drafter), exactly.
-    engine = LocalEngine(_spec(**{"models.draft.path": str(ckpt)})).start()
-    coord = Coordinator(engine, None)
-    try:
+    with _serving(_spec(**{"models.draft.path": str(ckpt)})) as (engine, coord):
         [(outs, finals)] = _waves(coord, prompts, 1, pause_s=0)
         off = engine.metrics()["drafter"]
-    finally:
-        coord.stop()
-        engine.stop()
     assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
     assert sum(f.stats.accepted_tokens for f in finals) > 0
     assert not any(k.startswith("train_") for k in off), off   # off (the default): no learner at all
@@ -152,9 +156,7 @@ def test_sampling_stays_the_targets_law_while_the_drafter_learns(tiny_pair, held
     move between waves; their joint law must still be the target's (AR, another seed stream)."""
     prompt = held_out_prompts[3][-32:]
     n, new, wave = 400, 3, 50
-    engine = LocalEngine(_spec(FAST)).start()
-    coord = Coordinator(engine, None, max_queue=1024)
-    try:
+    with _serving(_spec(FAST)) as (engine, coord):
         toks = []
         for w in range(n // wave):
             hs = [coord.submit(GenerateArgs(list(prompt), new, SamplingParams(temperature=0.8, top_k=6,
@@ -165,9 +167,6 @@ def test_sampling_stays_the_targets_law_while_the_drafter_learns(tiny_pair, held
             toks += [tuple(h.tokens[1:new]) for h in hs]
             time.sleep(0.1)
         steps = engine.metrics()["drafter"]["train_steps"]
-    finally:
-        coord.stop()
-        engine.stop()
     assert steps > 0
     target = load_model(tiny_pair / "target")
     ar = [tuple(generate_ar(target, prompt, StopCriteria(new), SamplingParams(0.8, 6, seed=i)).tokens[1:new])
@@ -186,27 +185,13 @@ def test_recompute_kv_keeps_greedy_exact(hf_refs, held_out_prompts):
     """The whole engine with recompute_kv on (SSD, branches, hits) stays transformers' greedy."""
     hf, refs = hf_refs
     prompts = held_out_prompts[:12]
-    engine = LocalEngine(_spec({**FAST, "recompute_kv": True})).start()
-    coord = Coordinator(engine, None)
-    try:
+    with _serving(_spec({**FAST, "recompute_kv": True})) as (engine, coord):
         waves = _waves(coord, prompts, 2, pause_s=0.5)
         m = engine.metrics()["drafter"]
-    finally:
-        coord.stop()
-        engine.stop()
     for outs, finals in waves:
         assert_all_match_or_rare_near_ties(hf, prompts, outs, refs[:12])
         assert sum(f.stats.drafts for f in finals) > 0
     assert m["train_steps"] >= 10 and "train_kv_recomputes" in m, m
-
-
-@torch.inference_mode()
-def _greedy(model, tokens: list[int], n: int) -> list[int]:
-    """The model's own greedy continuation, no cache."""
-    out = list(tokens)
-    for _ in range(n):
-        out.append(int(model(torch.tensor([out]))[0, -1].argmax()))
-    return out[len(tokens):]
 
 
 @pytest.mark.parametrize("recompute", [True, False])
