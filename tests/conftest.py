@@ -176,3 +176,34 @@ def smol_pair():
     from actors.demo.smol import build_cheap, build_target
 
     return build_target(), build_cheap()
+
+
+def local_sd_equals_transformers(hf_refs, prompts, overrides: dict, on_start=None):
+    """An SD engine on the tiny pair (`launcher: local`: the verifier here, the drafter in a child)
+    with config `overrides` generates `prompts` greedily: the output equals transformers' (the
+    first len(prompts) of hf_refs) token for token, and the drafter drafted. `on_start(engine)`
+    runs once it is up. Returns the engine, stopped."""
+    from actors.launch import LocalEngine
+    from actors.sampling import SamplingParams
+    from cluster.config import load_config
+    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.deployment import engine_spec
+
+    hf, refs = hf_refs
+    spec = engine_spec(load_config("configs/local-cpu.yaml", {
+        "cluster.launcher": "local", "speculation.mode": "sd", "metrics.enabled": False, **overrides}))
+    engine = LocalEngine(spec).start()
+    coord = Coordinator(engine, None)
+    try:
+        if on_start is not None:
+            on_start(engine)
+        handles = [coord.submit(GenerateArgs(list(p), len(refs[0]), SamplingParams(), ignore_eos=True))
+                   for p in prompts]
+        finals = [h.result() for h in handles]
+    finally:
+        coord.stop()
+        engine.stop()
+    assert all(f.finish_reason == "length" for f in finals), [f.error for f in finals]
+    assert_all_match_or_rare_near_ties(hf, prompts, [h.tokens for h in handles], refs[:len(prompts)])
+    assert sum(f.stats.accepted_tokens for f in finals) > 0
+    return engine

@@ -158,31 +158,12 @@ def test_static_compile_builds_one_graph_per_bucket(target):
 def test_padded_engine_equals_transformers(tiny_pair, hf_refs, held_out_prompts):
     """engine.pad_shapes: true end to end (SD, eager): the verifier's and the drafter's decode and
     verify forwards run at bucket shapes; greedy output equals transformers' token for token."""
-    from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
-    from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
-    from tests.conftest import assert_all_match_or_rare_near_ties
+    from tests.conftest import local_sd_equals_transformers
 
-    hf, refs = hf_refs
-    prompts = held_out_prompts[:3]
-    spec = engine_spec(load_config("configs/local-cpu.yaml", {
-        "cluster.launcher": "local", "speculation.mode": "sd", "engine.pad_shapes": True, "metrics.enabled": False}))
-    assert spec.pad_shapes and spec.pads("cpu")
-    engine = LocalEngine(spec).start()
-    v = engine.verifier
-    assert v._forward.buckets is not None and v.cache.scratch is not None
-    coord = Coordinator(engine, None)
-    try:
-        handles = [coord.submit(GenerateArgs(list(p), len(refs[0]), SamplingParams(), ignore_eos=True))
-                   for p in prompts]
-        finals = [h.result() for h in handles]
-    finally:
-        coord.stop()
-        engine.stop()
-    assert all(f.finish_reason == "length" for f in finals), [f.error for f in finals]
-    assert_all_match_or_rare_near_ties(hf, prompts, [h.tokens for h in handles], refs[:3])
-    assert sum(f.stats.accepted_tokens for f in finals) > 0
+    def padded(engine):
+        assert engine.spec.pad_shapes and engine.spec.pads("cpu")
+        assert engine.verifier._forward.buckets is not None and engine.verifier.cache.scratch is not None
+
+    v = local_sd_equals_transformers(hf_refs, held_out_prompts[:3], {"engine.pad_shapes": True}, padded).verifier
     assert v.cache.padded_forwards > 0
     v.cache.check()

@@ -74,28 +74,10 @@ def test_single_row_decode_compiles(target):
 def test_compiled_engine_equals_transformers(tiny_pair, hf_refs, held_out_prompts):
     """engine.compile: true end to end (verifier here, drafter in a child, both compiled): SD
     greedy output equals transformers' token for token, and the drafter really drafted."""
-    from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
-    from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
-    from tests.conftest import assert_all_match_or_rare_near_ties
+    from tests.conftest import local_sd_equals_transformers
 
-    hf, refs = hf_refs
-    prompts = held_out_prompts[:3]
-    spec = engine_spec(load_config("configs/local-cpu.yaml", {
-        "cluster.launcher": "local", "speculation.mode": "sd", "engine.compile": True, "metrics.enabled": False}))
-    assert spec.compile
-    engine = LocalEngine(spec).start()
-    assert hasattr(engine.verifier.model.forward, "_torchdynamo_orig_callable")   # really compiled
-    coord = Coordinator(engine, None)
-    try:
-        handles = [coord.submit(GenerateArgs(list(p), len(refs[0]), SamplingParams(), ignore_eos=True))
-                   for p in prompts]
-        finals = [h.result() for h in handles]
-    finally:
-        coord.stop()
-        engine.stop()
-    assert all(f.finish_reason == "length" for f in finals), [f.error for f in finals]
-    assert_all_match_or_rare_near_ties(hf, prompts, [h.tokens for h in handles], refs[:3])
-    assert sum(f.stats.accepted_tokens for f in finals) > 0
+    def compiled(engine):
+        assert engine.spec.compile
+        assert hasattr(engine.verifier.model.forward, "_torchdynamo_orig_callable")   # really compiled
+
+    local_sd_equals_transformers(hf_refs, held_out_prompts[:3], {"engine.compile": True}, compiled)
