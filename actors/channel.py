@@ -99,7 +99,9 @@ def reserve_port(host: str = "127.0.0.1") -> int:
     return port
 
 
-def _take_reserved(port: int) -> socket.socket | None:
+def take_reserved(port: int) -> socket.socket | None:
+    """The socket reserve_port() bound for `port` (a store that serves on it takes it over), or
+    None; the caller owns it from then on (the TP group's rendezvous takes it the same way)."""
     with _reserved_lock:
         return _reserved.pop(port, None)
 
@@ -182,7 +184,7 @@ class Channel:
             # Rank 0 serves the rendezvous store on a socket bound before its port was handed out
             # (listen_sock or reserve_port); the store takes the descriptor over.
             sock = self._listen_sock if self.rank == 0 else None
-            sock = sock or (_take_reserved(self.master_port) if self.rank == 0 else None)
+            sock = sock or (take_reserved(self.master_port) if self.rank == 0 else None)
             self._listen_sock = None
             fd = sock.detach() if sock is not None else None
             self._store = dist.TCPStore(self.master_addr, self.master_port, 2, self.rank == 0, timeout,

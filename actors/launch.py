@@ -13,7 +13,7 @@ import logging
 import multiprocessing as mp
 import threading
 
-from actors.channel import _take_reserved, reserve_port
+from actors.channel import take_reserved, reserve_port
 from actors.spec import EngineSpec
 from actors.tp.group import close_group
 from actors.tp.worker import end_workers, spawn_workers
@@ -92,7 +92,7 @@ class LocalEngine:
             p.join()
         if self.tp_procs:
             close_group()   # rank 0's side, if it formed (a later engine in this process forms its own)
-            sock = _take_reserved(self.tp_port)   # or the port it never took over
+            sock = take_reserved(self.tp_port)   # or the port it never took over
             if sock is not None:
                 sock.close()
 

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.channel import _take_reserved
+from actors.channel import take_reserved
 from actors.tp.shard import attach
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def form_group(rank: int, n: int, addr: str, port: int, device: str, timeout_s: 
     """Join the N ranks' default group and their header group; returns the header group. Rank 0
     serves the rendezvous store on `port`, taken over from reserve_port() when it was reserved."""
     backend = backend_for(device)
-    sock: socket.socket | None = _take_reserved(port) if rank == 0 else None
+    sock: socket.socket | None = take_reserved(port) if rank == 0 else None
     store = dist.TCPStore(addr, port, n, rank == 0, timedelta(seconds=RENDEZVOUS_S),
                           master_listen_fd=sock.detach() if sock is not None else None)
     kw = {}
