@@ -207,3 +207,20 @@ def local_sd_equals_transformers(hf_refs, prompts, overrides: dict, on_start=Non
     assert_all_match_or_rare_near_ties(hf, prompts, [h.tokens for h in handles], refs[:len(prompts)])
     assert sum(f.stats.accepted_tokens for f in finals) > 0
     return engine
+
+
+def assert_same_outcome_law(ref: list, got: list, what: str, min_count: int = 10) -> None:
+    """Chi-square test that two equally long lists of outcomes (hashable, e.g. token tuples) come
+    from one law. Outcomes seen fewer than `min_count` times in both together are pooled, so every
+    expected count is large enough; at least three common outcomes must remain to test."""
+    import collections
+
+    from scipy.stats import chi2_contingency
+
+    assert len(ref) == len(got), (len(ref), len(got))
+    n, a, b = len(ref), collections.Counter(ref), collections.Counter(got)
+    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= min_count]
+    table = [[c[k] for k in keys] + [n - sum(c[k] for k in keys)] for c in (a, b)]
+    assert len(keys) >= 3, f"too few common outcomes to test: {table}"
+    p = chi2_contingency(table).pvalue
+    assert p > 0.01, f"{what} differs from AR (p={p:.4f}): {table}"

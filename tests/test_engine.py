@@ -5,11 +5,9 @@ never against outrider's own AR path.
 """
 from __future__ import annotations
 
-import collections
 import time
 
 import pytest
-from scipy.stats import chi2_contingency
 
 from actors.generate import generate_ar
 from actors.loader import load_model
@@ -19,7 +17,7 @@ from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.deployment import engine_spec
 from cluster.engine import RayEngine
-from tests.conftest import HF_NEW, assert_matches_or_near_tie
+from tests.conftest import HF_NEW, assert_matches_or_near_tie, assert_same_outcome_law
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -104,14 +102,7 @@ def test_ssd_sampling_matches_ar_distribution(ssd, tiny_pair, held_out_prompts):
     target = load_model(tiny_pair / "target")
     ar_tokens = [tuple(generate_ar(target, prompt, StopCriteria(new), SamplingParams(0.8, 6, seed=i)).tokens[1:new])
                  for i in range(n)]
-    a, b = collections.Counter(ar_tokens), collections.Counter(ssd_tokens)
-    # Pool rare outcomes so every expected count is large enough for the chi-square test.
-    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
-    table = [[a[k] for k in keys] + [n - sum(a[k] for k in keys)],
-             [b[k] for k in keys] + [n - sum(b[k] for k in keys)]]
-    assert len(keys) >= 3, f"too few common outcomes to test: {table}"
-    p = chi2_contingency(table).pvalue
-    assert p > 0.01, f"SSD sampling differs from AR (p={p:.4f}): {table}"
+    assert_same_outcome_law(ar_tokens, ssd_tokens, "SSD sampling")
 
 
 def test_concurrent_mixed_lengths_and_aborts(ssd, hf_refs, held_out_prompts):

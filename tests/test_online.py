@@ -4,7 +4,6 @@ chi-square test against plain AR sampling). The engines here make the drafter le
 lr, many steps, pauses between waves of requests where it trains while idle)."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import time
 
@@ -12,7 +11,6 @@ import pytest
 import torch
 from prometheus_client import generate_latest
 from safetensors.torch import load_file
-from scipy.stats import chi2_contingency
 
 from actors.drafter import Drafter
 from actors.frame import Frame, Rec, Record
@@ -28,7 +26,7 @@ from cluster.metrics import Metrics
 from cluster.config import ConfigError, load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.deployment import engine_spec
-from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties
+from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties, assert_same_outcome_law
 from tests.test_drafter import _greedy
 
 pytestmark = pytest.mark.timeout(900)
@@ -171,13 +169,7 @@ def test_sampling_stays_the_targets_law_while_the_drafter_learns(tiny_pair, held
     target = load_model(tiny_pair / "target")
     ar = [tuple(generate_ar(target, prompt, StopCriteria(new), SamplingParams(0.8, 6, seed=i)).tokens[1:new])
           for i in range(n)]
-    a, b = collections.Counter(ar), collections.Counter(toks)
-    keys = [k for k in set(a) | set(b) if a[k] + b[k] >= 10]
-    table = [[a[k] for k in keys] + [n - sum(a[k] for k in keys)],
-             [b[k] for k in keys] + [n - sum(b[k] for k in keys)]]
-    assert len(keys) >= 3, f"too few common outcomes to test: {table}"
-    p = chi2_contingency(table).pvalue
-    assert p > 0.01, f"sampling while learning differs from AR (p={p:.4f}): {table}"
+    assert_same_outcome_law(ar, toks, "sampling while learning")
 
 
 
