@@ -55,7 +55,7 @@ from actors.spec import EngineSpec
 from actors.runner import Runner
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.stats import SpecStats
-from actors.tp.group import TPLead
+from actors.tp.group import TPLead, group_timeout_s
 from actors.verify import round_outcomes
 from actors.draft_state import table_due
 from actors.drafter_link import DrafterLink
@@ -80,7 +80,8 @@ class Verifier(DrafterLink):
         self._forward = Runner(self.model, spec, "verifier", self.device, spec.target_blocks(), spec.max_batch,
                                spec.target_max_len)
         self.cache = self._forward.cache
-        self.tp = self._forward.tp = TPLead(n_tp, self.device, spec.timeout_s, self.cache.pool) if n_tp > 1 else None
+        self.tp = self._forward.tp = TPLead(n_tp, self.device, group_timeout_s(spec.timeout_s, spec.compile),
+                                                    self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
         self.channel: Channel | None = None
         self.drafter_ok = False

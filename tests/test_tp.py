@@ -24,7 +24,8 @@ from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.spec import EngineSpec
 from actors.stopping import StopCriteria
-from actors.tp.group import TPLead
+from actors.tp.group import COMPILE_S, TPLead, group_timeout_s, indexed_device
+from actors.tp.shard import rank_device
 from actors.tp.worker import end_workers, spawn_workers
 from cluster.config import ConfigError, load_config
 from cluster.coordinator import Coordinator, GenerateArgs
@@ -184,3 +185,25 @@ def test_splits_that_cannot_work_are_config_errors(tiny_pair, tmp_path):
     assert "models.target.tensor_parallel_size=2" in str(e.value) and "num_key_value_heads=3" in str(e.value)
     with pytest.raises(ConfigError, match="models.draft.tensor_parallel_size=2"):
         engine_spec(load_config("configs/local-cpu.yaml", {"models.draft.tensor_parallel_size": 2}))
+
+
+def test_nccl_devices_always_carry_an_index():
+    """torch.cuda.set_device and init_process_group(device_id=) refuse an index-less "cuda": every
+    device a rank hands form_group resolves to "cuda:N" first (pure, so it runs without a GPU)."""
+    # launcher local: rank r gets the r-th GPU after rank 0's, explicit indices stay
+    assert [str(indexed_device(rank_device("cuda", r), env={})) for r in range(4)] == [f"cuda:{r}" for r in range(4)]
+    assert indexed_device("cuda:3", env={"LOCAL_RANK": "1"}) == torch.device("cuda", 3)
+    # Ray: every rank's spec says "cuda"; CUDA_VISIBLE_DEVICES leaves the actor its own GPU as index 0
+    assert indexed_device("cuda", env={}, current=0) == torch.device("cuda", 0)
+    # torchrun-style launchers name the local GPU
+    assert indexed_device("cuda", env={"LOCAL_RANK": "2"}) == torch.device("cuda", 2)
+    # with no CUDA here the current device defaults to 0; CPU devices pass through
+    assert indexed_device("cuda", env={}).index == 0
+    assert indexed_device("cpu", env={"LOCAL_RANK": "1"}) == torch.device("cpu")
+
+
+def test_a_compiling_group_outwaits_a_compile():
+    """A rank compiling a new bucket must not be aborted by the others' collective timeout."""
+    assert group_timeout_s(30.0, compiles=False) == 30.0
+    assert group_timeout_s(30.0, compiles=True) == COMPILE_S >= 600
+    assert group_timeout_s(3600.0, compiles=True) == 3600.0

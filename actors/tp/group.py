@@ -18,6 +18,7 @@ same blocks as rank 0's, kept identical by replaying the plan.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 RENDEZVOUS_S = 600.0      # ranks load their shards before joining: a 70B shard takes minutes
 IDLE_S = 7 * 24 * 3600.0  # a worker's wait for rank 0's next call (a dead rank 0 closes the socket)
+COMPILE_S = 900.0         # the longest one bucket's compile may take (tens of seconds measured; 70B TP slower)
 STOP, FORWARD = 0, 1
 HEADER = 14   # op, B, T, kv_len, last, aligned, causal, write kind, write start, read kind, read start,
               # copies, payload length, spare
@@ -39,6 +41,31 @@ HEADER = 14   # op, B, T, kv_len, last, aligned, causal, write kind, write start
 
 def backend_for(device: str) -> str:
     return "nccl" if device.startswith("cuda") else "gloo"
+
+
+def indexed_device(device: str, env: dict[str, str] | None = None, current: int | None = None) -> torch.device:
+    """`device` with a CUDA index, as torch.cuda.set_device and init_process_group(device_id=)
+    require: an explicit "cuda:N" stays; a bare "cuda" is LOCAL_RANK's GPU when a launcher set it
+    (torchrun), else this process's current device. Under Ray that is index 0: Ray narrows
+    CUDA_VISIBLE_DEVICES to the actor's own GPU, so each rank's "cuda" is its bundle's GPU."""
+    d = torch.device(device)
+    if d.type != "cuda" or d.index is not None:
+        return d
+    local = (os.environ if env is None else env).get("LOCAL_RANK")
+    if local is not None:
+        return torch.device("cuda", int(local))
+    if current is None:
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    return torch.device("cuda", current)
+
+
+def group_timeout_s(data_plane_s: float, compiles: bool) -> float:
+    """The default group's timeout. A collective with a dead rank should fail within the data
+    plane's timeout; but with engine.compile a rank that meets a new bucket compiles it while the
+    others already wait in the step's all-reduce, and NCCL's watchdog would abort them after the
+    timeout. So a compiling group waits longer than any one compile (buckets are precompiled at
+    start-up, actors/buckets.py, which leaves only the rare shape outside the set)."""
+    return max(data_plane_s, COMPILE_S) if compiles else data_plane_s
 
 
 def form_group(rank: int, n: int, addr: str, port: int, device: str, timeout_s: float):
@@ -49,9 +76,10 @@ def form_group(rank: int, n: int, addr: str, port: int, device: str, timeout_s: 
     store = dist.TCPStore(addr, port, n, rank == 0, timedelta(seconds=RENDEZVOUS_S),
                           master_listen_fd=sock.detach() if sock is not None else None)
     kw = {}
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-        kw["device_id"] = torch.device(device)
+    if backend == "nccl":   # torch refuses an index-less "cuda" for both calls
+        dev = indexed_device(device)
+        torch.cuda.set_device(dev)
+        kw["device_id"] = dev
     dist.init_process_group(backend, store=dist.PrefixStore("tp", store), rank=rank, world_size=n,
                             timeout=timedelta(seconds=timeout_s), **kw)
     return dist.new_group(backend="gloo", timeout=timedelta(seconds=IDLE_S))

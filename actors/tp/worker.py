@@ -24,7 +24,7 @@ from actors.kv import BlockPool
 from actors.kv.paged import read_kv, write_kv
 from actors.loader import load_model
 from actors.spec import EngineSpec
-from actors.tp.group import HEADER, STOP, close_group, decode, form_group
+from actors.tp.group import HEADER, STOP, close_group, decode, form_group, group_timeout_s
 from actors.tp.shard import attach, rank_device
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ class TPWorker:
         self.calls = 0
 
     def connect(self, addr: str, port: int) -> None:
-        self.ctl = form_group(self.rank, self.n, addr, port, self.device, self.spec.timeout_s)
+        self.ctl = form_group(self.rank, self.n, addr, port, self.device,
+                              group_timeout_s(self.spec.timeout_s, self.spec.compile))
         attach(self.model, dist.group.WORLD)
 
     def run(self) -> None:
