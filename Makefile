@@ -2,17 +2,35 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+UV     := $(VENV)/bin/uv
+TORCH_WHEELS ?= /opt/wheels
+FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS))
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-tiny models models-bench models-smol bench bench-smol lint proto clean
+.PHONY: install lock check-drift test demo demo-tiny models models-bench models-smol bench bench-smol lint proto clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Installs exactly the lock (every version and hash), never a fresh resolve: uv, pinned and hash-checked
+# in the lock itself, is bootstrapped with pip, then syncs the venv to the lock.
+# The CPU build of torch is not on PyPI: it comes from $(TORCH_WHEELS) when that folder exists, otherwise
+# point UV_FIND_LINKS or UV_EXTRA_INDEX_URL at a folder or index holding torch 2.13.0+cpu.
+$(STAMP): requirements.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	awk '/^[a-z]/{p = /^uv==/} p' requirements.lock > $(VENV)/uv.lock.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r $(VENV)/uv.lock.txt
+	$(UV) pip sync -q --python $(PY) --require-hashes $(FIND_LINKS) requirements.lock
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Re-resolves pyproject.toml's ranges (+ requirements.in) into the lock; commit the lock on its own.
+lock: install
+	$(UV) pip compile pyproject.toml requirements.in --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 $(FIND_LINKS) --no-header --quiet -o requirements.lock $(LOCK_ARGS)
+
+# What the newest releases the ranges allow would change: a scratch venv, the quick tests, a diff of versions.
+check-drift: install
+	bash .ci/check-drift
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -5,7 +5,7 @@ import warnings
 
 from cluster.rpc.outrider.v1 import outrider_pb2 as cluster_dot_rpc_dot_outrider_dot_v1_dot_outrider__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
