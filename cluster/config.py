@@ -16,14 +16,12 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from cluster.errors import ConfigError  # noqa: F401 (defined without pydantic, re-exported)
+
 
 # Resources Ray itself accounts for: a role's CPUs and GPU follow from num_threads and device.
 BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 _RESOURCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/-]*")   # also Ray's node:<ip> and accelerator_type:<x>
-
-
-class ConfigError(ValueError):
-    """A deployment config that cannot be used; the message names the key."""
 
 
 class _Section(BaseModel):

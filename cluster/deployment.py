@@ -63,7 +63,8 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
     )
     from cluster.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails here
 
-    plan = plan_memory(spec, en.kv_cache_memory, target_args=_target_rank_args(cfg, spec.target))
+    plan = plan_memory(spec, en.kv_cache_memory, target_args=_target_rank_args(cfg, spec.target),
+                       launcher=cfg.cluster.launcher)
     spec = plan.apply(spec)
     spec.extra["memory_plan"] = plan.table()
     if spec.draft is not None:

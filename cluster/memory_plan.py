@@ -14,11 +14,22 @@ No weights are read. Per role (target = verifier, draft = drafter):
     [rows, K, V] float32 distributions and q rows of one round of branches (plus the adopted
     ones of the round before). The verifier's prefill runs in chunks of `prefill_chunk`.
 
+  * reserve (GPUs only): what a process holds beyond its tensors (Reserve): the CUDA context
+    and its loaded kernels, cuBLAS workspaces, NCCL's buffers per communicator it joins (the
+    TP group, the drafter channel's bulk group), and with engine.compile on CUDA the CUDA-graph
+    pool (the captured buckets' activations: one workspace more). Padded shapes add the scratch
+    block; their rows, T and kv_len never exceed the unpadded maxima (actors/buckets.py).
+
+Devices. Under the Ray launcher every role (and every TP rank) gets a GPU bundle of its own and
+sees it as "cuda" (Ray narrows CUDA_VISIBLE_DEVICES), so two roles on "cuda" are two GPUs; they
+share one only when both name the same explicit index. Under `launcher: local` both run on this
+host, where "cuda" is "cuda:0": equal devices share.
+
 `engine.kv_cache_memory`: bytes (int), a string ("12GiB", "512MiB", "20GB"), or a fraction
 0 < f <= 1 of the target device's memory. Default: enough for max_batch sequences of
-max_seq_len, capped on a GPU at 0.9 of what the weights, the drafter and the workspaces leave.
-A plan that cannot hold one sequence of max_seq_len, or that does not fit its device, is a
-ConfigError naming the keys and the figures.
+max_seq_len, capped on a GPU at FIT (0.9) of the device less what the weights, the drafter, the
+workspaces and the reserve take. A plan that cannot hold one sequence of max_seq_len, or whose
+total exceeds FIT of its device, is a ConfigError naming the keys and the figures.
 """
 from __future__ import annotations
 
@@ -28,13 +39,32 @@ import re
 from dataclasses import dataclass
 
 from actors.spec import EngineSpec
-from cluster.config import ConfigError
+from cluster.errors import ConfigError
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-HEADROOM = 0.9     # the share of a GPU's memory the default KV budget may bring the total to
+MiB = 1 << 20
+FIT = 0.9          # the share of a device a plan may fill: the caching allocator's fragmentation and
+                   # whatever the Reserve misses live in the rest
+HEADROOM = FIT     # the default KV budget fills a GPU up to the same share
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """Per-process device memory outside the plan's tensors (a GPU's; a CPU process has none that
+    matters). Figures from public measurements of torch on H100s, to be checked by the GPU check
+    (cluster/gpu_check/), which prints measured peak memory against the plan."""
+    context: int = 768 * MiB   # CUDA context, torch's and inductor's kernels loaded lazily
+    cublas: int = 64 * MiB     # cuBLAS + cuBLASLt workspaces (CUBLAS_WORKSPACE_CONFIG :4096:8 = 32 MiB a stream)
+    nccl: int = 1024 * MiB     # per NCCL communicator joined: NCCL_BUFFSIZE (4 MiB) x channels x peers, proxies
+
+    def bytes(self, nccl_groups: int) -> int:
+        return self.context + self.cublas + nccl_groups * self.nccl
+
+
+RESERVE = Reserve()
 
 
 def parse_memory(value) -> tuple[str, float]:
@@ -69,6 +99,23 @@ def device_key(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
 
 
+def shares_device(target: str, draft: str, launcher: str) -> bool:
+    """Whether the two roles' devices are one device. Under Ray each role's GPU bundle is its own
+    GPU, so only an explicit equal index declares sharing; locally "cuda" is "cuda:0"."""
+    if launcher == "local" or not (target.startswith("cuda") and draft.startswith("cuda")):
+        return device_key(target) == device_key(draft)
+    return ":" in target and target == draft
+
+
+def role_devices(target: str, draft: str, launcher: str) -> tuple[str, str]:
+    """The plan's names for the two roles' devices: equal iff they share one; two Ray bundles on
+    "cuda" are told apart by their role."""
+    t, d = device_key(target), device_key(draft)
+    if t == d and not shares_device(target, draft, launcher):
+        return f"{target} (target bundle)", f"{draft} (draft bundle)"
+    return t, d
+
+
 def device_memory(device: str) -> int | None:
     """Total memory of a device this process can see (CPU: physical RAM); None if unknown."""
     if device.startswith("cuda"):
@@ -96,10 +143,12 @@ class RolePlan:
     workspace: int
     kv_blocks: int
     block_bytes: int
+    reserve: int = 0
+    key: str = ""          # the plan's device name (role_devices)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv + self.workspace
+        return self.weights + self.kv + self.workspace + self.reserve
 
 
 @dataclass
@@ -112,18 +161,23 @@ class MemoryPlan:
     notes: list[str]
 
     def used(self, device: str) -> int:
-        return sum(r.total for r in self.roles if device_key(r.device) == device)
+        return sum(r.total for r in self.roles if r.key == device)
+
+    def fits(self) -> dict[str, bool]:
+        """Per device: does the plan stay within FIT of it (unknown totals count as fitting)."""
+        return {d: not cap or self.used(d) <= FIT * cap for d, cap in self.devices.items()}
 
     def apply(self, spec: EngineSpec) -> EngineSpec:
         return dataclasses.replace(spec, target_kv_blocks=self.target_blocks, draft_kv_blocks=self.draft_blocks)
 
     def table(self) -> str:
-        rows = [("role", "device", "weights", "KV", "workspace", "total", "KV blocks")]
+        rows = [("role", "device", "weights", "KV", "workspace", "reserve", "total", "KV blocks")]
         for r in self.roles:
-            rows.append((r.role, r.device, fmt(r.weights), fmt(r.kv), fmt(r.workspace), fmt(r.total),
+            rows.append((r.role, r.key, fmt(r.weights), fmt(r.kv), fmt(r.workspace), fmt(r.reserve), fmt(r.total),
                          f"{r.kv_blocks} x {self.block_size}"))
         for d, cap in self.devices.items():
-            rows.append(("= " + d, "", "", "", "", fmt(self.used(d)), "of " + (fmt(cap) if cap else "unknown")))
+            rows.append(("= " + d, "", "", "", "", "", fmt(self.used(d)),
+                         f"of {fmt(cap)} (fit: {FIT:.0%})" if cap else "of unknown"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         return "\n".join(lines + self.notes)
@@ -155,26 +209,42 @@ def _step_bytes(args, dtype: str, rows: int, T: int, kv_len: int) -> int:
 
 
 def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | None] | None = None,
-                target_args=None, draft_args=None) -> MemoryPlan:
+                target_args=None, draft_args=None, launcher: str = "ray", reserve: Reserve = RESERVE) -> MemoryPlan:
     """The plan for `spec` (its model directories are read for config.json only). `memory` gives
-    device totals (by device name, "cuda" = "cuda:0"); missing ones are looked up here."""
+    device totals (by device name, or by its type: "cuda"); missing ones are looked up here.
+    `launcher` ("ray" | "local") decides whether two roles on "cuda" share a GPU (role_devices)."""
     from actors.config import ModelArgs
 
     ta = target_args or ModelArgs.from_dir(spec.target)
     da = draft_args if draft_args is not None else (ModelArgs.from_dir(spec.draft) if spec.draft and spec.speculative
                                                     else None)
     bs, K = spec.kv_block_size, spec.k
-    tdev, ddev = device_key(spec.target_device), device_key(spec.draft_device)
-    devices = {tdev: None} | ({ddev: None} if da is not None else {})
-    for d in devices:
-        devices[d] = (memory or {}).get(d, (memory or {}).get(d.split(":")[0])) if memory else device_memory(d)
+    tdev, ddev = role_devices(spec.target_device, spec.draft_device, launcher)
+    raw = {tdev: spec.target_device} | ({ddev: spec.draft_device} if da is not None else {})
+    devices: dict[str, int | None] = {}
+    for d, name in raw.items():
+        devices[d] = ((memory or {}).get(name, (memory or {}).get(device_key(name), (memory or {}).get(
+            name.split(":")[0]))) if memory else device_memory(name))
     notes: list[str] = []
+    same = da is not None and tdev == ddev
+    # NCCL communicators per process: the TP group; the drafter channel's bulk group when the
+    # roles are on two GPUs (on one, the channel is gloo: NCCL refuses two ranks on one device).
+    nccl_channel = int(da is not None and not same and spec.target_device.startswith("cuda")
+                       and spec.draft_device.startswith("cuda"))
+
+    def role_reserve(device: str, groups: int, workspace: int) -> int:
+        if not device.startswith("cuda"):
+            return 0
+        graphs = workspace if spec.compile else 0   # the CUDA-graph pool holds the captured buckets' activations
+        return reserve.bytes(groups) + graphs
 
     t_w = _weights(ta, spec.target_dtype)
     t_bb = _block_bytes(ta, bs, spec.target_dtype)
     chunk = min(spec.prefill_chunk, spec.max_seq_len)
     t_ws = max(_step_bytes(ta, spec.target_dtype, spec.max_batch, K + 1, spec.target_max_len),
                _step_bytes(ta, spec.target_dtype, 1, chunk, spec.target_max_len))
+    t_res = role_reserve(spec.target_device, int(spec.tensor_parallel_size > 1) + nccl_channel, t_ws)
+    t_scratch = int(spec.pads(spec.target_device))   # padded shapes' scratch block
     per_seq = -(-spec.target_max_len // bs)
     full = spec.max_batch * per_seq
     if da is not None:
@@ -186,21 +256,22 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
                     _step_bytes(da, spec.draft_dtype, 1, chunk, spec.draft_max_len))
                 + 2 * branch_rows * K * V * 4 + 2 * spec.max_batch * K * V * 4)   # dists + q rows
         extra = spec.max_batch * (1 + (spec.max_branches if spec.mode == "ssd" else 0)) * spec.branch_blocks
+        d_scratch = int(spec.pads(spec.draft_device))
+        d_res = 0 if same else role_reserve(spec.draft_device, nccl_channel, d_ws)   # one process's context
     else:
-        d_w = d_bb = d_ws = extra = 0
-    same = da is not None and tdev == ddev
-    fixed = t_w + t_ws + ((d_w + d_ws + extra * d_bb) if same else 0)
+        d_w = d_bb = d_ws = extra = d_res = d_scratch = 0
+    fixed = t_w + t_ws + t_res + t_scratch * t_bb + ((d_w + d_ws + (extra + d_scratch) * d_bb) if same else 0)
     per_block = t_bb + (d_bb if same else 0)   # a verifier block costs a drafter block too on a shared device
 
     keys = "engine.kv_cache_memory"
     if kv_cache_memory is None:
         blocks = full
         cap = devices[tdev]
-        if tdev.startswith("cuda") and cap:
+        if spec.target_device.startswith("cuda") and cap:
             room = int(HEADROOM * cap) - fixed
             if room // per_block < full:
                 blocks = max(0, room // per_block)
-                notes.append(f"default {keys}: {HEADROOM:.0%} of {tdev} less weights, workspace"
+                notes.append(f"default {keys}: {HEADROOM:.0%} of {tdev} less weights, workspace, reserve"
                              + (" and the drafter" if same else "")
                              + f" holds {blocks} blocks (max_batch needs {full})")
     else:
@@ -219,18 +290,23 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
             f"{keys}: the verifier's KV budget holds {blocks} blocks of {bs} positions ({fmt(blocks * t_bb)}), "
             f"fewer than one sequence of engine.max_seq_len={spec.max_seq_len} needs ({per_seq} blocks, "
             f"{fmt(per_seq * t_bb)}); raise {keys}, lower engine.max_seq_len"
-            + (f", or free {tdev}: weights {fmt(t_w)}, workspace {fmt(t_ws)}" if kv_cache_memory is None else ""))
+            + (f", or free {tdev}: weights {fmt(t_w)}, workspace {fmt(t_ws)}, reserve {fmt(t_res)}"
+               if kv_cache_memory is None else ""))
     d_blocks = blocks + extra if da is not None else None
-    roles = [RolePlan("target", spec.target_device, spec.target_dtype, t_w, blocks * t_bb, t_ws, blocks, t_bb)]
+    roles = [RolePlan("target", spec.target_device, spec.target_dtype, t_w, (blocks + t_scratch) * t_bb, t_ws,
+                      blocks, t_bb, t_res, tdev)]
     if da is not None:
-        roles.append(RolePlan("draft", spec.draft_device, spec.draft_dtype, d_w, d_blocks * d_bb, d_ws, d_blocks, d_bb))
+        roles.append(RolePlan("draft", spec.draft_device, spec.draft_dtype, d_w, (d_blocks + d_scratch) * d_bb, d_ws,
+                              d_blocks, d_bb, d_res, ddev))
     plan = MemoryPlan(roles, devices, bs, blocks, d_blocks, notes)
-    for d, cap in devices.items():
-        if cap and plan.used(d) > cap:
+    for d, ok in plan.fits().items():
+        if not ok:
+            cap = devices[d]
             parts = "; ".join(f"{r.role}: weights {fmt(r.weights)} + KV {fmt(r.kv)} + workspace {fmt(r.workspace)}"
-                              for r in roles if device_key(r.device) == d)
+                              f" + reserve {fmt(r.reserve)}" for r in roles if r.key == d)
             raise ConfigError(
-                f"the memory plan does not fit {d}: needs {fmt(plan.used(d))} of {fmt(cap)} ({parts}). "
+                f"the memory plan does not fit {d}: needs {fmt(plan.used(d))}, more than {FIT:.0%} of its "
+                f"{fmt(cap)} ({parts}). "
                 f"Lower engine.kv_cache_memory, engine.max_batch, engine.max_seq_len or speculation.fan_out_budget "
                 f"(max_batch={spec.max_batch}, max_seq_len={spec.max_seq_len}, fan_out_budget={spec.max_branches}, "
                 f"k={K}), or use a smaller dtype")

@@ -127,3 +127,89 @@ def test_the_engine_builds_the_pools_the_plan_names(tiny_pair):
     assert d.cache.pool.n_blocks == spec.draft_kv_blocks == spec.target_kv_blocks + 2 * 13 * spec.branch_blocks
     assert "memory_plan" in spec.extra and "target" in spec.extra["memory_plan"]
     assert v.cache.pool.k.dtype == torch.float32
+
+
+LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+             "num_hidden_layers": 80, "num_key_value_heads": 8}   # meta-llama/Llama-3.1-70B-Instruct's shapes
+H100 = 85_520_809_984   # torch.cuda.get_device_properties(0).total_memory of an 80 GB H100 (79.6 GiB)
+
+
+def _yaml_plan(path: str, tmp_path, launcher: str | None = None):
+    """The plan a deployment YAML gets on 80 GB GPUs, with config.json-only checkpoints at its
+    models' real shapes (engine_spec itself would also read their tokenizers)."""
+    from cluster.deployment import _target_rank_args
+
+    for name, c in (("70b", LLAMA_70B), ("1b", LLAMA_1B)):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    over = {"models.target.path": str(tmp_path / "70b"), "models.draft.path": str(tmp_path / "1b")}
+    if launcher == "local":
+        over.update({"cluster.launcher": "local", "cluster.address": None})
+    cfg = load_config(path, over)
+    m, sp, en = cfg.models, cfg.speculation, cfg.engine
+    spec = EngineSpec(target=m.target.path, draft=m.draft.path, target_dtype=m.target.dtype,
+                      draft_dtype=m.draft.dtype, target_device=m.target.device, draft_device=m.draft.device,
+                      mode=sp.mode, k=sp.k, fan_out_budget=sp.fan_out_budget, max_batch=en.max_batch,
+                      max_seq_len=en.max_seq_len, tensor_parallel_size=m.target.tensor_parallel_size)
+    return spec, plan_memory(spec, en.kv_cache_memory, memory={"cuda": H100},
+                             target_args=_target_rank_args(cfg, m.target.path), launcher=cfg.cluster.launcher)
+
+
+@pytest.mark.parametrize("config", ["configs/llama70b-8gpu.yaml", "configs/llama70b-5gpu.yaml"])
+def test_70b_configs_get_the_kv_budget_their_engine_settings_need(config, tmp_path):
+    """Under Ray every role has its own GPU bundle: the verifier keeps 32 full 8192-token sequences."""
+    spec, plan = _yaml_plan(config, tmp_path)
+    assert (spec.max_batch, spec.max_seq_len, spec.k, spec.tensor_parallel_size) == (32, 8192, 8, 4)
+    # by hand: a table reaches 8192 + K + 2 = 8202 positions = 513 blocks of 16; x 32 sequences
+    assert plan.target_blocks == 32 * 513 == 16_416
+    target, draft = plan.roles
+    assert target.key != draft.key and plan.notes == []    # two GPUs, and nothing was cut
+    # rank 0's shard by hand: per layer 1/4 of q, k, v, o (8192x8192, 2 x 8192x1024, 8192x8192) and of
+    # gate, up, down (3 x 8192x28672), two norms whole; embedding and head whole (8192 x 128256 each)
+    layer = (2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672) // 4 + 2 * 8192
+    params = 80 * layer + 2 * 128256 * 8192 + 8192
+    assert target.weights == 2 * params                                  # bf16: 38.4 GB
+    # KV per block per rank: K and V x 80 layers x 16 positions x 2 KV heads (8 / 4) x 128 x 2 bytes
+    assert target.block_bytes == 2 * 80 * 16 * 2 * 128 * 2 == 1_310_720
+    assert target.kv == 16_416 * 1_310_720                               # 21.5 GB
+    # the reserve: CUDA context + cuBLAS + two NCCL communicators (the TP group, the drafter's bulk group)
+    assert target.reserve == (768 + 64 + 2 * 1024) << 20
+    assert target.total < 0.9 * H100 and draft.total < 0.9 * H100
+    # the drafter: every verifier block, plus 32 sequences x (1 + 32 branches) x 2 blocks
+    assert plan.draft_blocks == 16_416 + 32 * 33 * 2
+    assert all(plan.fits().values())
+
+
+def test_only_the_local_launcher_puts_two_cuda_roles_on_one_gpu(tmp_path):
+    """The same YAML under launcher: local shares cuda:0: the KV budget shrinks to what one GPU
+    leaves after both roles, with a note (the cut the Ray launcher must not make)."""
+    _, plan = _yaml_plan("configs/llama70b-8gpu.yaml", tmp_path, launcher="local")
+    target, draft = plan.roles
+    assert target.key == draft.key == "cuda:0"
+    assert plan.target_blocks < 16_416 / 3 and plan.notes and "the drafter" in plan.notes[0]
+    assert plan.used("cuda:0") <= 0.9 * H100
+    from cluster.memory_plan import role_devices, shares_device
+    assert shares_device("cuda", "cuda", "local") and not shares_device("cuda", "cuda", "ray")
+    assert shares_device("cuda:1", "cuda:1", "ray") and not shares_device("cuda:0", "cuda:1", "local")
+    assert role_devices("cuda", "cuda", "ray") == ("cuda (target bundle)", "cuda (draft bundle)")
+
+
+def test_the_plan_fits_within_ninety_percent_with_the_reserve(llama_dirs):
+    """A plan that would fill 95 % of the device is refused: the fit is checked against 0.9 of it,
+    with the per-process reserve counted (an explicit budget gets no silent shrink)."""
+    from cluster.memory_plan import RESERVE
+
+    spec = _spec(llama_dirs, mode="ar", max_batch=64, max_seq_len=32768)   # KV for all of it would not fit
+    free = plan_memory(spec, memory={"cuda:0": GB80, "cuda:1": GB80})
+    target = free.roles[0]
+    assert target.reserve == RESERVE.bytes(0)   # no NCCL communicator: no drafter, no TP group
+    fixed = target.weights + target.workspace + target.reserve
+    with pytest.raises(ConfigError, match="90%"):
+        plan_memory(spec, int(0.95 * GB80) - fixed, memory={"cuda:0": GB80, "cuda:1": GB80})
+    ok = plan_memory(spec, int(0.85 * GB80) - fixed, memory={"cuda:0": GB80, "cuda:1": GB80})
+    assert ok.used("cuda:0") <= 0.9 * GB80
+    # engine.compile on CUDA: the CUDA-graph pool (one workspace) and the scratch block join the plan
+    plain = plan_memory(_spec(llama_dirs, mode="ar"), memory={"cuda:0": GB80})
+    comp = plan_memory(_spec(llama_dirs, mode="ar", compile=True), memory={"cuda:0": GB80})
+    t, c = plain.roles[0], comp.roles[0]
+    assert c.reserve == t.reserve + t.workspace and c.kv == (comp.target_blocks + 1) * t.block_bytes
