@@ -25,11 +25,32 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AMX-BF16 tiles or AVX512-BF16 dot
+    products), as torch's own CPU feature query reports them (the ISA oneDNN dispatches on); on
+    other CPUs oneDNN emulates bfloat16 and it is slower than float32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """`dtype: auto`: bfloat16 on a CPU with native bfloat16 and on a CUDA device that supports it,
+    float32 elsewhere."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
+
+
+def parse_dtype(name: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return auto_dtype(device)
     if name not in DTYPES:
-        raise ValueError(f"dtype {name!r} is not supported; choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"dtype {name!r} is not supported; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
@@ -48,15 +69,16 @@ def weight_files(path: Path) -> list[Path]:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
-               tp: tuple[int, int] = (0, 1), head: bool = True) -> Transformer:
+               tp: tuple[int, int] = (0, 1), head: bool = True, pack: bool = True) -> Transformer:
     """The checkpoint at `path`; with `tp=(rank, N)` rank `rank`'s part of it (its heads and MLP
     features, actors/tp/shard.py); without `head`, no vocabulary head (forward returns the final
-    hidden states)."""
+    hidden states). `dtype` may be "auto" (auto_dtype). `pack`: on CPU, inference runs on
+    oneDNN-packed fused copies of the projections (actors/packed.py)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")
     args = rank_args(ModelArgs.from_dir(path), tp[1])
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, device)
     with torch.device("meta"):
         model = Transformer(args)
     if not head:
@@ -79,4 +101,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     if args.tie_word_embeddings and head:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(args).to(device)  # the only non-checkpoint buffer, still on meta
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if pack:
+        model.pack()
+    return model

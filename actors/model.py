@@ -14,6 +14,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
+from actors import packed as pk
 from actors.config import ModelArgs, rope_inv_freq
 from actors.kv_cache import KVCache
 
@@ -25,9 +26,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference implementation, then cast back.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalise in float32 like the reference implementation, then cast back before the
+        # weight (the reference rounds there too); one fused kernel for the normalisation.
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -48,6 +49,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, bit for bit, in four kernels: `sin` carries rotate_half's
+    sign (its first half negated) and the halves swap by a flip of a [2, D/2] view. x [..., D]."""
+    D = x.shape[-1]
+    swapped = x.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)
+    return x * cos + swapped * sin
+
+
 class Attention(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -61,25 +70,51 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.qk_norm = a.qk_norm
         self.tp = None   # the tensor-parallel group when `a` holds this rank's heads only (actors/tp/)
+        self.packed = None   # (qkv, o) for inference on CPU (actors/packed.py), set by Transformer.pack
 
     def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: KVCache | None):
+        """x [B, T, dim]; cos/sin [B, T, 1, head_dim] (sin signed, see `rope`); mask: None, or
+        [B, 1, T, n_keys] or, when the GQA group is folded (see below), [B, 1, T * group, n_keys]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.packed is not None:   # q, k and v in one oneDNN call (actors/packed.py)
+            qkv = self.packed[0](x).view(B, T, H + 2 * Hkv, D)
+            q, k, v = qkv.split((H, Hkv, Hkv), dim=2)
+        else:
+            q = self.q_proj(x).view(B, T, H, D)
+            k = self.k_proj(x).view(B, T, Hkv, D)
+            v = self.v_proj(x).view(B, T, Hkv, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        if self.packed is not None and not self.qk_norm:   # RoPE on q and k at once: half the kernels
+            qk = rope(qkv[:, :, :H + Hkv], cos, sin)
+            q, k = qk.split((H, Hkv), dim=2)
+        else:
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:  # write the new k/v, read keys 0..kv_len-1 (slot KVCache or PagedKVCache)
             k, v = cache.attend(layer, k, v)
-        # No explicit mask where the shape allows one (SDPA may then pick a fused kernel); GQA reads
-        # the shared k/v heads as they are, without repeating them.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and causal,
-            enable_gqa=self.n_heads != self.n_kv_heads)
-        return tp_reduce(self.o_proj(y.transpose(1, 2).reshape(B, T, -1)), self.tp)
+        G = H // Hkv
+        if G == 1 or (causal and mask is None):
+            # SDPA's own causal mask (a fresh prefill, training) or no GQA: flash-capable as it is.
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                               is_causal=mask is None and causal, enable_gqa=G > 1)
+            return tp_reduce(self._out(y.transpose(1, 2).reshape(B, T, H * D)), self.tp)
+        # GQA folded into the query axis: the G query heads that share a k/v head become G query
+        # rows of that head ([B, Hkv, T * G, D], row t * G + g), so SDPA sees plain multi-head
+        # attention. Without it, SDPA with GQA and an explicit mask falls back to the math kernel,
+        # which repeats k/v per query head (CUDA: tens of GiB per layer at long contexts); on CPU the
+        # fused kernel with GQA runs one query row at a time (6x slower at T = 1, bfloat16). One
+        # row (T = 1) folds as a view.
+        qf = q.reshape(B, T, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, T * G, D)
+        y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)
+        return tp_reduce(self._out(y.view(B, Hkv, T, G, D).transpose(1, 2).reshape(B, T, H * D)), self.tp)
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return self.packed[1](y) if self.packed is not None else self.o_proj(y)
+
+    def pack(self, on: bool) -> None:
+        self.packed = (pk.pack(self.q_proj, self.k_proj, self.v_proj), pk.pack(self.o_proj)) if on else None
 
 
 class MLP(nn.Module):
@@ -89,9 +124,16 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(a.dim, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
         self.tp = None   # as Attention's
+        self.packed = None   # (gate_up, down), as Attention's
 
     def forward(self, x):
+        if self.packed is not None:   # gate and up in one oneDNN call
+            gate, up = self.packed[0](x).chunk(2, dim=-1)
+            return tp_reduce(self.packed[1](F.silu(gate) * up), self.tp)
         return tp_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.tp)
+
+    def pack(self, on: bool) -> None:
+        self.packed = (pk.pack(self.gate_proj, self.up_proj), pk.pack(self.down_proj)) if on else None
 
 
 class DecoderLayer(nn.Module):
@@ -147,20 +189,47 @@ class Transformer(nn.Module):
             aligned = cache.aligned
         masks = self._masks(input_pos, kv_len if cache is not None else T, cache is not None, aligned)
         causal = cache is None or cache.causal   # host-known: aligned rows with T == kv_len
-        # RoPE in float32 (as the reference does), applied in the activation dtype.
-        freqs = input_pos[:, None, :, None].float() * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
+        # RoPE in float32 (as the reference does), applied in the activation dtype; [B, T, 1, D],
+        # sin with rotate_half's sign folded in (see `rope`).
+        freqs = input_pos[:, :, None, None].float() * self.inv_freq
         x = self.model.embed_tokens(tokens)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        c, s = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
         for i, layer in enumerate(self.model.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks[i], causal, i, cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if last:  # a prefill needs one row: the vocabulary head is the costliest matmul of a small model
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        x = self.model.norm(x)
+        return self._head(x) if self._head is not None else self.lm_head(x)
+
+    # -- packed CPU weights (actors/packed.py) ------------------------------------------------
+    _head = None       # the packed vocabulary head, when packed
+    _packing = False   # pack() was asked for: eval mode packs, training mode drops the packed copies
+
+    def pack(self, on: bool = True) -> bool:
+        """Use (on) or drop (off) oneDNN-packed, fused copies of the projections for inference on
+        CPU. Returns whether they are in use (False where the device or dtype has no packed path)."""
+        on = on and pk.supported(self.model.embed_tokens.weight)
+        self._packing = on
+        self._apply_packing(on and not self.training)
+        return on
+
+    def _apply_packing(self, on: bool) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.pack(on)
+            layer.mlp.pack(on)
+        self._head = pk.pack(self.lm_head) if on and isinstance(self.lm_head, nn.Linear) else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self._packing:   # packed copies are inference-only; back in eval they are rebuilt from
+            self._apply_packing(not mode)   # the (possibly trained) weights
+        return self
 
     def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool, aligned: bool) -> list[torch.Tensor | None]:
-        """One boolean attention mask per layer, [B, 1, T, n_keys]; None means no explicit mask:
+        """One boolean attention mask per layer, [B, 1, T, n_keys] ([B, 1, T * group, n_keys] with
+        GQA, see Attention.forward); None means no explicit mask:
         SDPA's own causal mask, or none at all for one aligned query row (`aligned`: every row's
         positions are the last T before n_keys, known from host bookkeeping)."""
         a, T = self.args, input_pos.shape[1]
@@ -177,6 +246,9 @@ class Transformer(nn.Module):
         slid = causal & (keys > qpos - window) if windowed else None
         if plain:
             causal = None
+        G = a.n_heads // a.n_kv_heads
+        if G > 1:   # Attention folds the GQA group into the query axis: row t * G + g is row t's
+            causal, slid = (None if m is None else m.repeat_interleave(G, dim=2) for m in (causal, slid))
         return [slid if i in windowed else causal for i in range(a.n_layers)]
 
     @property
