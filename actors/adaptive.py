@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from actors.adaptive_trace import writer_from_env
+
 PRIOR_ALPHA = 0.6     # what a sequence assumes before anything was measured
 PROBE_K = 1           # the draft length of a probe from K = 0
 # Speculation must be predicted to beat plain decoding by this much: with a drafter that never
@@ -95,22 +97,28 @@ def expected_curve(a: list[float], k_cap: int) -> list[float]:
 
 
 class ShapeCost:
-    """t(n) for a forward over n tokens: a decayed mean per shape seen, and between or beyond
-    the shapes seen a weighted least-squares line through them. With a single shape seen, the
-    slope is `rel_slope` of that shape's time per extra token (a CPU verify of 6 tokens costs
-    1.5-1.8x one token; a GPU's is nearly flat, which the second shape seen then shows)."""
+    """t(n) for a forward over n tokens: the median of the last `window` times per shape seen,
+    and between or beyond the shapes seen a weighted least-squares line through those medians.
+    A median, not a mean: the first forward at a new shape (allocations, kernel selection) and a
+    forward preempted by another thread can take 10x the usual time, and a mean that remembered
+    them would price that shape out of the policy's choices until it is measured again, which,
+    priced out, it never is. With a single shape seen, the slope is `rel_slope` of that shape's
+    time per extra token (a CPU verify of 6 tokens costs 1.5-1.8x one token; a GPU's is nearly
+    flat, which the second shape seen then shows)."""
 
-    def __init__(self, ema: float = 0.2, rel_slope: float = 0.1):
-        self.ema, self.rel_slope = ema, rel_slope
-        self.mean: dict[int, float] = {}
+    def __init__(self, window: int = 9, rel_slope: float = 0.1):
+        self.window, self.rel_slope = window, rel_slope
+        self.samples: dict[int, list[float]] = {}
         self.count: dict[int, int] = {}
+        self.mean: dict[int, float] = {}   # per shape: the median of its window
 
     def add(self, n: int, seconds: float) -> None:
-        if n in self.mean:
-            self.mean[n] += self.ema * (seconds - self.mean[n])
-            self.count[n] += 1
-        else:
-            self.mean[n], self.count[n] = seconds, 1
+        w = self.samples.setdefault(n, [])
+        w.append(seconds)
+        if len(w) > self.window:
+            del w[0]
+        self.count[n] = self.count.get(n, 0) + 1
+        self.mean[n] = _median(w)
 
     @property
     def known(self) -> bool:
@@ -124,7 +132,7 @@ class ShapeCost:
             (n0, t0), = self.mean.items()
             c = t0 / (1 + self.rel_slope * n0)
             return c, c * self.rel_slope
-        w = {n: min(c, 20) for n, c in self.count.items()}
+        w = {n: min(c, self.window) for n, c in self.count.items()}
         sw = sum(w.values())
         mx = sum(w[n] * n for n in w) / sw
         my = sum(w[n] * self.mean[n] for n in w) / sw
@@ -133,10 +141,17 @@ class ShapeCost:
         return my - b * mx, b
 
     def __call__(self, n: int) -> float:
-        if n in self.mean and self.count[n] >= 3:
-            return self.mean[n]
+        # Always the line, never a shape's own median beside it: the policy compares shapes, and
+        # a well-measured shape (the one it keeps choosing) set against the line's guess at the
+        # others made the comparison depend on which shapes happened to be measured.
         a, b = self.line()
         return max(a + b * n, 0.0)
+
+
+def _median(xs: list[float]) -> float:
+    ys = sorted(xs)
+    m = len(ys) // 2
+    return ys[m] if len(ys) % 2 else 0.5 * (ys[m - 1] + ys[m])
 
 
 @dataclass
@@ -148,11 +163,22 @@ class Costs:
     transport_s: float = 0.0            # a frame to the drafter and its reply back
     prespec_step_s: float | None = None  # pre-speculation time per draft step (SSD; hidden up to t_verify)
     hit_rate: float = 0.9               # SSD: a round's outcome found in the table
+    # SSD: pre-speculation time by its draft steps, measured. A round's pre-speculation has a
+    # part that does not grow with K (the forward over the draft just verified, the forks, the
+    # top-k per depth): priced per step, that part made every K below the last one look
+    # dearer per step than it is, and each step down raised the price of the next.
+    prespec: ShapeCost = field(default_factory=lambda: ShapeCost(rel_slope=1.0))
 
     def draft_step(self) -> float:
         if self.draft_step_s is not None:
             return self.draft_step_s
         return 0.1 * self.verify(1)  # a drafter ~10x cheaper than the target until measured
+
+    def prespec_time(self, k: int) -> float:
+        """Pre-speculation time for drafts of k tokens (hidden behind the verify up to t_verify)."""
+        if self.prespec.known:
+            return self.prespec(k)
+        return k * (self.prespec_step_s if self.prespec_step_s is not None else self.draft_step())
 
 
 def round_time(mode: str, ks: list[int], costs: Costs) -> float:
@@ -165,8 +191,7 @@ def round_time(mode: str, ks: list[int], costs: Costs) -> float:
     jit = k_max * costs.draft_step() + costs.transport_s
     if mode != "ssd":
         return tv + jit
-    pre = k_max * (costs.prespec_step_s if costs.prespec_step_s is not None else costs.draft_step())
-    hit = max(tv, pre) + costs.transport_s
+    hit = max(tv, costs.prespec_time(k_max)) + costs.transport_s
     n_spec = sum(1 for k in ks if k > 0)
     p_all_hit = costs.hit_rate ** n_spec
     return hit + (1.0 - p_all_hit) * jit
@@ -226,16 +251,27 @@ def fan_budget(current: int, max_budget: int, t_verify: float, t_prespec: float 
     return min(max_budget, current + 1)
 
 
+def best_speculating_k(curve: list[float], mode: str, costs: Costs, rest: list[int]) -> int:
+    """The K >= 1 with the most expected tokens per second for a sequence whose tokens per round
+    are `curve`, beside the batch's other K's `rest` (what a probe drafts)."""
+    if len(curve) < 2:
+        return PROBE_K
+    return max(range(1, len(curve)), key=lambda k: curve[k] / max(round_time(mode, [k] + rest, costs), 1e-12))
+
+
 @dataclass
 class Probe:
-    """Per sequence at K = 0: after `every` rounds off, ask for one PROBE_K-token draft; each probe
-    after which the policy still says K = 0 doubles the wait (up to PROBE_MAX)."""
+    """Per sequence at K = 0: after `every` rounds off, ask for one draft; each probe after which
+    the policy still says K = 0 doubles the wait (up to PROBE_MAX). The probe drafts the K the
+    policy would pick if it had to speculate (`probe_k`), not one token: at K = 0 neither the
+    acceptance of later positions nor the costs of longer drafts are measured, and one-token
+    probes only ever refresh the first of them."""
     every: int = PROBE_FIRST
     off: int = 0
     probing: bool = False
 
-    def next_k(self, chosen: int) -> int:
-        """The K to draft this round given the policy's choice."""
+    def next_k(self, chosen: int, probe_k=lambda: PROBE_K) -> int:
+        """The K to draft this round given the policy's choice; `probe_k()` gives a probe's K."""
         if chosen > 0:
             self.every, self.off, self.probing = PROBE_FIRST, 0, False
             return chosen
@@ -244,7 +280,7 @@ class Probe:
         self.off += 1
         if self.off >= self.every:
             self.off, self.probing = 0, True
-            return PROBE_K
+            return max(1, probe_k())
         return 0
 
 
@@ -254,10 +290,13 @@ class Controller:
     round), and per sequence its acceptance, its cap (a request's own k, or the engine's) and its
     probe. The caller feeds it measurements and asks `decide` once per round."""
 
-    def __init__(self, k_max: int, mode: str, max_budget: int = 16):
+    def __init__(self, k_max: int, mode: str, max_budget: int = 16, prior: float | None = None):
+        """`prior`: the pair's measured per-token agreement when known (a demo pair's build.json),
+        else PRIOR_ALPHA: every new sequence's acceptance until the engine has measured its own."""
         self.k_max, self.mode, self.max_budget = k_max, mode, max_budget
         self.costs = Costs()
-        self.pooled = Acceptance(k_max, weight=4.0, decay=0.99)
+        self.pooled = Acceptance(k_max, prior=PRIOR_ALPHA if prior is None else prior, weight=4.0, decay=0.99)
+        self.last: dict[int, int] = {}       # each sequence's K in the last decision
         self.acc: dict[int, Acceptance] = {}
         self.cap: dict[int, int] = {}
         self.fixed: dict[int, int] = {}      # sequences with a K of their own (no adaptation)
@@ -265,38 +304,56 @@ class Controller:
         self.budget = max_budget
         self._lookups, self._hits = 0.0, 0.0
         self._probe_every = PROBE_FIRST   # where the last finished sequence's probe backoff stood
+        self.trace = writer_from_env({"k_max": k_max, "mode": mode, "max_budget": max_budget})
 
     # -- sequences ---------------------------------------------------------------------------
-    def add(self, sid: int, fixed_k: int | None = None) -> None:
+    def add(self, sid: int, fixed_k: int | None = None, pin: bool = False) -> int | None:
+        """A new sequence: adaptive, or drafting `fixed_k` every round, or with `pin` drafting every
+        round the K the policy chooses for it now (returned), from what the engine has measured so
+        far. A pinned K keeps a seeded sampling request reproducible: which random draws decide
+        its tokens depends on how many drafts each round verified."""
+        if self.trace:
+            self.trace.write({"ev": "add", "sid": sid, "fixed": fixed_k, "pin": pin})
         self.acc[sid] = Acceptance(self.k_max, prior=self.pooled.rates())
+        if fixed_k is None and pin:
+            fixed_k = self._pinned_k(sid)
         if fixed_k is not None:
             self.fixed[sid] = min(fixed_k, self.k_max)
-            return
+            return self.fixed[sid]
         self.cap[sid] = self.k_max
         # a new sequence starts its probe backoff where the engine's last one left it: with a
         # drafter that never agrees, short requests do not each pay the first, closest probes
         self.probe[sid] = Probe(every=self._probe_every)
 
     def remove(self, sid: int) -> None:
+        if self.trace:
+            self.trace.write({"ev": "remove", "sid": sid})
+            self.trace.flush()
         if sid in self.probe:
             self._probe_every = self.probe[sid].every
-        for d in (self.acc, self.cap, self.fixed, self.probe):
+        for d in (self.acc, self.cap, self.fixed, self.probe, self.last):
             d.pop(sid, None)
 
     # -- measurements ------------------------------------------------------------------------
     def observe_round(self, sid: int, n_draft: int, accepted: int) -> None:
         if n_draft <= 0:
             return
+        if self.trace:
+            self.trace.write({"ev": "round", "sid": sid, "n_draft": n_draft, "accepted": accepted})
         self.pooled.update(n_draft, accepted)
         if sid in self.acc:
             self.acc[sid].update(n_draft, accepted)
 
     def observe_verify(self, n_tokens: int, seconds: float) -> None:
+        if self.trace:
+            self.trace.write({"ev": "verify", "n": n_tokens, "s": seconds})
         self.costs.verify.add(n_tokens, seconds)
 
     def observe_draft(self, steps: int, draft_s: float, transport_s: float) -> None:
         """A just-in-time draft of `steps` batched steps took `draft_s` in the drafter; the frame
         and its reply spent `transport_s` on the way."""
+        if self.trace:
+            self.trace.write({"ev": "draft", "steps": steps, "draft_s": draft_s, "transport_s": transport_s})
         c = self.costs
         if steps > 0:
             per = draft_s / steps
@@ -305,15 +362,19 @@ class Controller:
 
     def observe_prespec(self, steps: int, seconds: float, t_verify: float) -> None:
         """One pre-speculation of `steps` draft steps took `seconds`, behind a verify of `t_verify`."""
+        if self.trace:
+            self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify})
         if steps <= 0:
             return
         c = self.costs
-        per = seconds / steps
-        c.prespec_step_s = per if c.prespec_step_s is None else c.prespec_step_s + 0.2 * (per - c.prespec_step_s)
+        c.prespec.add(steps, max(seconds, 0.0))
+        c.prespec_step_s = c.prespec(steps) / steps
         self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds,
                                  steps * c.draft_step() + c.transport_s)
 
     def observe_lookup(self, hit: bool) -> None:
+        if self.trace:
+            self.trace.write({"ev": "lookup", "hit": hit})
         self._lookups = self._lookups * 0.98 + 1.0
         self._hits = self._hits * 0.98 + float(hit)
         self.costs.hit_rate = (self._hits + 0.9 * 2) / (self._lookups + 2)
@@ -331,8 +392,42 @@ class Controller:
                 fixed = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in out.items()]
                 chosen = choose_ks(curves, self.mode, self.costs, fixed)
             for s, k in zip(free, chosen):
-                out[s] = self.probe[s].next_k(k)
+                out[s] = self.probe[s].next_k(k, lambda: self._probe_k(s, out))
+            if self.trace:
+                self._trace_decision(free, chosen, out)
+        self.last.update(out)
         return out
+
+    def _pinned_k(self, sid: int) -> int:
+        """The K the policy would choose for a new sequence `sid` beside the batch's last K's."""
+        if not self.costs.verify.known:
+            return self.k_max
+        a = self.acc[sid].rates()
+        others = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in self.last.items() if s != sid]
+        return choose_ks([expected_curve(a, self.k_max)], self.mode, self.costs, others)[0]
+
+    def _probe_k(self, sid: int, out: dict[int, int]) -> int:
+        if not self.costs.verify.known:
+            return self.cap[sid]
+        curve = expected_curve(self.acc[sid].rates(), self.cap[sid])
+        return best_speculating_k(curve, self.mode, self.costs, [k for s, k in out.items() if s != sid])
+
+    def _trace_decision(self, free: list[int], chosen: list[int], out: dict[int, int]) -> None:
+        """One decision with what it was made from: per free sequence its acceptance and the
+        expected tokens per ms of each K with the rest of the batch as drafted."""
+        c = self.costs
+        seqs = {}
+        for s, k in zip(free, chosen):
+            a = self.acc[s].rates()
+            curve = expected_curve(a, self.cap[s])
+            rest = [out[o] for o in out if o != s]
+            rates = [round(e / max(round_time(self.mode, [kk] + rest, c), 1e-12) / 1e3, 4)
+                     for kk, e in enumerate(curve)] if c.verify.known else None
+            seqs[s] = {"a": [round(x, 3) for x in a], "tok_per_ms": rates, "chosen": k}
+        self.trace.write({"ev": "decide", "ks": {str(s): k for s, k in out.items()}, "seqs": seqs,
+                          "t_verify_ms": [round(c.verify(n) * 1e3, 3) for n in range(1, self.k_max + 2)]
+                          if c.verify.known else None,
+                          **{k: v for k, v in self.snapshot().items() if k not in ("acceptance", "t_verify_ms")}})
 
     def snapshot(self) -> dict:
         """What the policy currently believes (for metrics and reports)."""
@@ -341,5 +436,7 @@ class Controller:
         return {"fan_out_budget": self.budget, "t_verify_ms": [round(a * 1e3, 3), round(b * 1e3, 3)],
                 "draft_step_ms": None if c.draft_step_s is None else round(c.draft_step_s * 1e3, 3),
                 "prespec_step_ms": None if c.prespec_step_s is None else round(c.prespec_step_s * 1e3, 3),
+                "prespec_ms": [round(c.prespec(k) * 1e3, 3) for k in range(1, self.k_max + 1)]
+                if c.prespec.known else None,
                 "transport_ms": round(c.transport_s * 1e3, 3), "hit_rate": round(c.hit_rate, 3),
                 "acceptance": [round(x, 3) for x in self.pooled.rates()]}

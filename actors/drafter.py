@@ -67,6 +67,7 @@ class Drafter:
         self.channel: Channel | None = None
         self.times = DrafterTimes()
         self._prespec = (0, 0)   # the last pre-speculation: (draft steps, ns), for the table's PING
+        self._prespec_catch_up_ns = 0   # of which a prefill of tokens committed at K = 0 or a new prompt
         self._catch_up_ns = 0    # this frame's catch-up prefill before just-in-time drafts (in the reply's PING)
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
         self.online = None       # online learning (actors/online.py): None unless the spec turns it on
@@ -183,7 +184,9 @@ class Drafter:
     def table_frame(self, step: int) -> Frame:
         """The speculation cache as the verifier needs it: per sequence, its branches' tokens."""
         steps, ns = self._prespec
-        records = [Record(Rec.PING, 0, steps, ns, time.perf_counter_ns())]
+        # the catch-up prefill is not pre-speculation's cost per round (it comes once, after a
+        # prompt or a stretch at K = 0): the verifier's policy must not price every round with it
+        records = [Record(Rec.PING, 0, steps, ns, time.perf_counter_ns(), tokens=[self._prespec_catch_up_ns])]
         for s in self.seqs.values():
             if s.branches:
                 table = {key: br.tokens for key, br in s.branches.items()}
@@ -350,7 +353,9 @@ class Drafter:
         if s.length >= len(full):
             return
         if s.length < len(s.tokens) - 1:  # rows before depth 0 give no distribution: prefill them in chunks
+            t0 = time.perf_counter_ns()
             self._prefill(s, len(s.tokens) - 1)
+            self._prespec_catch_up_ns += time.perf_counter_ns() - t0
         new = full[s.length:]
         logits = self._forward(torch.tensor([new]), torch.arange(s.length, len(full))[None], [s.slot])[0]
         first_depth = s.length - (len(s.tokens) - 1)   # the depth of logits[0]
@@ -364,6 +369,7 @@ class Drafter:
     def prespeculate(self) -> None:
         """Pre-draft the next round for the likely outcomes of the round being verified."""
         rows, keys = [], []
+        self._prespec_catch_up_ns = 0
         for s in self.seqs.values():
             if s.branches or s.speculated:  # already pre-drafted for this round (a frame that moved nothing on)
                 continue

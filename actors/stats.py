@@ -26,6 +26,7 @@ class SpecStats:
     hits_by_depth: list[int] = field(default_factory=list)
     k_histogram: list[int] = field(default_factory=list)   # rounds by draft length verified, 0..k
     rounds_off: int = 0                                     # rounds at K = 0 by the adaptive policy
+    fixed_k: int | None = None   # the K drafted every round when it was fixed (own k, or pinned for a seed)
 
     def __post_init__(self):
         self.accepted_per_position = self.accepted_per_position or [0] * self.k
@@ -96,13 +97,14 @@ class SpecStats:
             "cache_hits": self.cache_hits, "cache_misses": self.cache_misses,
             "hit_rate": round(self.hit_rate, 4),
             "lookups_by_depth": list(self.lookups_by_depth), "hits_by_depth": list(self.hits_by_depth),
-            "k_histogram": list(self.k_histogram), "rounds_off": self.rounds_off,
+            "k_histogram": list(self.k_histogram), "rounds_off": self.rounds_off, "fixed_k": self.fixed_k,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> SpecStats:
         keys = ("k", "drafts", "draft_tokens", "accepted_tokens", "accepted_per_position",
-                "cache_hits", "cache_misses", "lookups_by_depth", "hits_by_depth", "k_histogram", "rounds_off")
+                "cache_hits", "cache_misses", "lookups_by_depth", "hits_by_depth", "k_histogram", "rounds_off",
+                "fixed_k")
         return cls(**{k: d[k] for k in keys if k in d})
 
     def summary(self) -> str:

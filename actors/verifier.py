@@ -34,11 +34,13 @@ swaps it in between two steps (actors/drafter_link.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -63,6 +65,21 @@ from actors.wire import encode_params
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
+
+
+def pair_agreement(spec: EngineSpec) -> float | None:
+    """The drafter's measured greedy agreement with its target when the pair says so (a demo
+    pair's build.json, beside both checkpoints): the adaptive policy's prior acceptance."""
+    if spec.draft is None:
+        return None
+    try:
+        pair = Path(spec.draft).parent
+        if Path(spec.target).parent != pair:
+            return None
+        value = json.loads((pair / "build.json").read_text()).get("greedy_agreement")
+    except (OSError, ValueError, TypeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
 
 
 class Verifier(DrafterLink):
@@ -97,7 +114,7 @@ class Verifier(DrafterLink):
         self._sent_step = -1   # the step number of the last frame sent: replies and tables must name it
         self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
-        self.policy = Controller(spec.k, spec.mode, spec.max_branches)
+        self.policy = Controller(spec.k, spec.mode, spec.max_branches, prior=pair_agreement(spec))
         self._jit_steps = 0                        # draft steps the reply due now waits for
         self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
         self._last_verify_s = 0.0
@@ -128,6 +145,7 @@ class Verifier(DrafterLink):
         pin_this_thread(self.spec.target_cpus)
         self.loop_tid = threading.get_native_id()
         try:
+            self._calibrate()
             while not self._stop.is_set():
                 self.step()
         finally:
@@ -241,20 +259,52 @@ class Verifier(DrafterLink):
         s = Seq(req, slot, list(req.prompt), seed, SpecStats(k=self.k), t_submit)
         self.seqs[req.id] = s
         if self.spec.speculative:
-            self.policy.add(req.id, self._fixed_k(req))
+            # reported: a seeded request's pinned K, so the same seed with this `k` gives the same tokens
+            s.stats.fixed_k = self.policy.add(req.id, self._fixed_k(req), pin=self._pinned(req))
         return s
 
     def _fixed_k(self, req: Request) -> int | None:
-        """The K this request drafts every round, or None for the adaptive policy's choice.
-
-        A seeded sampling request drafts a fixed K: which random draws decide its tokens depends
-        on how many drafts each round verified, and the adaptive choice follows timings, so the
-        same seed would not give the same text twice. Its own `k` (0 = off) still overrides."""
+        """The K this request drafts every round when it is not the policy's to choose: its own
+        `k` (0 = off), or `speculation.k` with adaptive off."""
         if req.k is not None:
             return req.k
-        if not self.spec.adaptive or (req.params.seed is not None and req.params.temperature > 0):
+        if not self.spec.adaptive:
             return self.k
         return None
+
+    def _pinned(self, req: Request) -> bool:
+        """A seeded sampling request drafts one K throughout, chosen by the policy at admission:
+        which random draws decide its tokens depends on how many drafts each round verified, and
+        a K that followed timings round by round would not give the same text twice. Its final
+        stats report that K; the same seed with `k` set to it reproduces the output."""
+        return req.params.seed is not None and req.params.temperature > 0
+
+    def _calibrate(self, reps: int = 5, context: int = 128) -> None:
+        """Time the verify forward at 1 and k + 1 tokens, on this loop's thread and core, before
+        the first request: the adaptive policy's cost model then starts from this engine's own
+        t_verify line. Without it the first request's rounds taught it one shape at a time, the
+        first forward at each shape (allocations, kernel choice) many times slower than the rest,
+        and the shapes it then stopped choosing were never measured again."""
+        if not (self.spec.speculative and self.spec.adaptive):
+            return
+        ctx = min(context, self.spec.max_seq_len - self.k - 2)
+        if ctx < 1 or not self.cache.can_reserve(ctx + self.k + 1):
+            return
+        slot = self.cache.alloc(reserve_tokens=ctx + self.k + 1)
+        try:
+            x = torch.arange(ctx + self.k + 1) % self.vocab
+            self._forward(x[None, :ctx], torch.arange(ctx)[None], [slot], last=True)
+            self.cache.advance(slot, ctx)
+            for i in range(reps + 1):
+                for n in (1, self.k + 1):
+                    self._timer.start()
+                    logits = self._forward(x[None, ctx:ctx + n], torch.arange(ctx, ctx + n)[None], [slot])
+                    self._timer.stop()
+                    logits[0, -1, :1].cpu()   # waits for the device
+                    if i:   # the first of each shape is its warm-up
+                        self.policy.observe_verify(n, self._timer.seconds())
+        finally:
+            self.cache.free(slot)
 
     def _prefill(self, s: Seq) -> None:
         """Feed the prompt; its last logits give the first token."""

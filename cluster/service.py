@@ -44,7 +44,7 @@ def stats_pb(s: SpecStats, ttft_s: float, completion: int, total_s: float) -> pb
         accepted_per_position=list(s.accepted_per_position), cache_hits=s.cache_hits,
         cache_misses=s.cache_misses, hit_rate=s.hit_rate, hits_by_depth=list(s.hits_by_depth),
         time_to_first_token_s=ttft_s, tokens_per_s=completion / total_s if total_s > 0 else 0.0,
-        k_histogram=list(s.k_histogram), rounds_off=s.rounds_off)
+        k_histogram=list(s.k_histogram), rounds_off=s.rounds_off, fixed_k=s.fixed_k)
 
 
 class OutriderService:

@@ -49,7 +49,7 @@ def spec_stats(final: Final) -> dict:
         "drafts": s.drafts, "draft_tokens": s.draft_tokens, "accepted_tokens": s.accepted_tokens,
         "acceptance_rate": s.acceptance_rate, "mean_acceptance_length": s.mean_acceptance_length,
         "cache_hits": s.cache_hits, "cache_misses": s.cache_misses, "hit_rate": s.hit_rate,
-        "k_histogram": list(s.k_histogram), "rounds_off": s.rounds_off}}
+        "k_histogram": list(s.k_histogram), "rounds_off": s.rounds_off, "fixed_k": s.fixed_k}}
 
 
 def usage(final: Final) -> dict:

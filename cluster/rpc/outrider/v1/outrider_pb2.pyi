@@ -83,7 +83,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("drafts", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_acceptance_length", "accepted_per_position", "cache_hits", "cache_misses", "hit_rate", "hits_by_depth", "time_to_first_token_s", "tokens_per_s", "k_histogram", "rounds_off")
+    __slots__ = ("drafts", "draft_tokens", "accepted_tokens", "acceptance_rate", "mean_acceptance_length", "accepted_per_position", "cache_hits", "cache_misses", "hit_rate", "hits_by_depth", "time_to_first_token_s", "tokens_per_s", "k_histogram", "rounds_off", "fixed_k")
     DRAFTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +98,7 @@ class SpecStats(_message.Message):
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     K_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_OFF_FIELD_NUMBER: _ClassVar[int]
+    FIXED_K_FIELD_NUMBER: _ClassVar[int]
     drafts: int
     draft_tokens: int
     accepted_tokens: int
@@ -112,7 +113,8 @@ class SpecStats(_message.Message):
     tokens_per_s: float
     k_histogram: _containers.RepeatedScalarFieldContainer[int]
     rounds_off: int
-    def __init__(self, drafts: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_acceptance_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., hits_by_depth: _Optional[_Iterable[int]] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., k_histogram: _Optional[_Iterable[int]] = ..., rounds_off: _Optional[int] = ...) -> None: ...
+    fixed_k: int
+    def __init__(self, drafts: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_acceptance_length: _Optional[float] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., cache_hits: _Optional[int] = ..., cache_misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., hits_by_depth: _Optional[_Iterable[int]] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., k_histogram: _Optional[_Iterable[int]] = ..., rounds_off: _Optional[int] = ..., fixed_k: _Optional[int] = ...) -> None: ...
 
 class Final(_message.Message):
     __slots__ = ("finish_reason", "usage", "stats", "request_id")
