@@ -36,12 +36,19 @@ class ClusterConfig(_Section):
     num_cpus: int | None = Field(None, ge=1)   # embedded cluster only
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     namespace: str = "outrider"
+    # Engine replicas behind the one endpoint (docs/replicas.md): each a verifier with its
+    # tensor-parallel ranks and its drafter, in a placement group of its own; requests are routed
+    # to one by prefix affinity and load (cluster/router.py).
+    replicas: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")
     def _local_has_no_cluster(self):
         if self.launcher == "local" and self.address is not None:
             raise ValueError(f"address: {self.address!r} joins a Ray cluster, but launcher: local runs without Ray "
                              f"on this machine; remove one of them")
+        if self.launcher == "local" and self.replicas > 1:
+            raise ValueError(f"replicas: {self.replicas} engine replicas are placed by Ray, but launcher: local runs "
+                             "one engine without Ray; use launcher: ray or replicas: 1")
         return self
 
 
@@ -251,6 +258,13 @@ class DeploymentConfig(_Section):
                              "share one; keep PACK and separate the roles with models.target.resources and "
                              "models.draft.resources")
         embedded = c.launcher == "ray" and c.address is None
+        if embedded and c.num_cpus is not None and c.replicas > 1:
+            t, d = self.models.target, self.models.draft
+            per = tp * t.num_threads + (d.num_threads if d is not None and self.speculation.mode != "ar" else 0)
+            if per * c.replicas > c.num_cpus:
+                raise ValueError(f"cluster.replicas: {c.replicas} replicas of {per} CPU(s) each need "
+                                 f"{per * c.replicas}, but the embedded cluster has cluster.num_cpus={c.num_cpus}; "
+                                 "raise num_cpus or lower replicas")
         if c.placement_strategy == "STRICT_SPREAD" and embedded and self.speculation.mode != "ar":
             raise ValueError("cluster.placement_strategy: STRICT_SPREAD needs a node per role, and the embedded "
                              "cluster (cluster.address: null) is one node; join a cluster (cluster.address: auto)")
@@ -276,6 +290,9 @@ class DeploymentConfig(_Section):
             out.append(f"speculation.fan_out only applies to mode ssd (mode is {sp.mode})")
         if sp.mode == "ar" and sp.online_learning.enabled:
             out.append("speculation.online_learning only applies with a drafter (mode is ar)")
+        if self.cluster.replicas > 1 and (self.models.target.cpus or (self.models.draft and self.models.draft.cpus)):
+            out.append(f"cluster.replicas={self.cluster.replicas}: every replica pins the same models.*.cpus; two "
+                       "replicas on one node then share those CPUs")
         if self.cluster.address is not None and self.cluster.num_cpus is not None:
             out.append("cluster.num_cpus only applies to the embedded cluster (cluster.address is set)")
         return out

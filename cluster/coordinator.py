@@ -78,6 +78,11 @@ class Handle:
         self.t_submit = time.perf_counter()
         self.deadline = self.t_submit + args.deadline_s if args.deadline_s else None
         self.done = False
+        self.sent = False              # a chunk reached the client: the request can no longer move
+        self.replica = 0               # which engine replica serves it (cluster/replicas.py)
+        # Held while the request's events are dispatched and while a lost replica decides whether
+        # to move it, so a late chunk from the lost replica never follows the move.
+        self.lock = threading.Lock()
 
     def __iter__(self):
         while True:
@@ -119,6 +124,9 @@ class Coordinator:
         self._abort_reasons: dict[int, str] = {}
         self.draining = False
         self.error: str | None = None
+        # When the engine is lost: on_lost(handle) -> True if it moved the request elsewhere (only
+        # asked for requests that have not streamed); else the request ends with an error.
+        self.on_lost = None
         self._poller = threading.Thread(target=self._poll_loop, name="outrider-poller", daemon=True)
         self._poller.start()
 
@@ -144,6 +152,26 @@ class Coordinator:
                 self.handles.pop(eid, None)
             raise
         return h
+
+    def adopt(self, h: Handle) -> None:
+        """Take over a request another coordinator's engine lost before it streamed anything:
+        same handle (the client keeps reading the same events), a new id on this engine."""
+        if self.draining or self._stop.is_set() or self.error:
+            raise EngineUnavailable(self.error or "the replica is draining")
+        with self._lock:
+            if len(self.handles) >= self.max_queue:
+                raise QueueFull(f"{len(self.handles)} requests in flight (server.max_queue={self.max_queue})")
+            eid = next(self._ids)
+            self.handles[eid] = h
+        h.coord, h.eid, h.stream = self, eid, TextStream(self.tok, h.args.stop)
+        a = h.args
+        try:
+            self.engine.submit(Request(eid, list(a.prompt_ids), a.max_new_tokens, a.params, tuple(a.stop_token_ids),
+                                       a.speculate, a.ignore_eos, a.k))
+        except Exception:
+            with self._lock:
+                self.handles.pop(eid, None)
+            raise
 
     def generate(self, args: GenerateArgs) -> Final:
         return self.submit(args).result()
@@ -178,9 +206,20 @@ class Coordinator:
         self.error = message
         with self._lock:
             handles, self.handles = list(self.handles.values()), {}
+            self._abort_reasons.clear()
         for h in handles:
-            h.events.put(Final("error", len(h.args.prompt_ids), len(h.tokens), SpecStats(), 0.0,
-                               time.perf_counter() - h.t_submit, error=message))
+            with h.lock:
+                if h.coord is not self or h.done:
+                    continue
+                if not h.sent and self.on_lost is not None:
+                    try:
+                        if self.on_lost(h):
+                            continue
+                    except Exception as e:  # moving it failed: it ends with the error below
+                        log.warning("could not move request %s: %s", h.request_id, e)
+                h.done = True
+                h.events.put(Final("error", len(h.args.prompt_ids), len(h.tokens), SpecStats(), 0.0,
+                                   time.perf_counter() - h.t_submit, error=message))
 
     # -- events --------------------------------------------------------------------------------
     def _poll_loop(self) -> None:
@@ -210,6 +249,11 @@ class Coordinator:
             h = self.handles.get(ev["id"])
         if h is None:
             return
+        with h.lock:
+            if h.coord is self and h.eid == ev["id"] and not h.done:
+                self._dispatch_to(h, ev)
+
+    def _dispatch_to(self, h: Handle, ev: dict) -> None:
         if ev["tokens"] and not h.stream.stopped:
             self._emit(h, h.stream.push(ev["tokens"]))
             if h.stream.stopped:
@@ -232,6 +276,7 @@ class Coordinator:
     @staticmethod
     def _emit(h: Handle, piece) -> None:
         if piece.token_ids or piece.text:
+            h.sent = True
             h.tokens += piece.token_ids
             h.text += piece.text
             h.events.put(Chunk(piece.token_ids, piece.text))

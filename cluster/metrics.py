@@ -2,15 +2,25 @@
 
 Per-request figures (speculation counters, latency histograms) are recorded when a request
 finishes. Engine-wide figures (verifier and drafter busy/idle seconds, rounds) are read from the
-actors at scrape time by a collector, so a scrape always shows the live totals.
+actors at scrape time by a collector, so a scrape always shows the live totals; with several
+engine replicas (cluster.replicas) they are summed over the replicas.
+
+Load gauges, as vLLM names them, per replica (label `replica`) and in total (no label):
+`num_requests_running` (per replica: sequences in its verifier's batch; in total: the server's
+open streams), `num_requests_waiting` (admitted to a verifier, waiting for a batch slot or KV
+blocks) and `kv_cache_usage_perc` (the fraction of the verifier's KV blocks in use, 0..1). The
+router (cluster/router.py) balances on the same numbers.
 """
 from __future__ import annotations
 
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.samples import Sample
 
 from actors.stats import SpecStats
 
@@ -20,31 +30,98 @@ _LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TPOT = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
 
 
+class InFlight:
+    """The server's open streams (gRPC and HTTP): inc() when one starts, dec() when it ends."""
+
+    def __init__(self):
+        self._n, self._lock = 0, threading.Lock()
+
+    def inc(self) -> None:
+        with self._lock:
+            self._n += 1
+
+    def dec(self) -> None:
+        with self._lock:
+            self._n -= 1
+
+    @property
+    def value(self) -> int:
+        return self._n
+
+
+def kv_usage(m: dict) -> float:
+    """The fraction of a verifier's KV blocks in use, from its metrics()."""
+    return m.get("kv_blocks_used", 0) / m["kv_blocks"] if m.get("kv_blocks") else 0.0
+
+
+def summed(ms: list[dict]) -> dict:
+    """Several replicas' metrics() as one: numbers added, the drafter's too; drafter_ok only if
+    every replica's drafter is up."""
+    out: dict = {"drafter_ok": all(m.get("drafter_ok") for m in ms)}
+    drafters = [m["drafter"] for m in ms if m.get("drafter")]
+    for m in ms:
+        for k, v in m.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    if drafters:
+        d: dict = {}
+        for x in drafters:
+            for k, v in x.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    d[k] = d.get(k, 0) + v
+        if "train_loss_ema" in d:
+            d["train_loss_ema"] /= len(drafters)
+        out["drafter"] = d
+    return out
+
+
 class EngineCollector:
-    """Reads engine.metrics() on scrape (cached for a second: a scrape is one Ray call)."""
+    """Reads every replica's engine.metrics() on scrape (cached for a second: a scrape is one
+    Ray call per replica)."""
 
-    def __init__(self, engine_ref):
-        self.engine_ref = engine_ref   # a callable returning the current engine (it may be rebuilt)
-        self._cache: tuple[float, dict] = (0.0, {})
+    def __init__(self, engine_ref, in_flight: InFlight):
+        # A callable returning the current engine, or the list of replicas' engines (they may be rebuilt).
+        self.engine_ref = engine_ref
+        self.in_flight = in_flight
+        self._cache: tuple[float, list[dict]] = (0.0, [])
 
-    def _metrics(self) -> dict:
-        t, m = self._cache
+    def _engines(self) -> list:
+        if self.engine_ref is None:
+            return []
+        got = self.engine_ref()
+        return list(got) if isinstance(got, (list, tuple)) else [got]
+
+    def _metrics(self) -> list[dict]:
+        t, ms = self._cache
         if time.monotonic() - t > 1.0:
-            try:
-                m = self.engine_ref().metrics()
-            except Exception as e:  # a dead engine must not break the scrape
-                log.debug("engine metrics unavailable: %s", e)
-                m = {}
-            self._cache = (time.monotonic(), m)
-        return m
+            ms = []
+            for engine in self._engines():
+                try:
+                    ms.append(engine.metrics())
+                except Exception as e:  # a dead engine must not break the scrape
+                    log.debug("engine metrics unavailable: %s", e)
+                    ms.append({})
+            self._cache = (time.monotonic(), ms)
+        return ms
 
     def collect(self):
-        m = self._metrics()
-        up = GaugeMetricFamily(P + "engine_up", "1 when the engine answered the last scrape")
-        up.add_metric([], 1.0 if m else 0.0)
-        yield up
-        if not m:
+        ms = self._metrics()
+        yield from self._load(ms)
+        if self.engine_ref is None:
             return
+        up = GaugeMetricFamily(P + "engine_up", "1 when every engine replica answered the last scrape")
+        up.add_metric([], 1.0 if ms and all(ms) else 0.0)
+        yield up
+        if len(ms) > 1:
+            rup = GaugeMetricFamily(P + "replica_up", "1 when the replica's engine answered the last scrape",
+                                    labels=["replica"])
+            for i, m in enumerate(ms):
+                rup.add_metric([str(i)], 1.0 if m else 0.0)
+            yield rup
+        live = [m for m in ms if m]
+        if not live:
+            return
+        m = live[0] if len(live) == 1 else summed(live)
         seconds = CounterMetricFamily(P + "verifier_seconds", "verifier time by activity", labels=["activity"])
         for key in ("verify_s", "prefill_s", "wait_s", "transport_s", "control_s", "idle_s"):
             seconds.add_metric([key.removesuffix("_s")], float(m.get(key, 0.0)))
@@ -78,9 +155,34 @@ class EngineCollector:
                 buf = GaugeMetricFamily(P + "drafter_train_buffer_tokens", "tokens in the replay buffer")
                 buf.add_metric([], float(d.get("train_buffer_tokens", 0)))
                 yield buf
-        ok = GaugeMetricFamily(P + "drafter_up", "1 while the drafter is on the data plane")
+        ok = GaugeMetricFamily(P + "drafter_up", "1 while the drafter is on the data plane (every replica's)")
         ok.add_metric([], 1.0 if m.get("drafter_ok") else 0.0)
         yield ok
+
+    def _load(self, ms: list[dict]):
+        """vLLM's load gauges: one sample per replica that answered, and the total (no label)."""
+        running = GaugeMetricFamily(P + "num_requests_running", "requests running: per replica the sequences in "
+                                    "its verifier's batch, in total the server's open streams")
+        waiting = GaugeMetricFamily(P + "num_requests_waiting", "requests admitted to a verifier and waiting for "
+                                    "a batch slot or KV blocks")
+        kv = GaugeMetricFamily(P + "kv_cache_usage_perc", "fraction of the verifier's KV cache blocks in use (0..1)")
+        running.add_metric([], float(self.in_flight.value))
+        live = [(i, m) for i, m in enumerate(ms) if m]
+        for i, m in live:
+            labels = {"replica": str(i)}
+            # One family holds the per-replica samples and the unlabeled total, as the exposition
+            # format allows; GaugeMetricFamily.add_metric fixes one label set, so append directly.
+            running.samples.append(Sample(running.name, labels, float(m.get("active", 0))))
+            waiting.samples.append(Sample(waiting.name, labels, float(m.get("waiting", 0))))
+            kv.samples.append(Sample(kv.name, labels, kv_usage(m)))
+        if live:
+            waiting.add_metric([], float(sum(m.get("waiting", 0) for _, m in live)))
+            blocks = sum(m.get("kv_blocks", 0) for _, m in live)
+            kv.add_metric([], sum(m.get("kv_blocks_used", 0) for _, m in live) / blocks if blocks else 0.0)
+        yield running
+        if live:
+            yield waiting
+            yield kv
 
 
 class Metrics:
@@ -104,9 +206,8 @@ class Metrics:
                               registry=r)
         self.tpot = Histogram(P + "time_per_output_token_seconds", "time per output token after the first",
                               buckets=_TPOT, registry=r)
-        self.in_flight = Gauge(P + "num_requests_running", "requests in flight", registry=r)
-        if engine_ref is not None:
-            r.register(EngineCollector(engine_ref))
+        self.in_flight = InFlight()
+        r.register(EngineCollector(engine_ref, self.in_flight))
         self._server = None
 
     def observe_final(self, reason: str, prompt_tokens: int, completion_tokens: int, stats: SpecStats,

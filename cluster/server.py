@@ -1,7 +1,8 @@
 """`outrider serve`: the gRPC front end over the coordinator and the Ray engine.
 
 Life cycle: the port opens first with health NOT_SERVING (so probes and clients get a clear
-answer while models load), the engine comes up, health turns SERVING. On SIGTERM or SIGINT:
+answer while models load), the engine comes up (`cluster.replicas` of them, each in its own
+placement group, behind the one endpoint: cluster/replicas.py), health turns SERVING. On SIGTERM or SIGINT:
 NOT_SERVING, refuse new requests, let in-flight ones finish within `server.drain_grace_s`,
 abort the rest, stop the actors, tear down the data plane, exit 0.
 """
@@ -20,12 +21,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ConfigError, DeploymentConfig, load_config
-from cluster.coordinator import Coordinator
 from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 from cluster.metrics import Metrics
+from cluster.replicas import Replica, ReplicaSet
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 from cluster.service import SERVICE, OutriderService, info_for
-from cluster.supervisor import Supervisor
 from cluster.validate import Limits
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,9 @@ class OutriderServer:
         self.spec = engine_spec(cfg)
         log.info("memory plan:\n%s", self.spec.extra.get("memory_plan", "(none)"))
         self.tok = tokenizer_for(self.spec)
-        self.engine = None
-        self.coord: Coordinator | None = None
+        self.replicas: ReplicaSet | None = None
         self.health = health.HealthServicer()
-        self.metrics = Metrics(lambda: self.engine) if cfg.metrics.enabled else None
+        self.metrics = Metrics(lambda: self.replicas.engines() if self.replicas else []) if cfg.metrics.enabled else None
         self.metrics_port: int | None = None
         limits = Limits(self.tok.vocab_size, self.spec.max_seq_len, cfg.server.max_new_tokens_limit,
                         cfg.server.default_max_new_tokens, self.spec.k if self.spec.speculative else None)
@@ -94,8 +93,21 @@ class OutriderServer:
         self.port: int | None = None
         self.http = None                      # cluster.api.http.HTTPServer when http.enabled
         self.http_port: int | None = None
-        self.supervisor: Supervisor | None = None
         self._stopped = threading.Event()
+
+    # The first replica's parts (the only ones with cluster.replicas: 1); `coord` is the replica
+    # set, which routes each request to one replica's coordinator.
+    @property
+    def coord(self) -> ReplicaSet | None:
+        return self.replicas
+
+    @property
+    def engine(self):
+        return self.replicas.replicas[0].engine if self.replicas else None
+
+    @property
+    def supervisor(self):
+        return self.replicas.replicas[0].supervisor if self.replicas else None
 
     # -- bring-up ------------------------------------------------------------------------------
     def start(self) -> OutriderServer:
@@ -124,13 +136,19 @@ class OutriderServer:
             self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         if self.cfg.http.enabled:
             self.start_http(token)
-        self.engine = self.new_engine()
-        self.coord = Coordinator(self.engine, self.tok, s.max_queue, s.stream_interval_s)
-        self.service.coord = self.coord
-        self.supervisor = Supervisor(self).start()
+        n = self.cfg.cluster.replicas
+        if n > 1 and self.cfg.cluster.launcher == "ray":   # once, before the replicas start side by side
+            from cluster.engine import init_ray
+
+            init_ray(self.cfg.cluster.address, self.cfg.cluster.num_cpus, self.cfg.cluster.namespace)
+        self.replicas = ReplicaSet.start(n, lambda i: Replica(i, self.new_engine, self.tok, s.max_queue,
+                                                              s.stream_interval_s, self.spec.max_batch,
+                                                              on_change=self._replica_changed))
+        self.service.coord = self.replicas
+        self.replicas.start_supervisors()
         self.set_health(True)
-        log.info("serving %s on %s:%d (mode=%s k=%d)", pb.DESCRIPTOR.package, s.host, self.port, self.spec.mode,
-                 self.spec.k)
+        log.info("serving %s on %s:%d (mode=%s k=%d, %d replica%s)", pb.DESCRIPTOR.package, s.host, self.port,
+                 self.spec.mode, self.spec.k, n, "" if n == 1 else "s")
         return self
 
     def start_http(self, token: str | None) -> None:
@@ -145,6 +163,11 @@ class OutriderServer:
 
     def new_engine(self):
         return start_engine(self.cfg, self.spec)
+
+    def _replica_changed(self, replica) -> None:
+        """SERVING while at least one replica is up (a rebuild elsewhere does not stop the server)."""
+        if not self._stopped.is_set() and self.replicas is not None:
+            self.set_health(any(r.up for r in self.replicas.replicas))
 
     def set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -163,11 +186,10 @@ class OutriderServer:
         deadline = time.monotonic() + grace_s
         while self.coord.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
-        left = list(self.coord.handles)
+        left = self.coord.in_flight
         if left:
-            log.warning("drain grace (%.1fs) over: aborting %d requests", grace_s, len(left))
-            for eid in left:
-                self.coord.abort(eid, reason="abort")
+            log.warning("drain grace (%.1fs) over: aborting %d requests", grace_s, left)
+            self.coord.abort_all(reason="abort")
             end = time.monotonic() + 5
             while self.coord.in_flight and time.monotonic() < end:
                 time.sleep(0.05)
@@ -176,17 +198,18 @@ class OutriderServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self.supervisor is not None:
-            self.supervisor.stop()
+        if self.replicas is not None:
+            for r in self.replicas.replicas:
+                if r.supervisor is not None:
+                    r.supervisor.stop()
         self.drain(grace_s)
         if self.grpc is not None:
             self.grpc.stop(grace=1.0).wait()
         if self.http is not None:
             self.http.stop()
-        if self.coord is not None:
-            self.coord.stop()
-        if self.engine is not None:
-            self.engine.stop()
+        if self.replicas is not None:
+            for r in self.replicas.replicas:
+                r.stop()
         if self.metrics is not None:
             self.metrics.close()
         log.info("server stopped")

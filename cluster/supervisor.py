@@ -6,8 +6,11 @@ for the replacement; it may wait minutes for Ray to place it (its node is gone u
 same resources joins), and it joins from a later check once it has started, so this loop never
 waits for it and keeps watching the verifier meanwhile. A dead verifier
 takes the sequences' state with it: the coordinator ends every open stream with an error
-(UNAVAILABLE to clients), health goes NOT_SERVING, a fresh pair is started, health returns to
-SERVING, and new requests succeed.
+(UNAVAILABLE to clients) or, with several replicas, moves the requests that have not streamed
+yet to another replica; the replica counts as down (health goes NOT_SERVING when no replica is
+left up), a fresh pair is started, the replica is up again, and new requests succeed.
+
+One supervisor watches one replica (cluster/replicas.py): a rebuild blocks only its own loop.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ MAX_BACKOFF_S = 60.0   # the longest wait between two restarts of a drafter that
 
 
 class Supervisor:
-    def __init__(self, server, period_s: float = 0.5):
-        self.server = server
+    def __init__(self, replica, period_s: float = 0.5):
+        self.replica = replica   # .engine, .coord, .new_engine(), .set_up(bool), .refresh_load()
         self.period_s = period_s
         self.drafter_restarts = 0
         self.verifier_rebuilds = 0
@@ -49,13 +52,15 @@ class Supervisor:
             self.checks += 1
 
     def check(self) -> None:
-        engine = self.server.engine
+        engine = self.replica.engine
         if engine is None or self._stop.is_set():
             return
         if not engine.verifier_alive():
             self._rebuild(engine)
-        elif engine.spec.speculative and not engine.check_drafter():
+            return
+        if engine.spec.speculative and not engine.check_drafter():
             self._restart_drafter(engine)
+        self.replica.refresh_load()
 
     def _restart_drafter(self, engine) -> None:
         """A drafter that keeps dying soon after its restart (it cannot start where Ray puts it: a
@@ -71,15 +76,15 @@ class Supervisor:
         self.drafter_restarts += 1
 
     def _rebuild(self, dead) -> None:
-        server = self.server
+        r = self.replica
         t0 = time.perf_counter()
-        log.error("verifier died: failing open requests and rebuilding the engine")
-        server.set_health(False)
-        server.coord.fail_all("the verifier process died; retry the request")
+        log.error("replica %d: verifier died: failing (or moving) open requests and rebuilding the engine", r.index)
+        r.set_up(False)
+        r.coord.fail_all("the verifier process died; retry the request")
         dead.stop(timeout_s=5)
-        engine = server.new_engine()
-        server.engine = engine
-        server.coord.replace_engine(engine)
-        server.set_health(True)
+        engine = r.new_engine()
+        r.engine = engine
+        r.coord.replace_engine(engine)
+        r.set_up(True)
         self.verifier_rebuilds += 1
-        log.info("engine rebuilt in %.1fs; serving again", time.perf_counter() - t0)
+        log.info("replica %d: engine rebuilt in %.1fs; serving again", r.index, time.perf_counter() - t0)
