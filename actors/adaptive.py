@@ -34,6 +34,11 @@ PROBE_K = 1           # the draft length of a probe from K = 0
 # nearly free (a flat t_verify, pre-speculation hidden) that alone would keep it drafting.
 SPEC_MARGIN = 0.05
 PROBE_FIRST, PROBE_MAX = 8, 64   # rounds at K = 0 before the first probe; the backoff's cap
+# Rounds at one K > 0 before one round at K + 1. The costs of a K the policy does not choose are
+# never measured again, so one slow measurement there (a preempted forward, a pre-speculation that
+# carried a prefill) would keep it unchosen for good; near the best K the rate curve is flat, so a
+# round one step up costs little and refreshes what the next step costs.
+EXPLORE_EVERY = 16
 
 
 class Acceptance:
@@ -97,28 +102,34 @@ def expected_curve(a: list[float], k_cap: int) -> list[float]:
 
 
 class ShapeCost:
-    """t(n) for a forward over n tokens: the median of the last `window` times per shape seen,
-    and between or beyond the shapes seen a weighted least-squares line through those medians.
-    A median, not a mean: the first forward at a new shape (allocations, kernel selection) and a
-    forward preempted by another thread can take 10x the usual time, and a mean that remembered
-    them would price that shape out of the policy's choices until it is measured again, which,
-    priced out, it never is. With a single shape seen, the slope is `rel_slope` of that shape's
+    """t(n) for a forward over n tokens: per shape seen, the lower quartile of its last `window`
+    times, and across shapes a weighted least-squares line through them. The lower quartile, not
+    a mean: the first forward at a new shape (allocations, kernel selection) and a forward
+    preempted by another thread take up to 10x the usual time, never less, and a mean that kept
+    them priced that shape out of the policy's choices until it was measured again, which,
+    priced out, it never was. With a single shape seen, the slope is `rel_slope` of that shape's
     time per extra token (a CPU verify of 6 tokens costs 1.5-1.8x one token; a GPU's is nearly
     flat, which the second shape seen then shows)."""
 
-    def __init__(self, window: int = 9, rel_slope: float = 0.1):
-        self.window, self.rel_slope = window, rel_slope
+    def __init__(self, window: int = 8, rel_slope: float = 0.1, stale_after: int | None = None):
+        """`stale_after`: a shape not measured in that many of the latest samples leaves the line
+        while at least two fresher shapes remain (None: shapes never go stale)."""
+        self.window, self.rel_slope, self.stale_after = window, rel_slope, stale_after
         self.samples: dict[int, list[float]] = {}
         self.count: dict[int, int] = {}
-        self.mean: dict[int, float] = {}   # per shape: the median of its window
+        self.mean: dict[int, float] = {}   # per shape: the lower quartile of its window
+        self.last: dict[int, int] = {}     # per shape: the sample number of its latest time
+        self.n_added = 0
 
     def add(self, n: int, seconds: float) -> None:
+        self.n_added += 1
+        self.last[n] = self.n_added
         w = self.samples.setdefault(n, [])
         w.append(seconds)
         if len(w) > self.window:
             del w[0]
         self.count[n] = self.count.get(n, 0) + 1
-        self.mean[n] = _median(w)
+        self.mean[n] = _lower_quartile(w)
 
     @property
     def known(self) -> bool:
@@ -132,7 +143,11 @@ class ShapeCost:
             (n0, t0), = self.mean.items()
             c = t0 / (1 + self.rel_slope * n0)
             return c, c * self.rel_slope
-        w = {n: min(c, self.window) for n, c in self.count.items()}
+        shapes = list(self.mean)
+        if self.stale_after is not None:
+            fresh = [n for n in shapes if self.n_added - self.last[n] < self.stale_after]
+            shapes = fresh if len(fresh) >= 2 else sorted(shapes, key=self.last.get)[-2:]
+        w = {n: min(self.count[n], self.window) for n in shapes}
         sw = sum(w.values())
         mx = sum(w[n] * n for n in w) / sw
         my = sum(w[n] * self.mean[n] for n in w) / sw
@@ -148,10 +163,9 @@ class ShapeCost:
         return max(a + b * n, 0.0)
 
 
-def _median(xs: list[float]) -> float:
-    ys = sorted(xs)
-    m = len(ys) // 2
-    return ys[m] if len(ys) % 2 else 0.5 * (ys[m - 1] + ys[m])
+def _lower_quartile(xs: list[float]) -> float:
+    """One sample: itself; two or three: the smallest; eight: the second smallest."""
+    return sorted(xs)[(len(xs) - 1) // 4]
 
 
 @dataclass
@@ -167,7 +181,7 @@ class Costs:
     # part that does not grow with K (the forward over the draft just verified, the forks, the
     # top-k per depth): priced per step, that part made every K below the last one look
     # dearer per step than it is, and each step down raised the price of the next.
-    prespec: ShapeCost = field(default_factory=lambda: ShapeCost(rel_slope=1.0))
+    prespec: ShapeCost = field(default_factory=lambda: ShapeCost(rel_slope=1.0, stale_after=32))
 
     def draft_step(self) -> float:
         if self.draft_step_s is not None:
@@ -269,11 +283,16 @@ class Probe:
     every: int = PROBE_FIRST
     off: int = 0
     probing: bool = False
+    up: int = 0          # rounds at K > 0 since the last round one K up
 
-    def next_k(self, chosen: int, probe_k=lambda: PROBE_K) -> int:
+    def next_k(self, chosen: int, probe_k=lambda: PROBE_K, cap: int = 0) -> int:
         """The K to draft this round given the policy's choice; `probe_k()` gives a probe's K."""
         if chosen > 0:
             self.every, self.off, self.probing = PROBE_FIRST, 0, False
+            self.up += 1
+            if chosen < cap and self.up >= EXPLORE_EVERY:
+                self.up = 0
+                return chosen + 1
             return chosen
         if self.probing:  # the probe came back and speculation still does not pay
             self.every, self.probing = min(self.every * 2, PROBE_MAX), False
@@ -392,7 +411,7 @@ class Controller:
                 fixed = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in out.items()]
                 chosen = choose_ks(curves, self.mode, self.costs, fixed)
             for s, k in zip(free, chosen):
-                out[s] = self.probe[s].next_k(k, lambda: self._probe_k(s, out))
+                out[s] = self.probe[s].next_k(k, lambda: self._probe_k(s, out), self.cap[s])
             if self.trace:
                 self._trace_decision(free, chosen, out)
         self.last.update(out)
