@@ -7,22 +7,30 @@ next bucket up, all decided here on the host:
 
   * batch B -> the next of 1, 2, 4, 8, ... capped at the most rows the role ever batches;
   * T -> 1 (decode) or K + 1 (verify, and a drafter's catch-up of at most K + 1 tokens);
-  * kv_len -> the next multiple of `kv_step` positions, capped at the cache's max_len.
+  * kv_len -> the next multiple of `kv_step` positions up to `kv_fine`, then the next power of
+    two times kv_fine, capped at the cache's max_len (kv_sizes: 12 sizes for an 8k context,
+    where steps of 128 gave 65: every size is a graph per (rows, T) to compile and capture).
 
 Prefill chunks (and anything longer than K + 1, or a forward that wants only its last row) stay
 unpadded and eager: they are not per-token work. The extra rows and positions are the cache's
 business (PagedKVCache.prepare_padded: they write into a scratch block and are masked out), so
 the model sees an ordinary batch and the caller slices the logits back to its real [B, T].
-The number of distinct shapes, hence of compiled graphs, is about log2(max_rows) * 2 *
-max_len / kv_step per role.
+The number of distinct shapes, hence of compiled graphs, is (log2(max_rows) + 1) * 2 *
+len(kv_sizes) per role (n_shapes). With engine.compile a role compiles at most PRECOMPILE_MAX of
+them at start-up (precompile_order: every kv size of the smallest batches first, the
+lowest-latency case), and runs any other shape padded but eager: nothing compiles lazily once
+serving, where a compile of seconds to minutes would stall every sequence (and, under tensor
+parallelism, outlast the others' collective timeout).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
 
 Shape = tuple[int, int, int]   # (rows, tokens per row, kv_len) of a padded forward
+PRECOMPILE_MAX = 64            # graphs a role compiles at start-up; seconds to a minute each on a GPU
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,19 @@ class Buckets:
     k: int              # the spec's largest K: verify rows are K + 1 long
     max_len: int        # the cache's max_len (positions a table may reach)
     kv_step: int = 128  # kv_len granularity (a multiple of the block size keeps gathers block-aligned)
+    kv_fine: int = 1024  # past this many positions kv_len buckets double (padding waste stays < 2x
+                         # the keys read, where the weights' bytes dominate a step anyway)
+
+    def kv_sizes(self) -> list[int]:
+        """Every padded kv_len, ascending."""
+        out, n = [], self.kv_step
+        while n < self.max_len:
+            out.append(n)
+            n = n + self.kv_step if n < self.kv_fine else 2 * n
+        return out + [self.max_len]
+
+    def row_sizes(self) -> list[int]:
+        return [1 << i for i in range((self.max_rows - 1).bit_length())] + [self.max_rows]
 
     def shape(self, n_rows: int, n_tok: int, kv_len: int, last: bool = False) -> Shape | None:
         """The padded (rows, tokens per row, kv_len) of a forward of n_rows x n_tok tokens, or
@@ -39,12 +60,19 @@ class Buckets:
         if last or n_tok > verify:
             return None
         rows = min(1 << (n_rows - 1).bit_length(), max(self.max_rows, n_rows))   # past max_rows: as is
-        kv = min(-(-kv_len // self.kv_step) * self.kv_step, self.max_len)
+        sizes = self.kv_sizes()
+        kv = sizes[min(bisect.bisect_left(sizes, kv_len), len(sizes) - 1)]
         return rows, (1 if n_tok == 1 else verify), max(kv, kv_len)
 
     def n_shapes(self) -> int:
         """How many distinct shapes `shape` can return (the compiled graphs' upper bound)."""
-        return ((self.max_rows - 1).bit_length() + 1) * 2 * -(-self.max_len // self.kv_step)
+        return len(self.row_sizes()) * 2 * len(self.kv_sizes())
+
+    def precompile_order(self, limit: int = PRECOMPILE_MAX) -> list[Shape]:
+        """The shapes compiled at start-up, at most `limit`: batch sizes ascending, each with every
+        kv size and both T (decode, verify), so small batches are fully compiled first."""
+        return [(rows, t, kv) for rows in self.row_sizes() for kv in self.kv_sizes()
+                for t in (1, self.k + 1)][:limit]
 
 
 def kv_step_for(block_size: int, target: int = 128) -> int:

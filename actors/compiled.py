@@ -39,11 +39,12 @@ def compile_forward(model: nn.Module, role: str) -> None:
     log.info("%s: forward compiled with torch.compile (dynamic shapes); graphs build on first use", role)
 
 
-def compile_static(model: nn.Module, role: str, cache, n_shapes: int) -> None:
+def compile_static(model: nn.Module, role: str, cache, n_shapes: int, backend: str = "inductor") -> None:
     """A fixed-shape forward as `model.static_forward` (the padded decode/verify path); the
     module's own forward stays eager for prefill chunks. On CUDA: CUDA graphs. `n_shapes`: the
     buckets' count (Buckets.n_shapes); dynamo's recompile limit is raised to it, or shapes past
-    its default 8 would silently run eager."""
+    its default 8 would silently run eager. `backend`: inductor (serving); the GPU check's CPU
+    form passes aot_eager, which traces the same graphs without inductor's minutes of C++ builds."""
     cuda = cache.pool.k.is_cuda
     cfg = torch._dynamo.config
     cfg.recompile_limit = max(cfg.recompile_limit, 2 * n_shapes)   # two models may share Transformer.forward
@@ -52,6 +53,7 @@ def compile_static(model: nn.Module, role: str, cache, n_shapes: int) -> None:
         torch._dynamo.mark_static_address(cache.pool.k)
         torch._dynamo.mark_static_address(cache.pool.v)
     # Not fullgraph, as compile_forward: tests/test_buckets.py proves one graph per bucket with it.
-    model.static_forward = torch.compile(model.forward, dynamic=False, mode="reduce-overhead" if cuda else None)
+    mode = "reduce-overhead" if cuda and backend == "inductor" else None
+    model.static_forward = torch.compile(model.forward, dynamic=False, backend=backend, mode=mode)
     log.info("%s: padded forward compiled with torch.compile (static shapes%s); one graph per bucket",
              role, ", CUDA graphs" if cuda else "")

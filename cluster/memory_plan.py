@@ -257,10 +257,10 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
                 + 2 * branch_rows * K * V * 4 + 2 * spec.max_batch * K * V * 4)   # dists + q rows
         extra = spec.max_batch * (1 + (spec.max_branches if spec.mode == "ssd" else 0)) * spec.branch_blocks
         d_scratch = int(spec.pads(spec.draft_device))
-        d_res = 0 if same else role_reserve(spec.draft_device, nccl_channel, d_ws)   # one process's context
+        d_res = role_reserve(spec.draft_device, nccl_channel, d_ws)   # its own process (both launchers)
     else:
         d_w = d_bb = d_ws = extra = d_res = d_scratch = 0
-    fixed = t_w + t_ws + t_res + t_scratch * t_bb + ((d_w + d_ws + (extra + d_scratch) * d_bb) if same else 0)
+    fixed = t_w + t_ws + t_res + t_scratch * t_bb + ((d_w + d_ws + d_res + (extra + d_scratch) * d_bb) if same else 0)
     per_block = t_bb + (d_bb if same else 0)   # a verifier block costs a drafter block too on a shared device
 
     keys = "engine.kv_cache_memory"
