@@ -7,7 +7,7 @@ TORCH_WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(TORCH_WHEELS)),--find-links $(TORCH_WHEELS))
 PYTEST_ARGS ?=
 
-.PHONY: install lock check-drift test demo demo-tiny models models-bench models-smol bench bench-smol lint proto clean
+.PHONY: install lock check-drift test gpu-check demo demo-tiny models models-bench models-smol bench bench-smol lint proto clean
 
 install: $(STAMP)
 
@@ -34,6 +34,12 @@ check-drift: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The prepared GPU check (docs/gpu-check.md): on a GPU machine's own Python (torch, transformers,
+# safetensors; no venv, Ray, grpcio or pydantic needed), so it installs nothing. ~8 min on one H100.
+GPU_PY ?= python3
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(GPU_PY) -m cluster.gpu_check $(GPU_CHECK_ARGS)
 
 models: install
 	$(VENV)/bin/outrider models build --size tiny
