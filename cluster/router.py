@@ -4,7 +4,7 @@ A pure decision over load snapshots (no Ray, no threads, no clock), so its choic
 tested directly; the replica set (cluster/replicas.py) holds the lock and feeds it live numbers.
 
 - Least loaded: the fewest requests in flight at the replica (its queue depth: in the verifier's
-  batch or waiting for it), then the lowest KV use, then the replica least recently chosen (so
+  batch or waiting for it), then the lowest KV use (in tenths), then the replica least recently chosen (so
   an idle set spreads sequential requests rather than piling them on replica 0).
 - Prefix affinity: the router remembers which replica served the first blocks of recent prompts
   (hashes of prompt[:b], prompt[:2b], ... for block length b). A prompt that shares such a
@@ -62,7 +62,9 @@ class Router:
             if home in live and not self.overloaded(loads[home]):
                 return home, AFFINITY
             break   # the longest remembered prefix's home is busy: balance instead
-        best = min(live, key=lambda i: (loads[i].depth, round(loads[i].kv_usage, 2), self._last_chosen.get(i, -1), i))
+        # KV use counts in tenths: a few blocks' difference (or a reading a moment old) is noise
+        # beside spreading requests over idle replicas.
+        best = min(live, key=lambda i: (loads[i].depth, int(loads[i].kv_usage * 10), self._last_chosen.get(i, -1), i))
         return best, LEAST_LOADED
 
     def record(self, prompt: list[int], replica: int) -> None:

@@ -30,6 +30,8 @@ def test_least_loaded_by_depth_then_kv():
     r = Router()
     assert r.choose(B, [Load(depth=3), Load(depth=1), Load(depth=2)]) == (1, LEAST_LOADED)
     assert r.choose(B, [Load(depth=1, kv_usage=0.7), Load(depth=1, kv_usage=0.2)]) == (1, LEAST_LOADED)
+    r.record(A, 1)   # a few blocks' difference in KV use does not outweigh taking turns
+    assert r.choose(B, [Load(kv_usage=0.03), Load(kv_usage=0.0)]) == (0, LEAST_LOADED)
 
 
 def test_a_shared_prefix_goes_where_it_went_before():

@@ -183,3 +183,37 @@ def test_health_info_reflection_metrics(served):
     for name in ("outrider:time_to_first_token_seconds_bucket", "outrider:verifier_seconds_total",
                  "outrider:spec_cache_hits_total", "outrider:drafter_seconds_total"):
         assert name in body, name
+
+
+def _load_gauges(port: int) -> dict[tuple[str, str], float]:
+    """{(name, replica label or ''): value} for vLLM's three load gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    names = ("outrider:num_requests_running", "outrider:num_requests_waiting", "outrider:kv_cache_usage_perc")
+    return {(s.name, s.labels.get("replica", "")): s.value
+            for fam in text_string_to_metric_families(body) if fam.name in names for s in fam.samples}
+
+
+def test_load_gauges_follow_a_running_stream(served):
+    """KV use, waiting and running, per replica and in total, as vLLM names them: a stream in
+    flight holds KV blocks and a batch slot; cancelled, it gives them back."""
+    server, client = served
+    wait_for(lambda: server.coord.in_flight == 0)
+    stream = client.generate("class Parser:\n    def", max_new_tokens=1000, ignore_eos=True)
+    next(iter(stream))
+    seen: dict = {}
+
+    def busy() -> bool:
+        seen.update(_load_gauges(server.metrics_port))
+        return seen.get(("outrider:kv_cache_usage_perc", "0"), 0) > 0
+    wait_for(busy, 30, "KV use above 0 with a stream in flight")
+    assert 0 < seen[("outrider:kv_cache_usage_perc", "")] <= 1
+    assert seen[("outrider:kv_cache_usage_perc", "")] == seen[("outrider:kv_cache_usage_perc", "0")]
+    assert seen[("outrider:num_requests_running", "0")] == 1 and seen[("outrider:num_requests_running", "")] == 1
+    assert seen[("outrider:num_requests_waiting", "0")] == 0 == seen[("outrider:num_requests_waiting", "")]
+    stream.cancel()
+    wait_for(lambda: _load_gauges(server.metrics_port)[("outrider:kv_cache_usage_perc", "0")] == 0, 30,
+             "KV blocks given back")
+    idle = _load_gauges(server.metrics_port)
+    assert idle[("outrider:num_requests_running", "0")] == 0 == idle[("outrider:num_requests_running", "")]
