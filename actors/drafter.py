@@ -43,7 +43,7 @@ from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
 from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
 from actors.frame import Frame, Rec, Record
-from actors.fanout import split_budget
+from actors.fanout import split_budget, top_candidates
 from actors.loader import load_model
 from actors.ngram import propose_ngram
 from actors.online import OnlineLearner, TrainWhileWaiting
@@ -370,6 +370,7 @@ class Drafter:
         """Pre-draft the next round for the likely outcomes of the round being verified."""
         rows, keys = [], []
         self._prespec_catch_up_ns = 0
+        depth_rows, dists, drafted, fans = [], [], [], []   # every (sequence, depth) to branch from
         for s in self.seqs.values():
             if s.branches or s.speculated:  # already pre-drafted for this round (a frame that moved nothing on)
                 continue
@@ -380,14 +381,16 @@ class Drafter:
             n, depths = len(s.tokens), len(s.draft)
             fan = self._fan_out(s, depths)
             for j in range(depths + 1):
-                if fan[j] <= 0:
-                    continue
-                scores = s.dists[j].clone()
-                if j < depths:
-                    scores[s.draft[j]] = float("-inf")  # a rejected token is never the correction
-                for t in scores.topk(min(fan[j], scores.numel() - 1)).indices.tolist():
-                    rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j))
-                    keys.append((s, (j, t)))
+                if fan[j] > 0:
+                    depth_rows.append((s, n, j))
+                    dists.append(s.dists[j])
+                    drafted.append(s.draft[j] if j < depths else None)
+                    fans.append(fan[j])
+        # the candidates of every sequence and depth in one topk and one read-back
+        for (s, n, j), cands in zip(depth_rows, top_candidates(dists, drafted, fans)):
+            for t in cands:
+                rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j))
+                keys.append((s, (j, t)))
         self._prespec = (max((r[0].k for r in rows), default=0), 0)
         if not rows:
             return

@@ -53,3 +53,22 @@ class AcceptanceTracker:
         prior = outcome_odds(self.alpha, k)
         seen = self.depths.get(k, [0] * (k + 1))
         return [self.weight * p + n for p, n in zip(prior, seen)]
+
+
+def top_candidates(rows: list, exclude: list[int | None], fans: list[int]) -> list[list[int]]:
+    """Each row's top fans[i] token ids (best first), `exclude[i]` never among them (the drafted
+    token at that depth: a rejected token is never the correction). All rows go through one topk
+    and one read-back for the round: per (sequence, depth) each was a device sync of its own, up
+    to 288 a round at 70B settings."""
+    import torch
+
+    if not rows:
+        return []
+    scores = torch.stack(rows)   # [N, V], a copy: the sequences' distributions stay as they are
+    ex = [(i, t) for i, t in enumerate(exclude) if t is not None]
+    if ex:
+        at = torch.tensor(ex, dtype=torch.long).to(scores.device, non_blocking=True)
+        scores[at[:, 0], at[:, 1]] = float("-inf")
+    k = min(max(fans), scores.shape[1] - 1)
+    top = scores.topk(k, dim=-1).indices.tolist()   # the one read-back
+    return [t[:min(f, k)] for t, f in zip(top, fans)]

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from actors.fanout import AcceptanceTracker, outcome_odds, split_budget
+import torch
+
+from actors.fanout import AcceptanceTracker, outcome_odds, split_budget, top_candidates
 
 
 @pytest.mark.parametrize("budget", [0, 1, 7, 16, 24])
@@ -36,3 +38,23 @@ def test_tracker_learns_a_bimodal_outcome_profile():
     before = t.odds(5)[0]
     t.update(0, 3)
     assert len(t.odds(3)) == 4 and t.odds(3)[0] - before > 0.9 and t.depths[5][0] == 0
+
+
+def test_one_batched_topk_picks_what_a_topk_per_depth_picked():
+    """The drafter's candidates for every (sequence, depth) come from one topk and one read-back;
+    they are exactly what a topk per row (with the drafted token masked) picked."""
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    rows = [torch.randn(V, generator=g) for _ in range(9)] + [torch.softmax(torch.randn(V, generator=g), -1)]
+    exclude = [3, None, 7, 0, None, 49, 12, None, 5, 8]
+    fans = [1, 4, 2, 7, 0, 3, 60, 1, 5, 2]    # 60 > V - 1: capped as before
+    old = []
+    for r, ex, f in zip(rows, exclude, fans):
+        scores = r.clone()
+        if ex is not None:
+            scores[ex] = float("-inf")
+        old.append(scores.topk(min(f, scores.numel() - 1)).indices.tolist() if f else [])
+    assert top_candidates(rows, exclude, fans) == old
+    assert all(ex not in c for c, ex in zip(old, exclude))
+    assert rows[0][3] != float("-inf")   # the sequences' own distributions are untouched
+    assert top_candidates([], [], []) == []
