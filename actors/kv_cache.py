@@ -29,10 +29,28 @@ def rows_aligned(pos: torch.Tensor, kv_len: int) -> bool:
     return bool((pos[:, -1] == kv_len - 1).all()) and bool((pos[:, 0] == kv_len - pos.shape[1]).all())
 
 
+KEY_BLOCK = 16   # keys a reduced-precision CPU attention reads come in whole blocks of this many
+
+
+def read_len(kv_len: int, causal: bool, like: torch.Tensor) -> int:
+    """How many keys a forward's attention reads: kv_len, or for bfloat16/float16 on CPU kv_len
+    rounded up to a multiple of KEY_BLOCK, the keys past kv_len masked. The fused CPU kernel sums
+    a tail of fewer keys in another order, so a row at position p would get other bits in a
+    decode (p + 1 keys) than inside a verify (more keys, the later ones masked); with whole
+    blocks it gets the same (tests/test_packed.py), and greedy SD/SSD stay token-identical to AR.
+    A fresh prefill (`causal`, SDPA's own causal mask) reads exactly kv_len. `like`: a tensor of
+    the KV's dtype and device. The model and the caches call this same function, so a plan built
+    on one rank and a forward on another agree (actors/tp/)."""
+    if causal or like.dtype == torch.float32 or like.device.type != "cpu":
+        return kv_len
+    return -(-kv_len // KEY_BLOCK) * KEY_BLOCK
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (n_layers, n_slots, n_kv_heads, max_len, head_dim)
+        # room for read_len's rounding past max_len (never written, only read and masked)
+        shape = (n_layers, n_slots, n_kv_heads, -(-max_len // KEY_BLOCK) * KEY_BLOCK, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -111,14 +129,15 @@ class KVCache:
         the device-side indices every layer's `attend` uses, so the forward itself never asks the
         device for a number (no host sync, capturable as a graph)."""
         pos = input_pos.cpu()   # callers pass host positions; a device tensor costs one sync here
-        self._plan = (torch.tensor(slots, device=self.k.device), pos.to(self.k.device), kv_len,
-                      first_of_run(list(slots)))
         self.aligned = rows_aligned(pos, kv_len)
         self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
+        self._plan = (torch.tensor(slots, device=self.k.device), pos.to(self.k.device),
+                      read_len(kv_len, self.causal, self.k), first_of_run(list(slots)))
 
     def attend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this layer's new k/v [B, H, T, D] at the prepared rows' positions; return every
-        row's keys and values 0..kv_len-1 as [B, H, kv_len, D] (a view when the slots are a run)."""
+        row's keys and values 0..n-1 as [B, H, n, D], n = read_len(kv_len, ...) (a view when the
+        slots are a run)."""
         slots, input_pos, kv_len, first_slot = self._plan
         kc, vc = self.k[layer], self.v[layer]  # [S, H, M, D]
         B, T = input_pos.shape

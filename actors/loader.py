@@ -36,11 +36,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
-    """`dtype: auto`: bfloat16 on a CPU with native bfloat16 and on a CUDA device that supports it,
-    float32 elsewhere."""
+    """`dtype: auto`: bfloat16 on CUDA and on a CPU with native bfloat16, float32 elsewhere. CUDA is
+    not queried: the host that plans memory may have no GPU, and every GPU the configs target
+    (Ampere and later) computes bfloat16 natively."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from actors import packed as pk
 from actors.config import ModelArgs, rope_inv_freq
-from actors.kv_cache import KVCache
+from actors.kv_cache import KVCache, read_len
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +49,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def row_pad(n: int, q: torch.Tensor) -> int:
+    """Query rows to add (copies of row 0, dropped after) so that n rows of one k/v head are a
+    multiple of 4, for bfloat16/float16 on CPU. The fused CPU kernel takes query rows in blocks
+    (of 32 and more) and runs a block of fewer than 4 rows through another kernel whose sums
+    round differently; with whole blocks of 4, a row's bits no longer depend on how many rows
+    share the forward, so a decode (G rows) and the same row inside a verify ((K+1) * G rows)
+    agree and greedy SD/SSD stay token-identical to AR (tests/test_packed.py)."""
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return 0
+    return -n % 4
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, bit for bit, in four kernels: `sin` carries rotate_half's
     sign (its first half negated) and the halves swap by a flip of a [2, D/2] view. x [..., D]."""
@@ -73,8 +85,8 @@ class Attention(nn.Module):
         self.packed = None   # (qkv, o) for inference on CPU (actors/packed.py), set by Transformer.pack
 
     def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: KVCache | None):
-        """x [B, T, dim]; cos/sin [B, T, 1, head_dim] (sin signed, see `rope`); mask: None, or
-        [B, 1, T, n_keys] or, when the GQA group is folded (see below), [B, 1, T * group, n_keys]."""
+        """x [B, T, dim]; cos/sin [B, T, 1, head_dim] (sin signed, see `rope`); mask: None or
+        [B, 1, T * group (+ row_pad), n_keys], folded as the query rows below (Transformer._masks)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         if self.packed is not None:   # q, k and v in one oneDNN call (actors/packed.py)
@@ -95,20 +107,25 @@ class Attention(nn.Module):
         if cache is not None:  # write the new k/v, read keys 0..kv_len-1 (slot KVCache or PagedKVCache)
             k, v = cache.attend(layer, k, v)
         G = H // Hkv
-        if G == 1 or (causal and mask is None):
-            # SDPA's own causal mask (a fresh prefill, training) or no GQA: flash-capable as it is.
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
-                                               is_causal=mask is None and causal, enable_gqa=G > 1)
+        if causal and mask is None:
+            # SDPA's own causal mask (a fresh prefill, training): flash-capable as it is, GQA included.
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=G > 1)
             return tp_reduce(self._out(y.transpose(1, 2).reshape(B, T, H * D)), self.tp)
         # GQA folded into the query axis: the G query heads that share a k/v head become G query
         # rows of that head ([B, Hkv, T * G, D], row t * G + g), so SDPA sees plain multi-head
         # attention. Without it, SDPA with GQA and an explicit mask falls back to the math kernel,
         # which repeats k/v per query head (CUDA: tens of GiB per layer at long contexts); on CPU the
         # fused kernel with GQA runs one query row at a time (6x slower at T = 1, bfloat16). One
-        # row (T = 1) folds as a view.
-        qf = q.reshape(B, T, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, T * G, D)
+        # row (T = 1) folds as a view. The mask comes folded the same way (Transformer._masks).
+        n = T * G
+        qf = q.reshape(B, T, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, n, D)
+        pad = row_pad(n, q)
+        if pad:
+            qf = torch.cat((qf, qf[:, :, :1].expand(B, Hkv, pad, D)), dim=2)
         y = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask)
-        return tp_reduce(self._out(y.view(B, Hkv, T, G, D).transpose(1, 2).reshape(B, T, H * D)), self.tp)
+        if pad:
+            y = y[:, :, :n]
+        return tp_reduce(self._out(y.reshape(B, Hkv, T, G, D).transpose(1, 2).reshape(B, T, H * D)), self.tp)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         return self.packed[1](y) if self.packed is not None else self.o_proj(y)
@@ -186,8 +203,10 @@ class Transformer(nn.Module):
                 cache.prepare(slots.tolist() if torch.is_tensor(slots) else list(slots), input_pos, kv_len)
             elif kv_len is None:
                 raise ValueError("a prepared cache needs kv_len (or pass slots)")
-            aligned = cache.aligned
-        masks = self._masks(input_pos, kv_len if cache is not None else T, cache is not None, aligned)
+            # the keys attention reads (kv_len, or whole key blocks past it, masked): read_len
+            n_keys = read_len(kv_len, cache.causal, self.model.embed_tokens.weight)
+            aligned = cache.aligned and n_keys == kv_len
+        masks = self._masks(input_pos, n_keys if cache is not None else T, cache is not None, aligned)
         causal = cache is None or cache.causal   # host-known: aligned rows with T == kv_len
         # RoPE in float32 (as the reference does), applied in the activation dtype; [B, T, 1, D],
         # sin with rotate_half's sign folded in (see `rope`).
@@ -228,8 +247,8 @@ class Transformer(nn.Module):
         return self
 
     def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool, aligned: bool) -> list[torch.Tensor | None]:
-        """One boolean attention mask per layer, [B, 1, T, n_keys] ([B, 1, T * group, n_keys] with
-        GQA, see Attention.forward); None means no explicit mask:
+        """One boolean attention mask per layer, [B, 1, T, n_keys] with its rows folded as Attention
+        folds the query rows (`_fold`); None means no explicit mask:
         SDPA's own causal mask, or none at all for one aligned query row (`aligned`: every row's
         positions are the last T before n_keys, known from host bookkeeping)."""
         a, T = self.args, input_pos.shape[1]
@@ -246,10 +265,19 @@ class Transformer(nn.Module):
         slid = causal & (keys > qpos - window) if windowed else None
         if plain:
             causal = None
-        G = a.n_heads // a.n_kv_heads
-        if G > 1:   # Attention folds the GQA group into the query axis: row t * G + g is row t's
-            causal, slid = (None if m is None else m.repeat_interleave(G, dim=2) for m in (causal, slid))
+        causal, slid = (None if m is None else self._fold(m) for m in (causal, slid))
         return [slid if i in windowed else causal for i in range(a.n_layers)]
+
+    def _fold(self, mask: torch.Tensor) -> torch.Tensor:
+        """A [B, 1, T, n_keys] mask for Attention's folded query rows: row t * G + g is row t's,
+        and padding rows (row_pad) are row 0's."""
+        G = self.args.n_heads // self.args.n_kv_heads
+        if G > 1:
+            mask = mask.repeat_interleave(G, dim=2)
+        pad = row_pad(mask.shape[2], self.model.embed_tokens.weight)
+        if pad:
+            mask = torch.cat((mask, mask[:, :, :1].expand(-1, -1, pad, -1)), dim=2)
+        return mask
 
     @property
     def device(self) -> torch.device:   # the embedding: a tensor-parallel worker has no head

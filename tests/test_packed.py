@@ -131,3 +131,32 @@ def test_training_drops_and_eval_rebuilds_the_packed_copies(tiny_pair):
         model.pack(False)
         plain = model(x)
     torch.testing.assert_close(packed, plain, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["tiny", "smol"])
+def test_bfloat16_rows_are_the_same_bits_in_a_decode_and_in_a_verify(tiny_pair, target, request):
+    """In bfloat16 a position's logits do not depend on how many positions share the forward:
+    decoding 1 at a time, 2 at a time or 5 at a time gives the same bits (actors/packed.py,
+    row_pad and read_len in actors/model.py and actors/kv_cache.py). This is what makes greedy
+    SD and SSD token-identical to AR in bfloat16, not only equal up to near-ties."""
+    if not pk.supported(torch.empty(0, dtype=torch.bfloat16)):
+        pytest.skip("no oneDNN on this build")
+    path = tiny_pair / "target" if target == "tiny" else request.getfixturevalue("smol_pair")[0]
+    model = load_model(path, "bfloat16")
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.args.vocab_size, (180,)).tolist()
+
+    def run(step: int) -> torch.Tensor:
+        cache = PagedKVCache.for_model(model.args, 16, 16, 256, dtype=model.dtype)
+        h, outs = cache.alloc(), []
+        with torch.inference_mode():
+            for a, b in [(0, 131)] + [(i, i + step) for i in range(131, 171, step)]:
+                pos = torch.arange(a, b)[None]
+                cache.prepare([h], pos, b)
+                outs.append(model(torch.tensor([ids[a:b]]), pos, cache, kv_len=b)[0])
+                cache.advance(h, b)
+        return torch.cat(outs)[131:]
+
+    one = run(1)
+    for step in (2, 5):
+        assert torch.equal(run(step), one), f"{step} positions per forward differ from one at a time"

@@ -27,7 +27,7 @@ import heapq
 
 import torch
 
-from actors.kv_cache import CacheFullError, rows_aligned
+from actors.kv_cache import CacheFullError, read_len, rows_aligned
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -219,9 +219,11 @@ class PagedKVCache:
         self._own(handles, lo, hi)
         from actors.kv.paged import build_indices
 
-        self._plan = build_indices([self.tables[h] for h in handles], pos, kv_len, bs, device, lo[0], hi[0])
         self.aligned = rows_aligned(pos, kv_len)
         self.causal = self.aligned and pos.shape[1] == kv_len   # a fresh prefill: SDPA's own causal mask
+        # reads read_len(...) keys (whole key blocks in bfloat16 on CPU; past kv_len masked)
+        self._plan = build_indices([self.tables[h] for h in handles], pos, read_len(kv_len, self.causal, self.pool.k),
+                                   bs, device, lo[0], hi[0])
 
     def prepare_padded(self, handles: list[int], input_pos: torch.Tensor, kv_len: int, shape) -> torch.Tensor:
         """`prepare` for a forward padded to `shape` = (rows, T', kv_len') (actors/buckets.py):
@@ -240,7 +242,8 @@ class PagedKVCache:
             raise ValueError(f"padded shape {shape} is smaller than the forward's {tuple(pos.shape)}, kv_len {kv_len}")
         self._own(handles, pos[:, 0].tolist(), pos[:, -1].tolist())
         padded = pad_positions(pos, shape)
-        self._plan = build_padded_indices([self.tables[h] for h in handles], padded, pos.shape[1], shape[2],
+        self._plan = build_padded_indices([self.tables[h] for h in handles], padded, pos.shape[1],
+                                          read_len(shape[2], False, self.pool.k),
                                           self.block_size, self.scratch, self.pool.k.device)
         self.aligned = self.causal = False
         self.padded_forwards += 1

@@ -31,7 +31,8 @@ def build_indices(tables: list[list[int]], pos: torch.Tensor, kv_len: int, block
     and last position (a batch-1 forward over consecutive blocks needs no index tensor at all)."""
     B, T = pos.shape
     nblk = -(-kv_len // block_size)
-    if B == 1 and hi - lo + 1 == T:
+    # A view reads only blocks the table holds (kv_len may run past them: read_len's rounding).
+    if B == 1 and hi - lo + 1 == T and len(tables[0]) >= nblk:
         t = tables[0][:max(nblk, hi // block_size + 1)]
         if t[-1] - t[0] == len(t) - 1 and t == list(range(t[0], t[0] + len(t))):
             base = t[0] * block_size
@@ -40,7 +41,7 @@ def build_indices(tables: list[list[int]], pos: torch.Tensor, kv_len: int, block
     blk = torch.tensor([t + [t[0]] * (width - len(t)) for t in tables], dtype=torch.long)
     p = pos.long()
     write = (blk.gather(1, p // block_size) * block_size + p % block_size).reshape(B * T)
-    if B == 1:
+    if B == 1 and len(tables[0]) >= nblk:
         t = tables[0][:nblk]
         if t == list(range(t[0], t[0] + len(t))):
             return write.to(device), ("view", t[0] * block_size, kv_len)
