@@ -54,7 +54,9 @@ class ClusterConfig(_Section):
 
 class ModelConfig(_Section):
     path: str = Field(min_length=1)     # checkpoint directory, or demo:<size>/<target|draft|draft-LxD>
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # auto: bfloat16 where the device computes it natively (a CPU with AMX-BF16 or AVX512-BF16, as
+    # torch reports it; CUDA), float32 elsewhere; resolved once by the engine spec (actors/loader.py)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"                 # cpu | cuda | cuda:N
     tensor_parallel_size: int = Field(1, ge=1)
     num_threads: int = Field(1, ge=1)   # torch threads (and Ray CPUs) for this actor

@@ -36,6 +36,18 @@ def _online_spec(ol) -> OnlineLearningSpec | None:
                               save_every_s=ol.save_every_s, recompute_kv=ol.recompute_kv)
 
 
+def _dtype(mc) -> str:
+    """A role's dtype; `auto` resolved here, once, on the host that reads the config, so the memory
+    plan and the actors see the same concrete dtype."""
+    if mc.dtype != "auto":
+        return mc.dtype
+    from actors.loader import auto_dtype
+
+    name = str(auto_dtype(mc.device)).removeprefix("torch.")
+    log.info("dtype auto on %s: %s", mc.device, name)
+    return name
+
+
 def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
     m, sp, en = cfg.models, cfg.speculation, cfg.engine
     for w in cfg.warnings():
@@ -46,7 +58,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
     draft = m.draft if sp.mode != "ar" else None
     spec = EngineSpec(
         target=resolve_model(m.target.path), draft=resolve_model(draft.path) if draft else None,
-        target_dtype=m.target.dtype, draft_dtype=draft.dtype if draft else "float32",
+        target_dtype=_dtype(m.target), draft_dtype=_dtype(draft) if draft else "float32",
         target_device=m.target.device, draft_device=draft.device if draft else "cpu",
         mode=sp.mode, k=sp.k, adaptive=sp.adaptive, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
         fan_out_budget=sp.fan_out_budget, backup=sp.backup, saguaro_c=sp.saguaro_c,

@@ -128,8 +128,11 @@ def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prom
     hf, _ = hf_gguf
     # Fixed K = 4 (adaptive speculation would soon stop drafting with this drafter): every round
     # drafts, and nearly every draft is rejected and corrected.
+    # float32, as the reference (the config's dtype: auto is bfloat16 on CPUs that have it:
+    # tests/test_bf16.py checks that against transformers in bfloat16)
     cfg = load_config("configs/smol-cpu.yaml", {"models.draft.path": "demo:smol/cheap", "speculation.adaptive": False,
-                                                "engine.max_seq_len": 256, "engine.max_batch": 6})
+                                                "engine.max_seq_len": 256, "engine.max_batch": 6,
+                                                "models.target.dtype": "float32", "models.draft.dtype": "float32"})
     spec = engine_spec(cfg)
     assert spec.mode == "ssd" and spec.k == 4
     engine = RayEngine(spec).start()
