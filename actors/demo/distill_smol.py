@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from actors.demo.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,10 @@ DATA_VERSION = 2
 SPEC = DistillSpec()
 
 
-def _bar(**kw) -> tqdm:
-    """A progress bar on stderr that also shows in logs that are not a terminal (`make demo` piped
-    to a file, CI), updated at most every few seconds so it stays a handful of lines."""
-    return tqdm(leave=False, mininterval=5, disable=False, dynamic_ncols=True, **kw)
+def _bar(**kw) -> Progress:
+    """Progress on stderr where it is a terminal, and in the log every 30 s either way (`make demo`
+    piped to a file, CI)."""
+    return Progress(log=log, **kw)
 
 
 def code_prompts(n: int, seed: int) -> list[str]:

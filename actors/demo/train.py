@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from actors.config import ModelArgs
+from actors.demo.progress import Progress
 from actors.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ def _optimise(model: Transformer, loss_fn, data, steps, batch, seq, lr, seed, de
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     loss_ema = None
-    bar = tqdm(_batches(data, steps, batch, seq, seed), total=steps, desc=desc, leave=False, mininterval=2,
-                disable=None)  # a bar on a terminal, silence in logs
+    # a bar on a terminal, and a log line every 30 s either way
+    bar = Progress(_batches(data, steps, batch, seq, seed), total=steps, desc=f"training the {desc}", unit="step",
+                   log=log)
     for step, (x, y) in enumerate(bar):
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
