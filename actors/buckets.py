@@ -31,6 +31,7 @@ import torch
 
 Shape = tuple[int, int, int]   # (rows, tokens per row, kv_len) of a padded forward
 PRECOMPILE_MAX = 64            # graphs a role compiles at start-up; seconds to a minute each on a GPU
+PRECOMPILE_S = 3600.0          # how long a role's start-up may take with them (the bring-up's waits)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import threading
+import time
 
+from actors.buckets import PRECOMPILE_S
 from actors.channel import take_reserved, reserve_port
 from actors.spec import EngineSpec
 from actors.tp.group import close_group
@@ -21,6 +23,9 @@ from actors.verifier import Verifier
 
 log = logging.getLogger(__name__)
 STATS_TIMEOUT_S = 5.0
+READY_S = PRECOMPILE_S   # a drafter's start-up: loading its model and, with engine.compile,
+                         # precompiling its bucket shapes (minutes on a GPU); the data plane forms after it
+READY = "ready"    # the child's first message on the stats pipe
 
 
 def _serve_stats(drafter, conn) -> None:
@@ -37,9 +42,10 @@ def _drafter_main(spec: EngineSpec, addr: str, port: int, conn=None) -> None:
     from actors.drafter import Drafter
 
     d = Drafter(spec)
-    d.connect(addr, port)
-    if conn is not None:
+    if conn is not None:   # built (and precompiled): the parent forms the data plane now, within its timeout
+        conn.send(READY)
         threading.Thread(target=_serve_stats, args=(d, conn), name="outrider-drafter-stats", daemon=True).start()
+    d.connect(addr, port)
     d.run()
 
 
@@ -66,6 +72,7 @@ class LocalEngine:
             self._abandon()
             raise
         self._stats = None                  # our end of the drafter's stats pipe
+        self._ready = threading.Event()     # the current drafter child said READY
         self._stats_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -75,7 +82,9 @@ class LocalEngine:
             if self.tp_procs:
                 self.verifier.join_tp("127.0.0.1", self.tp_port)
             if self.spec.speculative:
-                self.verifier.connect("127.0.0.1", self._spawn_drafter())
+                port = self._spawn_drafter()
+                self._await_ready()
+                self.verifier.connect("127.0.0.1", port)
         except BaseException:
             self._abandon()
             raise
@@ -108,7 +117,29 @@ class LocalEngine:
             if self._stats is not None:
                 self._stats.close()
             self._stats = ours
+            self._ready = threading.Event()
         return port
+
+    def _await_ready(self, timeout_s: float = READY_S) -> None:
+        """Wait for the drafter child to say it is built, as RayEngine waits for the drafter actor:
+        the data plane's join then waits only for the rendezvous, not for a load or a compile."""
+        end = time.monotonic() + timeout_s
+        while not self._ready.is_set():
+            with self._stats_lock:
+                if self._stats.poll(0.2):
+                    try:
+                        msg = self._stats.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                    if msg != READY:
+                        raise RuntimeError(f"the drafter process ended before it was ready (exit code "
+                                           f"{self.proc.exitcode})")
+                    self._ready.set()
+                    return
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the drafter process exited with code {self.proc.exitcode} before it was ready")
+            if time.monotonic() > end:
+                raise TimeoutError(f"the drafter process was not ready within {timeout_s:.0f}s")
 
     def _run(self) -> None:
         try:
@@ -141,6 +172,8 @@ class LocalEngine:
     def _drafter_stats(self) -> dict | None:
         with self._stats_lock:
             try:
+                if not self._ready.is_set():
+                    return None   # still loading or compiling: it answers nothing yet
                 self._stats.send(True)
                 if self._stats.poll(STATS_TIMEOUT_S):
                     return self._stats.recv()
@@ -161,7 +194,17 @@ class LocalEngine:
         process starts; it joins it in the background and swaps it in between two steps."""
         if self.proc is not None and self.proc.is_alive():
             self.proc.kill()
-        self.verifier.reconnect("127.0.0.1", self._spawn_drafter())
+        port = self._spawn_drafter()
+        threading.Thread(target=self._join_when_ready, args=(port,), name="outrider-drafter-ready",
+                         daemon=True).start()
+
+    def _join_when_ready(self, port: int) -> None:
+        try:
+            self._await_ready()
+        except (RuntimeError, TimeoutError) as e:   # the supervisor sees the dead child and restarts it
+            log.warning("restarted drafter: %s", e)
+            return
+        self.verifier.reconnect("127.0.0.1", port)
 
     def drafter_pid(self) -> int:
         return self.proc.pid

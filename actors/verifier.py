@@ -135,8 +135,10 @@ class Verifier(DrafterLink):
             self._join_in_background(master_addr, master_port)
 
     def join_tp(self, addr: str, port: int) -> None:
-        """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop."""
+        """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop;
+        with engine.compile, then compile the bucket shapes on every rank in step (actors/runner.py)."""
         self.tp.connect(addr, port, self.model)
+        self._forward.precompile()
 
     def ready(self) -> bool:
         return True

@@ -21,6 +21,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
 from actors.channel import reserve_port
+from actors.buckets import PRECOMPILE_S
 from actors.drafter import Drafter
 from actors.events import EventReader, EventStreamClosed
 from actors.spec import EngineSpec
@@ -124,6 +125,9 @@ class RayEngine:
         self.spec = spec
         self.placement_strategy = placement_strategy
         self.ready_timeout_s = ready_timeout_s
+        # Waits that include building a role (loading, and with engine.compile precompiling its
+        # bucket shapes: minutes on a GPU, actors/runner.py) get the compile on top.
+        self.build_timeout_s = ready_timeout_s + (PRECOMPILE_S if spec.compile else 0.0)
         self.verifier = None
         self.drafter = None
         self.pg = None
@@ -150,20 +154,20 @@ class RayEngine:
             self._start_tp_ranks()
         if s.speculative:
             self._new_drafter()
-            ray.get(self._drafter_ready, timeout=self.ready_timeout_s)
-            addr, port = self._data_plane()
+            ray.get(self._drafter_ready, timeout=self.build_timeout_s)
+            addr, port = self._data_plane(timeout_s=self.build_timeout_s)
             v = self.verifier.connect.remote(addr, port)   # the loop is not running yet: form the group directly
             self._drafter_run = self.drafter.join_and_run.remote(addr, port)
-            ray.get(v, timeout=self.ready_timeout_s)
+            ray.get(v, timeout=self.build_timeout_s)
             log.info("engine up: mode=%s k=%d, data plane on %s:%d", s.mode, s.k, addr, port)
         self._runs.append(self.verifier.run.remote())
-        ray.get(self.verifier.ready.remote(), timeout=self.ready_timeout_s)
+        ray.get(self.verifier.ready.remote(), timeout=self.build_timeout_s)
         self._open_events()
         return self
 
     def _start_tp_ranks(self) -> None:
         """Ranks 1..N-1 join rank 0 (the verifier) on its node address and a port it reserved."""
-        t = self.ready_timeout_s
+        t = self.build_timeout_s   # rank 0 precompiles across the ranks once they join (engine.compile)
         addr = ray.get(self.verifier.node_ip.remote(), timeout=t)
         port = ray.get(self.verifier.free_port.remote(), timeout=t)
         worker = ray.remote(TPWorkerActor)

@@ -10,6 +10,7 @@ needs, proven on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -167,3 +168,59 @@ def test_padded_engine_equals_transformers(tiny_pair, hf_refs, held_out_prompts)
     v = local_sd_equals_transformers(hf_refs, held_out_prompts[:3], {"engine.pad_shapes": True}, padded).verifier
     assert v.cache.padded_forwards > 0
     v.cache.check()
+
+
+def test_precompile_is_bounded_and_nothing_compiles_once_serving(target, tiny_pair):
+    """engine.compile with padded shapes: a role compiles its bounded bucket set at start-up (every
+    kv size of the smallest batches first, at most PRECOMPILE_MAX); afterwards a shape outside the
+    set runs padded but eager (no graph is built while serving) and gives the same logits; a split
+    target's rank 0 waits for its workers before compiling."""
+    from torch._dynamo.utils import counters
+
+    from actors.buckets import PRECOMPILE_MAX
+    from actors.runner import Runner
+    from actors.spec import EngineSpec
+
+    big = Buckets(max_rows=1056, k=8, max_len=8210)   # a 70B drafter's rows and context
+    assert big.n_shapes() == 12 * 2 * 12 and len(big.precompile_order()) == PRECOMPILE_MAX
+    assert big.precompile_order()[:24] == [(1, t, kv) for kv in big.kv_sizes() for t in (1, 9)]
+    assert big.shape(1, 1, 1500) == (1, 1, 2048) and big.shape(3, 9, 8203) == (4, 9, 8210)
+
+    spec = EngineSpec(target=str(tiny_pair / "target"), mode="ar", k=K, compile=True, pad_shapes=True,
+                      max_batch=2, max_seq_len=40)
+    torch._dynamo.reset()
+    counters.clear()
+    r = Runner(target, spec, "drafter", "cpu", spec.target_blocks(), 2, spec.target_max_len, backend="eager")
+    order = r.buckets.precompile_order()
+    assert r.compiled == set(order) and len(order) == r.buckets.n_shapes() == 2 * 2 * 1
+    graphs = counters["stats"]["unique_graphs"]
+    assert 0 < graphs <= len(order)
+    plain = Runner(target, dataclasses.replace(spec, compile=False), "x", "cpu", spec.target_blocks(), 2,
+                   spec.target_max_len)
+    x = torch.randint(0, target.args.vocab_size, (2, 12))
+    outs = []
+    for run in (r, plain):
+        hs = [run.cache.alloc(), run.cache.alloc()]
+        run(x, torch.arange(12).repeat(2, 1), hs)
+        for h in hs:
+            run.cache.advance(h, 12)
+        outs.append(run(x[:, :K + 1], torch.arange(12, 13 + K).repeat(2, 1), hs))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs   # served from the precompiled set
+
+    # a set cut short: the shape it lacks runs eager, and still nothing compiles
+    torch._dynamo.reset()
+    counters.clear()
+    cut = Runner(target, spec, "drafter", "cpu", spec.target_blocks(), 2, spec.target_max_len, precompile=False,
+                 backend="eager")
+    cut.precompile([(1, 1, spec.target_max_len)])
+    before = counters["stats"]["unique_graphs"]
+    h = cut.cache.alloc()
+    cut(x[:1], torch.arange(12)[None], [h])
+    cut.cache.advance(h, 12)
+    cut(x[:1, :K + 1], torch.arange(12, 13 + K)[None], [h])   # (1, K + 1, kv): not in the set
+    assert counters["stats"]["unique_graphs"] == before and cut.compiled == {(1, 1, spec.target_max_len)}
+    # rank 0 of a split target: nothing before join_tp
+    tp = Runner(target, dataclasses.replace(spec, tensor_parallel_size=2), "verifier", "cpu", spec.target_blocks(),
+                2, spec.target_max_len, backend="eager")
+    assert tp.compiled is None
