@@ -19,6 +19,13 @@ Two groups, each rendezvousing under its own prefix of the one store:
   group itself. The floats of a frame are the only NCCL traffic, so NCCL's in-order matching
   holds within it as gloo's does within ctl: each group carries its messages in frame order.
 
+A dead or silent peer is reported by `ctl` first: at once when its socket closes, else within
+timeout_s (the bulk group waits longer, bulk_timeout_s). The channel then aborts both groups, so
+no float receive stays posted on NCCL, whose watchdog would otherwise find it timed out later and,
+by default, end the whole process; the bulk group is also built to abort its communicator rather
+than the process on any NCCL error (_nccl_group). The verifier then serves without drafts (its
+drafter-lost path) while a new drafter joins on a fresh channel.
+
 Received floats land on `device`, the device of the math that uses them (the verifier's model
 device): NCCL receives them there; gloo receives on the CPU and copies them over when the frame is
 collected. The NCCL path is untested on real GPUs (CI has none): it is kept to the group's
@@ -50,6 +57,7 @@ import socket
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -118,14 +126,40 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def bulk_timeout_s(ctl_timeout_s: float) -> float:
+    """The NCCL bulk group's timeout: well past the control group's, so a dead or silent peer is
+    always reported by gloo first (every frame's header crosses ctl before its floats), and the
+    channel aborts the bulk group (Channel._fail) before NCCL's watchdog sees a timeout at all."""
+    return 2 * ctl_timeout_s + 10.0
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def _nccl_group(store: dist.Store, rank: int, device: torch.device, timeout: timedelta):
     """The bulk group for NCCL, connected now by one float from rank 0 to rank 1 (the first
     point-to-point operation creates the communicator: better in connect, which may run in a
-    background thread, than on the loop's first sampling round). Untested on real GPUs."""
+    background thread, than on the loop's first sampling round). Untested on real GPUs.
+
+    A drafter that dies while the verifier has a float receive posted must cost the verifier its
+    drafts, not its process. NCCL's default error handling (TORCH_NCCL_ASYNC_ERROR_HANDLING=3)
+    tears the whole process down when its watchdog finds a timed-out operation; this group is
+    built with 2 (abort the communicator, keep the process: the op's wait then raises), read by
+    ProcessGroupNCCL at construction, so a tensor-parallel default group keeps its own setting."""
     opts = dist.ProcessGroupNCCL.Options()
     opts.is_high_priority_stream = False
-    opts._timeout = timeout
-    with torch.cuda.device(device):
+    opts._timeout = timedelta(seconds=bulk_timeout_s(timeout.total_seconds()))
+    with torch.cuda.device(device), _env("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2"):
         pg = dist.ProcessGroupNCCL(store, rank, 2, opts)
         one = torch.zeros(1, device=device)
         (pg.send([one], 1, 0) if rank == 0 else pg.recv([one], 0, 0)).wait()
@@ -217,6 +251,17 @@ class Channel:
         self._pending.clear()
         self._posted.clear()
         self._drop_groups()
+
+    def _abort_groups(self) -> None:
+        """Abort both groups without waiting on the peer (pending operations are cancelled)."""
+        for pg in {id(g): g for g in (self._bulk, self._ctl) if g is not None}.values():
+            try:
+                pg.abort()
+            except RuntimeError as e:
+                log.warning("rank %d: aborting the %s group: %s", self.rank, pg.name(), e)
+        self._ctl = self._bulk = None
+        self._pending.clear()
+        self._posted.clear()
 
     def _drop_groups(self) -> None:
         for pg in {id(g): g for g in (self._bulk, self._ctl) if g is not None}.values():
@@ -351,7 +396,10 @@ class Channel:
                                 f"{self._broken}")
 
     def _fail(self, op: str, e: BaseException) -> ChannelClosed:
-        # After any transport error the two sides are out of step; refuse further traffic.
+        # After any transport error the two sides are out of step; refuse further traffic, and
+        # abort the groups now: a float receive posted on NCCL would otherwise stay pending until
+        # its watchdog fires (see _nccl_group), long after the caller has moved on without a peer.
         self._broken = f"{type(e).__name__}: {e}"
+        self._abort_groups()
         return ChannelClosed(f"rank {self.rank}: {op} failed, peer rank {self.peer} is gone or silent "
                              f"(timeout {self.timeout_s}s): {self._broken}")

@@ -284,6 +284,38 @@ def test_dead_peer_raises_channel_closed():
     log.info("dead peer noticed after %.3fs (%s): %s", m["elapsed"], m["cause"], m["msg"])
 
 
+def _master_posted_floats_dead_peer(sock, timeout_s: float) -> dict:
+    """As the verifier during a sampling round: the reply's floats are posted ahead, then the
+    drafter dies. The failure comes from the control group, and both groups are aborted at once:
+    nothing stays posted (under NCCL a pending receive would trip its watchdog later)."""
+    ch = _master(sock, timeout_s)
+    ch.connect()
+    ch.send(Frame(Rec.OUTCOME, 0, [Record(Rec.PING, 0)]))
+    ch.post_recv(n_floats=3 * V)
+    assert ch.posted == 1
+    t0 = time.perf_counter()
+    try:
+        ch.recv()
+        raise AssertionError("recv from a dead peer returned")
+    except ChannelClosed as e:
+        out = {"elapsed": time.perf_counter() - t0, "msg": str(e)}
+    out["aborted"] = ch._ctl is None and ch._bulk is None and ch.posted == 0
+    ch.close()
+    return out
+
+
+def test_a_dead_peer_with_floats_posted_aborts_the_groups_at_once():
+    from actors.channel import bulk_timeout_s
+
+    sock, port = _bound()
+    results, codes = _run({"master": (_master_posted_floats_dead_peer, sock, 3.0), "peer": (_peer_dies, port, 3.0)})
+    m = _ok(results, "master")
+    assert codes == {"master": 0, "peer": 3}
+    assert m["aborted"] and m["elapsed"] < 15 and "peer rank 1" in m["msg"]
+    # NCCL's bulk group outwaits the control group: gloo always reports a lost peer first
+    assert bulk_timeout_s(30.0) > 2 * 30.0
+
+
 def _survivor(socks: list, go: list, timeout_s: float) -> dict:
     """The verifier outlives two drafters: one goes silent (timeout), then a healthy one joins."""
     out = {}
