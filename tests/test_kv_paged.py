@@ -225,3 +225,23 @@ def test_drafter_branches_at_batch_3_over_a_long_run_equal_scratch_and_leak_noth
     assert not d.seqs and not d.cache.tables
     assert d.cache.pool.n_free == d.cache.pool.n_blocks   # no block leaked
     d.cache.check()
+
+
+def test_read_indices_are_each_position_s_pool_row():
+    """The gather indices (built on the model's device from the block tables alone) name, for
+    every row and position < kv_len, block table[p // bs] at offset p % bs; padded tables read
+    their first block (masked), scratch-padded ones the scratch block."""
+    from actors.kv.paged import build_indices, build_padded_indices
+
+    rng = random.Random(0)
+    bs, kv_len = 4, 23
+    tables = [rng.sample(range(100), rng.randint(2, 7)) for _ in range(5)]
+    pos = torch.tensor([[min(len(t) * bs - 1, kv_len - 1)] for t in tables])
+    _, (kind, read, n) = build_indices(tables, pos, kv_len, bs, torch.device("cpu"))
+    assert kind == "gather" and n == kv_len
+    want = [(t[p // bs] if p // bs < len(t) else t[0]) * bs + p % bs for t in tables for p in range(kv_len)]
+    assert read.tolist() == want
+    _, (_, read, _) = build_padded_indices(tables[:3], torch.zeros(4, 1, dtype=torch.long), 1, kv_len, bs, 99,
+                                           torch.device("cpu"))
+    want = [(t[p // bs] if p // bs < len(t) else 99) * bs + p % bs for t in tables[:3] + [[]] for p in range(kv_len)]
+    assert read.tolist() == want
