@@ -332,6 +332,42 @@ def test_a_requests_own_k_is_kept_and_exact(tiny_pair, hf_refs, held_out_prompts
         assert f.stats.accepted_tokens > 0 and f.stats.cache_hits > 0, f.stats.summary()
 
 
+@pytest.mark.timeout(900)
+def test_a_seeded_request_drafts_one_k_and_that_k_reproduces_it(tiny_pair, held_out_prompts):
+    """On an adaptive SSD engine a seeded sampling request drafts the one K the policy chose at
+    admission and reports it; the same seed with k set to it gives the same tokens. An unseeded
+    sampling request stays adaptive (no fixed_k)."""
+    from actors.launch import LocalEngine
+    from actors.sampling import SamplingParams
+    from cluster.coordinator import Coordinator, GenerateArgs
+
+    n = 40
+    engine = LocalEngine(_adaptive_spec("ssd")).start()
+    coord = Coordinator(engine, None, max_queue=16)
+
+    def run(prompt, params, k=None):
+        h = coord.submit(GenerateArgs(list(prompt), n, params, ignore_eos=True, k=k))
+        final = h.result()
+        return list(h.tokens), final
+
+    try:
+        _generate(engine, held_out_prompts[:2], n)   # the policy measures something first
+        seeded = SamplingParams(temperature=0.8, seed=11)
+        toks, final = run(held_out_prompts[2], seeded)
+        k = final.stats.fixed_k
+        again, f_again = run(held_out_prompts[2], seeded, k=k)
+        _, unseeded = run(held_out_prompts[3], SamplingParams(temperature=0.8))
+    finally:
+        coord.stop()
+        engine.stop()
+    assert k is not None and 0 <= k <= 4, final.stats
+    h = final.stats.k_histogram
+    assert sum(h) - h[k] <= 1, h              # one K throughout (a last round may be cut short)
+    assert len(toks) == n and again == toks
+    assert f_again.stats.fixed_k == k
+    assert unseeded.stats.fixed_k is None
+
+
 def test_a_new_sequence_starts_its_probe_backoff_where_the_last_one_ended():
     c = Controller(k_max=4, mode="sd")
     c.costs = cpu_costs()
