@@ -80,8 +80,11 @@ class Run:
         return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _outrider(name, mode, k, threads=1, **extra) -> Mode:
+def _outrider(name, mode, k, threads=1, fixed=False, **extra) -> Mode:
+    """An outrider engine; `fixed`: K = k every round (adaptive off), else the config's setting."""
     ov = {"speculation.mode": mode, "speculation.k": k, "models.target.num_threads": threads, "engine.max_batch": 1}
+    if fixed:
+        ov["speculation.adaptive"] = False
     if threads > 1:   # the whole machine: no core of its own to pin to
         ov["models.target.cpus"] = None
     if mode == "ar":
@@ -94,13 +97,21 @@ def _outrider(name, mode, k, threads=1, **extra) -> Mode:
 
 
 def sweep_modes(k: int, sweep: tuple[int, ...]) -> list[Mode]:
-    return [_outrider(f"sd-k{kk}", "sd", kk) for kk in sorted(set(sweep) | {k})]
+    """Sync SD and SSD at each fixed K of the sweep (adaptive off): their best K's, and what the
+    adaptive policy is measured against."""
+    ks = sorted(set(sweep) | {k})
+    return [_outrider(f"sd-k{kk}", "sd", kk, fixed=True) for kk in ks] + [
+        _outrider(f"ssd-k{kk}", "ssd", kk, fixed=True) for kk in ks]
 
 
-def build_modes(k: int, sd_ks: list[int]) -> list[Mode]:
-    """The main comparison: AR, SD at the given K's (the sweep's best and the SSD's K), SSD, HF."""
-    return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk) for kk in sorted(set(sd_ks))]
-            + [_outrider("ssd", "ssd", k), Mode("hf", "hf", threads=2), Mode("hf-assisted", "hf-assisted", threads=2),
+def build_modes(k: int, sd_ks: list[int], ssd_k: int | None = None) -> list[Mode]:
+    """The main comparison: AR, SD at the given fixed K's (the sweep's best and the SSD's K), SSD
+    as configured (adaptive K by default: the engine as shipped), SSD at the fixed K `ssd_k`
+    (the sweep's best), HF."""
+    fixed_ssd = [] if ssd_k is None else [_outrider(f"ssd-k{ssd_k}", "ssd", ssd_k, fixed=True)]
+    return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk, fixed=True) for kk in sorted(set(sd_ks))]
+            + [_outrider("ssd", "ssd", k)] + fixed_ssd
+            + [Mode("hf", "hf", threads=2), Mode("hf-assisted", "hf-assisted", threads=2),
                _outrider("ar-2t", "ar", k, threads=2)])
 
 
@@ -147,7 +158,7 @@ def run_outrider(mode: Mode, prompt: list[int], n: int, seed: int | None = None)
 class HF:
     """transformers' own greedy and assisted generation, on the very same checkpoint files."""
 
-    def __init__(self, target_dir: str, draft_dir: str | None, device: str = "cpu"):
+    def __init__(self, target_dir: str, draft_dir: str | None, device: str = "cpu", dtype: str = "float32"):
         try:
             import matplotlib  # noqa: F401 (the report's plot; fail before any engine starts)
             import transformers
@@ -159,8 +170,11 @@ class HF:
         transformers.utils.logging.disable_progress_bar()
         self.version = transformers.__version__
         self.device = device
-        self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).to(device).eval()
-        self.assistant = (AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).to(device).eval()
+        from actors.loader import parse_dtype
+
+        dt = parse_dtype(dtype, device)   # the target's dtype as outrider runs it: a same-dtype comparison
+        self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dt).to(device).eval()
+        self.assistant = (AutoModelForCausalLM.from_pretrained(draft_dir, dtype=dt).to(device).eval()
                           if draft_dir else None)
 
     def run(self, mode: Mode, prompt: list[int], n: int) -> Run:
@@ -291,6 +305,12 @@ def run_phases(config_path, phases, hf, prompts, warm, n, bar, seeds=None, probe
     return runs
 
 
+def _best_k(sweep: list[Mode], runs: dict[str, list[Run]], kind: str) -> int:
+    """The fixed K of the sweep's fastest `kind` (sd | ssd) mode, by median tokens/s."""
+    ms = [m for m in sweep if m.name.startswith(f"{kind}-k")]
+    return max(ms, key=lambda m: statistics.median(r.tok_s for r in runs[m.name])).overrides["speculation.k"]
+
+
 # -- the command -----------------------------------------------------------------------------
 def _ray_up(cfg, need: int) -> tuple[bool, float]:
     """(whether this call started Ray, logical CPUs free for engines)."""
@@ -307,6 +327,7 @@ def _ray_up(cfg, need: int) -> tuple[bool, float]:
 def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     from tqdm import tqdm
 
+    from cluster.bench_dtype import llama_cpp_row, measure_dtypes, target_gguf
     from cluster.bench_report import check_greedy, summarize, write_report
 
     t_start = time.perf_counter()
@@ -319,7 +340,7 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
     sweep, sag = sweep_modes(k, s["sweep"]) if s["sweep"] else [], saguaro_modes(k)
     sag_prompts = prompts[:s["saguaro_prompts"]]
-    hf = HF(base.target, base.draft, base.target_device)
+    hf = HF(base.target, base.draft, base.target_device, base.target_dtype)
     # Plain-process engines (launcher: local) reserve no CPUs: all of them fit at once.
     local = cfg.cluster.launcher == "local"
     owned, capacity = (False, float("inf")) if local else _ray_up(cfg, 16)
@@ -335,9 +356,9 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         if sweep:
             sweep_runs = run_phases(config_path, plan_phases(sweep, capacity, local), None, prompts, warm, n, bar,
                                     quiet=owned)
-        best_k = max(sweep, key=lambda m: statistics.median(r.tok_s for r in sweep_runs[m.name])).overrides[
-            "speculation.k"] if sweep else k
-        modes = build_modes(k, [best_k, k])
+        best_k, best_ssd_k = (_best_k(sweep, sweep_runs, kind) if sweep else k for kind in ("sd", "ssd"))
+        # SSD at its best fixed K beside SSD as configured; with adaptive off they are one engine
+        modes = build_modes(k, [best_k, k], best_ssd_k if cfg.speculation.adaptive or best_ssd_k != k else None)
         phases = plan_phases(modes, capacity, local)
         sag_phases = plan_phases(sag, capacity, local) if sag_prompts else []
         if len(phases) > 1 and not local:
@@ -350,12 +371,13 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         max_len = base.max_seq_len + k + 2
         probe = VerifyProbe(base.target, [t for p in prompts for t in p][:ctx_len], k, max_len,
                             cpus=set(base.target_cpus) if owned and base.target_cpus else None,
-                            device=base.target_device)
+                            device=base.target_device, dtype=base.target_dtype)
         runs = run_phases(config_path, phases, hf, prompts, warm, n, bar, probe=probe, quiet=owned)
         # SD at K's outside the main comparison keep their sweep-phase figures.
         main = {m.name for m in modes}
         modes += [m for m in sweep if m.name not in main]
-        order = ["ar"] + [m.name for m in sweep] + ["ssd", "hf", "hf-assisted", "ar-2t"]
+        order = (["ar"] + [m.name for m in sweep if m.name.startswith("sd-")] + ["ssd"]
+                 + [m.name for m in sweep if m.name.startswith("ssd-")] + ["hf", "hf-assisted", "ar-2t"])
         modes.sort(key=lambda m: order.index(m.name) if m.name in order else len(order))
         runs = {**{name: r for name, r in sweep_runs.items() if name not in main}, **runs}
         greedy = check_greedy(runs, modes)
@@ -363,7 +385,12 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
         ctx = [t for p, r in zip(prompts, runs["ar"]) for t in p + r.tokens][:ctx_len]
         with timing([], None, probe.cpus):
             kernels = measure_kernels(base.target, base.draft, ctx, ks, base.max_seq_len + max(ks) + 2,
-                                      target=probe.model, draft_device=base.draft_device)
+                                      target=probe.model, draft_device=base.draft_device,
+                                      draft_dtype=base.draft_dtype)
+            # bfloat16 against float32 (interleaved A/B), and llama.cpp where it is installed
+            kernels["dtype"] = base.target_dtype
+            kernels["dtypes"] = measure_dtypes(base.target, ctx, k, base.max_seq_len + k + 2, base.target_device)
+            kernels["llama_cpp"] = llama_cpp_row(target_gguf(base.target), prompts[0], n)
         kernels["t_verify_interleaved_s"] = statistics.median(probe.samples)
         kernels["t_verify_interleaved_n"] = len(probe.samples)
         seeds = [1000 + i for i in range(len(sag_prompts))]
@@ -386,7 +413,8 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
            "target": base.target, "draft": base.draft, "config_path": str(config_path),
            "config": cfg.model_dump(mode="json")}
     settings = {"quick": quick, "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
-                "new_tokens": n, "k": k, "sweep": ks, "saguaro": {"temperature": SAGUARO_T, "c": SAGUARO_C,
+                "new_tokens": n, "k": k, "sweep": ks, "adaptive": cfg.speculation.adaptive,
+                "ssd_fixed": next((m.name for m in modes if m.name.startswith("ssd-k") and m.name in main), None), "saguaro": {"temperature": SAGUARO_T, "c": SAGUARO_C,
                                                                   "prompts": len(sag_prompts)}}
     report = summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)

@@ -135,7 +135,10 @@ def derive(report: dict, k: int) -> dict:
     # engine's forward at the same K, SSD over SD, is what the overlap costs in hardware.
     overlap = max(1.0, fwd_ssd / fwd_sd) if fwd_ssd and fwd_sd else None  # below 1 is noise
     ceilings = _ceilings(ms["ssd"], bound, overlap)
-    return {"k": k, "sd_best": best, "sd_best_k": int(best.removeprefix("sd-k")),
+    fixed = report["settings"].get("ssd_fixed")   # SSD at the sweep's best fixed K, timed beside "ssd"
+    return {"k": k, "sd_best": best, "sd_best_k": int(best.removeprefix("sd-k")), "ssd_fixed": fixed,
+            "ssd_k_histogram": ms["ssd"].get("spec", {}).get("k_histogram"),
+            "ssd_drafting_rounds": _drafting_rounds(ms["ssd"]),
             "mean_acceptance_length_ssd": e_ssd, "mean_acceptance_length_sd": e_sd,
             "t_verify_ms": _r(1e3 * tv, 3), "t_verify_quiet_ms": _r(1e3 * kern["t_verify_s"][k], 3),
             "t_verify_interleaved_ms": _r(1e3 * kern["t_verify_interleaved_s"], 3)
@@ -149,11 +152,18 @@ def derive(report: dict, k: int) -> dict:
                        "SSD/HF-plain": _r(ssd / tps["hf"]), "SSD/SD-same-K": _r(ssd / tps[f"sd-k{k}"]),
                        "SSD-decode/bound": _r(_div(ms["ssd"].get("decode_tokens_per_s_aggregate"), bound)),
                        "SSD-median-prompt/bound": _r(ssd / bound),
+                       "SSD/SSD-fixed": _r(_div(ssd, tps.get(fixed))),
                        **{f"SSD/{name}": _r(_div(pooled, c)) for name, c in ceilings.items()}},
             "ceilings_tok_s": {name: _r(c, 2) for name, c in ceilings.items()},
             "verify_overhead_ms": _r(_verify_ms(ms["ssd"]) - 1e3 * tv if _verify_ms(ms["ssd"]) else None, 3),
             "forward_ms_ssd": fwd_ssd, "forward_ms_sd_same_k": fwd_sd, "overlap_slowdown": _r(overlap),
             "memory_floor": _floor(kern, tv, _verify_ms(ms["ssd"]))}
+
+
+def _drafting_rounds(m: dict) -> tuple[int, int] | None:
+    """(rounds that verified a draft, all verify rounds) from a mode's K histogram."""
+    hist = (m.get("spec") or {}).get("k_histogram")
+    return (sum(hist[1:]), sum(hist)) if hist else None
 
 
 def _floor(kern: dict, tv: float, ssd_verify_ms: float | None) -> dict | None:
@@ -200,7 +210,8 @@ def summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings) -> dic
             "t_verify_interleaved_s": kernels.get("t_verify_interleaved_s"),
             "t_verify_interleaved_n": kernels.get("t_verify_interleaved_n"), "device": kernels.get("device", "cpu"),
             "target_streamed_bytes": kernels.get("target_streamed_bytes"),
-            "copy_bytes_per_s": kernels.get("copy_bytes_per_s")}
+            "copy_bytes_per_s": kernels.get("copy_bytes_per_s"), "dtype": kernels.get("dtype"),
+            "dtypes": kernels.get("dtypes"), "llama_cpp": kernels.get("llama_cpp")}
     report = {"settings": settings, "modes": {m.name: mode_summary(m, runs[m.name]) for m in modes},
               "kernels": kern, "greedy_check": greedy,
               "outrider_mismatches": sum(g["mismatches"] for name, g in greedy.items() if not name.startswith("hf")),
@@ -212,10 +223,15 @@ def summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings) -> dic
     ra = d["ratios"]
     report["summary_line"] = " ".join(f"{key}={ra[key]:.2f}" for key in
                                       ("SSD/AR", "SSD/SD", "SSD/SD-ideal", "SSD/HF", "SSD/bound"))
+    if ra.get("SSD/SSD-fixed") is not None:
+        report["summary_line"] += f" SSD/{d['ssd_fixed']}={ra['SSD/SSD-fixed']:.2f}"
     lines = [f"{name:>18}: {m['tokens_per_s']:8.1f} tok/s  (min {m['tokens_per_s_spread']['min']:.1f}, "
              f"max {m['tokens_per_s_spread']['max']:.1f})"
              + (f"  E={m['spec']['mean_acceptance_length']:.2f}" if m.get("spec", {}).get("drafts") else "")
              for name, m in {**report["modes"], **report["saguaro"]}.items()]
+    if d["ssd_drafting_rounds"]:
+        lines.append(f"{'ssd K by round':>18}: {d['ssd_k_histogram']} (K = 0..{k}; drafted in "
+                     f"{d['ssd_drafting_rounds'][0]} of {d['ssd_drafting_rounds'][1]} rounds)")
     lines.append(f"{'bound':>18}: {d['bound_tok_s']:8.1f} tok/s  (E={d['mean_acceptance_length_ssd']:.2f} / "
                  f"t_verify({k + 1})={d['t_verify_ms']:.2f} ms; t_draft={d['t_draft_ms']:.3f} ms; "
                  f"greedy mismatches: outrider {report['outrider_mismatches']}, hf {report['hf_mismatches']})")
@@ -248,7 +264,8 @@ def markdown(rep: dict) -> str:
            f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu_count']} CPUs; "
            f"config `{env['config_path']}`; wall {rep.get('wall_s', 0):.0f} s.", "",
            "| mode | threads | tok/s (median) | min–max | ×AR | decode tok/s | E[acc+1] | accept rate | hit rate | "
-           "verify ms | draft ms | transport ms | control ms | mismatches |", "|" + "---|" * 14]
+           "verify ms | draft ms | transport ms | control ms | mismatches | rounds drafted | K by round (0..k) |",
+           "|" + "---|" * 16]
     for name, m in {**rep["modes"], **rep["saguaro"]}.items():
         sp, b = m.get("spec") or {}, m.get("breakdown_per_round") or {}
         spec_on = bool(sp.get("drafts"))
@@ -260,7 +277,7 @@ def markdown(rep: dict) -> str:
                    f"{_fmt(sp.get('hit_rate') if sp.get('cache_hits', 0) + sp.get('cache_misses', 0) else None, '.2f')}"
                    f" | {_fmt(b.get('verify_ms'), '.2f')} | {_fmt(b.get('draft_ms'), '.2f')} | "
                    f"{_fmt(b.get('transport_ms'), '.3f')} | {_fmt(b.get('control_ms'), '.3f')} | "
-                   f"{m.get('mismatches', '–')} |")
+                   f"{m.get('mismatches', '–')} | {_rounds_cell(m)} | {_hist_cell(m)} |")
     out += ["", "tok/s is end to end (submit to last token, prefill included); decode tok/s excludes the first "
             "token. Per-round times are the verifier's critical path (ms per verify round); the Saguaro rows "
             "(temperature 0.7) have no greedy check.", "", "## Derived", "",
@@ -292,6 +309,7 @@ def markdown(rep: dict) -> str:
             _floor_line(d.get("memory_floor")),
             "- end-to-end ceilings: " + (", ".join(f"{name} {v:.1f} tok/s" for name, v in d["ceilings_tok_s"].items())
                                          or "–"),
+            _adaptive_line(rep),
             "- ratios: " + ", ".join(f"{k} {_fmt(v, '.2f')}" for k, v in d["ratios"].items()), "",
             "```", rep["summary_line"], "```", ""]
     ssd = rep["modes"]["ssd"]
@@ -304,7 +322,32 @@ def markdown(rep: dict) -> str:
             out.append("| drafts with position i accepted | – | " + " | ".join(_fmt(x, ".2f") for x in acc) + " |")
         if hits:
             out.append("| cache hit rate at depth i | " + " | ".join(_fmt(x, ".2f") for x in hits) + " |")
+    from cluster.bench_dtype import markdown as dtype_lines
+
+    k = rep["kernels"]
+    out += dtype_lines(k.get("dtypes"), k.get("llama_cpp"), k.get("dtype"))
     return "\n".join(out) + "\n"
+
+
+def _adaptive_line(rep: dict) -> str:
+    d, s = rep["derived"], rep["settings"]
+    how = "adaptive K, as shipped" if s.get("adaptive", True) else "fixed K (adaptive off in the config)"
+    line = (f"- ssd ({how}, K ≤ {s['k']}) drafted in {_rounds_cell(rep['modes']['ssd'])} rounds; its rounds by K "
+            f"(0..{s['k']}): {d.get('ssd_k_histogram')}")
+    if d.get("ssd_fixed"):
+        line += (f"; beside it, timed interleaved, SSD at the sweep's best fixed K ({d['ssd_fixed']}): "
+                 f"ssd/{d['ssd_fixed']} = {_fmt(d['ratios'].get('SSD/SSD-fixed'), '.2f')}")
+    return line
+
+
+def _rounds_cell(m: dict) -> str:
+    r = _drafting_rounds(m)
+    return "–" if r is None else f"{r[0]} of {r[1]}"
+
+
+def _hist_cell(m: dict) -> str:
+    hist = (m.get("spec") or {}).get("k_histogram")
+    return "–" if not hist else " ".join(str(x) for x in hist)
 
 
 def _floor_line(f: dict | None) -> str:

@@ -10,7 +10,8 @@ import yaml
 
 from cluster.bench import run_bench
 
-SUMMARY = re.compile(r"^SSD/AR=\d+\.\d\d SSD/SD=\d+\.\d\d SSD/SD-ideal=\d+\.\d\d SSD/HF=\d+\.\d\d SSD/bound=\d+\.\d\d$")
+SUMMARY = re.compile(r"^SSD/AR=\d+\.\d\d SSD/SD=\d+\.\d\d SSD/SD-ideal=\d+\.\d\d SSD/HF=\d+\.\d\d SSD/bound=\d+\.\d\d"
+                     r"( SSD/ssd-k\d+=\d+\.\d\d)?$")
 MODES = {"ar", "sd-k4", "ssd", "hf", "hf-assisted", "ar-2t"}
 
 
@@ -140,3 +141,16 @@ def test_concurrency_sweep_reports_every_point(tiny_pair, tmp_path):
     rep = json.loads((tmp_path / "concurrency.json").read_text())
     assert [(p["mode"], p["streams"]) for p in rep["points"]] == [("ar", 1), ("ar", 3), ("ssd", 1), ("ssd", 3)]
     assert all(p["tok_s"] > 0 and p["latency_s"] > 0 for p in rep["points"])
+
+
+def test_modes_put_ssd_as_configured_beside_ssd_at_its_best_fixed_k():
+    from cluster.bench import build_modes, sweep_modes
+
+    sweep = {m.name: m.overrides for m in sweep_modes(5, (3, 4))}
+    assert set(sweep) == {"sd-k3", "sd-k4", "sd-k5", "ssd-k3", "ssd-k4", "ssd-k5"}
+    assert all(ov["speculation.adaptive"] is False for ov in sweep.values())   # the sweep is fixed K
+    modes = {m.name: m.overrides for m in build_modes(5, [3, 5], 4)}
+    assert "speculation.adaptive" not in modes["ssd"]                         # as the config ships it
+    assert modes["ssd-k4"]["speculation.adaptive"] is False and modes["ssd-k4"]["speculation.k"] == 4
+    assert modes["sd-k3"]["speculation.adaptive"] is False
+    assert "ssd-k5" not in {m.name for m in build_modes(5, [5], None)}
