@@ -108,6 +108,8 @@ class ReplicaSet:
         """Bring n replicas up at once (each waits on Ray for its placement group and models);
         one that fails stops the others and raises."""
         replicas = [make_replica(i) for i in range(n)]
+        if n == 1:
+            return cls([replicas[0].start()])
         with ThreadPoolExecutor(max_workers=n, thread_name_prefix="replica-start") as pool:
             futures = [pool.submit(r.start) for r in replicas]
             errors = [f.exception() for f in futures]

@@ -137,7 +137,7 @@ class OutriderServer:
         if self.cfg.http.enabled:
             self.start_http(token)
         n = self.cfg.cluster.replicas
-        if n > 1 and self.cfg.cluster.launcher == "ray":   # once, before the replicas start side by side
+        if self.cfg.cluster.launcher == "ray":   # here, in the main thread, before replicas start side by side
             from cluster.engine import init_ray
 
             init_ray(self.cfg.cluster.address, self.cfg.cluster.num_cpus, self.cfg.cluster.namespace)
