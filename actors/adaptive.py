@@ -412,6 +412,7 @@ class Controller:
                 chosen = choose_ks(curves, self.mode, self.costs, fixed)
             for s, k in zip(free, chosen):
                 out[s] = self.probe[s].next_k(k, lambda: self._probe_k(s, out), self.cap[s])
+            self._probe_together(free, chosen, out)
             if self.trace:
                 self._trace_decision(free, chosen, out)
         self.last.update(out)
@@ -424,6 +425,19 @@ class Controller:
         a = self.acc[sid].rates()
         others = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in self.last.items() if s != sid]
         return choose_ks([expected_curve(a, self.k_max)], self.mode, self.costs, others)[0]
+
+    def _probe_together(self, free: list[int], chosen: list[int], out: dict[int, int]) -> None:
+        """When one sequence probes, those at K = 0 whose probe is at least half due probe in the
+        same round. A probe makes the whole batch wait for a just-in-time draft (no table at
+        K = 0), once per round however many sequences probe: probes on separate schedules would
+        put that wait into many more rounds under load."""
+        if not any(k == 0 and out[s] > 0 for s, k in zip(free, chosen)):
+            return
+        for s, k in zip(free, chosen):
+            p = self.probe[s]
+            if k == 0 and out[s] == 0 and 2 * p.off >= p.every:
+                p.off, p.probing = 0, True
+                out[s] = max(1, self._probe_k(s, out))
 
     def _probe_k(self, sid: int, out: dict[int, int]) -> int:
         if not self.costs.verify.known:

@@ -510,3 +510,24 @@ def test_a_seeded_sampling_request_is_pinned_to_the_policys_k():
     k = good.add(2, pin=True)
     assert k >= 3 and good.decide([2])[2] == k == good.decide([2])[2]
     assert good.add(3, fixed_k=2) == 2 and good.add(4) is None
+
+
+def test_probes_of_a_batch_share_rounds():
+    """Eight sequences with a useless drafter, admitted a few rounds apart: each probe round makes
+    the whole batch wait for a just-in-time draft, so sequences whose probe is half due join it,
+    and few rounds carry a probe."""
+    c = calibrated(BENCH)
+    c.add(0)
+    drive(c, 30, BENCH, [0.0] * 5, sid=0)     # the engine has learnt its drafter never agrees
+    c.remove(0)
+    c._probe_every = PROBE_FIRST
+    sids, rounds_with_probe = [], 0
+    for r in range(400):
+        if r % 5 == 0 and len(sids) < 8:    # admissions 5 rounds apart: probe schedules start apart
+            sids.append(len(sids) + 1)
+            c.add(sids[-1])
+        ks = c.decide(sids)
+        for s in sids:
+            c.observe_round(s, ks[s], 0)
+        rounds_with_probe += any(ks.values())
+    assert rounds_with_probe <= 20, rounds_with_probe      # 62 on separate schedules
