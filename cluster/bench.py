@@ -414,8 +414,8 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
            "config": cfg.model_dump(mode="json")}
     settings = {"quick": quick, "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts],
                 "new_tokens": n, "k": k, "sweep": ks, "adaptive": cfg.speculation.adaptive,
-                "ssd_fixed": next((m.name for m in modes if m.name.startswith("ssd-k") and m.name in main), None), "saguaro": {"temperature": SAGUARO_T, "c": SAGUARO_C,
-                                                                  "prompts": len(sag_prompts)}}
+                "ssd_fixed": next((m.name for m in modes if m.name.startswith("ssd-k") and m.name in main), None),
+                "saguaro": {"temperature": SAGUARO_T, "c": SAGUARO_C, "prompts": len(sag_prompts)}}
     report = summarize(modes, runs, greedy, kernels, sag, sag_runs, env, settings)
     report["wall_s"] = round(time.perf_counter() - t_start, 1)
     write_report(report, Path(out_dir))
