@@ -40,7 +40,10 @@ def test_split_logits_equal_the_whole_model(tiny_pair):
     """Prefill, then one batched verify step over a paged cache whose rows need a gather and a
     copy-on-write (a forked row writing into a shared block): rank 0's logits equal the model's."""
     target = str(tiny_pair / "target")
-    spec = EngineSpec(target=target, mode="ar", tensor_parallel_size=2, max_batch=3, max_seq_len=96, kv_block_size=4)
+    # rank 0 compiles its forward below while the worker already waits in the first all-reduce:
+    # the worker's group must outwait a compile (group_timeout_s), 30 s did not on a loaded machine
+    spec = EngineSpec(target=target, mode="ar", tensor_parallel_size=2, max_batch=3, max_seq_len=96, kv_block_size=4,
+                      timeout_s=600.0)
     port, procs = spawn_workers(spec)
     whole, part = load_model(target), load_model(target, tp=(0, 2))
     assert part.args.n_heads == 2 and part.args.n_kv_heads == 1 and part.args.intermediate_size * 2 == 176
