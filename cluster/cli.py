@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="throughput and latency at N concurrent streams (e.g. 1,4,8) for --modes")
     bench.add_argument("--modes", type=_csv(str), default=["ar", "sd", "ssd"], metavar="MODE,...",
                        help="--concurrency: the modes to sweep (default ar,sd,ssd)")
+    bench.add_argument("--replicas", type=_csv(int), default=None, metavar="R,...",
+                       help="--concurrency through a served endpoint with cluster.replicas R (e.g. 1,2): aggregate "
+                            "tokens/s, p50/p99 latency and host CPU per point, in the config's mode")
     bench.add_argument("--compile", action="store_true",
                        help="engine.compile off against on: forward times and AR/SD/SSD tokens/s, interleaved")
     return ap
@@ -124,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
                 from cluster.bench_compile import run as run_compile_ab
 
                 return run_compile_ab(args.config, args.out, 2 if args.quick else 6, 16 if args.quick else 64)
+            if args.replicas and not args.concurrency:
+                raise ValueError("--replicas needs --concurrency (e.g. --concurrency 1,8 --replicas 1,2)")
+            if args.concurrency and args.replicas:
+                from cluster.bench_replicas import run as run_replicas
+
+                return run_replicas(args.config, args.out, args.replicas, args.concurrency,
+                                    new=16 if args.quick else 64, runs=1 if args.quick else 2)
             if args.concurrency:
                 from cluster.bench_paged import run_concurrency
 
