@@ -8,9 +8,14 @@ import torch
 
 
 def load_hf(path, dtype: str, device: str):
+    import transformers
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(device).eval()
+    # the GPU machine's transformers may predate `dtype=` (4.56), where an unknown keyword is ignored
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    kw = {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": getattr(torch, dtype)}
+    hf = AutoModelForCausalLM.from_pretrained(str(path), **kw).to(device).eval()
+    assert hf.dtype == getattr(torch, dtype), (hf.dtype, dtype)
     hf.generation_config.eos_token_id = None   # random weights: run every prompt to its length
     hf.generation_config.pad_token_id = 0
     return hf
