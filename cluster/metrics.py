@@ -185,8 +185,24 @@ class EngineCollector:
             yield kv
 
 
+class RouteCollector:
+    """The router's decisions (cluster/replicas.py): requests per replica and reason. The affinity
+    hit rate is reason="affinity" over all requests whose prompt had a remembered prefix."""
+
+    def __init__(self, routes_ref):
+        self.routes_ref = routes_ref   # a callable returning {(replica, reason): requests}
+
+    def collect(self):
+        routes = CounterMetricFamily(P + "router_requests", "requests routed, by replica and reason (affinity: "
+                                     "to the replica that served the prompt's prefix; least_loaded; moved: off a "
+                                     "lost replica before streaming)", labels=["replica", "reason"])
+        for (replica, reason), n in sorted(dict(self.routes_ref() or {}).items()):
+            routes.add_metric([str(replica), reason], float(n))
+        yield routes
+
+
 class Metrics:
-    def __init__(self, engine_ref=None, registry: CollectorRegistry | None = None):
+    def __init__(self, engine_ref=None, registry: CollectorRegistry | None = None, routes_ref=None):
         r = self.registry = registry or CollectorRegistry()
         self.drafts = Counter(P + "spec_decode_num_drafts", "speculative rounds that verified a draft", registry=r)
         self.draft_tokens = Counter(P + "spec_decode_num_draft_tokens", "draft tokens proposed", registry=r)
@@ -208,6 +224,8 @@ class Metrics:
                               buckets=_TPOT, registry=r)
         self.in_flight = InFlight()
         r.register(EngineCollector(engine_ref, self.in_flight))
+        if routes_ref is not None:
+            r.register(RouteCollector(routes_ref))
         self._server = None
 
     def observe_final(self, reason: str, prompt_tokens: int, completion_tokens: int, stats: SpecStats,

@@ -84,7 +84,9 @@ class OutriderServer:
         self.tok = tokenizer_for(self.spec)
         self.replicas: ReplicaSet | None = None
         self.health = health.HealthServicer()
-        self.metrics = Metrics(lambda: self.replicas.engines() if self.replicas else []) if cfg.metrics.enabled else None
+        self.metrics = Metrics(lambda: self.replicas.engines() if self.replicas else [],
+                               routes_ref=lambda: self.replicas.decisions if self.replicas else {}) \
+            if cfg.metrics.enabled else None
         self.metrics_port: int | None = None
         limits = Limits(self.tok.vocab_size, self.spec.max_seq_len, cfg.server.max_new_tokens_limit,
                         cfg.server.default_max_new_tokens, self.spec.k if self.spec.speculative else None)

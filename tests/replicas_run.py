@@ -165,6 +165,10 @@ def run(args: dict, seen: dict) -> None:
         seen["after"] = concurrently(client, args["prompts"][:2], args["after"], "after")
         seen["after_placed"] = [placed(server)[r["id"]][0] for r in seen["after"]]
         seen["decisions"] = {f"{i}:{why}": n for (i, why), n in server.coord.decisions.items()}
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        seen["router_metric"] = {f"{s.labels['replica']}:{s.labels['reason']}": s.value
+                                 for fam in text_string_to_metric_families(body)
+                                 if fam.name == "outrider:router_requests" for s in fam.samples}
         seen["total_s"] = time.monotonic() - t0
         client.close()
     finally:

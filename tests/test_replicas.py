@@ -87,6 +87,8 @@ def test_requests_sharing_a_prefix_land_on_the_same_replica(run):
     hit_rate = sum(r["reason"] == "affinity" for r in followers) / len(followers)
     print(f"prefix affinity hit rate {hit_rate:.2f} over {len(followers)} requests")
     assert hit_rate == 1.0, [(r["replica"], r["reason"]) for r in px]
+    # /metrics counts the same decisions (outrider:router_requests_total{replica, reason})
+    assert seen["router_metric"] == seen["decisions"]
 
 
 def test_a_killed_replica_loses_no_request_that_had_not_streamed(run):
