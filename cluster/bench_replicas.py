@@ -113,7 +113,8 @@ def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: 
                 lats += lat
             cpu = psutil.cpu_percent()
             engine_cores = (_cpu_s(procs) - cpu0) / (time.perf_counter() - t0)
-            row = {"engine_cores": engine_cores, "replicas": replicas, "concurrency": n, "tok_s": statistics.median(n * new / w for w in walls),
+            row = {"engine_cores": engine_cores, "replicas": replicas, "concurrency": n,
+                   "tok_s": statistics.median(n * new / w for w in walls),
                    "p50_s": percentile(lats, 0.5), "p99_s": percentile(lats, 0.99), "cpu_percent": cpu,
                    "cores": psutil.cpu_count(), "requests": len(lats)}
             rows.append(row)

@@ -52,7 +52,7 @@ class Router:
     def choose(self, prompt: list[int], loads: list[Load], exclude: frozenset[int] = frozenset()
                ) -> tuple[int, str] | None:
         """(replica, reason) for a prompt; None when no replica is up (outside `exclude`)."""
-        live = [i for i, l in enumerate(loads) if l.up and i not in exclude]
+        live = [i for i, load in enumerate(loads) if load.up and i not in exclude]
         if not live:
             return None
         for h in reversed(self.prefixes(prompt)):

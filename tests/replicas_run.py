@@ -139,7 +139,8 @@ def run(args: dict, seen: dict) -> None:
         sup = victim.supervisor
         rebuilds, pid = sup.verifier_rebuilds, victim.engine.verifier_pid()
         res: list = []
-        loader = threading.Thread(target=lambda: res.extend(concurrently(client, args["prompts"], args["long"], "kill")))
+        loader = threading.Thread(
+            target=lambda: res.extend(concurrently(client, args["prompts"], args["long"], "kill")))
         loader.start()
 
         def mixed() -> bool:

@@ -97,5 +97,6 @@ def test_replicas_config_errors_name_the_key(cluster, match):
 def test_replicas_config():
     assert parse_config(BASE).cluster.replicas == 1
     assert parse_config({**BASE, "cluster": {"replicas": 2, "num_cpus": 4}}).cluster.replicas == 2
-    cfg = parse_config({"cluster": {"replicas": 2}, "models": {"target": {"path": "t", "cpus": [0]}, "draft": {"path": "d"}}})
+    pinned = {"target": {"path": "t", "cpus": [0]}, "draft": {"path": "d"}}
+    cfg = parse_config({"cluster": {"replicas": 2}, "models": pinned})
     assert any("cluster.replicas=2" in w for w in cfg.warnings())
