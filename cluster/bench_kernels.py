@@ -92,11 +92,11 @@ class VerifyProbe:
     with: this host's speed drifts by several percent over minutes."""
 
     def __init__(self, target_dir: str, ctx: list[int], k: int, max_len: int, reps: int = 5,
-                 cpus: set[int] | None = None, device: str = "cpu"):
+                 cpus: set[int] | None = None, device: str = "cpu", dtype: str = "float32"):
         from actors.loader import load_model
 
         with torch_threads(1):
-            self.model = load_model(target_dir, device=device)
+            self.model = load_model(target_dir, dtype, device=device)
         self.ctx, self.k, self.max_len, self.reps = ctx, k, max_len, reps
         self.cpus = cpus   # the verifier's pinned CPUs: the probe runs there too
         self.samples: list[float] = []
@@ -107,13 +107,15 @@ class VerifyProbe:
 
 
 def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
-                    target=None, device: str = "cpu", draft_device: str = "cpu") -> dict:
+                    target=None, device: str = "cpu", draft_device: str = "cpu", dtype: str = "float32",
+                    draft_dtype: str = "float32") -> dict:
     """Direct timings on one thread. `target`: the target model already loaded in this process
-    (else it is loaded here)."""
+    (else it is loaded here, in `dtype`)."""
     from actors.loader import load_model
 
     with torch_threads(1):
-        target, draft = target or load_model(target_dir, device=device), load_model(draft_dir, device=draft_device)
+        target = target or load_model(target_dir, dtype, device=device)
+        draft = load_model(draft_dir, draft_dtype, device=draft_device)
         return {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS, "device": str(target.device),
                 "t_target_1_s": time_forward(target, ctx, 1, max_len),
                 "t_draft_1_s": time_forward(draft, ctx, 1, max_len),
