@@ -35,7 +35,7 @@ def compile_forward(model: nn.Module, role: str) -> None:
     # instead of dying; tests/test_compile.py proves with fullgraph=True that there is no break.
     cfg.recompile_limit = max(cfg.recompile_limit, 64)
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
-    model.pack(False)   # inductor cannot lower oneDNN's packed weights (actors/packed.py); it fuses its own
+    model.pack(False)   # the traced forward uses the module weights anyway (model.eager); free the copies
     model.forward = torch.compile(model.forward, dynamic=True)
     log.info("%s: forward compiled with torch.compile (dynamic shapes); graphs build on first use", role)
 
@@ -55,7 +55,7 @@ def compile_static(model: nn.Module, role: str, cache, n_shapes: int, backend: s
         torch._dynamo.mark_static_address(cache.pool.v)
     # Not fullgraph, as compile_forward: tests/test_buckets.py proves one graph per bucket with it.
     mode = "reduce-overhead" if cuda and backend == "inductor" else None
-    model.pack(False)   # as compile_forward
+    # packed weights stay for the eager prefill chunks; the traced forward skips them (model.eager)
     model.static_forward = torch.compile(model.forward, dynamic=False, backend=backend, mode=mode)
     log.info("%s: padded forward compiled with torch.compile (static shapes%s); one graph per bucket",
              role, ", CUDA graphs" if cuda else "")

@@ -44,6 +44,12 @@ def tp_reduce(x: torch.Tensor, group) -> torch.Tensor:
     return x
 
 
+def eager(packed):
+    """Packed weights (actors/packed.py) in eager mode; None while torch.compile traces the forward:
+    inductor cannot lower oneDNN's opaque packed layout, and packs and fuses on its own."""
+    return None if torch.compiler.is_compiling() else packed
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -89,8 +95,9 @@ class Attention(nn.Module):
         [B, 1, T * group (+ row_pad), n_keys], folded as the query rows below (Transformer._masks)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if self.packed is not None:   # q, k and v in one oneDNN call (actors/packed.py)
-            qkv = self.packed[0](x).view(B, T, H + 2 * Hkv, D)
+        packed = eager(self.packed)
+        if packed is not None:   # q, k and v in one oneDNN call (actors/packed.py)
+            qkv = packed[0](x).view(B, T, H + 2 * Hkv, D)
             q, k, v = qkv.split((H, Hkv, Hkv), dim=2)
         else:
             q = self.q_proj(x).view(B, T, H, D)
@@ -98,7 +105,7 @@ class Attention(nn.Module):
             v = self.v_proj(x).view(B, T, Hkv, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.packed is not None and not self.qk_norm:   # RoPE on q and k at once: half the kernels
+        if packed is not None and not self.qk_norm:   # RoPE on q and k at once: half the kernels
             qk = rope(qkv[:, :, :H + Hkv], cos, sin)
             q, k = qk.split((H, Hkv), dim=2)
         else:
@@ -128,7 +135,8 @@ class Attention(nn.Module):
         return tp_reduce(self._out(y.reshape(B, Hkv, T, G, D).transpose(1, 2).reshape(B, T, H * D)), self.tp)
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
-        return self.packed[1](y) if self.packed is not None else self.o_proj(y)
+        packed = eager(self.packed)
+        return packed[1](y) if packed is not None else self.o_proj(y)
 
     def pack(self, on: bool) -> None:
         self.packed = (pk.pack(self.q_proj, self.k_proj, self.v_proj), pk.pack(self.o_proj)) if on else None
@@ -144,9 +152,10 @@ class MLP(nn.Module):
         self.packed = None   # (gate_up, down), as Attention's
 
     def forward(self, x):
-        if self.packed is not None:   # gate and up in one oneDNN call
-            gate, up = self.packed[0](x).chunk(2, dim=-1)
-            return tp_reduce(self.packed[1](F.silu(gate) * up), self.tp)
+        packed = eager(self.packed)
+        if packed is not None:   # gate and up in one oneDNN call
+            gate, up = packed[0](x).chunk(2, dim=-1)
+            return tp_reduce(packed[1](F.silu(gate) * up), self.tp)
         return tp_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)), self.tp)
 
     def pack(self, on: bool) -> None:
@@ -220,7 +229,8 @@ class Transformer(nn.Module):
         if last:  # a prefill needs one row: the vocabulary head is the costliest matmul of a small model
             x = x[:, -1:]
         x = self.model.norm(x)
-        return self._head(x) if self._head is not None else self.lm_head(x)
+        head = eager(self._head)
+        return head(x) if head is not None else self.lm_head(x)
 
     # -- packed CPU weights (actors/packed.py) ------------------------------------------------
     _head = None       # the packed vocabulary head, when packed

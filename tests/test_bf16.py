@@ -16,7 +16,7 @@ from actors.generate import generate_ar, generate_sd
 from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
-from tests.conftest import hf_greedy
+from tests.conftest import assert_same_outcome_law, hf_greedy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -58,9 +58,11 @@ def test_in_process_ar_and_sd_in_bfloat16(tiny_pair, bf16_refs):
     hf32, prompts, refs = bf16_refs
     target, draft = load_model(tiny_pair / "target", "bfloat16"), load_model(tiny_pair / "draft", "bfloat16")
     assert target.dtype == draft.dtype == torch.bfloat16
-    _check(hf32, prompts, [generate_ar(target, p, StopCriteria(NEW)).tokens for p in prompts], refs, "AR bf16")
+    ar = [generate_ar(target, p, StopCriteria(NEW)).tokens for p in prompts]
+    _check(hf32, prompts, ar, refs, "AR bf16")
     sd = [generate_sd(target, draft, p, StopCriteria(NEW), k=3) for p in prompts]
-    _check(hf32, prompts, [g.tokens for g in sd], refs, "SD bf16")
+    # against outrider's own bfloat16 AR: identical, no near-tie allowed (tests/test_packed.py)
+    assert [g.tokens for g in sd] == ar
     assert sum(g.stats.accepted_tokens for g in sd) > 0
     sampled = generate_sd(target, draft, prompts[0], StopCriteria(NEW), k=3, params=SamplingParams(0.8, seed=3))
     assert len(sampled.tokens) == NEW
@@ -89,5 +91,36 @@ def test_ssd_engine_in_bfloat16(tiny_pair, bf16_refs):
         engine.stop()
     assert all(f.finish_reason == "length" for f in finals)
     _check(hf32, prompts, [h.tokens for h in greedy], refs, "SSD bf16")
+    target = load_model(tiny_pair / "target", "bfloat16")   # batched verifies: still AR's tokens exactly
+    assert [h.tokens for h in greedy] == [generate_ar(target, p, StopCriteria(NEW)).tokens for p in prompts]
     assert all(len(h.tokens) == NEW for h in sampled)
     assert sum(f.stats.accepted_tokens for f in finals) > 0 and sum(f.stats.cache_hits for f in finals) > 0
+
+
+def test_sd_sampling_keeps_the_targets_law_in_bfloat16(tiny_pair, held_out_prompts):
+    """Tokens 2 and 3 of a sampled continuation pass through speculation (p and q are float32
+    from bfloat16 logits); their joint law must be bfloat16 AR's (another seed stream)."""
+    target, draft = load_model(tiny_pair / "target", "bfloat16"), load_model(tiny_pair / "draft", "bfloat16")
+    prompt, n, new = held_out_prompts[3][-32:], 400, 3
+    ar = [tuple(generate_ar(target, prompt, StopCriteria(new), SamplingParams(0.8, 6, seed=i)).tokens[1:new])
+          for i in range(n)]
+    sd = [tuple(generate_sd(target, draft, prompt, StopCriteria(new), k=3,
+                            params=SamplingParams(0.8, 6, seed=10_000 + i)).tokens[1:new]) for i in range(n)]
+    assert_same_outcome_law(ar, sd, "SD sampling in bfloat16")
+
+
+def test_dtype_auto_resolves_once_from_torchs_cpu_query():
+    """`dtype: auto` becomes a concrete dtype in the engine spec (so the memory plan and the actors
+    agree): bfloat16 where torch reports AMX-BF16 or AVX512-BF16, float32 elsewhere; on CUDA
+    bfloat16."""
+    from actors.loader import auto_dtype, cpu_has_fast_bf16
+    from cluster.config import load_config
+    from cluster.deployment import engine_spec
+
+    caps = torch.cpu.get_capabilities()
+    assert cpu_has_fast_bf16() == bool(torch.backends.mkldnn.is_available()
+                                       and (caps.get("amx_bf16") or caps.get("avx512_bf16")))
+    want = "bfloat16" if cpu_has_fast_bf16() else "float32"
+    spec = engine_spec(load_config("configs/local-cpu.yaml", {"models.target.dtype": "auto", "models.draft.dtype": "auto"}))
+    assert spec.target_dtype == spec.draft_dtype == want
+    assert auto_dtype("cuda") == torch.bfloat16
