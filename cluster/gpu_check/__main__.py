@@ -32,6 +32,9 @@ def _parse(argv):
     ap.add_argument("--samples", type=int, help="sampled continuations for the chi-square (default 600; tiny 200)")
     ap.add_argument("--ctx", type=int, help="context of the timed forwards (default 512; tiny 64)")
     ap.add_argument("--no-compile", action="store_true", help="skip the engine.compile rows")
+    ap.add_argument("--budget-s", type=float, default=480.0,
+                    help="the run's time budget: the compile rows are skipped when less than --compile-s is left")
+    ap.add_argument("--compile-s", type=float, default=240.0, help="what the compile rows may need (two shapes)")
     ap.add_argument("--compile-backend", help="torch.compile backend of the compile rows (default inductor; "
                                               "aot_eager for --tiny on CPU, where inductor's C++ builds take minutes)")
     ap.add_argument("--tie-gap", type=float, help="logit gap that counts as a near-tie (default: 1e-4 float32, "
@@ -139,7 +142,12 @@ def main(argv=None) -> int:
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
         backend = a.compile_backend or ("aot_eager" if tiny and not a.device.startswith("cuda") else "inductor")
-        t = runs.timings(tdir, a.device, dtype, a.k, ctx, 5 if tiny else 20, not a.no_compile, backend)
+        left = a.budget_s - (time.perf_counter() - t_start)
+        compile_too = not a.no_compile and left >= a.compile_s
+        if not a.no_compile and not compile_too:
+            table.add("engine.compile capture", "skipped", f"{left:.0f}s of the {a.budget_s:.0f}s budget left, "
+                      f"the compile rows may need {a.compile_s:.0f}s (--budget-s, --compile-s)", None)
+        t = runs.timings(tdir, a.device, dtype, a.k, ctx, 5 if tiny else 20, compile_too, backend)
         _timing_rows(table, t, a.k, ctx, backend, a.device)
     finally:
         if tmp is not None:
