@@ -343,7 +343,7 @@ def test_a_seeded_request_drafts_one_k_and_that_k_reproduces_it(tiny_pair, held_
 
     n = 40
     engine = LocalEngine(_adaptive_spec("ssd")).start()
-    coord = Coordinator(engine, None, max_queue=16)
+    coord = None
 
     def run(prompt, params, k=None):
         h = coord.submit(GenerateArgs(list(prompt), n, params, ignore_eos=True, k=k))
@@ -352,13 +352,15 @@ def test_a_seeded_request_drafts_one_k_and_that_k_reproduces_it(tiny_pair, held_
 
     try:
         _generate(engine, held_out_prompts[:2], n)   # the policy measures something first
+        coord = Coordinator(engine, None, max_queue=16)   # one poller at a time: after _generate's
         seeded = SamplingParams(temperature=0.8, seed=11)
         toks, final = run(held_out_prompts[2], seeded)
         k = final.stats.fixed_k
         again, f_again = run(held_out_prompts[2], seeded, k=k)
         _, unseeded = run(held_out_prompts[3], SamplingParams(temperature=0.8))
     finally:
-        coord.stop()
+        if coord is not None:
+            coord.stop()
         engine.stop()
     assert k is not None and 0 <= k <= 4, final.stats
     h = final.stats.k_histogram
