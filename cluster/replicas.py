@@ -102,6 +102,15 @@ class ReplicaSet:
         for r in replicas:
             if r.coord is not None:
                 r.coord.on_lost = lambda h, i=r.index: self._move(h, i)
+            r.on_change = lambda rep, outer=r.on_change: self._changed(rep, outer)
+
+    def _changed(self, replica: Replica, outer) -> None:
+        """A replica went down (its state, and so its warm prefixes, are gone) or came back."""
+        if replica.rebuilding:
+            with self._lock:
+                self.router.forget(replica.index)
+        if outer is not None:
+            outer(replica)
 
     @classmethod
     def start(cls, n: int, make_replica) -> ReplicaSet:

@@ -105,24 +105,26 @@ def run(args: dict, seen: dict) -> None:
         client = OutriderClient(f"127.0.0.1:{server.port}")
         client.wait_ready(60)
 
-        # 1. eight clients at once; the load gauges while they run
-        peak: dict = {}
-        stop = threading.Event()
-
-        def scrape():
-            while not stop.is_set():
-                for k, v in gauges(server.metrics_port).items():
-                    peak[k] = max(peak.get(k, 0.0), v)
-                time.sleep(0.2)
-        scraper = threading.Thread(target=scrape)
-        scraper.start()
+        # 1. eight clients at once
         t1 = time.monotonic()
         seen["c8"] = concurrently(client, args["prompts"], args["new"], "c8")
         seen["c8_s"] = time.monotonic() - t1
-        stop.set()
-        scraper.join()
-        seen["gauges_peak"] = peak
         seen["c8_placed"] = [placed(server)[r["id"]][0] for r in seen["c8"]]
+
+        # the load gauges while eight long streams run (cancelled once both replicas show KV in use)
+        peak: dict = {}
+        streams = [client.generate(p, max_new_tokens=900, ignore_eos=True) for p in args["prompts"]]
+
+        def loaded() -> bool:   # the gRPC calls start at once; two of each replica's four wait for a slot
+            for k, v in gauges(server.metrics_port).items():
+                peak[k] = max(peak.get(k, 0.0), v)
+            return (all(peak.get(f"outrider:kv_cache_usage_perc{{{r}}}", 0) > 0 for r in ("0", "1"))
+                    and peak.get("outrider:num_requests_waiting{}", 0) >= 1)
+        wait(loaded, 60, "both replicas' KV use above 0 and requests waiting in /metrics")
+        for s in streams:
+            s.cancel()
+        wait(lambda: server.coord.in_flight == 0, 30, "the cancelled streams freed")
+        seen["gauges_peak"] = peak
 
         # 2. prompts sharing a prefix, one after another, two families interleaved (from idle
         # replicas: the first of each family then goes to a different one)
@@ -162,8 +164,8 @@ def run(args: dict, seen: dict) -> None:
         seen["rebuilt_s"] = wait(lambda: sup.verifier_rebuilds > rebuilds and victim.up, 120, "replica 0 rebuilt")
         seen["kill_placed"] = {r["id"]: placed(server).get(r["id"]) for r in res}
 
-        # the rebuilt replica serves again: both take one of two requests at once
-        seen["after"] = concurrently(client, args["prompts"][:2], args["after"], "after")
+        # the rebuilt replica serves again: two new prompts at once, one on each replica
+        seen["after"] = concurrently(client, args["after_prompts"], args["after"], "after")
         seen["after_placed"] = [placed(server)[r["id"]][0] for r in seen["after"]]
         seen["decisions"] = {f"{i}:{why}": n for (i, why), n in server.coord.decisions.items()}
         body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
