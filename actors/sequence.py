@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.logprobs import MAX_TOP_LOGPROBS
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
 
@@ -20,6 +21,7 @@ class Request:
     speculate: bool = True
     ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
     k: int | None = None               # this request's own K (0 = no speculation); None: the engine's policy
+    logprobs: int | None = None        # None: none; n: each emitted token's logprob and the top n (actors/logprobs.py)
 
     def __post_init__(self):
         if self.k == 0:
@@ -36,6 +38,8 @@ class Request:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.k is not None and self.k < 0:
             raise ValueError(f"k must be >= 0, got {self.k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if len(self.prompt) + self.max_new_tokens > max_seq_len:
             raise ValueError(f"prompt ({len(self.prompt)} tokens) + max_new_tokens ({self.max_new_tokens}) "
                              f"exceeds max_seq_len {max_seq_len}")

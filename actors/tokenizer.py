@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders
 
 from actors.chat import ChatError, ChatTemplate, check_messages
 
@@ -27,6 +28,7 @@ class Tokenizer:
             eos = json.loads(cfg.read_text()).get("eos_token_id")
             self.eos_token_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         self.chat_template = ChatTemplate.from_dir(f.parent)
+        self._byte_level = isinstance(self._tok.decoder, decoders.ByteLevel)
 
     @property
     def vocab_size(self) -> int:
@@ -44,6 +46,33 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs `bytes`): exact for byte-level BPE,
+        where a token may hold part of a UTF-8 character; else the token decoded on its own."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if self._byte_level:
+            try:
+                return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+            except KeyError:   # an added token written as plain text
+                return piece.encode()
+        return self._tok.decode([token_id], skip_special_tokens=False).encode()
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character -> byte: printable bytes stand for themselves,
+    the rest for the code points from 256 up, in order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], n = chr(256 + n), n + 1
+    return {c: b for b, c in chars.items()}
+
+
+_UNICODE_TO_BYTE = _byte_level_alphabet()
 
 
 def vocab_mismatch(target: Tokenizer, draft: Tokenizer) -> str | None:

@@ -52,6 +52,7 @@ from actors.events import Outbox
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv import blocks_for
 from actors.loader import load_model
+from actors.logprobs import token_logprobs
 from actors.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
 from actors.spec import EngineSpec
 from actors.runner import Runner
@@ -322,7 +323,8 @@ class Verifier(DrafterLink):
             sample(probs_from_logits(logits, params), uniforms=keyed_uniforms(s.seed, [len(s.tokens)], TOKEN)))
         self.times.prefill_s += time.perf_counter() - t0
         s.t_first = time.perf_counter()
-        if not self._commit(s, [tok]) and s.on_drafter:
+        lps = None if s.req.logprobs is None else token_logprobs(logits[None], [tok], s.req.logprobs)
+        if not self._commit(s, [tok], lps) and s.on_drafter:
             s.outcome = (0, tok)
             s.round += 1
 
@@ -409,26 +411,34 @@ class Verifier(DrafterLink):
         t1 = time.perf_counter()
         self.times.verify_s += t1 - t0
         self.times.verify_cpu_s += time.thread_time() - c0
-        for s, (k, t) in zip(seqs, outcomes):
+        for i, (s, (k, t)) in enumerate(zip(seqs, outcomes)):
             n_draft = len(s.draft)
             s.stats.record_round(n_draft, k)
             self.policy.observe_round(s.req.id, n_draft, k)
             new = s.draft[:k] + [t]
+            lps = None
+            if s.req.logprobs is not None:  # only for requests that asked: the rows that emitted `new`
+                at = len(rows[i]) - n_draft - 1   # the last pending token's row scores the first new one
+                lps = token_logprobs(logits[i, at:at + k + 1], new, s.req.logprobs)
             s.length = len(s.tokens) + k
             self.cache.advance(s.slot, s.length)
             s.draft, s.q, s.last_k = [], None, k
             self.times.rounds += 1
-            if not self._commit(s, new) and s.on_drafter:
+            if not self._commit(s, new, lps) and s.on_drafter:
                 s.outcome = (k, t)
                 s.round += 1
         self.times.control_s += time.perf_counter() - t1
 
-    def _commit(self, s: Seq, new: list[int]) -> bool:
-        """Append newly committed tokens, apply token-level stops, stream; True when finished."""
+    def _commit(self, s: Seq, new: list[int], logprobs: list | None = None) -> bool:
+        """Append newly committed tokens (with their logprobs when asked), apply token-level stops,
+        stream; True when finished."""
         new, reason = apply_stops(s, new, self.eos)
         s.tokens += new
         self.times.tokens += len(new)
-        self.events.put({"id": s.req.id, "tokens": new, "done": False})
+        ev = {"id": s.req.id, "tokens": new, "done": False}
+        if logprobs is not None:
+            ev["logprobs"] = logprobs[:len(new)]   # stops only cut the end
+        self.events.put(ev)
         if reason is None:
             return False
         self._finish(s, reason)

@@ -36,6 +36,9 @@ class EngineUnavailable(RuntimeError):
 class Chunk:
     token_ids: list[int]
     text: str
+    # With GenerateArgs.logprobs: one (logprob, [(id, logprob), ...top n]) per token id
+    # (actors/logprobs.py); None otherwise.
+    logprobs: list | None = None
 
 
 @dataclass
@@ -62,6 +65,7 @@ class GenerateArgs:
     deadline_s: float | None = None      # seconds from submission
     request_id: str = ""
     k: int | None = None                 # the request's own K (0 = off); None: the engine's policy
+    logprobs: int | None = None          # None: no logprobs; n: each token's logprob and the top n
 
 
 class Handle:
@@ -75,6 +79,7 @@ class Handle:
         self.stream = TextStream(tok, args.stop)
         self.text = ""                 # what the client got, stop strings cut off
         self.tokens: list[int] = []    # the tokens the client got (what usage counts)
+        self.lp_pending: list = []     # logprobs of tokens the text stream still holds back
         self.t_submit = time.perf_counter()
         self.deadline = self.t_submit + args.deadline_s if args.deadline_s else None
         self.done = False
@@ -146,7 +151,8 @@ class Coordinator:
             self.handles[eid] = h
         try:
             self.engine.submit(Request(eid, list(args.prompt_ids), args.max_new_tokens, args.params,
-                                       tuple(args.stop_token_ids), args.speculate, args.ignore_eos, args.k))
+                                       tuple(args.stop_token_ids), args.speculate, args.ignore_eos, args.k,
+                                       logprobs=args.logprobs))
         except Exception:
             with self._lock:
                 self.handles.pop(eid, None)
@@ -163,11 +169,11 @@ class Coordinator:
                 raise QueueFull(f"{len(self.handles)} requests in flight (server.max_queue={self.max_queue})")
             eid = next(self._ids)
             self.handles[eid] = h
-        h.coord, h.eid, h.stream = self, eid, TextStream(self.tok, h.args.stop)
+        h.coord, h.eid, h.stream, h.lp_pending = self, eid, TextStream(self.tok, h.args.stop), []
         a = h.args
         try:
             self.engine.submit(Request(eid, list(a.prompt_ids), a.max_new_tokens, a.params, tuple(a.stop_token_ids),
-                                       a.speculate, a.ignore_eos, a.k))
+                                       a.speculate, a.ignore_eos, a.k, logprobs=a.logprobs))
         except Exception:
             with self._lock:
                 self.handles.pop(eid, None)
@@ -255,6 +261,8 @@ class Coordinator:
 
     def _dispatch_to(self, h: Handle, ev: dict) -> None:
         if ev["tokens"] and not h.stream.stopped:
+            if h.args.logprobs is not None:
+                h.lp_pending += ev.get("logprobs") or []
             self._emit(h, h.stream.push(ev["tokens"]))
             if h.stream.stopped:
                 self.abort(h.eid, reason="stop")
@@ -279,4 +287,8 @@ class Coordinator:
             h.sent = True
             h.tokens += piece.token_ids
             h.text += piece.text
-            h.events.put(Chunk(piece.token_ids, piece.text))
+            lps = None
+            if h.args.logprobs is not None:  # the text stream releases tokens in order: theirs come first
+                n = len(piece.token_ids)
+                lps, h.lp_pending = h.lp_pending[:n], h.lp_pending[n:]
+            h.events.put(Chunk(piece.token_ids, piece.text, lps))

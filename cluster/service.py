@@ -47,6 +47,13 @@ def stats_pb(s: SpecStats, ttft_s: float, completion: int, total_s: float) -> pb
         k_histogram=list(s.k_histogram), rounds_off=s.rounds_off, fixed_k=s.fixed_k)
 
 
+def logprobs_pb(chunk: Chunk) -> list[pb.TokenLogprob]:
+    if not chunk.logprobs:
+        return []
+    return [pb.TokenLogprob(token_id=t, logprob=lp, top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in top])
+            for t, (lp, top) in zip(chunk.token_ids, chunk.logprobs)]
+
+
 class OutriderService:
     def __init__(self, tok, limits: Limits, info: pb.GetInfoResponse, metrics: Metrics | None = None):
         self.tok, self.limits, self.info, self.metrics = tok, limits, info, metrics
@@ -107,7 +114,8 @@ class OutriderService:
     def _stream(self, handle, context):
         for item in handle:
             if isinstance(item, Chunk):
-                yield pb.GenerateResponse(chunk=pb.Chunk(token_ids=item.token_ids, text=item.text))
+                yield pb.GenerateResponse(chunk=pb.Chunk(token_ids=item.token_ids, text=item.text,
+                                                         logprobs=logprobs_pb(item)))
                 continue
             final: Final = item
             if final.error:

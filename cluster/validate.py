@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from actors.chat import ChatError
+from actors.logprobs import MAX_TOP_LOGPROBS
 from actors.sampling import SamplingParams
 from actors.tokenizer import Tokenizer
 from cluster.coordinator import GenerateArgs
@@ -55,7 +56,7 @@ def to_generate_args(req, tok: Tokenizer, limits: Limits, deadline_s: float | No
         max_new = min(limits.default_max_new_tokens, room)
     return GenerateArgs(prompt_ids, max_new, _params(req), _stops(req), _stop_ids(req, limits),
                         speculate=not req.disable_speculation, ignore_eos=req.ignore_eos, deadline_s=deadline_s,
-                        request_id=_request_id(req), k=_k(req, limits))
+                        request_id=_request_id(req), k=_k(req, limits), logprobs=_logprobs(req))
 
 
 def _prompt(req, tok: Tokenizer, limits: Limits) -> list[int]:
@@ -135,6 +136,16 @@ def _k(req, limits: Limits) -> int | None:
     if req.k > limits.max_k:
         raise InvalidRequest(f"k must be at most the server's speculation.k = {limits.max_k}, got {req.k}")
     return req.k
+
+
+def _logprobs(req) -> int | None:
+    """How many alternatives to report beside each token's own logprob; None: no logprobs."""
+    if not req.HasField("logprobs"):
+        return None
+    if req.logprobs > MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"logprobs must be at most {MAX_TOP_LOGPROBS} (the most likely tokens reported per "
+                             f"position), got {req.logprobs}")
+    return req.logprobs
 
 
 def _request_id(req) -> str:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cluster/rpc/outrider/v1/outrider.proto\x12\x0boutrider.v1\"\x93\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x15.outrider.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x0f \x01(\x0b\x32\x15.outrider.v1.MessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x1b\n\x13\x64isable_speculation\x18\x0b \x01(\x08\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01k\x18\r \x01(\rH\x04\x88\x01\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_k\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x08Messages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.outrider.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"d\n\x10GenerateResponse\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x12.outrider.v1.ChunkH\x00\x12#\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x12.outrider.v1.FinalH\x00\x42\x06\n\x04kind\"(\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x02\n\tSpecStats\x12\x0e\n\x06\x64rafts\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x12\n\ncache_hits\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x08 \x01(\r\x12\x10\n\x08hit_rate\x18\t \x01(\x01\x12\x15\n\rhits_by_depth\x18\n \x03(\r\x12\x1d\n\x15time_to_first_token_s\x18\x0b \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x0c \x01(\x01\x12\x13\n\x0bk_histogram\x18\r \x03(\r\x12\x12\n\nrounds_off\x18\x0e \x01(\r\x12\x14\n\x07\x66ixed_k\x18\x0f \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_fixed_k\"|\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.outrider.v1.Usage\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.outrider.v1.SpecStats\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xc3\x02\n\x0fGetInfoResponse\x12\x14\n\x0ctarget_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0f\n\x07\x66\x61n_out\x18\x05 \x03(\r\x12\x16\n\x0e\x66\x61n_out_budget\x18\x06 \x01(\r\x12\x0e\n\x06\x62\x61\x63kup\x18\x07 \x01(\t\x12\x11\n\tsaguaro_c\x18\x08 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\t \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\n \x01(\r\x12<\n\x08versions\x18\x0b \x03(\x0b\x32*.outrider.v1.GetInfoResponse.VersionsEntry\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xdb\x01\n\x08Outrider\x12I\n\x08Generate\x12\x1c.outrider.v1.GenerateRequest\x1a\x1d.outrider.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.outrider.v1.AbortRequest\x1a\x1a.outrider.v1.AbortResponse\x12\x44\n\x07GetInfo\x12\x1b.outrider.v1.GetInfoRequest\x1a\x1c.outrider.v1.GetInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&cluster/rpc/outrider/v1/outrider.proto\x12\x0boutrider.v1\"\xb7\x03\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12+\n\nprompt_ids\x18\x02 \x01(\x0b\x32\x15.outrider.v1.TokenIdsH\x00\x12)\n\x08messages\x18\x0f \x01(\x0b\x32\x15.outrider.v1.MessagesH\x00\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\r\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x1b\n\x13\x64isable_speculation\x18\x0b \x01(\x08\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01k\x18\r \x01(\rH\x04\x88\x01\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x05\x88\x01\x01\x42\x07\n\x05inputB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seedB\x04\n\x02_kB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x08Messages\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.outrider.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"d\n\x10GenerateResponse\x12#\n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x12.outrider.v1.ChunkH\x00\x12#\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x12.outrider.v1.FinalH\x00\x42\x06\n\x04kind\"U\n\x05\x43hunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12+\n\x08logprobs\x18\x03 \x03(\x0b\x32\x19.outrider.v1.TokenLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.outrider.v1.TopLogprob\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xf5\x02\n\tSpecStats\x12\x0e\n\x06\x64rafts\x18\x01 \x01(\r\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x04 \x01(\x01\x12\x1e\n\x16mean_acceptance_length\x18\x05 \x01(\x01\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x06 \x03(\r\x12\x12\n\ncache_hits\x18\x07 \x01(\r\x12\x14\n\x0c\x63\x61\x63he_misses\x18\x08 \x01(\r\x12\x10\n\x08hit_rate\x18\t \x01(\x01\x12\x15\n\rhits_by_depth\x18\n \x03(\r\x12\x1d\n\x15time_to_first_token_s\x18\x0b \x01(\x01\x12\x14\n\x0ctokens_per_s\x18\x0c \x01(\x01\x12\x13\n\x0bk_histogram\x18\r \x03(\r\x12\x12\n\nrounds_off\x18\x0e \x01(\r\x12\x14\n\x07\x66ixed_k\x18\x0f \x01(\rH\x00\x88\x01\x01\x42\n\n\x08_fixed_k\"|\n\x05\x46inal\x12\x15\n\rfinish_reason\x18\x01 \x01(\t\x12!\n\x05usage\x18\x02 \x01(\x0b\x32\x12.outrider.v1.Usage\x12%\n\x05stats\x18\x03 \x01(\x0b\x32\x16.outrider.v1.SpecStats\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetInfoRequest\"\xc3\x02\n\x0fGetInfoResponse\x12\x14\n\x0ctarget_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x0f\n\x07\x66\x61n_out\x18\x05 \x03(\r\x12\x16\n\x0e\x66\x61n_out_budget\x18\x06 \x01(\r\x12\x0e\n\x06\x62\x61\x63kup\x18\x07 \x01(\t\x12\x11\n\tsaguaro_c\x18\x08 \x01(\x01\x12\x13\n\x0bmax_seq_len\x18\t \x01(\r\x12\x1c\n\x14max_new_tokens_limit\x18\n \x01(\r\x12<\n\x08versions\x18\x0b \x03(\x0b\x32*.outrider.v1.GetInfoResponse.VersionsEntry\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xdb\x01\n\x08Outrider\x12I\n\x08Generate\x12\x1c.outrider.v1.GenerateRequest\x1a\x1d.outrider.v1.GenerateResponse0\x01\x12>\n\x05\x41\x62ort\x12\x19.outrider.v1.AbortRequest\x1a\x1a.outrider.v1.AbortResponse\x12\x44\n\x07GetInfo\x12\x1b.outrider.v1.GetInfoRequest\x1a\x1c.outrider.v1.GetInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFORESPONSE_VERSIONSENTRY']._loaded_options = None
   _globals['_GETINFORESPONSE_VERSIONSENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=56
-  _globals['_GENERATEREQUEST']._serialized_end=459
-  _globals['_CHATMESSAGE']._serialized_start=461
-  _globals['_CHATMESSAGE']._serialized_end=505
-  _globals['_MESSAGES']._serialized_start=507
-  _globals['_MESSAGES']._serialized_end=561
-  _globals['_TOKENIDS']._serialized_start=563
-  _globals['_TOKENIDS']._serialized_end=586
-  _globals['_GENERATERESPONSE']._serialized_start=588
-  _globals['_GENERATERESPONSE']._serialized_end=688
-  _globals['_CHUNK']._serialized_start=690
-  _globals['_CHUNK']._serialized_end=730
-  _globals['_USAGE']._serialized_start=732
-  _globals['_USAGE']._serialized_end=789
-  _globals['_SPECSTATS']._serialized_start=792
-  _globals['_SPECSTATS']._serialized_end=1165
-  _globals['_FINAL']._serialized_start=1167
-  _globals['_FINAL']._serialized_end=1291
-  _globals['_ABORTREQUEST']._serialized_start=1293
-  _globals['_ABORTREQUEST']._serialized_end=1327
-  _globals['_ABORTRESPONSE']._serialized_start=1329
-  _globals['_ABORTRESPONSE']._serialized_end=1359
-  _globals['_GETINFOREQUEST']._serialized_start=1361
-  _globals['_GETINFOREQUEST']._serialized_end=1377
-  _globals['_GETINFORESPONSE']._serialized_start=1380
-  _globals['_GETINFORESPONSE']._serialized_end=1703
-  _globals['_GETINFORESPONSE_VERSIONSENTRY']._serialized_start=1656
-  _globals['_GETINFORESPONSE_VERSIONSENTRY']._serialized_end=1703
-  _globals['_OUTRIDER']._serialized_start=1706
-  _globals['_OUTRIDER']._serialized_end=1925
+  _globals['_GENERATEREQUEST']._serialized_end=495
+  _globals['_CHATMESSAGE']._serialized_start=497
+  _globals['_CHATMESSAGE']._serialized_end=541
+  _globals['_MESSAGES']._serialized_start=543
+  _globals['_MESSAGES']._serialized_end=597
+  _globals['_TOKENIDS']._serialized_start=599
+  _globals['_TOKENIDS']._serialized_end=622
+  _globals['_GENERATERESPONSE']._serialized_start=624
+  _globals['_GENERATERESPONSE']._serialized_end=724
+  _globals['_CHUNK']._serialized_start=726
+  _globals['_CHUNK']._serialized_end=811
+  _globals['_TOPLOGPROB']._serialized_start=813
+  _globals['_TOPLOGPROB']._serialized_end=860
+  _globals['_TOKENLOGPROB']._serialized_start=862
+  _globals['_TOKENLOGPROB']._serialized_end=949
+  _globals['_USAGE']._serialized_start=951
+  _globals['_USAGE']._serialized_end=1008
+  _globals['_SPECSTATS']._serialized_start=1011
+  _globals['_SPECSTATS']._serialized_end=1384
+  _globals['_FINAL']._serialized_start=1386
+  _globals['_FINAL']._serialized_end=1510
+  _globals['_ABORTREQUEST']._serialized_start=1512
+  _globals['_ABORTREQUEST']._serialized_end=1546
+  _globals['_ABORTRESPONSE']._serialized_start=1548
+  _globals['_ABORTRESPONSE']._serialized_end=1578
+  _globals['_GETINFOREQUEST']._serialized_start=1580
+  _globals['_GETINFOREQUEST']._serialized_end=1596
+  _globals['_GETINFORESPONSE']._serialized_start=1599
+  _globals['_GETINFORESPONSE']._serialized_end=1922
+  _globals['_GETINFORESPONSE_VERSIONSENTRY']._serialized_start=1875
+  _globals['_GETINFORESPONSE_VERSIONSENTRY']._serialized_end=1922
+  _globals['_OUTRIDER']._serialized_start=1925
+  _globals['_OUTRIDER']._serialized_end=2144
 # @@protoc_insertion_point(module_scope)
