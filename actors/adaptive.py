@@ -182,6 +182,12 @@ class Costs:
     # top-k per depth): priced per step, that part made every K below the last one look
     # dearer per step than it is, and each step down raised the price of the next.
     prespec: ShapeCost = field(default_factory=lambda: ShapeCost(rel_slope=1.0, stale_after=32))
+    # What a whole round took beyond the model above, measured per round: rounds that verified a
+    # draft (the exchange with the drafter, decoding its table, the bookkeeping of drafts) and
+    # rounds at K = 0. The parts above are what changes with K; this is what a speculating round
+    # costs that no part names, and under load it decides whether K = 1 pays at all.
+    overhead_spec_s: float = 0.0
+    overhead_off_s: float = 0.0
 
     def draft_step(self) -> float:
         if self.draft_step_s is not None:
@@ -197,6 +203,12 @@ class Costs:
 
 def round_time(mode: str, ks: list[int], costs: Costs) -> float:
     """Expected seconds of one round where sequence s drafts ks[s] tokens."""
+    k_max = max(ks, default=0)
+    return modelled_time(mode, ks, costs) + (costs.overhead_spec_s if k_max else costs.overhead_off_s)
+
+
+def modelled_time(mode: str, ks: list[int], costs: Costs) -> float:
+    """`round_time` without the measured overhead: the verify and what drafting exposes."""
     n = sum(k + 1 for k in ks)
     tv = costs.verify(n)
     k_max = max(ks, default=0)
@@ -391,6 +403,22 @@ class Controller:
         self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds,
                                  steps * c.draft_step() + c.transport_s)
 
+    def observe_round_time(self, ks: list[int], seconds: float) -> None:
+        """A whole round (the loop's step: exchange, verify, bookkeeping) where the batch drafted
+        `ks` took `seconds`; what the model does not explain goes to its overhead (a decayed
+        median-like update: steps of at most a tenth of the round, so one preempted step moves it
+        little)."""
+        if self.trace:
+            self.trace.write({"ev": "step", "ks": ks, "s": seconds})
+        c = self.costs
+        if not c.verify.known or not ks:
+            return
+        model = modelled_time(self.mode, ks, c)
+        resid = min(max(seconds - model, -0.5 * model), model)
+        attr = "overhead_spec_s" if max(ks) else "overhead_off_s"
+        cur = getattr(c, attr)
+        setattr(c, attr, cur + max(-0.1 * model, min(0.1 * model, 0.2 * (resid - cur))))
+
     def observe_lookup(self, hit: bool) -> None:
         if self.trace:
             self.trace.write({"ev": "lookup", "hit": hit})
@@ -411,7 +439,7 @@ class Controller:
                 fixed = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in out.items()]
                 chosen = choose_ks(curves, self.mode, self.costs, fixed)
             for s, k in zip(free, chosen):
-                out[s] = self.probe[s].next_k(k, lambda: self._probe_k(s, out), self.cap[s])
+                out[s] = self.probe[s].next_k(k, lambda s=s: self._probe_k(s, out), self.cap[s])
             self._probe_together(free, chosen, out)
             if self.trace:
                 self._trace_decision(free, chosen, out)
@@ -472,4 +500,5 @@ class Controller:
                 "prespec_ms": [round(c.prespec(k) * 1e3, 3) for k in range(1, self.k_max + 1)]
                 if c.prespec.known else None,
                 "transport_ms": round(c.transport_s * 1e3, 3), "hit_rate": round(c.hit_rate, 3),
+                "overhead_ms": [round(c.overhead_off_s * 1e3, 3), round(c.overhead_spec_s * 1e3, 3)],
                 "acceptance": [round(x, 3) for x in self.pooled.rates()]}

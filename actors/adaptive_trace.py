@@ -20,14 +20,19 @@ ENV = "OUTRIDER_ADAPTIVE_TRACE"
 class TraceWriter:
     def __init__(self, path: str | Path, meta: dict):
         self.path = Path(path)
-        self._f = open(self.path, "a", buffering=1 << 16)
+        self._lines: list[str] = []
         self.write({"ev": "start", **meta})
 
     def write(self, rec: dict) -> None:
-        self._f.write(json.dumps(rec, separators=(",", ":")) + "\n")
+        self._lines.append(json.dumps(rec, separators=(",", ":")))
+        if len(self._lines) >= 256:
+            self.flush()
 
     def flush(self) -> None:
-        self._f.flush()
+        if self._lines:
+            with open(self.path, "a") as f:
+                f.write("\n".join(self._lines) + "\n")
+            self._lines = []
 
 
 def writer_from_env(meta: dict) -> TraceWriter | None:
@@ -60,6 +65,8 @@ def replay(events: list[dict], controller) -> list[tuple[dict, dict]]:
             c.observe_prespec(e["steps"], e["s"], e["t_verify"])
         elif ev == "lookup":
             c.observe_lookup(e["hit"])
+        elif ev == "step":
+            c.observe_round_time(e["ks"], e["s"])
         elif ev == "round":
             c.observe_round(e["sid"], e["n_draft"], e["accepted"])
         elif ev == "decide":

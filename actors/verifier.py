@@ -213,7 +213,10 @@ class Verifier(DrafterLink):
         # A sequence whose outcome the drafter has not heard yet (just prefilled) waits for its draft.
         ready = [s for s in self.seqs.values() if s.outcome is None]
         if ready:
+            ks = [len(s.draft) for s in ready]
             self._verify(ready)
+            if self.spec.speculative and not admitted:   # a whole round, no prefill in it
+                self.policy.observe_round_time(ks, time.perf_counter() - t0)
         self.events.flush()
         self.times.steps += 1
 

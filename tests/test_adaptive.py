@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from actors.adaptive import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Controller, Costs, Probe, ShapeCost,
-                             choose_ks, expected_curve, expected_tokens, fan_budget, round_time)
+                             choose_ks, expected_curve, expected_tokens, fan_budget, modelled_time,
+                             round_time)
 
 MS = 1e-3
 
@@ -533,3 +534,30 @@ def test_probes_of_a_batch_share_rounds():
             c.observe_round(s, ks[s], 0)
         rounds_with_probe += any(ks.values())
     assert rounds_with_probe <= 20, rounds_with_probe      # 62 on separate schedules
+
+
+def test_a_round_that_costs_more_than_its_parts_stops_marginal_speculation():
+    """Batch 8, acceptance 0.6: by its parts K = 1 pays (about 6 % over K = 0). Measured whole
+    rounds that speculated took 1.5 ms more than the parts say (the exchange, the table, the
+    bookkeeping of drafts), rounds at K = 0 0.1 ms more: then K = 1 loses, and the policy stops.
+    One preempted round moves the overhead by a tenth of a round at most."""
+    c = calibrated(BENCH)
+    for n in range(8, 57, 8):
+        for _ in range(3):
+            c.observe_verify(n, (4.3 + 0.5 * n) * MS)
+    for k in range(1, 6):
+        c.costs.prespec.add(k, (1.3 + 6.4 * k) * MS)
+    sids = list(range(8))
+    for s in sids:
+        c.add(s)
+        for _ in range(10):
+            c.observe_round(s, 5, 3)            # acceptance 0.6 by position
+    assert set(c.decide(sids).values()) == {1}
+    spec_round = modelled_time("ssd", [1] * 8, c.costs)
+    c.observe_round_time([1] * 8, 10 * spec_round)            # one preempted round
+    assert c.costs.overhead_spec_s <= 0.1 * spec_round + 1e-9
+    for _ in range(30):
+        c.observe_round_time([1] * 8, spec_round + 1.5 * MS)
+        c.observe_round_time([0] * 8, modelled_time("ssd", [0] * 8, c.costs) + 0.1 * MS)
+    assert c.costs.overhead_spec_s == pytest.approx(1.5 * MS, rel=0.2)
+    assert set(c.decide(sids).values()) == {0}
