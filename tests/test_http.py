@@ -114,7 +114,7 @@ def test_extras_and_seeded_sampling(served, oai):
 
 @pytest.mark.parametrize("path,body,status,param", [
     ("/v1/completions", {"prompt": PROMPT, "n": 2}, 400, "n"),
-    ("/v1/completions", {"prompt": PROMPT, "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),

@@ -98,3 +98,149 @@ def test_engine_logprobs_equal_teacher_forced(mode, hf, held_out_prompts):
             assert all(lp == top[0][1] for lp, top in entries)
     accepted = sum(final.stats.accepted_tokens for _, _, final in results)
     assert (accepted > 0) == (mode != "ar")
+
+
+# -- the serving front ends: gRPC and the openai client over HTTP, on a real SSD server -------------
+
+PROMPT = 'def read_config(path):\n    """Read a configuration file and return a dict."""\n    with'
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def add(a, b):"}]
+
+
+@pytest.fixture(scope="module")
+def served(serve_tiny, tiny_pair, tmp_path_factory):
+    from tests.test_chat import CHATML, _with_template
+
+    d = _with_template(tiny_pair, tmp_path_factory.mktemp("logprobs"), CHATML, "target")
+    server, client = serve_tiny({"models.target.path": str(d), "http.model_name": "tiny"})
+    yield server, client
+    client.close()
+    server.stop(grace_s=1)
+
+
+@pytest.fixture(scope="module")
+def oai(served):
+    from openai import OpenAI
+
+    server, _ = served
+    with OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="none", max_retries=0) as c:
+        yield c
+
+
+def grpc_logprobs(client, prompt, n_top: int, **kw) -> tuple[list[int], list]:
+    chunks, final = client._collect(prompt, logprobs=n_top, **kw)
+    assert final.usage.completion_tokens > 0
+    ids = [t for c in chunks for t in c.token_ids]
+    entries = [(e.logprob, [(a.token_id, a.logprob) for a in e.top]) for c in chunks for e in c.logprobs]
+    assert [e.token_id for c in chunks for e in c.logprobs] == ids
+    return ids, entries
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0.0}, {"temperature": 0.8, "top_p": 0.9, "seed": 3}],
+                         ids=["greedy", "sampled"])
+def test_grpc_logprobs_equal_teacher_forced(served, hf, tiny_tok, sampling):
+    _, client = served
+    prompt = tiny_tok.encode(PROMPT)
+    ids, entries = grpc_logprobs(client, prompt, 4, max_new_tokens=20, ignore_eos=True, **sampling)
+    assert len(ids) == 20
+    assert_exact(hf, prompt, ids, [(lp, top) for lp, top in entries], 4)
+    chunks, _ = client._collect(prompt, max_new_tokens=4)   # not asked: none
+    assert all(len(c.logprobs) == 0 for c in chunks)
+
+
+def test_grpc_logprobs_over_20_is_invalid_argument(served):
+    _, client = served
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_text(PROMPT, max_new_tokens=2, logprobs=21)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logprobs must be at most 20" in e.value.details()
+
+
+def test_completions_logprobs(served, oai, hf, tiny_tok):
+    """Whole and streamed answers agree, and both equal the teacher-forced target."""
+    _, client = served
+    prompt = tiny_tok.encode(PROMPT)
+    ids, _ = grpc_logprobs(client, prompt, 0, max_new_tokens=16, ignore_eos=True)
+    kw = dict(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0, logprobs=5, extra_body={"ignore_eos": True})
+    r = oai.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == tiny_tok.decode(ids) and len(lp.tokens) == r.usage.completion_tokens == 16
+    ref = teacher_forced(hf, prompt, ids)
+    for i, (t, v, top) in enumerate(zip(ids, lp.token_logprobs, lp.top_logprobs)):
+        assert abs(v - float(ref[i, t])) <= ATOL
+        assert 5 <= len(top) <= 6 and top[lp.tokens[i]] == v    # the top 5, and the emitted token
+        torch.testing.assert_close(torch.tensor(sorted(top.values(), reverse=True)[:5]), ref[i].topk(5).values,
+                                   atol=ATOL, rtol=0)
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(16)]
+    chunks = [c for c in oai.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs]
+    streamed = [c.choices[0].logprobs for c in chunks]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    torch.testing.assert_close(torch.tensor([v for s in streamed for v in s.token_logprobs]),
+                               torch.tensor(lp.token_logprobs), atol=ATOL, rtol=0)
+    plain = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs(served, oai, hf):
+    server, client = served
+    prompt = server.tok.encode_chat(CHAT)
+    ids, _ = grpc_logprobs(client, CHAT, 0, max_new_tokens=12, ignore_eos=True)   # the same greedy tokens
+    kw = dict(model="tiny", messages=CHAT, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3,
+              extra_body={"ignore_eos": True})
+    r = oai.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == len(ids) == 12
+    assert b"".join(bytes(c.bytes) for c in content).decode() == r.choices[0].message.content
+    ref = teacher_forced(hf, prompt, ids)
+    for i, (t, c) in enumerate(zip(ids, content)):
+        assert abs(c.logprob - float(ref[i, t])) <= ATOL and bytes(c.bytes) == server.tok.token_bytes(t)
+        assert len(c.top_logprobs) == 3 and c.logprob == c.top_logprobs[0].logprob   # greedy: the top token
+        torch.testing.assert_close(torch.tensor([a.logprob for a in c.top_logprobs]), ref[i].topk(3).values,
+                                   atol=ATOL, rtol=0)
+    streamed = [c.choices[0].logprobs.content for c in oai.chat.completions.create(**kw, stream=True)
+                if c.choices and c.choices[0].logprobs]
+    assert [x.token for s in streamed for x in s] == [x.token for x in content]
+    only = oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0, logprobs=True)
+    assert all(c.top_logprobs == [] for c in only.choices[0].logprobs.content)
+    plain = oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_follow_stop_strings(served, oai):
+    """Tokens cut by a stop string are not reported: one entry per token the client got."""
+    for stream in (False, True):
+        out = oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, stop=["("],
+                                     logprobs=1, stream=stream, stream_options={"include_usage": True} if stream
+                                     else None)
+        if stream:
+            chunks = list(out)
+            tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+            text = "".join(c.choices[0].text for c in chunks if c.choices)
+            n = chunks[-1].usage.completion_tokens
+        else:
+            tokens, text, n = out.choices[0].logprobs.tokens, out.choices[0].text, out.usage.completion_tokens
+        assert len(tokens) == n and "(" not in text
+
+
+@pytest.mark.parametrize("path,body,param,says", [
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 21}, "logprobs", "from 0 to 20"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": -1}, "logprobs", "from 0 to 20"),
+    ("/v1/completions", {"prompt": PROMPT, "logprobs": 2, "top_logprobs": 2}, "top_logprobs", "chat parameter"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "from 0 to 20"),
+    ("/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, "top_logprobs", "needs logprobs: true"),
+    ("/v1/chat/completions", {"messages": CHAT, "logprobs": 3}, "logprobs", "true or false"),
+])
+def test_bad_logprobs_are_400(served, path, body, param, says):
+    import json
+    import urllib.error
+    import urllib.request
+
+    server, _ = served
+    req = urllib.request.Request(f"http://127.0.0.1:{server.http_port}{path}", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400
+    err = json.loads(e.value.read())["error"]
+    assert err["param"] == param and says in err["message"], err

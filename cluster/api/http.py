@@ -23,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.api.logprobs import LogprobsShape
 from cluster.api.openai_schema import APIError, ChatBody, CompletionBody, param_of, parse, to_request
 from cluster.coordinator import Chunk, EngineUnavailable, Final, QueueFull
 from cluster.validate import InvalidRequest, to_generate_args
@@ -144,7 +145,8 @@ def build_app(service, model_name: str, token: str | None, max_body_bytes: int) 
         except ValueError as e:
             raise APIError(400, str(e)) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        shape = _Shape(rid, model_name, chat)
+        shape = _Shape(rid, model_name, chat,
+                       LogprobsShape(service.tok, chat) if args.logprobs is not None else None)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(service, handle, sink, shape, include_usage),
@@ -157,28 +159,39 @@ def build_app(service, model_name: str, token: str | None, max_body_bytes: int) 
 class _Shape:
     """OpenAI's response objects for one request (completion or chat)."""
 
-    def __init__(self, rid: str, model: str, chat: bool):
+    def __init__(self, rid: str, model: str, chat: bool, logprobs: LogprobsShape | None = None):
         self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
+        self.logprobs = logprobs   # None: the request asked for none ("logprobs": null)
+
+    def _lps(self, chunks: list[Chunk]) -> dict | None:
+        if self.logprobs is None:
+            return None
+        return self.logprobs.of([t for c in chunks for t in c.token_ids],
+                                [e for c in chunks for e in (c.logprobs or [])])
 
     def _envelope(self, obj: str, choices: list) -> dict:
         return {"id": self.rid, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, text: str, final: Final) -> dict:
+    def whole(self, chunks: list[Chunk], final: Final) -> dict:
         reason = FINISH.get(final.finish_reason, final.finish_reason)
+        text, lps = "".join(c.text for c in chunks), self._lps(chunks)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lps,
+                      "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": lps, "finish_reason": reason}
         out = self._envelope("chat.completion" if self.chat else "text_completion", [choice])
         out["usage"], out["metrics"] = usage(final), spec_stats(final)
         return out
 
-    def chunk(self, text: str | None, reason: str | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str | None, reason: str | None = None, first: bool = False,
+              item: Chunk | None = None) -> dict:
+        lps = self._lps([item]) if item is not None else None
         if self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text or "", "logprobs": lps, "finish_reason": reason}
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
 
     def usage_chunk(self, final: Final) -> dict:
@@ -208,7 +221,7 @@ async def _whole(service, request: Request, handle, sink: _LoopSink, shape: _Sha
                     handle.cancel()
                 continue
             if isinstance(item, Chunk):
-                parts.append(item.text)
+                parts.append(item)
             else:
                 final = item
     finally:
@@ -217,7 +230,7 @@ async def _whole(service, request: Request, handle, sink: _LoopSink, shape: _Sha
     if final.error:
         raise APIError(503, final.error)
     _observe(service, final)
-    return shape.whole("".join(parts), final)
+    return shape.whole(parts, final)
 
 
 async def _sse(service, handle, sink: _LoopSink, shape: _Shape, include_usage: bool):
@@ -229,8 +242,9 @@ async def _sse(service, handle, sink: _LoopSink, shape: _Shape, include_usage: b
         while True:
             item = await sink.queue.get()
             if isinstance(item, Chunk):
-                if item.text:
-                    yield _data(shape.chunk(item.text))
+                # A chunk whose tokens have no text yet (part of a character) still carries their logprobs.
+                if item.text or (shape.logprobs is not None and item.token_ids):
+                    yield _data(shape.chunk(item.text, item=item))
                 continue
             final: Final = item
             if final.error:

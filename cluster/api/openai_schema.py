@@ -2,7 +2,7 @@
 
 A body becomes the same `outrider.v1.GenerateRequest` a gRPC client would send, so both front
 ends share one validation path (cluster/validate.py) and one set of limits. Parameters outrider
-cannot honour (n > 1, logprobs, tools, ...) are refused with a 400 naming them, never silently
+cannot honour (n > 1, tools, ...) are refused with a 400 naming them, never silently
 ignored; fields OpenAI's own servers would ignore are ignored here too.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from actors.logprobs import MAX_TOP_LOGPROBS
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 
 
@@ -49,10 +50,11 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     disable_speculation: bool = False
     k: int | None = Field(None, ge=0)
-    # refused unless at their no-op value
-    n: int = 1
+    # completions: logprobs = n (0..20); chat: logprobs = true, top_logprobs = n (checked in logprobs_of)
     logprobs: Any = None
     top_logprobs: Any = None
+    # refused unless at their no-op value
+    n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
@@ -92,8 +94,6 @@ def _refuse_unsupported(b: _Common) -> None:
     refused = [
         ("n", b.n != 1, "only n = 1 is supported"),
         ("best_of", b.best_of not in (None, 1), "only best_of = 1 is supported"),
-        ("logprobs", b.logprobs not in (None, False), "logprobs are not supported"),
-        ("top_logprobs", b.top_logprobs is not None, "top_logprobs are not supported"),
         ("presence_penalty", b.presence_penalty != 0, "presence_penalty is not supported"),
         ("frequency_penalty", b.frequency_penalty != 0, "frequency_penalty is not supported"),
         ("logit_bias", bool(b.logit_bias), "logit_bias is not supported"),
@@ -109,6 +109,31 @@ def _refuse_unsupported(b: _Common) -> None:
     for param, bad, why in refused:
         if bad:
             raise APIError(400, why, param=param, code="unsupported_parameter")
+
+
+def _count(value: Any, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise APIError(400, f"{param} must be an integer from 0 to {MAX_TOP_LOGPROBS} (the most likely tokens "
+                            f"reported per position), got {value!r}", param=param)
+    return value
+
+
+def logprobs_of(b: _Common) -> int | None:
+    """How many alternatives per token the body asks for; None: no logprobs."""
+    if not isinstance(b, ChatBody):
+        if b.top_logprobs is not None:
+            raise APIError(400, "top_logprobs is a chat parameter; completions take logprobs: <0..20>",
+                           param="top_logprobs")
+        return None if b.logprobs is None or b.logprobs is False else _count(b.logprobs, "logprobs")
+    if b.logprobs not in (None, True, False):
+        raise APIError(400, f"logprobs must be true or false for chat (the count is top_logprobs), "
+                            f"got {b.logprobs!r}", param="logprobs")
+    if b.top_logprobs is not None:
+        n = _count(b.top_logprobs, "top_logprobs")
+        if not b.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return n
+    return 0 if b.logprobs else None
 
 
 def to_request(b: _Common) -> pb.GenerateRequest:
@@ -129,6 +154,9 @@ def to_request(b: _Common) -> pb.GenerateRequest:
         req.seed = b.seed
     if b.k is not None:
         req.k = min(b.k, 2**32 - 1)
+    n_logprobs = logprobs_of(b)
+    if n_logprobs is not None:
+        req.logprobs = n_logprobs
     if b.stop is not None:
         req.stop.extend([b.stop] if isinstance(b.stop, str) else b.stop)
     return req
@@ -167,7 +195,7 @@ def _chat_message(i: int, m: dict[str, Any]) -> pb.ChatMessage:
 
 # Which OpenAI parameter a validation message (cluster/validate.py, in gRPC field names) is about.
 PARAMS = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt", "prompt": "prompt", "messages": "messages",
-          "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "k": "k",
+          "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "k": "k", "logprobs": "logprobs",
           "request_id": None}
 
 
