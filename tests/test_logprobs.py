@@ -92,7 +92,7 @@ def test_engine_logprobs_equal_teacher_forced(mode, hf, held_out_prompts):
     jobs = [(list(p), sp) for p in held_out_prompts[:2]
             for sp in (SamplingParams(), SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=7))]
     results = run_engine(mode, jobs, N_TOP)
-    for (prompt, sp), (tokens, entries, final) in zip(jobs, results):
+    for (prompt, sp), (tokens, entries, _) in zip(jobs, results):
         assert_exact(hf, prompt, tokens, entries, N_TOP)
         if sp.greedy:   # the emitted token is the most likely one
             assert all(lp == top[0][1] for lp, top in entries)
@@ -142,7 +142,7 @@ def test_grpc_logprobs_equal_teacher_forced(served, hf, tiny_tok, sampling):
     prompt = tiny_tok.encode(PROMPT)
     ids, entries = grpc_logprobs(client, prompt, 4, max_new_tokens=20, ignore_eos=True, **sampling)
     assert len(ids) == 20
-    assert_exact(hf, prompt, ids, [(lp, top) for lp, top in entries], 4)
+    assert_exact(hf, prompt, ids, entries, 4)
     chunks, _ = client._collect(prompt, max_new_tokens=4)   # not asked: none
     assert all(len(c.logprobs) == 0 for c in chunks)
 

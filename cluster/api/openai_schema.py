@@ -195,7 +195,8 @@ def _chat_message(i: int, m: dict[str, Any]) -> pb.ChatMessage:
 
 # Which OpenAI parameter a validation message (cluster/validate.py, in gRPC field names) is about.
 PARAMS = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt", "prompt": "prompt", "messages": "messages",
-          "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "k": "k", "logprobs": "logprobs",
+          "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "k": "k",
+          "logprobs": "logprobs",
           "request_id": None}
 
 
