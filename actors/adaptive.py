@@ -194,11 +194,13 @@ class Costs:
             return self.draft_step_s
         return 0.1 * self.verify(1)  # a drafter ~10x cheaper than the target until measured
 
-    def prespec_time(self, k: int) -> float:
-        """Pre-speculation time for drafts of k tokens (hidden behind the verify up to t_verify)."""
+    def prespec_time(self, k: int, n_seqs: int = 1) -> float:
+        """Pre-speculation time for drafts of k tokens for `n_seqs` sequences (hidden behind the
+        verify up to t_verify). Keyed by k * n_seqs: every sequence fans out its own branches,
+        so the drafter's rows per step grow with the sequences that speculate."""
         if self.prespec.known:
-            return self.prespec(k)
-        return k * (self.prespec_step_s if self.prespec_step_s is not None else self.draft_step())
+            return self.prespec(k * n_seqs)
+        return k * n_seqs * (self.prespec_step_s if self.prespec_step_s is not None else self.draft_step())
 
 
 def round_time(mode: str, ks: list[int], costs: Costs) -> float:
@@ -217,8 +219,8 @@ def modelled_time(mode: str, ks: list[int], costs: Costs) -> float:
     jit = k_max * costs.draft_step() + costs.transport_s
     if mode != "ssd":
         return tv + jit
-    hit = max(tv, costs.prespec_time(k_max)) + costs.transport_s
     n_spec = sum(1 for k in ks if k > 0)
+    hit = max(tv, costs.prespec_time(k_max, n_spec)) + costs.transport_s
     p_all_hit = costs.hit_rate ** n_spec
     return hit + (1.0 - p_all_hit) * jit
 
@@ -391,15 +393,17 @@ class Controller:
             c.draft_step_s = per if c.draft_step_s is None else c.draft_step_s + 0.2 * (per - c.draft_step_s)
         c.transport_s += 0.2 * (max(transport_s, 0.0) - c.transport_s)
 
-    def observe_prespec(self, steps: int, seconds: float, t_verify: float) -> None:
-        """One pre-speculation of `steps` draft steps took `seconds`, behind a verify of `t_verify`."""
+    def observe_prespec(self, steps: int, seconds: float, t_verify: float, n_seqs: int = 1) -> None:
+        """One pre-speculation of `steps` draft steps for `n_seqs` sequences took `seconds`, behind
+        a verify of `t_verify`."""
         if self.trace:
-            self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify})
+            self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify, "n": n_seqs})
         if steps <= 0:
             return
         c = self.costs
-        c.prespec.add(steps, max(seconds, 0.0))
-        c.prespec_step_s = c.prespec(steps) / steps
+        n_seqs = max(n_seqs, 1)
+        c.prespec.add(steps * n_seqs, max(seconds, 0.0))
+        c.prespec_step_s = c.prespec(steps * n_seqs) / (steps * n_seqs)
         self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds,
                                  steps * c.draft_step() + c.transport_s)
 

@@ -62,7 +62,7 @@ def replay(events: list[dict], controller) -> list[tuple[dict, dict]]:
         elif ev == "draft":
             c.observe_draft(e["steps"], e["draft_s"], e["transport_s"])
         elif ev == "prespec":
-            c.observe_prespec(e["steps"], e["s"], e["t_verify"])
+            c.observe_prespec(e["steps"], e["s"], e["t_verify"], e.get("n", 1))
         elif ev == "lookup":
             c.observe_lookup(e["hit"])
         elif ev == "step":

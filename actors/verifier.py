@@ -117,6 +117,7 @@ class Verifier(DrafterLink):
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches, prior=pair_agreement(spec))
         self._jit_steps = 0                        # draft steps the reply due now waits for
+        self._table_seqs = 1                       # sequences the table due now was pre-drafted for
         self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
         self._last_verify_s = 0.0
         self._timer = DeviceTimer(self.device)   # the verify forward's device time
@@ -387,6 +388,9 @@ class Verifier(DrafterLink):
                 self._deferred = {s.req.id for s in sampled}
             if self.spec.mode == "ssd" and table_due(frame):
                 self.channel.post_recv()  # the table for this round lands while we verify it
+                # the sequences it pre-drafts for (its cost grows with them: each fans out)
+                self._table_seqs = sum(1 for r in frame.records if (r.kind == Rec.OUTCOME and r.tokens and r.tokens[0])
+                                       or (r.kind == Rec.ADMIT and r.a))
         except (ChannelClosed, ProtocolError) as e:
             self._drafter_lost(e)
             return
