@@ -450,13 +450,27 @@ class Controller:
         self.last.update(out)
         return out
 
+    def admit_k(self, sid: int) -> int:
+        """A new sequence's first K (the one its admission carries), chosen beside the batch's
+        last K's without moving any other sequence's state. Deciding it as if the sequence were
+        alone put every sequence of a batch admitted together at the cap in its first round: at
+        8 streams one such round cost as much as ten at K = 0."""
+        if sid in self.fixed:
+            k = self.fixed[sid]
+        else:
+            k = self.probe[sid].next_k(self._pinned_k(sid), lambda: self._probe_k(sid, dict(self.last)),
+                                       self.cap[sid])
+        self.last[sid] = k
+        return k
+
     def _pinned_k(self, sid: int) -> int:
         """The K the policy would choose for a new sequence `sid` beside the batch's last K's."""
+        cap = self.cap.get(sid, self.k_max)
         if not self.costs.verify.known:
-            return self.k_max
+            return cap
         a = self.acc[sid].rates()
         others = [(k, expected_tokens(self.acc[s].rates(), k)) for s, k in self.last.items() if s != sid]
-        return choose_ks([expected_curve(a, self.k_max)], self.mode, self.costs, others)[0]
+        return choose_ks([expected_curve(a, cap)], self.mode, self.costs, others)[0]
 
     def _probe_together(self, free: list[int], chosen: list[int], out: dict[int, int]) -> None:
         """When one sequence probes, those at K = 0 whose probe is at least half due probe in the

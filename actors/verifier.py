@@ -256,7 +256,7 @@ class Verifier(DrafterLink):
 
     def _admit_record(self, s: Seq, tokens: list[int]) -> Record:
         s.on_drafter, s.outcome = True, None
-        s.k = self.policy.decide([s.req.id])[s.req.id]
+        s.k = self.policy.admit_k(s.req.id)
         return Record(Rec.ADMIT, s.req.id, s.round, s.k, self.policy.budget,
                       tokens=encode_params(s.req.params, s.seed, tokens))
 

@@ -568,3 +568,20 @@ def test_a_round_that_costs_more_than_its_parts_stops_marginal_speculation():
         c.observe_round_time([0] * 8, modelled_time("ssd", [0] * 8, c.costs) + 0.1 * MS)
     assert c.costs.overhead_spec_s == pytest.approx(1.5 * MS, rel=0.2)
     assert set(c.decide(sids).values()) == {0}
+
+
+def test_a_batch_admitted_together_does_not_start_at_the_cap():
+    """Eight requests admitted in one step where speculation does not pay at batch 8: each first
+    K is chosen beside the others', so the batch's first round is not eight drafts at the cap."""
+    c = calibrated(BENCH)
+    for n in range(8, 57, 8):
+        for _ in range(3):
+            c.observe_verify(n, (4.3 + 0.9 * n) * MS)
+    for k in range(1, 6):
+        c.observe_prespec(k, (1.3 + 6.4 * k) * MS, 8 * MS, n_seqs=8)
+    firsts = []
+    for s in range(8):
+        c.add(s)
+        firsts.append(c.admit_k(s))
+    assert firsts[0] >= 1                      # alone, it speculates
+    assert sum(firsts) <= 8, firsts            # beside the others, most start off
