@@ -120,8 +120,10 @@ class ShapeCost:
         self.mean: dict[int, float] = {}   # per shape: the lower quartile of its window
         self.last: dict[int, int] = {}     # per shape: the sample number of its latest time
         self.n_added = 0
+        self._line: tuple[float, float] | None = None   # the fit, until the next sample
 
     def add(self, n: int, seconds: float) -> None:
+        self._line = None
         self.n_added += 1
         self.last[n] = self.n_added
         w = self.samples.setdefault(n, [])
@@ -136,7 +138,13 @@ class ShapeCost:
         return bool(self.mean)
 
     def line(self) -> tuple[float, float]:
-        """(intercept, slope) of t(n) = a + b n."""
+        """(intercept, slope) of t(n) = a + b n (fitted once per sample: the policy prices every
+        option of every round with it, on the verifier's critical path)."""
+        if self._line is None:
+            self._line = self._fit()
+        return self._line
+
+    def _fit(self) -> tuple[float, float]:
         if not self.mean:
             return 0.0, 0.0
         if len(self.mean) == 1:  # t(n) = c (1 + rel_slope n) through the one point
