@@ -15,33 +15,26 @@ address, not to 127.0.0.1 or the head's.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import threading
 import time
-from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
 from cluster.client import OutriderClient
 from cluster.config import parse_config
-from cluster.deployment import shutdown_ray
 from cluster.engine import embedded_ray_env
 from cluster.server import OutriderServer
+from tests import cluster_run
+from tests.cluster_run import main, stop
 
 log = logging.getLogger("multinode")
 VERIFIER_IP, DRAFTER_IP, REPLACEMENT_IP = "127.0.0.2", "127.0.0.3", "127.0.0.4"
 
 
 def wait(cond, timeout_s: float, what: str) -> float:
-    """Seconds until `cond()` held; raises after `timeout_s`."""
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.1)
-    return time.monotonic() - t0
+    return cluster_run.wait(cond, timeout_s, what, poll_s=0.1)
 
 
 def generate(client, prompts, new) -> list[dict]:
@@ -117,25 +110,8 @@ def run(args: dict, seen: dict) -> None:
         log.info("after add_node: hits in %.1fs", time.monotonic() - t2)
         client.close()
     finally:
-        if server is not None:
-            server.stop(grace_s=1)
-        shutdown_ray()
-        cluster.shutdown()
-
-
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = json.loads(Path(sys.argv[1]).read_text())
-    seen: dict = {}
-    try:
-        run(args, seen)
-    except Exception as e:
-        log.exception("multinode run failed")
-        seen["error"] = f"{type(e).__name__}: {e}"
-    with open(args["out"], "w") as f:
-        json.dump(seen, f)
-    return 1 if "error" in seen else 0
+        stop(server, cluster)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run, "multinode"))

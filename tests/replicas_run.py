@@ -13,7 +13,6 @@ clients run (nothing that had not streamed is lost; the replica comes back).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -21,7 +20,6 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,21 +27,12 @@ from ray.cluster_utils import Cluster
 
 from cluster.client import OutriderClient
 from cluster.config import parse_config
-from cluster.deployment import shutdown_ray
 from cluster.engine import embedded_ray_env
 from cluster.server import OutriderServer
+from tests.cluster_run import main, stop, wait
 
 log = logging.getLogger("replicas")
 NODE_IPS = ("127.0.0.2", "127.0.0.3")
-
-
-def wait(cond, timeout_s: float, what: str) -> float:
-    t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"{what}: not within {timeout_s}s")
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 def config(args: dict, address: str):
@@ -175,25 +164,8 @@ def run(args: dict, seen: dict) -> None:
         seen["total_s"] = time.monotonic() - t0
         client.close()
     finally:
-        if server is not None:
-            server.stop(grace_s=1)
-        shutdown_ray()
-        cluster.shutdown()
-
-
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    args = json.loads(Path(sys.argv[1]).read_text())
-    seen: dict = {}
-    try:
-        run(args, seen)
-    except Exception as e:
-        log.exception("replicas run failed")
-        seen["error"] = f"{type(e).__name__}: {e}"
-    with open(args["out"], "w") as f:
-        json.dump(seen, f)
-    return 1 if "error" in seen else 0
+        stop(server, cluster)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(run, "replicas"))
