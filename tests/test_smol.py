@@ -85,16 +85,19 @@ def test_logits_match_transformers_gguf(smol_pair, hf_gguf):
     model = load_model(target)
     ids = htok(TEXTS[0] + TEXTS[2] + TEXTS[3], add_special_tokens=False).input_ids
     x = torch.tensor([ids])
+    # Logits reach ~40 here: oneDNN's packed float32 matmuls (actors/packed.py) and transformers'
+    # MKL ones round differently by a few ulps per layer, ~1e-4 after 30 layers.
+    atol = 2e-4
     with torch.inference_mode():
         ref = hf(x).logits
         full = model(x)
-        torch.testing.assert_close(full, ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(full, ref, rtol=0, atol=atol)
         cache = KVCache.for_model(model.args, 1, len(ids))
         slot = torch.tensor([cache.alloc()])
         half = len(ids) // 2
         pre = model(x[:, :half], torch.arange(half)[None], cache, slot)
         steps = [model(x[:, i:i + 1], torch.tensor([[i]]), cache, slot) for i in range(half, len(ids))]
-    torch.testing.assert_close(torch.cat([pre, *steps], 1), ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(torch.cat([pre, *steps], 1), ref, rtol=0, atol=atol)
 
 
 @pytest.fixture(scope="module")
