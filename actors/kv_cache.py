@@ -50,7 +50,8 @@ class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         # room for read_len's rounding past max_len (never written, only read and masked)
-        shape = (n_layers, n_slots, n_kv_heads, -(-max_len // KEY_BLOCK) * KEY_BLOCK, head_dim)
+        cap = read_len(max_len, False, torch.empty(0, dtype=dtype, device=device))
+        shape = (n_layers, n_slots, n_kv_heads, cap, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
