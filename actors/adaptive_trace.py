@@ -46,6 +46,19 @@ def load(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+# What replay feeds the controller for each recorded measurement ("decide" is handled apart).
+_FEED = {
+    "add": lambda c, e: c.add(e["sid"], e.get("fixed")),
+    "remove": lambda c, e: c.remove(e["sid"]),
+    "verify": lambda c, e: c.observe_verify(e["n"], e["s"]),
+    "draft": lambda c, e: c.observe_draft(e["steps"], e["draft_s"], e["transport_s"]),
+    "prespec": lambda c, e: c.observe_prespec(e["steps"], e["s"], e["t_verify"], e.get("n", 1)),
+    "lookup": lambda c, e: c.observe_lookup(e["hit"]),
+    "step": lambda c, e: c.observe_round_time(e["ks"], e["s"]),
+    "round": lambda c, e: c.observe_round(e["sid"], e["n_draft"], e["accepted"]),
+}
+
+
 def replay(events: list[dict], controller) -> list[tuple[dict, dict]]:
     """Feed a recorded engine's measurements to `controller` in their order; returns, for every
     recorded decision, (what the record chose, what `controller` chooses at the same point)."""
@@ -53,23 +66,9 @@ def replay(events: list[dict], controller) -> list[tuple[dict, dict]]:
     out = []
     for e in events:
         ev = e["ev"]
-        if ev == "add":
-            c.add(e["sid"], e.get("fixed"))
-        elif ev == "remove":
-            c.remove(e["sid"])
-        elif ev == "verify":
-            c.observe_verify(e["n"], e["s"])
-        elif ev == "draft":
-            c.observe_draft(e["steps"], e["draft_s"], e["transport_s"])
-        elif ev == "prespec":
-            c.observe_prespec(e["steps"], e["s"], e["t_verify"], e.get("n", 1))
-        elif ev == "lookup":
-            c.observe_lookup(e["hit"])
-        elif ev == "step":
-            c.observe_round_time(e["ks"], e["s"])
-        elif ev == "round":
-            c.observe_round(e["sid"], e["n_draft"], e["accepted"])
-        elif ev == "decide":
+        if ev == "decide":
             got = c.decide([int(s) for s in e["ks"]])
             out.append(({int(s): k for s, k in e["ks"].items()}, got))
+        elif ev in _FEED:
+            _FEED[ev](c, e)
     return out
