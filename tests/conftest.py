@@ -101,6 +101,17 @@ def assert_matches_or_near_tie(hf, prompt: list[int], ours: list[int], ref: list
     return False
 
 
+def first_divergence_gap(hf32, prompt: list[int], ours: list[int], ref: list[int]) -> tuple[int, float] | None:
+    """Where `ours` first differs from `ref` (a continuation of `prompt`), and there the gap between
+    `hf32`'s best logit and our token's; None if they agree wherever both have a token."""
+    i = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+    if i is None:
+        return None
+    with torch.inference_mode():
+        logits = hf32(torch.tensor([prompt + ref[:i]])).logits[0, -1]
+    return i, float(logits.max() - logits[ours[i]])
+
+
 def assert_all_match_or_rare_near_ties(hf, prompts, outs, refs, max_near_ties: int = MAX_NEAR_TIES) -> int:
     """Compare every prompt's output with its reference (the three lists must be equally long);
     returns the number of accepted near-ties, which must not exceed max_near_ties."""
@@ -166,6 +177,26 @@ def serve_tiny(ray_local, tiny_pair):
     yield start
     for server in started:
         server.stop(grace_s=1)
+
+
+def serve_with_chat_template(serve_tiny, tiny_pair, tmp_path_factory, tag: str, overrides: dict, **client_kw):
+    """For a module fixture to `yield from`: a server on the tiny pair whose target has the ChatML
+    template (a copy under a temporary folder named `tag`), with config `overrides`, and its
+    client; both are stopped when the fixture ends."""
+    from tests.test_chat import CHATML, _with_template
+
+    d = _with_template(tiny_pair, tmp_path_factory.mktemp(tag), CHATML, "target")
+    server, client = serve_tiny({"models.target.path": str(d), **overrides}, **client_kw)
+    yield server, client
+    client.close()
+    server.stop(grace_s=1)
+
+
+def openai_client(server, api_key: str = "none"):
+    """The official `openai` client for the server's HTTP API (no retries)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=api_key, max_retries=0)
 
 
 @pytest.fixture(scope="session")

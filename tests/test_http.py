@@ -14,8 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.test_chat import CHATML, _with_template
-from tests.conftest import wait_for
+from tests.conftest import openai_client, serve_with_chat_template, wait_for
 
 TOKEN = "http-test-token"
 PROMPT = 'def read_config(path):\n    """Read a configuration file and return a dict."""\n    with'
@@ -26,20 +25,16 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 @pytest.fixture(scope="module")
 def served(serve_tiny, tiny_pair, tmp_path_factory):
     os.environ["OUTRIDER_HTTP_TEST_TOKEN"] = TOKEN
-    d = _with_template(tiny_pair, tmp_path_factory.mktemp("http"), CHATML, "target")
-    server, client = serve_tiny({"models.target.path": str(d), "server.auth_token_env": "OUTRIDER_HTTP_TEST_TOKEN",
-                                 "server.max_queue": 40, "http.model_name": "tiny"}, token=TOKEN)
-    yield server, client
-    client.close()
-    server.stop(grace_s=1)
+    yield from serve_with_chat_template(
+        serve_tiny, tiny_pair, tmp_path_factory, "http",
+        {"server.auth_token_env": "OUTRIDER_HTTP_TEST_TOKEN", "server.max_queue": 40, "http.model_name": "tiny"},
+        token=TOKEN)
 
 
 @pytest.fixture(scope="module")
 def oai(served):
-    from openai import OpenAI
-
     server, _ = served
-    with OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=TOKEN, max_retries=0) as c:
+    with openai_client(server, TOKEN) as c:
         yield c
 
 

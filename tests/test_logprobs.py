@@ -11,6 +11,7 @@ import torch
 
 from actors.logprobs import token_logprobs
 from actors.sampling import SamplingParams
+from tests.conftest import openai_client, serve_with_chat_template
 
 ATOL = 1e-4      # float32 log_softmax of our forward's logits against transformers' (logits agree to 2e-5)
 N_TOP = 5
@@ -108,21 +109,14 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 @pytest.fixture(scope="module")
 def served(serve_tiny, tiny_pair, tmp_path_factory):
-    from tests.test_chat import CHATML, _with_template
-
-    d = _with_template(tiny_pair, tmp_path_factory.mktemp("logprobs"), CHATML, "target")
-    server, client = serve_tiny({"models.target.path": str(d), "http.model_name": "tiny"})
-    yield server, client
-    client.close()
-    server.stop(grace_s=1)
+    yield from serve_with_chat_template(serve_tiny, tiny_pair, tmp_path_factory, "logprobs",
+                                        {"http.model_name": "tiny"})
 
 
 @pytest.fixture(scope="module")
 def oai(served):
-    from openai import OpenAI
-
     server, _ = served
-    with OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="none", max_retries=0) as c:
+    with openai_client(server) as c:
         yield c
 
 
