@@ -16,7 +16,7 @@ from actors.generate import generate_ar, generate_sd
 from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
-from tests.conftest import assert_same_outcome_law, hf_greedy
+from tests.conftest import assert_same_outcome_law, first_divergence_gap, hf_greedy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,12 +42,10 @@ def _check(hf32, prompts, outs, refs, what: str) -> None:
     ties = []
     for n, (p, o, r) in enumerate(zip(prompts, outs, refs)):
         assert len(o) == len(r) == NEW, f"{what}: prompt {n} gave {len(o)} tokens"
-        i = next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), None)
-        if i is None:
+        divergence = first_divergence_gap(hf32, p, o, r)
+        if divergence is None:
             continue
-        with torch.inference_mode():
-            logits = hf32(torch.tensor([p + r[:i]])).logits[0, -1]
-        gap = float(logits.max() - logits[o[i]])
+        i, gap = divergence
         assert gap < BF16_GAP, f"{what}: prompt {n} differs at position {i} with float32 gap {gap:.3f}: a real bug"
         print(f"{what}: prompt {n}, bfloat16 near-tie at position {i} (float32 gap {gap:.3f})")
         ties.append(n)
@@ -121,6 +119,7 @@ def test_dtype_auto_resolves_once_from_torchs_cpu_query():
     assert cpu_has_fast_bf16() == bool(torch.backends.mkldnn.is_available()
                                        and (caps.get("amx_bf16") or caps.get("avx512_bf16")))
     want = "bfloat16" if cpu_has_fast_bf16() else "float32"
-    spec = engine_spec(load_config("configs/local-cpu.yaml", {"models.target.dtype": "auto", "models.draft.dtype": "auto"}))
+    spec = engine_spec(load_config("configs/local-cpu.yaml",
+                                   {"models.target.dtype": "auto", "models.draft.dtype": "auto"}))
     assert spec.target_dtype == spec.draft_dtype == want
     assert auto_dtype("cuda") == torch.bfloat16

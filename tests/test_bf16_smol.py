@@ -24,7 +24,7 @@ from actors.kv import PagedKVCache
 from actors.loader import load_model
 from actors.stopping import StopCriteria
 from actors.tokenizer import Tokenizer
-from tests.conftest import hf_greedy
+from tests.conftest import first_divergence_gap, hf_greedy
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -51,7 +51,8 @@ def prompts(smol):
     from actors.demo.corpus import prompts as corpus
 
     tok = Tokenizer(smol[0])
-    return [tok.encode(t)[-80:] for t in corpus("code", N_PROMPTS // 2, seed=16) + corpus("text", N_PROMPTS // 2, seed=16)]
+    return [tok.encode(t)[-80:]
+            for t in corpus("code", N_PROMPTS // 2, seed=16) + corpus("text", N_PROMPTS // 2, seed=16)]
 
 
 def test_logits_follow_transformers_bfloat16(smol, prompts):
@@ -81,12 +82,10 @@ def _near_ties(hf32, prompts, outs, refs, what: str) -> list[tuple[int, int, flo
     ties = []
     for n, (p, o, r) in enumerate(zip(prompts, outs, refs)):
         assert len(o) == len(r) == NEW, f"{what}: prompt {n} gave {len(o)} tokens"
-        i = next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), None)
-        if i is None:
+        divergence = first_divergence_gap(hf32, p, o, r)
+        if divergence is None:
             continue
-        with torch.inference_mode():
-            logits = hf32(torch.tensor([p + r[:i]])).logits[0, -1]
-        gap = float(logits.max() - logits[o[i]])
+        i, gap = divergence
         print(f"{what}: prompt {n} near-tie at position {i}: float32 gap {gap:.3f}")
         assert gap < NEAR_TIE, f"{what}: prompt {n} differs at position {i} with float32 gap {gap:.3f}: a real bug"
         ties.append((n, i, gap))
