@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from actors.adaptive import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Controller, Costs, Probe, ShapeCost,
-                             choose_ks, expected_curve, expected_tokens, fan_budget, modelled_time,
-                             round_time)
+from actors.adaptive import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Controller, Probe, choose_ks, expected_curve,
+                             expected_tokens, fan_budget)
+from actors.adaptive_costs import Costs, ShapeCost, modelled_time, round_time
 
 MS = 1e-3
 
