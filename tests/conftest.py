@@ -101,15 +101,18 @@ def assert_matches_or_near_tie(hf, prompt: list[int], ours: list[int], ref: list
     return False
 
 
-def first_divergence_gap(hf32, prompt: list[int], ours: list[int], ref: list[int]) -> tuple[int, float] | None:
-    """Where `ours` first differs from `ref` (a continuation of `prompt`), and there the gap between
-    `hf32`'s best logit and our token's; None if they agree wherever both have a token."""
-    i = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
-    if i is None:
-        return None
-    with torch.inference_mode():
-        logits = hf32(torch.tensor([prompt + ref[:i]])).logits[0, -1]
-    return i, float(logits.max() - logits[ours[i]])
+def divergences(hf32, prompts, outs, refs, new_tokens: int, what: str):
+    """For each prompt whose output (of `new_tokens` tokens, asserted) differs from its reference,
+    in order: (its index, the first differing position, the gap there between `hf32`'s best logit
+    and our token's)."""
+    for n, (p, o, r) in enumerate(zip(prompts, outs, refs)):
+        assert len(o) == len(r) == new_tokens, f"{what}: prompt {n} gave {len(o)} tokens"
+        i = next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), None)
+        if i is None:
+            continue
+        with torch.inference_mode():
+            logits = hf32(torch.tensor([p + r[:i]])).logits[0, -1]
+        yield n, i, float(logits.max() - logits[o[i]])
 
 
 def assert_all_match_or_rare_near_ties(hf, prompts, outs, refs, max_near_ties: int = MAX_NEAR_TIES) -> int:

@@ -16,7 +16,7 @@ from actors.generate import generate_ar, generate_sd
 from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
-from tests.conftest import assert_same_outcome_law, first_divergence_gap, hf_greedy
+from tests.conftest import assert_same_outcome_law, divergences, hf_greedy
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,12 +40,7 @@ def bf16_refs(tiny_pair, held_out_prompts):
 def _check(hf32, prompts, outs, refs, what: str) -> None:
     assert len(outs) == len(refs) == len(prompts)
     ties = []
-    for n, (p, o, r) in enumerate(zip(prompts, outs, refs)):
-        assert len(o) == len(r) == NEW, f"{what}: prompt {n} gave {len(o)} tokens"
-        divergence = first_divergence_gap(hf32, p, o, r)
-        if divergence is None:
-            continue
-        i, gap = divergence
+    for n, i, gap in divergences(hf32, prompts, outs, refs, NEW, what):
         assert gap < BF16_GAP, f"{what}: prompt {n} differs at position {i} with float32 gap {gap:.3f}: a real bug"
         print(f"{what}: prompt {n}, bfloat16 near-tie at position {i} (float32 gap {gap:.3f})")
         ties.append(n)

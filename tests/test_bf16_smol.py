@@ -24,7 +24,7 @@ from actors.kv import PagedKVCache
 from actors.loader import load_model
 from actors.stopping import StopCriteria
 from actors.tokenizer import Tokenizer
-from tests.conftest import first_divergence_gap, hf_greedy
+from tests.conftest import divergences, hf_greedy
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -80,12 +80,7 @@ def test_logits_follow_transformers_bfloat16(smol, prompts):
 
 def _near_ties(hf32, prompts, outs, refs, what: str) -> list[tuple[int, int, float]]:
     ties = []
-    for n, (p, o, r) in enumerate(zip(prompts, outs, refs)):
-        assert len(o) == len(r) == NEW, f"{what}: prompt {n} gave {len(o)} tokens"
-        divergence = first_divergence_gap(hf32, p, o, r)
-        if divergence is None:
-            continue
-        i, gap = divergence
+    for n, i, gap in divergences(hf32, prompts, outs, refs, NEW, what):
         print(f"{what}: prompt {n} near-tie at position {i}: float32 gap {gap:.3f}")
         assert gap < NEAR_TIE, f"{what}: prompt {n} differs at position {i} with float32 gap {gap:.3f}: a real bug"
         ties.append((n, i, gap))
