@@ -23,16 +23,16 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from actors.sampling import SamplingParams
-from actors.stats import SpecStats
 from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
 from cluster.bench_kernels import VerifyProbe, measure_kernels, torch_threads
+from cluster.bench_modes import (SAGUARO_C, SAGUARO_T, Mode, Run, build_modes, build_prompts, saguaro_modes,
+                                 sweep_modes)
 from cluster.bench_quiet import engine_pids, in_background, isolated, on_cpus
 from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 
@@ -40,93 +40,9 @@ log = logging.getLogger(__name__)
 
 FULL = dict(n_code=6, n_text=6, new_tokens=128, sweep=(2, 3, 4, 5, 6), saguaro_prompts=4)
 QUICK = dict(n_code=1, n_text=1, new_tokens=24, sweep=(), saguaro_prompts=1)
-PROMPT_TOKENS = 128
-SAGUARO_T, SAGUARO_C = 0.7, 0.8
 VERIFIER_KEYS = ("steps", "rounds", "tokens", "verify_s", "verify_cpu_s", "forward_s", "prefill_s", "wait_s",
                  "transport_s", "control_s", "idle_s")
 DRAFTER_KEYS = ("wait_s", "reply_s", "prespec_s", "prespec_cpu_s", "branches", "frames", "replies")
-
-
-@dataclass
-class Mode:
-    name: str
-    kind: str                        # outrider | hf | hf-assisted
-    overrides: dict = field(default_factory=dict)
-    threads: int = 1
-    params: SamplingParams = field(default_factory=SamplingParams)
-    engine: object = None
-    pids: list[int] = field(default_factory=list)   # its engine's local processes (idle class while others run)
-    pinned: set[int] | None = None                  # its verifier's pinned CPUs, kept to it while it is timed
-    loops: list[int] = field(default_factory=list)  # its verifier's and drafter's loop threads
-
-    @property
-    def cpus(self) -> int:
-        if self.kind != "outrider":
-            return 0
-        return self.threads * (1 if self.overrides["speculation.mode"] == "ar" else 2)
-
-
-@dataclass
-class Run:
-    tokens: list[int]
-    seconds: float
-    stats: SpecStats | None = None
-    verifier: dict | None = None     # counter deltas over the run
-    drafter: dict | None = None
-    ttft: float | None = None        # the verifier's time to first token (outrider only)
-
-    @property
-    def tok_s(self) -> float:
-        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
-
-
-def _outrider(name, mode, k, threads=1, fixed=False, **extra) -> Mode:
-    """An outrider engine; `fixed`: K = k every round (adaptive off), else the config's setting."""
-    ov = {"speculation.mode": mode, "speculation.k": k, "models.target.num_threads": threads, "engine.max_batch": 1}
-    if fixed:
-        ov["speculation.adaptive"] = False
-    if threads > 1:   # the whole machine: no core of its own to pin to
-        ov["models.target.cpus"] = None
-    if mode == "ar":
-        ov["models.draft"] = None
-    if mode != "ssd":
-        ov["speculation.fan_out"] = None
-    params = extra.pop("params", SamplingParams())
-    ov.update(extra)
-    return Mode(name, "outrider", ov, threads, params)
-
-
-def sweep_modes(k: int, sweep: tuple[int, ...]) -> list[Mode]:
-    """Sync SD and SSD at each fixed K of the sweep (adaptive off): their best K's, and what the
-    adaptive policy is measured against."""
-    ks = sorted(set(sweep) | {k})
-    return [_outrider(f"sd-k{kk}", "sd", kk, fixed=True) for kk in ks] + [
-        _outrider(f"ssd-k{kk}", "ssd", kk, fixed=True) for kk in ks]
-
-
-def build_modes(k: int, sd_ks: list[int], ssd_k: int | None = None) -> list[Mode]:
-    """The main comparison: AR, SD at the given fixed K's (the sweep's best and the SSD's K), SSD
-    as configured (adaptive K by default: the engine as shipped), SSD at the fixed K `ssd_k`
-    (the sweep's best), HF."""
-    fixed_ssd = [] if ssd_k is None else [_outrider(f"ssd-k{ssd_k}", "ssd", ssd_k, fixed=True)]
-    return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk, fixed=True) for kk in sorted(set(sd_ks))]
-            + [_outrider("ssd", "ssd", k)] + fixed_ssd
-            + [Mode("hf", "hf", threads=2), Mode("hf-assisted", "hf-assisted", threads=2),
-               _outrider("ar-2t", "ar", k, threads=2)])
-
-
-def saguaro_modes(k: int) -> list[Mode]:
-    return [_outrider(f"ssd-t{SAGUARO_T}-c{c}", "ssd", k, params=SamplingParams(temperature=SAGUARO_T),
-                      **{"speculation.saguaro_c": c}) for c in (1.0, SAGUARO_C)]
-
-
-def build_prompts(tok, n_code: int, n_text: int) -> tuple[list[list[int]], list[int]]:
-    """(timed prompts, warm-up prompt): held-out code and docstring prompts, last 128 tokens."""
-    from actors.demo.corpus import prompts
-
-    texts = prompts("code", n_code + 1) + prompts("text", n_text)
-    ids = [tok.encode(t)[-PROMPT_TOKENS:] for t in texts]
-    return ids[:n_code] + ids[n_code + 1:], ids[n_code]
 
 
 # -- running one generation ------------------------------------------------------------------

@@ -91,7 +91,8 @@ def engines_ab(config_path: str, n_prompts: int, new_tokens: int) -> dict:
     """Median tokens/s of AR, SD and SSD with engine.compile false and true, interleaved."""
     from tqdm import tqdm
 
-    from cluster.bench import _outrider, build_prompts, plan_phases, run_phases
+    from cluster.bench import build_prompts, plan_phases, run_phases
+    from cluster.bench_modes import _outrider
     from cluster.bench_report import check_greedy
     from cluster.config import load_config
     from cluster.deployment import engine_spec, shutdown_ray, tokenizer_for
