@@ -97,7 +97,8 @@ def markdown(dt: dict | None, llama: dict | None, config_dtype: str | None) -> l
                          f"{r['verify_over_decode']:.2f} | {1e3 * r['floor_s']:.2f} | {r['decode_over_floor']:.2f} |")
         by = dt["by_dtype"]
         if "bfloat16" in by:
-            lines += ["", f"bfloat16 / float32: t_decode(1) {by['bfloat16']['t_decode_1_s'] / by['float32']['t_decode_1_s']:.2f}x, "
+            lines += ["", "bfloat16 / float32: t_decode(1) "
+                          f"{by['bfloat16']['t_decode_1_s'] / by['float32']['t_decode_1_s']:.2f}x, "
                       f"t_verify({dt['k'] + 1}) {by['bfloat16']['t_verify_s'] / by['float32']['t_verify_s']:.2f}x."]
     if llama is not None:
         if llama.get("measured"):

@@ -109,8 +109,8 @@ def ar_vs_hf(target: str, rounds: int, dtypes, threads, n: int = 48) -> dict:
         for t in threads:
             with torch_threads(t):
                 for d in dtypes:
-                    for name, fn in (("outrider", lambda k: generate_ar(ours[d], prompt, StopCriteria(k))),
-                                     ("hf", lambda k: hf_run(hf[d], k))):
+                    for name, fn in (("outrider", lambda k, d=d: generate_ar(ours[d], prompt, StopCriteria(k))),
+                                     ("hf", lambda k, d=d: hf_run(hf[d], k))):
                         t0 = time.perf_counter()
                         fn(1)
                         t1 = time.perf_counter()
