@@ -26,6 +26,8 @@ def test_replicas_needs_concurrency():
     assert main(["bench", "-c", "configs/local-cpu.yaml", "--replicas", "1,2"]) == 2
 
 
+# A benchmark (Ray started twice in its own process, ~100 s): routing and exactness are tests/test_replicas.py
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_bench_reports_every_replica_count_and_concurrency(tiny_pair, tmp_path):
     """A served endpoint per replica count (its own process: it starts and shuts down its own Ray)."""
