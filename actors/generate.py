@@ -41,16 +41,19 @@ class Stream:
         self.length = 0
 
     @torch.inference_mode()
-    def feed(self, tokens: list[int]) -> torch.Tensor:
-        """Run `tokens` at the next positions; returns float32 logits [len(tokens), V]."""
+    def feed(self, tokens: list[int], aux: tuple[int, ...] = ()):
+        """Run `tokens` at the next positions; returns float32 logits [len(tokens), V] (with `aux`,
+        and the features of those layers [len(tokens), len(aux) * dim]: Transformer.forward)."""
         n = len(tokens)
         dev = self.model.device
         pos = torch.arange(self.length, self.length + n)[None]
         self.cache.prepare([self.slot], pos, self.length + n)   # host bookkeeping: no device reads
-        logits = self.model(torch.tensor([tokens], device=dev), pos.to(dev), self.cache, kv_len=self.length + n)
+        out = self.model(torch.tensor([tokens], device=dev), pos.to(dev), self.cache, kv_len=self.length + n, aux=aux)
         self.length += n
         self.cache.advance(self.slot, self.length)
-        return logits[0].float()
+        if aux:
+            return out[0][0].float(), out[1][0]
+        return out[0].float()
 
     def rollback(self, length: int) -> None:
         self.length = min(self.length, length)

@@ -92,7 +92,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: KVCache | None):
         """x [B, T, dim]; cos/sin [B, T, 1, head_dim] (sin signed, see `rope`); mask: None or
-        [B, 1, T * group (+ row_pad), n_keys], folded as the query rows below (Transformer._masks)."""
+        [B, 1, T * group (+ row_pad), n_keys], folded as the query rows below (attention_masks)."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         packed = eager(self.packed)
@@ -123,7 +123,7 @@ class Attention(nn.Module):
         # attention. Without it, SDPA with GQA and an explicit mask falls back to the math kernel,
         # which repeats k/v per query head (CUDA: tens of GiB per layer at long contexts); on CPU the
         # fused kernel with GQA runs one query row at a time (6x slower at T = 1, bfloat16). One
-        # row (T = 1) folds as a view. The mask comes folded the same way (Transformer._masks).
+        # row (T = 1) folds as a view. The mask comes folded the same way (attention_masks).
         n = T * G
         qf = q.reshape(B, T, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, n, D)
         pad = row_pad(n, q)
@@ -191,8 +191,13 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
                 cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
-                kv_len: int | None = None, last: bool = False) -> torch.Tensor:
+                kv_len: int | None = None, last: bool = False,
+                aux: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] -> logits [B, T, V] (`last`: only the last position's, [B, 1, V]).
+
+        `aux`: layer indices whose input hidden states (the residual stream entering layer i) are
+        also returned, concatenated, as features [B, T, len(aux) * dim] for a feature-conditioned
+        draft head (actors/eagle/); then the result is (logits, features).
 
         Without a cache: plain causal attention over the T tokens (training, reference).
         With a cache: row b's tokens sit at positions input_pos[b] of its sequence; they are
@@ -217,20 +222,20 @@ class Transformer(nn.Module):
             aligned = cache.aligned and n_keys == kv_len
         masks = self._masks(input_pos, n_keys if cache is not None else T, cache is not None, aligned)
         causal = cache is None or cache.causal   # host-known: aligned rows with T == kv_len
-        # RoPE in float32 (as the reference does), applied in the activation dtype; [B, T, 1, D],
-        # sin with rotate_half's sign folded in (see `rope`).
-        freqs = input_pos[:, :, None, None].float() * self.inv_freq
         x = self.model.embed_tokens(tokens)
-        c, s = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        cos, sin = torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
+        cos, sin = rope_tables(input_pos, self.inv_freq, x.dtype)
+        feats = []
         for i, layer in enumerate(self.model.layers):
+            if i in aux:
+                feats.append(x)
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, masks[i], causal, i, cache)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         if last:  # a prefill needs one row: the vocabulary head is the costliest matmul of a small model
             x = x[:, -1:]
         x = self.model.norm(x)
         head = eager(self._head)
-        return head(x) if head is not None else self.lm_head(x)
+        logits = head(x) if head is not None else self.lm_head(x)
+        return (logits, torch.cat(feats, dim=-1)) if aux else logits
 
     # -- packed CPU weights (actors/packed.py) ------------------------------------------------
     _head = None       # the packed vocabulary head, when packed
@@ -257,37 +262,7 @@ class Transformer(nn.Module):
         return self
 
     def _masks(self, input_pos: torch.Tensor, n_keys: int, cached: bool, aligned: bool) -> list[torch.Tensor | None]:
-        """One boolean attention mask per layer, [B, 1, T, n_keys] with its rows folded as Attention
-        folds the query rows (`_fold`); None means no explicit mask:
-        SDPA's own causal mask, or none at all for one aligned query row (`aligned`: every row's
-        positions are the last T before n_keys, known from host bookkeeping)."""
-        a, T = self.args, input_pos.shape[1]
-        window = a.sliding_window
-        if window is not None and window >= n_keys:
-            window = None  # every key is within reach anyway
-        windowed = set() if window is None else set(range(a.n_layers) if a.sliding_layers is None else a.sliding_layers)
-        plain = not cached or (aligned and (T == 1 or n_keys == T))
-        if plain and not windowed:
-            return [None] * a.n_layers
-        keys = torch.arange(n_keys, device=input_pos.device)
-        qpos = input_pos[:, None, :, None]
-        causal = keys <= qpos
-        slid = causal & (keys > qpos - window) if windowed else None
-        if plain:
-            causal = None
-        causal, slid = (None if m is None else self._fold(m) for m in (causal, slid))
-        return [slid if i in windowed else causal for i in range(a.n_layers)]
-
-    def _fold(self, mask: torch.Tensor) -> torch.Tensor:
-        """A [B, 1, T, n_keys] mask for Attention's folded query rows: row t * G + g is row t's,
-        and padding rows (row_pad) are row 0's."""
-        G = self.args.n_heads // self.args.n_kv_heads
-        if G > 1:
-            mask = mask.repeat_interleave(G, dim=2)
-        pad = row_pad(mask.shape[2], self.model.embed_tokens.weight)
-        if pad:
-            mask = torch.cat((mask, mask[:, :, :1].expand(-1, -1, pad, -1)), dim=2)
-        return mask
+        return attention_masks(self.args, input_pos, n_keys, cached, aligned, self.model.embed_tokens.weight)
 
     @property
     def device(self) -> torch.device:   # the embedding: a tensor-parallel worker has no head
@@ -296,3 +271,48 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
+
+
+def rope_tables(input_pos: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """RoPE's cos and sin for positions [B, T], in float32 (as the reference does), applied in the
+    activation dtype: [B, T, 1, D] each, sin with rotate_half's sign folded in (see `rope`)."""
+    freqs = input_pos[:, :, None, None].float() * inv_freq
+    c, s = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat((c, c), dim=-1), torch.cat((-s, s), dim=-1)
+
+
+def attention_masks(a: ModelArgs, input_pos: torch.Tensor, n_keys: int, cached: bool, aligned: bool,
+                    like: torch.Tensor) -> list[torch.Tensor | None]:
+    """One boolean attention mask per layer, [B, 1, T, n_keys] with its rows folded as Attention
+    folds the query rows (`fold_mask`); None means no explicit mask:
+    SDPA's own causal mask, or none at all for one aligned query row (`aligned`: every row's
+    positions are the last T before n_keys, known from host bookkeeping). `like`: a tensor of
+    the activations' dtype and device."""
+    T = input_pos.shape[1]
+    window = a.sliding_window
+    if window is not None and window >= n_keys:
+        window = None  # every key is within reach anyway
+    windowed = set() if window is None else set(range(a.n_layers) if a.sliding_layers is None else a.sliding_layers)
+    plain = not cached or (aligned and (T == 1 or n_keys == T))
+    if plain and not windowed:
+        return [None] * a.n_layers
+    keys = torch.arange(n_keys, device=input_pos.device)
+    qpos = input_pos[:, None, :, None]
+    causal = keys <= qpos
+    slid = causal & (keys > qpos - window) if windowed else None
+    if plain:
+        causal = None
+    causal, slid = (None if m is None else fold_mask(a, m, like) for m in (causal, slid))
+    return [slid if i in windowed else causal for i in range(a.n_layers)]
+
+
+def fold_mask(a: ModelArgs, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A [B, 1, T, n_keys] mask for Attention's folded query rows: row t * G + g is row t's,
+    and padding rows (row_pad) are row 0's."""
+    G = a.n_heads // a.n_kv_heads
+    if G > 1:
+        mask = mask.repeat_interleave(G, dim=2)
+    pad = row_pad(mask.shape[2], like)
+    if pad:
+        mask = torch.cat((mask, mask[:, :, :1].expand(-1, -1, pad, -1)), dim=2)
+    return mask
