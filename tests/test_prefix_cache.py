@@ -22,6 +22,7 @@ from cluster.config import ConfigError, load_config
 from cluster.deployment import engine_spec
 from cluster.metrics import EngineCollector, InFlight
 from tests.conftest import assert_matches_or_near_tie, hf_greedy
+from tests.test_drafter import _greedy
 
 
 def _cache(n_blocks=8, bs=4) -> PagedKVCache:
@@ -181,24 +182,16 @@ def test_the_drafter_reuses_a_released_prompt_and_drafts_as_from_scratch(tiny_pa
                       fan_out_budget=4, max_batch=2, max_seq_len=256, kv_block_size=4)
     d = Drafter(spec)
     ref = load_model(spec.draft)
-
-    @torch.inference_mode()
-    def greedy(tokens, n):
-        out = list(tokens)
-        for _ in range(n):
-            out.append(int(ref(torch.tensor([out]))[0, -1].argmax()))
-        return out[len(tokens):]
-
     prompt = held_out_prompts[4][:42]
     for sid in (1, 2):
         d.handle(Frame(Rec.ADMIT, 0, [Record(Rec.ADMIT, sid, 0, K, spec.fan_out_budget,
                                              tokens=encode_params(SamplingParams(), 0, prompt))]))
         assert d.seqs[sid].length == (0 if sid == 1 else 40)   # the second admission starts on 10 cached blocks
         d.prespeculate()
-        for (j, t), br in d.seqs[sid].branches.items():
-            assert br.tokens == greedy(prompt + [t], K)
+        for (_, t), br in d.seqs[sid].branches.items():
+            assert br.tokens == _greedy(ref, prompt + [t], K)
         d.handle(Frame(Rec.OUTCOME, 1, [Record(Rec.OUTCOME, sid, 0, 0, 5, tokens=[K, spec.fan_out_budget])]))
-        assert d.seqs[sid].draft == greedy(prompt + [5], K)
+        assert d.seqs[sid].draft == _greedy(ref, prompt + [5], K)
         d.cache.check()
         d.handle(Frame(Rec.RELEASE, 2, [Record(Rec.RELEASE, sid)]))
     assert d.stats()["prefix_hit_tokens"] == 40 and d.cache.pool.n_used == 0
