@@ -129,7 +129,7 @@ def _run(v: Verifier, arrivals: dict[int, list[Request]], max_steps=4000) -> dic
             if e["done"]:
                 done.add(e["id"])
         v.cache.check()
-        assert v.cache.pool.n_used <= v.cache.n_reserved   # held blocks never past reservations (parked ones are free to take)
+        assert v.cache.pool.n_used <= v.cache.n_reserved   # held blocks within reservations (parked: reclaimable)
         if len(done) == n and step > max(arrivals):
             return out, peak
     raise AssertionError(f"only {len(done)} of {n} requests finished")

@@ -122,7 +122,7 @@ class TestServing:
         engine, coord = tp_engine
         hf, refs = hf_refs
         prompts = held_out_prompts[8:12]
-        for rnd in range(2):
+        for _ in range(2):   # the second time from cached blocks
             handles = [coord.submit(GenerateArgs(list(p), HF_NEW)) for p in prompts]
             finals = [h.result() for h in handles]
             assert_all_match_or_rare_near_ties(hf, prompts, [h.tokens for h in handles], refs[8:12])
