@@ -76,7 +76,8 @@ class Drafter:
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
         # A learning drafter trains through the plain forward: it is never compiled.
         self._forward = Runner(self.model, spec, "drafter", self.device, spec.draft_blocks(), spec.draft_rows(),
-                               spec.draft_max_len, compile_ok=self.online is None)
+                               spec.draft_max_len, compile_ok=self.online is None,
+                               prefix=spec.draft_prefix_caching)
         self.cache = self._forward.cache
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -127,9 +128,10 @@ class Drafter:
             self.channel.close()
 
     def stats(self) -> dict:
+        prefix = self.cache.pool.prefix.stats() if self.cache.pool.prefix is not None else {}
         if self.online is not None:
-            return dict(vars(self.times), seqs=len(self.seqs), **self.online.stats())
-        return dict(vars(self.times), seqs=len(self.seqs))
+            return dict(vars(self.times), seqs=len(self.seqs), **prefix, **self.online.stats())
+        return dict(vars(self.times), seqs=len(self.seqs), **prefix)
 
     def _train_until_frame(self) -> Frame:
         if self._waiter is None:
@@ -197,6 +199,9 @@ class Drafter:
         params, _, tokens = decode_params(rec.tokens)   # params.seed keys its draws (sampling.py)
         s = DraftSeq(rec.seq, params, list(tokens), self.cache.alloc(),
                      k=min(rec.a, self.k), budget=min(rec.b, self.spec.max_branches))
+        # the cached prefix's blocks (the verifier skips the same part of its prefill); the last
+        # prompt token is always fed, for the depth-0 distribution
+        s.length = self.cache.reuse(s.slot, s.tokens, len(s.tokens) - 1)
         self.seqs[s.id] = s
         if self.online is not None:
             self.online.admit(s.id, len(s.tokens))
@@ -212,6 +217,7 @@ class Drafter:
                           last=True)   # only the cache matters here: skip the vocabulary head for all but one row
             s.length = end
             self.cache.advance(s.slot, end)
+            self.cache.publish(s.slot, s.tokens, end)
 
     def _release(self, sid: int) -> None:
         s = self.seqs.pop(sid, None)
@@ -238,9 +244,11 @@ class Drafter:
             # copies: the branches' rows are views of one [rows, K, V] tensor, freed with them
             s.length, s.draft = br.length, br.tokens
             s.q, s.dists = (br.q.clone() if br.q is not None else None), br.dists.clone()
+            self.cache.publish(s.slot, s.tokens, s.length)   # positions past the committed tokens hold drafts
             return HIT
         s.length = min(s.length, n_old + k)
         self.cache.truncate(s.slot, s.length)
+        self.cache.publish(s.slot, s.tokens, s.length)
         s.draft, s.q, s.dists = [], None, None
         return MISS if self.spec.mode == "ssd" and looked_up else NO_LOOKUP
 

@@ -30,11 +30,12 @@ log = logging.getLogger(__name__)
 
 class Runner:
     def __init__(self, model, spec: EngineSpec, role: str, device: str, n_blocks: int, max_rows: int,
-                 max_len: int, compile_ok: bool = True, precompile: bool = True, backend: str = "inductor"):
+                 max_len: int, compile_ok: bool = True, precompile: bool = True, backend: str = "inductor",
+                 prefix: bool = False):
         self.model, self.device = model, device
         pads = spec.pads(device)
         self.cache = PagedKVCache.for_model(model.args, n_blocks, spec.kv_block_size, max_len, model.dtype, device,
-                                            scratch=pads)
+                                            scratch=pads, prefix=prefix)
         self.buckets = Buckets(max_rows, spec.k, max_len, kv_step_for(spec.kv_block_size)) if pads else None
         self.role = role
         self.compiled: set[Shape] | None = None   # shapes precompiled; None: not yet (or nothing to compile)

@@ -54,6 +54,7 @@ class Seq:
     stats: SpecStats
     t_submit: float
     length: int = 0                    # valid positions in the target's KV slot
+    cached: int = 0                    # prompt positions found in the prefix cache (prefill skipped them)
     round: int = 0
     draft: list[int] = field(default_factory=list)
     q: torch.Tensor | None = None

@@ -45,6 +45,7 @@ class EngineSpec:
     target_kv_blocks: int | None = None   # the verifier's block pool; None: max_batch full-length sequences
     draft_kv_blocks: int | None = None    # the drafter's; None: derived from the verifier's (draft_blocks)
     prefill_chunk: int = 512        # prompt positions per prefill forward (bounds the logits buffer)
+    prefix_caching: bool = True     # keep full KV blocks by prefix digest and reuse them (actors/kv/prefix.py)
     compile: bool = False           # torch.compile the cached forwards (actors/compiled.py)
     pad_shapes: bool = False        # pad decode/verify forwards to fixed buckets even off CUDA (testing knob)
     timeout_s: float = 30.0
@@ -129,6 +130,12 @@ class EngineSpec:
         if self.draft_kv_blocks is not None:
             return self.draft_kv_blocks + scratch
         return self._target_blocks() + self.max_batch * (1 + self.max_branches) * self.branch_blocks + scratch
+
+    @property
+    def draft_prefix_caching(self) -> bool:
+        """The drafter caches prefixes too, unless it learns online: keys/values computed with
+        older weights would then serve new requests."""
+        return self.prefix_caching and self.online_learning is None
 
     def draft_rows(self) -> int:
         """The most rows one drafter forward batches: every sequence's branches and its own row."""

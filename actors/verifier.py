@@ -96,7 +96,7 @@ class Verifier(DrafterLink):
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
         # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.
         self._forward = Runner(self.model, spec, "verifier", self.device, spec.target_blocks(), spec.max_batch,
-                               spec.target_max_len)
+                               spec.target_max_len, prefix=spec.prefix_caching)
         self.cache = self._forward.cache
         self.tp = self._forward.tp = TPLead(n_tp, self.device, group_timeout_s(spec.timeout_s, spec.compile),
                                                     self.cache.pool) if n_tp > 1 else None
@@ -189,10 +189,11 @@ class Verifier(DrafterLink):
 
     def metrics(self) -> dict:
         pool = self.cache.pool
+        # kv_blocks_used: held by sequences; parked prefix-cache blocks are reclaimable, not used
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
                 "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
-                "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_blocks - pool.n_free,
-                "kv_blocks_reserved": self.cache.n_reserved}
+                "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_used,
+                "kv_blocks_reserved": self.cache.n_reserved, **(pool.prefix.stats() if pool.prefix else {})}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
@@ -264,6 +265,9 @@ class Verifier(DrafterLink):
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
         slot = self.cache.alloc(reserve_tokens=self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens))
         s = Seq(req, slot, list(req.prompt), seed, SpecStats(k=self.k), t_submit)
+        # a cached prefix's blocks join the table: prefill starts after them (one token at least
+        # is left to compute, for the first token's logits)
+        s.length = s.cached = self.cache.reuse(slot, req.prompt, len(req.prompt) - 1)
         self.seqs[req.id] = s
         if self.spec.speculative:
             # reported: a seeded request's pinned K, so the same seed with this `k` gives the same tokens
@@ -314,14 +318,15 @@ class Verifier(DrafterLink):
             self.cache.free(slot)
 
     def _prefill(self, s: Seq) -> None:
-        """Feed the prompt; its last logits give the first token."""
+        """Feed the prompt past its cached prefix; its last logits give the first token."""
         t0 = time.perf_counter()
         n, params, step = len(s.req.prompt), s.req.params, self.spec.prefill_chunk
-        for a in range(0, n, step):  # in chunks, and only the last row's logits
+        for a in range(s.cached, n, step):  # in chunks, and only the last row's logits
             b = min(n, a + step)
             logits = self._forward(torch.tensor([s.req.prompt[a:b]]), torch.arange(a, b)[None], [s.slot],
                                    last=True)[0, -1]
             self.cache.advance(s.slot, b)
+            self.cache.publish(s.slot, s.req.prompt, b)
         s.length = n
         tok = int(logits.argmax()) if params.greedy else int(
             sample(probs_from_logits(logits, params), uniforms=keyed_uniforms(s.seed, [len(s.tokens)], TOKEN)))
@@ -429,6 +434,7 @@ class Verifier(DrafterLink):
                 lps = token_logprobs(logits[i, at:at + k + 1], new, s.req.logprobs)
             s.length = len(s.tokens) + k
             self.cache.advance(s.slot, s.length)
+            self.cache.publish(s.slot, s.tokens + new, s.length)   # before _commit, which may free the slot
             s.draft, s.q, s.last_k = [], None, k
             self.times.rounds += 1
             if not self._commit(s, new, lps) and s.on_drafter:
@@ -460,7 +466,7 @@ class Verifier(DrafterLink):
             self._release.append(s.req.id)
         self.events.put({
             "id": s.req.id, "tokens": [], "done": True, "reason": reason,
-            "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated,
+            "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated, "cached_tokens": s.cached,
             "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,
         })
 

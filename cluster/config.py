@@ -168,6 +168,10 @@ class EngineConfig(_Section):
     kv_cache_memory: int | float | str | None = None
     kv_block_size: int = Field(16, ge=1, le=1024)   # positions per KV block
     prefill_chunk: int = Field(512, ge=16)          # prompt positions per prefill forward
+    # Keep full KV blocks of running and finished sequences by the digest of their token prefix
+    # and reuse them for later requests that start the same way, on the verifier and the drafter
+    # (actors/kv/prefix.py, docs/prefix-caching.md). Cached blocks nobody holds are evicted LRU.
+    prefix_caching: bool = True
     # torch.compile the decode/verify forwards. Opt-in: on CPU it measured slower than eager
     # (docs/compiled.md); the compile itself takes seconds to minutes. On CUDA the forwards run at
     # padded bucket shapes and are captured as CUDA graphs (actors/buckets.py); elsewhere dynamic.

@@ -51,6 +51,7 @@ class Final:
     total_s: float
     text: str = ""
     error: str | None = None
+    cached_tokens: int = 0   # prompt tokens the verifier's prefix cache held (their prefill skipped)
 
 
 @dataclass
@@ -279,7 +280,8 @@ class Coordinator:
             h.done = True
             h.events.put(Final(finish, ev.get("prompt_tokens", len(h.args.prompt_ids)), len(h.tokens),
                                SpecStats.from_dict(ev["stats"]) if ev.get("stats") else SpecStats(),
-                               ev.get("ttft_s", 0.0), ev.get("total_s", 0.0)))
+                               ev.get("ttft_s", 0.0), ev.get("total_s", 0.0),
+                               cached_tokens=ev.get("cached_tokens", 0)))
 
     @staticmethod
     def _emit(h: Handle, piece) -> None:

@@ -68,6 +68,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
         kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk, compile=en.compile,
+        prefix_caching=en.prefix_caching,
         pad_shapes=en.pad_shapes,
         online_learning=_online_spec(sp.online_learning) if draft else None,
         tensor_parallel_size=m.target.tensor_parallel_size,

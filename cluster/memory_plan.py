@@ -14,6 +14,10 @@ No weights are read. Per role (target = verifier, draft = drafter):
     [rows, K, V] float32 distributions and q rows of one round of branches (plus the adopted
     ones of the round before). The verifier's prefill runs in chunks of `prefill_chunk`.
 
+Prefix caching (engine.prefix_caching, actors/kv/prefix.py) adds no memory: cached blocks live in
+these pools. Those no sequence holds are parked and reclaimable (evicted LRU on demand), so the
+plan, the verifier's reservations and the drafter's sizing count them as free.
+
   * reserve (GPUs only): what a process holds beyond its tensors (Reserve): the CUDA context
     and its loaded kernels, cuBLAS workspaces, NCCL's buffers per communicator it joins (the
     TP group, the drafter channel's bulk group), and with engine.compile on CUDA the CUDA-graph

@@ -8,8 +8,9 @@ engine replicas (cluster.replicas) they are summed over the replicas.
 Load gauges, as vLLM names them, per replica (label `replica`) and in total (no label):
 `num_requests_running` (per replica: sequences in its verifier's batch; in total: the server's
 open streams), `num_requests_waiting` (admitted to a verifier, waiting for a batch slot or KV
-blocks) and `kv_cache_usage_perc` (the fraction of the verifier's KV blocks in use, 0..1). The
-router (cluster/router.py) balances on the same numbers.
+blocks) and `kv_cache_usage_perc` (the fraction of the verifier's KV blocks in use, 0..1; parked
+prefix-cache blocks are reclaimable, not in use). The router (cluster/router.py) balances on the
+same numbers. Prefix-cache figures: cluster/prefix_metrics.py.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.samples import Sample
 
 from actors.stats import SpecStats
+from cluster.prefix_metrics import prefix_families
 
 log = logging.getLogger(__name__)
 P = "outrider:"
@@ -155,6 +157,7 @@ class EngineCollector:
                 buf = GaugeMetricFamily(P + "drafter_train_buffer_tokens", "tokens in the replay buffer")
                 buf.add_metric([], float(d.get("train_buffer_tokens", 0)))
                 yield buf
+        yield from prefix_families(m)
         ok = GaugeMetricFamily(P + "drafter_up", "1 while the drafter is on the data plane (every replica's)")
         ok.add_metric([], 1.0 if m.get("drafter_ok") else 0.0)
         yield ok

@@ -88,6 +88,29 @@ def test_chat_equals_grpc(served, oai):
     assert chunks[-1].usage.completion_tokens == final.usage.completion_tokens
 
 
+def test_a_repeated_system_prompt_hits_the_prefix_cache(served, oai):
+    """SSD over Ray with the openai client: the same long system prompt twice. The second answer's
+    usage reports the cached prompt tokens, the answer is the first's (which found nothing cached:
+    no other test sends this system prompt), and /metrics counts hits on the target and the drafter."""
+    server, _ = served
+    system = ("You review Python modules for a standard library. Read each function, say what it "
+              "returns, name every exception it raises, and keep answers short. ") * 3
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": "def parse(text):"}]
+    first = oai.chat.completions.create(model="tiny", messages=chat, max_tokens=16, temperature=0)
+    again = oai.chat.completions.create(model="tiny", messages=chat, max_tokens=16, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert 16 <= again.usage.prompt_tokens_details.cached_tokens < again.usage.prompt_tokens
+    assert again.choices[0].message.content == first.choices[0].message.content
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def hits() -> dict[str, float]:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+        return {s.labels["role"]: s.value for fam in text_string_to_metric_families(body)
+                if fam.name == "outrider:prefix_cache_hits" for s in fam.samples}
+    wait_for(lambda: hits().get("draft", 0) > 0, 10, "the drafter's prefix-cache hits on /metrics")
+    assert hits()["target"] >= again.usage.prompt_tokens_details.cached_tokens
+
+
 def test_extras_and_seeded_sampling(served, oai):
     kw = dict(model="tiny", prompt=PROMPT, max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
     a = oai.completions.create(**kw, extra_body={"top_k": 20, "k": 2})

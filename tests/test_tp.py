@@ -115,6 +115,20 @@ class TestServing:
         assert engine.verifier.tp.calls > 0 and all(p.is_alive() for p in engine.tp_procs)
 
 
+    def test_prefixes_cached_on_rank_0_serve_every_rank(self, tp_engine, hf_refs, held_out_prompts):
+        """Rank 0 alone decides which cached blocks a prompt reuses; rank 1 holds the same keys/values
+        in the same blocks because it replays every plan. The same prompts, twice: the second time
+        they start on cached blocks and still equal transformers."""
+        engine, coord = tp_engine
+        hf, refs = hf_refs
+        prompts = held_out_prompts[8:12]
+        for _ in range(2):   # the second time from cached blocks
+            handles = [coord.submit(GenerateArgs(list(p), HF_NEW)) for p in prompts]
+            finals = [h.result() for h in handles]
+            assert_all_match_or_rare_near_ties(hf, prompts, [h.tokens for h in handles], refs[8:12])
+        assert all(f.cached_tokens >= len(p) - 16 for f, p in zip(finals, prompts)), [f.cached_tokens for f in finals]
+        assert all(p.is_alive() for p in engine.tp_procs)
+
     def test_sampling_with_two_ranks_matches_ar(self, tp_engine, tiny_pair, held_out_prompts):
         """Tokens 2 and 3 pass through speculation on the split target; their joint law must be the
         whole target's (AR in this process, other seeds): a chi-square test on the histograms."""

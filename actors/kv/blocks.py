@@ -10,7 +10,12 @@ Blocks are reference-counted. `fork` gives a new table that shares the source's 
 length (a speculative branch reads its sequence's committed prefix and owns only its own last
 positions); a write into a shared block first copies it (copy on write), so neither side ever
 sees the other's positions. `truncate` (rollback after a rejection) and `free` drop references;
-a block whose count reaches zero goes back to the pool.
+a block whose count reaches zero goes back to the pool (actors/kv/pool.py).
+
+With prefix caching (actors/kv/prefix.py) `publish` names a table's full blocks of committed
+tokens by their prefix digest, and `reuse` starts a new table on the cached blocks of the
+longest equal prefix, so its prefill skips those positions. A named block is never written:
+`_own` copies it first, as it copies a shared one.
 
 Admission uses *reservations*: a sequence reserves the most blocks it can ever hold (prompt +
 max_new_tokens + K), so an admitted sequence never runs out of cache halfway; `can_reserve`
@@ -23,77 +28,15 @@ reads past a table's end point at. Reservations count the other blocks only (`ca
 """
 from __future__ import annotations
 
-import heapq
-
 import torch
 
+from actors.kv.pool import BlockPool
+from actors.kv.prefix import ROOT, block_digests
 from actors.kv_cache import CacheFullError, read_len, rows_aligned
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
     return -(-n_tokens // block_size)
-
-
-class BlockPool:
-    """The storage and the free list. Free blocks are handed out lowest id first, so a sequence
-    admitted into a fresh pool gets consecutive blocks (a batch-1 read is then a view)."""
-
-    def __init__(self, n_layers: int, n_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        if n_blocks < 1 or block_size < 1:
-            raise ValueError(f"a block pool needs n_blocks >= 1 and block_size >= 1, got {n_blocks}, {block_size}")
-        shape = (n_layers, n_blocks, block_size, n_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_size = block_size
-        self.ref = [0] * n_blocks
-        self._free = list(range(n_blocks))   # a heap
-        self.copies = 0                      # copy-on-write block copies so far
-        # A list: every copy is also logged as (src, dst), for a tensor-parallel rank 0 to have its
-        # workers make the same copies in their pools (actors/tp/); None: not logged.
-        self.copy_log: list[tuple[int, int]] | None = None
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.ref)
-
-    @property
-    def n_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def bytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def take(self) -> int:
-        if not self._free:
-            raise CacheFullError(f"all {self.n_blocks} KV blocks are in use")
-        b = heapq.heappop(self._free)
-        self.ref[b] = 1
-        return b
-
-    def incref(self, b: int) -> None:
-        if self.ref[b] <= 0:
-            raise ValueError(f"block {b} is free")
-        self.ref[b] += 1
-
-    def decref(self, b: int) -> None:
-        if self.ref[b] <= 0:
-            raise ValueError(f"block {b} is already free")
-        self.ref[b] -= 1
-        if self.ref[b] == 0:
-            heapq.heappush(self._free, b)
-
-    def copy(self, src: int) -> int:
-        """A private copy of block `src` (every layer); drops one reference to `src`."""
-        dst = self.take()
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
-        self.decref(src)
-        self.copies += 1
-        if self.copy_log is not None:
-            self.copy_log.append((src, dst))
-        return dst
 
 
 class PagedKVCache:
@@ -106,6 +49,7 @@ class PagedKVCache:
         self.block_size = pool.block_size
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}
+        self.digests: dict[int, list[bytes]] = {}   # prefix caching: each table's full blocks' digests so far
         self.reserved: dict[int, int] = {}    # handle -> blocks reserved at admission
         self._next = 0
         self._plan: tuple | None = None       # this forward's indices, built by prepare
@@ -115,9 +59,9 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, args, n_blocks: int, block_size: int, max_len: int, dtype=torch.float32,
-                  device="cpu", scratch: bool = False) -> PagedKVCache:
-        return cls(BlockPool(args.n_layers, n_blocks, block_size, args.n_kv_heads, args.head_dim, dtype, device),
-                   max_len, scratch)
+                  device="cpu", scratch: bool = False, prefix: bool = False) -> PagedKVCache:
+        return cls(BlockPool(args.n_layers, n_blocks, block_size, args.n_kv_heads, args.head_dim, dtype, device,
+                             prefix), max_len, scratch)
 
     # -- tables --------------------------------------------------------------------------
     @property
@@ -141,16 +85,54 @@ class PagedKVCache:
                                  "are reserved")
         h = self._next
         self._next += 1
-        self.tables[h], self.lengths[h] = [], 0
+        self.tables[h], self.lengths[h], self.digests[h] = [], 0, []
         if need:
             self.reserved[h] = need
         return h
 
     def free(self, h: int) -> None:
-        for b in self.tables.pop(h):
+        # last block first: parked blocks are evicted oldest first, and a prefix's tail is worth
+        # less than its head (no later block of the chain can hit without it)
+        for b in reversed(self.tables.pop(h)):
             self.pool.decref(b)
-        del self.lengths[h]
+        del self.lengths[h], self.digests[h]
         self.reserved.pop(h, None)
+
+    # -- prefix caching (actors/kv/prefix.py) ---------------------------------------------
+    def reuse(self, h: int, tokens: list[int], limit: int) -> int:
+        """Start the empty table `h` on the cached blocks of the longest prefix of `tokens` it
+        finds, at most `limit` positions (a prefill needs one token left to compute, for its
+        logits). Counts the lookup; returns the positions reused (0 without prefix caching)."""
+        index = self.pool.prefix
+        if index is None:
+            return 0
+        if self.tables[h]:
+            raise ValueError(f"table {h} is not empty: a prefix is reused only by a new table")
+        digests = block_digests(tokens, self.block_size, limit=limit)
+        blocks = index.lookup(digests)
+        for b in blocks:
+            self.pool.incref(b)
+        n = len(blocks) * self.block_size
+        self.tables[h], self.lengths[h], self.digests[h] = list(blocks), n, digests[:len(blocks)]
+        index.query_tokens += len(tokens)
+        index.hit_tokens += n
+        return n
+
+    def publish(self, h: int, tokens: list[int], upto: int) -> None:
+        """Name the full blocks of table `h` below position `upto` by their prefix digests:
+        positions < upto must hold the keys/values of `tokens` (committed tokens only)."""
+        index = self.pool.prefix
+        if index is None:
+            return
+        done, t = self.digests[h], self.tables[h]
+        n = min(upto, self.lengths[h], len(tokens)) // self.block_size
+        if n <= len(done):
+            return
+        new = block_digests(tokens, self.block_size, len(done), done[-1] if done else ROOT,
+                            limit=n * self.block_size)
+        for i, d in enumerate(new, len(done)):
+            index.register(d, t[i])
+        done += new
 
     def fork(self, src: int, length: int) -> int:
         """A new table whose positions [0, length) are src's, sharing its blocks."""
@@ -162,6 +144,7 @@ class PagedKVCache:
         h = self._next
         self._next += 1
         self.tables[h], self.lengths[h] = list(shared), length
+        self.digests[h] = self.digests[src][:length // self.block_size]
         return h
 
     def truncate(self, h: int, length: int) -> None:
@@ -183,9 +166,10 @@ class PagedKVCache:
     def _drop_after(self, h: int, length: int) -> None:
         t = self.tables[h]
         keep = blocks_for(length, self.block_size)
-        for b in t[keep:]:
+        for b in reversed(t[keep:]):
             self.pool.decref(b)
         del t[keep:]
+        del self.digests[h][length // self.block_size:]   # a block no longer full is no longer named
 
     def blocks_held(self) -> int:
         """Distinct blocks referenced by any table (equals the pool's used blocks unless leaked)."""
@@ -204,8 +188,14 @@ class PagedKVCache:
         if counts != self.pool.ref:
             bad = [i for i, (a, b) in enumerate(zip(counts, self.pool.ref)) if a != b]
             raise AssertionError(f"block reference counts disagree with the tables at blocks {bad[:8]}")
-        if self.pool.n_free != sum(1 for c in counts if c == 0):
-            raise AssertionError("the free list disagrees with the reference counts")
+        if self.pool.n_free + self.pool.n_parked != sum(1 for c in counts if c == 0):
+            raise AssertionError("the free list and the parked blocks disagree with the reference counts")
+        index = self.pool.prefix
+        if index is not None:
+            if any(self.pool.ref[b] for b in index.parked) or any(b not in index for b in index.parked):
+                raise AssertionError("a parked block is held by a table or named by no digest")
+            if any(index.by_digest[d] != b for b, d in index.digest_of.items()):
+                raise AssertionError("the prefix index's two maps disagree")
 
     # -- the model's side ----------------------------------------------------------------
     def prepare(self, handles: list[int], input_pos: torch.Tensor, kv_len: int) -> None:
@@ -258,8 +248,10 @@ class PagedKVCache:
                 raise CacheFullError(f"position {z} exceeds the cache's max_len {self.max_len}")
             while len(t) <= z // bs:
                 t.append(self.pool.take())
+            index = self.pool.prefix
             for i in range(a // bs, z // bs + 1):
-                if self.pool.ref[t[i]] > 1:
+                # shared, or named by the prefix index (a later hit must find it as it was)
+                if self.pool.ref[t[i]] > 1 or (index is not None and t[i] in index):
                     t[i] = self.pool.copy(t[i])
 
     @property

@@ -54,8 +54,10 @@ def spec_stats(final: Final) -> dict:
 
 
 def usage(final: Final) -> dict:
+    # prompt_tokens_details.cached_tokens: OpenAI's field for a prompt-cache hit (actors/kv/prefix.py)
     return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens,
-            "total_tokens": final.prompt_tokens + final.completion_tokens}
+            "total_tokens": final.prompt_tokens + final.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": final.cached_tokens}}
 
 
 def build_app(service, model_name: str, token: str | None, max_body_bytes: int) -> FastAPI:
