@@ -39,6 +39,10 @@ class DraftSeq:
     budget: int = 0              # fan-out budget for pre-speculation
     speculated: bool = False     # pre-speculation ran for this round (a lookup follows)
     kv_steps: int = 0            # online learning: optimizer steps when its KV was last computed from scratch
+    # a draft head (actors/eagle/): the target's features at positions 0..n-1 (fused, [n, dim])
+    # and the head's hidden state after tokens + draft[:j] (row j, as `dists`)
+    real: torch.Tensor | None = None
+    hid: torch.Tensor | None = None
 
 
 @dataclass

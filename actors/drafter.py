@@ -42,6 +42,7 @@ import torch
 from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel
 from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
+from actors.eagle.drafting import add_features, catch_up_depths, load_head_model, n_real, row_features
 from actors.frame import Frame, Rec, Record
 from actors.fanout import split_budget, top_candidates
 from actors.loader import load_model
@@ -62,7 +63,9 @@ class Drafter:
         self.spec = spec
         self.k = spec.k
         self.device = spec.draft_device
-        self.model = load_model(spec.draft, spec.draft_dtype, self.device)
+        self.head = spec.draft_head_layers is not None   # a draft head on the target's features (actors/eagle/)
+        self.model = load_head_model(spec, self.device) if self.head else load_model(spec.draft, spec.draft_dtype,
+                                                                                      self.device)
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
@@ -76,7 +79,7 @@ class Drafter:
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
         # A learning drafter trains through the plain forward: it is never compiled.
         self._forward = Runner(self.model, spec, "drafter", self.device, spec.draft_blocks(), spec.draft_rows(),
-                               spec.draft_max_len, compile_ok=self.online is None,
+                               spec.draft_max_len, compile_ok=self.online is None and not self.head,
                                prefix=spec.draft_prefix_caching)
         self.cache = self._forward.cache
 
@@ -111,8 +114,8 @@ class Drafter:
                     self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
                     self.times.prespec_cpu_s += time.thread_time() - c2
-                elif self.spec.mode != "ssd":  # read new prompts while the verifier prefills them
-                    for s in self.seqs.values():
+                elif self.spec.mode != "ssd" and not self.head:  # read new prompts while the verifier prefills them
+                    for s in self.seqs.values():   # (a head waits for the prompt's features)
                         if s.k:  # at K = 0 the cache catches up when a draft is asked for
                             self._prefill(s, len(s.tokens))
         finally:
@@ -149,6 +152,10 @@ class Drafter:
                 must_reply = True
             elif rec.kind == Rec.ADMIT:  # nothing to draft before the first token is known
                 self._admit(rec)
+            elif rec.kind == Rec.FEATS:   # before its OUTCOME: the positions that outcome committed
+                s = self.seqs.get(rec.seq)
+                if s is not None:
+                    add_features(self.model, s, rec.a, rec.floats)
             elif rec.kind == Rec.OUTCOME:
                 s = self.seqs.get(rec.seq)
                 if s is None:  # admitted before this drafter (re)joined: the verifier decodes alone
@@ -211,8 +218,12 @@ class Drafter:
     def _prefill(self, s: DraftSeq, upto: int) -> None:
         """Feed committed tokens the cache has not seen, up to (not including) index `upto`."""
         step = self.spec.prefill_chunk
+        if self.head:   # rows the target's features reach (row r reads the feature at r - 1)
+            upto = min(upto, n_real(s) + 1)
         while s.length < upto:
             end = min(upto, s.length + step)
+            if self.head:
+                self.model.feats = row_features(self.model, s, s.length, end)
             self._forward(torch.tensor([s.tokens[s.length:end]]), torch.arange(s.length, end)[None], [s.slot],
                           last=True)   # only the cache matters here: skip the vocabulary head for all but one row
             s.length = end
@@ -244,9 +255,12 @@ class Drafter:
             # copies: the branches' rows are views of one [rows, K, V] tensor, freed with them
             s.length, s.draft = br.length, br.tokens
             s.q, s.dists = (br.q.clone() if br.q is not None else None), br.dists.clone()
+            if self.head:   # rows from n_old on ran on predicted features: the real ones replace them
+                s.length, s.dists, s.hid = min(s.length, n_old), None, None
+                self.cache.truncate(s.slot, s.length)
             self.cache.publish(s.slot, s.tokens, s.length)   # positions past the committed tokens hold drafts
             return HIT
-        s.length = min(s.length, n_old + k)
+        s.length = min(s.length, n_old if self.head else n_old + k)
         self.cache.truncate(s.slot, s.length)
         self.cache.publish(s.slot, s.tokens, s.length)
         s.draft, s.q, s.dists = [], None, None
@@ -275,6 +289,7 @@ class Drafter:
         s.draft = s.draft[:k]
         s.q = s.q[:k] if s.q is not None else None
         s.dists = s.dists[:k] if s.dists is not None and k else None
+        s.hid = s.hid[:k] if s.hid is not None and k else None
         s.length = min(s.length, len(s.tokens) - 1 + k)
         self.cache.truncate(s.slot, s.length)
 
@@ -296,9 +311,9 @@ class Drafter:
                 self._prefill(s, len(s.tokens) - 1)
             self._catch_up_ns = time.perf_counter_ns() - t0
             for K, group in self._by_k(jit):
-                rows = [(s, s.slot, s.length, s.tokens[-1], None) for s in group]
-                for (s, *_), (toks, q, dists, length) in zip(rows, self._draft_rows(rows, K)):
-                    s.draft, s.q, s.dists, s.length = toks, q, dists, length
+                rows = [(s, s.slot, s.length, s.tokens[-1], None, self._first_feature(s)) for s in group]
+                for (s, *_), (toks, q, dists, hid, length) in zip(rows, self._draft_rows(rows, K)):
+                    s.draft, s.q, s.dists, s.hid, s.length = toks, q, dists, hid, length
 
     @staticmethod
     def _by_k(items, k_of=lambda s: s.k):
@@ -308,10 +323,15 @@ class Drafter:
             groups.setdefault(k_of(it), []).append(it)
         return sorted(groups.items())
 
-    def _draft_rows(self, rows, K: int) -> list[tuple[list[int], torch.Tensor | None, torch.Tensor, int]]:
-        """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out),
-        one batched forward per step. Returns per row (tokens, q rows, dists, cache length);
-        the rows' q and dists are views into one [B, K, V] tensor each (no per-row copies)."""
+    def _first_feature(self, s: DraftSeq) -> torch.Tensor | None:
+        """A draft head's feature for the row after the committed tokens: the target's last."""
+        return s.real[len(s.tokens) - 2] if self.head else None
+
+    def _draft_rows(self, rows, K: int) -> list[tuple]:
+        """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out,
+        a draft head's feature for the first step), one batched forward per step. Returns per row
+        (tokens, q rows, dists, a head's hidden states, cache length); the rows' q and dists are
+        views into one [B, K, V] tensor each (no per-row copies)."""
         B, V, dev = len(rows), self.model.args.vocab_size, self.device
         slots = [r[1] for r in rows]
         pos = torch.tensor([r[2] for r in rows])         # host bookkeeping (the cache's plan)
@@ -323,8 +343,16 @@ class Drafter:
                 sampled.setdefault(r[0].id, []).append(i)
         dists = torch.empty(B, K, V, device=dev)
         qs = torch.empty(B, K, V, device=dev) if sampled else None
+        hids = feats = None
+        if self.head:   # step 0 reads the given features, each later step the head's last output
+            feats = torch.stack([r[5] for r in rows])[:, None]
+            hids = torch.empty(B, K, self.model.dim, dtype=self.model.dtype, device=dev)
         for step in range(K):
+            self.model.feats = feats
             logits = self._forward(cur[:, None], pos[:, None], slots)[:, 0]
+            if self.head:
+                feats = self.model.hidden
+                hids[:, step] = feats[:, 0]
             nxt = logits.argmax(-1)
             dists[:, step] = logits
             for idx in sampled.values():
@@ -347,7 +375,7 @@ class Drafter:
         for i, (r, t) in enumerate(zip(rows, toks.tolist())):   # the one read back: the drafted tokens
             length = r[2] + K
             self.cache.advance(slots[i], length)
-            out.append((t, qs[i] if i in sampled_rows else None, dists[i], length))
+            out.append((t, qs[i] if i in sampled_rows else None, dists[i], None if hids is None else hids[i], length))
         return out
 
     def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
@@ -359,6 +387,12 @@ class Drafter:
         """Feed the cache whatever it lacks of tokens + draft, so every depth has a distribution."""
         full = s.tokens + s.draft
         if s.length >= len(full):
+            return
+        if self.head:
+            t0 = time.perf_counter_ns()
+            self._prefill(s, len(s.tokens) - 1)
+            self._prespec_catch_up_ns += time.perf_counter_ns() - t0
+            catch_up_depths(self.model, self._forward, self.cache, s)
             return
         if s.length < len(s.tokens) - 1:  # rows before depth 0 give no distribution: prefill them in chunks
             t0 = time.perf_counter_ns()
@@ -384,6 +418,8 @@ class Drafter:
                 continue
             if s.k == 0:  # speculation off: its cache catches up when a draft is asked for
                 continue
+            if self.head and n_real(s) < len(s.tokens) - 1:   # a new prompt: its features come with its
+                continue                                      # first outcome (its first draft is drafted then)
             s.speculated = True
             self._catch_up(s)
             n, depths = len(s.tokens), len(s.draft)
@@ -397,12 +433,12 @@ class Drafter:
         # the candidates of every sequence and depth in one topk and one read-back
         for (s, n, j), cands in zip(depth_rows, top_candidates(dists, drafted, fans)):
             for t in cands:
-                rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j))
+                rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j, s.hid[j] if self.head else None))
                 keys.append((s, (j, t)))
         self._prespec = (max((r[0].k for r in rows), default=0), 0)
         if not rows:
             return
         for K, group in self._by_k(list(zip(keys, rows)), k_of=lambda kr: kr[0][0].k):
-            for ((s, key), row), (toks, q, dists, length) in zip(group, self._draft_rows([r for _, r in group], K)):
+            for ((s, key), row), (toks, q, dists, _, length) in zip(group, self._draft_rows([r for _, r in group], K)):
                 s.branches[key] = Branch(row[1], row[2], length, toks, q, dists)
         self.times.branches += len(rows)

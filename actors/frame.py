@@ -8,7 +8,7 @@ A frame travels as up to three tensors, always in this order:
     header     int64    8           [MAGIC, VERSION, frame_kind, n_records, n_ints,
                                     n_floats, step, reserved=0]
     ints       int64    n_ints      records back to back; omitted when n_ints == 0
-    floats     float32  n_floats    float payloads of DRAFT records, in record order;
+    floats     float32  n_floats    float payloads of DRAFT and FEATS records, in record order;
                                     omitted when n_floats == 0
     =========  =======  ==========  ===================================================
 
@@ -24,6 +24,8 @@ gives meaning only to DRAFT's b; the other fields are the engine's (see actors/w
     DRAFT     lookup hit flag      rows attached (0|K)  K draft tokens     b x V q-rows
     TABLE     n branches           K                    n x [k, t*, K      -
                                                         draft tokens]
+    FEATS     first position       rows (b)             [width]            b x width
+                                                                           target features
     SHUTDOWN  -                    -                    -                  -
     PING      generic (timestamps) generic              -                  -
     ========  ===================  ===================  =================  =============
@@ -32,9 +34,11 @@ The engine's K per sequence and round (actors/adaptive.py) rides on ADMIT (a, b)
 OUTCOME's payload: the draft length and fan-out budget the drafter uses from that frame on.
 
 frame_kind is a Rec naming the frame's main content (OUTCOME for the verifier's step frame,
-DRAFT for the drafter's reply, SHUTDOWN, ...). Only DRAFT records carry floats, and every DRAFT
+DRAFT for the drafter's reply, SHUTDOWN, ...). DRAFT and FEATS records carry floats. Every DRAFT
 row in a frame has the same width V (the vocabulary size), so the receiver recovers V as
-n_floats / sum(b) and the format needs no extra field.
+(n_floats - the FEATS floats) / sum(DRAFT b); a FEATS record names its width in its payload.
+FEATS (verifier -> drafter, beside OUTCOME) carries the target's hidden states at positions
+a..a+b-1 of a sequence, for a feature-conditioned draft head (actors/eagle/).
 
 On the wire (actors/channel.py) the header and, when they fit, the ints travel together in one
 fixed-size message of HEADER_LEN + INLINE_INTS int64: a typical step frame (a few records) is
@@ -50,7 +54,7 @@ from enum import IntEnum
 import torch
 
 MAGIC = 0x4F52  # 'OR'
-VERSION = 5   # 5: ADMIT and OUTCOME carry the K and fan-out budget to draft with
+VERSION = 6   # 6: FEATS records (the target's features for a draft head); 5: K and budget on ADMIT/OUTCOME
 HEADER_LEN = 8
 INLINE_INTS = 504   # header + inline ints = 512 int64 = 4 KiB per message
 RECORD_FIXED = 6  # kind, seq, round, a, b, n
@@ -75,6 +79,7 @@ class Rec(IntEnum):
     SHUTDOWN = 5
     PING = 6
     TABLE = 7   # the drafter's speculation cache for the round being verified (SSD)
+    FEATS = 8   # the target's hidden states at committed positions, for a draft head
 
 
 @dataclass(slots=True, eq=False)
@@ -85,7 +90,8 @@ class Record:
     a: int = 0
     b: int = 0
     tokens: list[int] | torch.Tensor = field(default_factory=list)
-    # DRAFT only: b rows of V floats (any shape with b * V elements; decode gives [b, V])
+    # DRAFT: b rows of V floats; FEATS: b rows of tokens[0] floats (any shape with that many
+    # elements; decode gives [b, width])
     floats: torch.Tensor | None = None
 
 
@@ -108,9 +114,13 @@ def encode(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
     for r in frame.records:
         toks = r.tokens.tolist() if isinstance(r.tokens, torch.Tensor) else r.tokens
         numel = 0 if r.floats is None else r.floats.numel()
-        if numel:
+        if r.kind == Rec.FEATS:
+            if len(toks) != 1 or r.b < 1 or numel != r.b * toks[0]:
+                raise ProtocolError(f"FEATS seq {r.seq}: {numel} floats are not b={r.b} rows of width {toks}")
+            parts.append(r.floats.reshape(-1))
+        elif numel:
             if r.kind != Rec.DRAFT:
-                raise ProtocolError(f"only DRAFT records carry floats, got {r.kind!r} (seq {r.seq})")
+                raise ProtocolError(f"only DRAFT and FEATS records carry floats, got {r.kind!r} (seq {r.seq})")
             if r.b <= 0 or numel % r.b:
                 raise ProtocolError(f"DRAFT seq {r.seq}: {numel} floats do not make b={r.b} rows")
             if width < 0:
@@ -129,8 +139,9 @@ def encode(frame: Frame) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tenso
         else:
             # cat into a preallocated output: several times faster than letting cat allocate
             # (measured ~0.3 vs ~1.3+ ms for 8 x [8, 32000] on CPU).
-            floats = torch.cat(parts, out=torch.empty(sum(p.numel() for p in parts), dtype=torch.float32,
-                                                      device=parts[0].device))
+            floats = torch.cat([p.to(torch.float32) for p in parts],
+                               out=torch.empty(sum(p.numel() for p in parts), dtype=torch.float32,
+                                               device=parts[0].device))
     n_floats = 0 if floats is None else floats.numel()
     header = torch.tensor([MAGIC, VERSION, int(frame.kind), len(frame.records), len(ints), n_floats,
                            frame.step, 0], dtype=torch.int64)
@@ -168,7 +179,7 @@ def decode_parts(h: list[int], ints: torch.Tensor | None, floats: torch.Tensor |
         raise ProtocolError(f"header announces {n_floats} floats, got {got_floats}")
 
     records: list[Record] = []
-    rows = 0
+    rows = feat_floats = 0
     pos = 0
     while pos < n_ints:
         if pos + RECORD_FIXED > n_ints:
@@ -184,22 +195,31 @@ def decode_parts(h: list[int], ints: torch.Tensor | None, floats: torch.Tensor |
             if b < 0:
                 raise ProtocolError(f"DRAFT seq {seq} announces {b} float rows")
             rows += b
+        elif kind_r == Rec.FEATS:
+            if n != 1 or b < 1 or vals[pos] < 1:
+                raise ProtocolError(f"FEATS seq {seq}: {b} rows of width {vals[pos:pos + n]}")
+            feat_floats += b * vals[pos]
         records.append(Record(kind_r, seq, rnd, a, b, vals[pos:pos + n]))
         pos += n
     if len(records) != n_records:
         raise ProtocolError(f"header announces {n_records} records, parsed {len(records)}")
 
+    q_floats = n_floats - feat_floats
+    if q_floats < 0:
+        raise ProtocolError(f"{n_floats} floats, FEATS records announce {feat_floats}")
     if rows == 0:
-        if n_floats:
+        if q_floats:
             raise ProtocolError(f"{n_floats} floats but no DRAFT rows to hold them")
+        width = 0
     else:
-        if n_floats == 0 or n_floats % rows:
-            raise ProtocolError(f"{n_floats} floats do not split into {rows} equal rows")
-        width = n_floats // rows
-        flat = floats.reshape(-1)
-        off = 0
-        for r in records:
-            if r.kind == Rec.DRAFT and r.b:
-                r.floats = flat[off:off + r.b * width].view(r.b, width)
-                off += r.b * width
+        if q_floats == 0 or q_floats % rows:
+            raise ProtocolError(f"{q_floats} floats do not split into {rows} equal rows")
+        width = q_floats // rows
+    flat = floats.reshape(-1) if floats is not None else None
+    off = 0
+    for r in records:
+        w = width if r.kind == Rec.DRAFT else r.tokens[0] if r.kind == Rec.FEATS else 0
+        if w and r.b:
+            r.floats = flat[off:off + r.b * w].view(r.b, w)
+            off += r.b * w
     return Frame(Rec(kind), step, records)

@@ -89,11 +89,13 @@ class Runner:
             out[:1, :1, :1].cpu()   # finished before it is timed or replaced
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, handles: list[int],
-                 last: bool = False) -> torch.Tensor:
+                 last: bool = False, aux: tuple[int, ...] = ()):
+        """float32 logits [B, T, V]; with `aux`, (logits, the target's features at those layers
+        [B, T, len(aux) * dim]) for a draft head (actors/eagle/), from the eager forward."""
         with torch.inference_mode():
             kv_len = int(pos.max()) + 1   # host positions: no device read
             B, T = tokens.shape
-            shape = self.buckets.shape(B, T, kv_len, last) if self.buckets else None
+            shape = self.buckets.shape(B, T, kv_len, last) if self.buckets and not aux else None
             if shape is not None and self._static and self.compiled is None and self._auto:
                 self.precompile()   # not called at start-up (a TP verifier before join_tp): now
             if shape is not None:   # fixed shapes (actors/buckets.py): pad, run, slice back
@@ -105,6 +107,10 @@ class Runner:
                 self.tp.call(tokens, pos, kv_len, last, self.cache)
             compiled = shape is not None and (self.compiled is None or shape in self.compiled)
             fwd = getattr(self.model, "static_forward", self.model) if compiled else self.model
+            if aux:
+                logits, feats = self.model(tokens.to(self.device), pos.to(self.device), self.cache, kv_len=kv_len,
+                                           last=last, aux=aux)
+                return logits.float(), feats
             logits = fwd(tokens.to(self.device), pos.to(self.device), self.cache, kv_len=kv_len, last=last)
             if shape is not None:   # a CUDA graph's output is overwritten by its next replay
                 logits = logits[:B, :T].clone()

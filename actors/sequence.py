@@ -64,6 +64,9 @@ class Seq:
     k: int = 0                               # the draft length asked of the drafter (policy's K)
     on_drafter: bool = False
     t_first: float = 0.0
+    # a draft head's input (actors/eagle/): the target's features at committed positions the
+    # drafter has not received yet, as (first position, rows [n, width]) pieces
+    feats: list[tuple[int, torch.Tensor]] = field(default_factory=list)
 
     @property
     def n_generated(self) -> int:
@@ -72,6 +75,7 @@ class Seq:
     def off_drafter(self) -> None:
         """Forget every piece of drafter state: the drafter is gone, or a new one joins."""
         self.on_drafter, self.outcome, self.draft, self.q, self.table = False, None, [], None, None
+        self.feats = []
 
 
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:

@@ -62,6 +62,9 @@ class EngineSpec:
     target_resources: dict[str, float] = field(default_factory=dict)
     draft_resources: dict[str, float] = field(default_factory=dict)
     online_learning: OnlineLearningSpec | None = None   # None: the drafter never trains
+    # `draft` is a feature-conditioned draft head (actors/eagle/) reading the target's features at
+    # these layers; None: a draft model
+    draft_head_layers: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -82,6 +85,8 @@ class EngineSpec:
             raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.draft_head_layers is not None and self.online_learning is not None:
+            raise ValueError("online learning trains a draft model; the draft is a draft head")
 
     @property
     def speculative(self) -> bool:
@@ -135,7 +140,13 @@ class EngineSpec:
     def draft_prefix_caching(self) -> bool:
         """The drafter caches prefixes too, unless it learns online: keys/values computed with
         older weights would then serve new requests."""
-        return self.prefix_caching and self.online_learning is None
+        return self.prefix_caching and self.online_learning is None and self.draft_head_layers is None
+
+    @property
+    def target_prefix_caching(self) -> bool:
+        """The verifier caches prefixes, unless a draft head drafts: it needs the target's features
+        at every prompt position, which a cached prefix skips computing (FEATS records)."""
+        return self.prefix_caching and self.draft_head_layers is None
 
     def draft_rows(self) -> int:
         """The most rows one drafter forward batches: every sequence's branches and its own row."""

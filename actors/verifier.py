@@ -96,7 +96,7 @@ class Verifier(DrafterLink):
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
         # write (prompt + max_new_tokens + K) can be reserved, so it never runs out halfway.
         self._forward = Runner(self.model, spec, "verifier", self.device, spec.target_blocks(), spec.max_batch,
-                               spec.target_max_len, prefix=spec.prefix_caching)
+                               spec.target_max_len, prefix=spec.target_prefix_caching)
         self.cache = self._forward.cache
         self.tp = self._forward.tp = TPLead(n_tp, self.device, group_timeout_s(spec.timeout_s, spec.compile),
                                                     self.cache.pool) if n_tp > 1 else None
@@ -121,6 +121,9 @@ class Verifier(DrafterLink):
         self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
         self._last_verify_s = 0.0
         self._timer = DeviceTimer(self.device)   # the verify forward's device time
+        # a draft head reads the target's features at these layers: each forward also returns
+        # them, and they go to the drafter beside each outcome (FEATS records)
+        self.aux: tuple[int, ...] = tuple(spec.draft_head_layers or ())
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -240,7 +243,8 @@ class Verifier(DrafterLink):
         records = [Record(Rec.RELEASE, sid) for sid in self._release]
         self._release = []
         for s in self.seqs.values():  # re-admit after a drafter (re)join
-            if self.drafter_ok and s.req.speculate and not s.on_drafter:
+            # (a draft head would need the features of everything before: such sequences finish unspeculated)
+            if self.drafter_ok and s.req.speculate and not s.on_drafter and not self.aux:
                 # Its last committed token plays the first token's part: the outcome of an empty draft.
                 records.append(self._admit_record(s, s.tokens[:-1]))
                 s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
@@ -324,7 +328,12 @@ class Verifier(DrafterLink):
         for a in range(s.cached, n, step):  # in chunks, and only the last row's logits
             b = min(n, a + step)
             logits = self._forward(torch.tensor([s.req.prompt[a:b]]), torch.arange(a, b)[None], [s.slot],
-                                   last=True)[0, -1]
+                                   last=True, aux=self.aux)
+            if self.aux:
+                logits, feats = logits
+                if s.on_drafter:
+                    s.feats.append((a, feats[0]))
+            logits = logits[0, -1]
             self.cache.advance(s.slot, b)
             self.cache.publish(s.slot, s.req.prompt, b)
         s.length = n
@@ -357,6 +366,11 @@ class Verifier(DrafterLink):
             for s in going:
                 k, t = s.outcome
                 s.k = kn = ks[s.req.id]
+                if s.feats:   # the features of the positions this outcome committed, first
+                    rows = torch.cat([f for _, f in s.feats])
+                    records.append(Record(Rec.FEATS, s.req.id, s.round - 1, s.feats[0][0], len(rows),
+                                          tokens=[rows.shape[1]], floats=rows))
+                    s.feats = []
                 records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t, tokens=[kn, budget]))
                 s.outcome = None
                 table, s.table = s.table, None
@@ -411,7 +425,9 @@ class Verifier(DrafterLink):
         x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
         pos = torch.tensor([list(range(s.length, s.length + T)) for s in seqs])
         self._timer.start()
-        logits = self._forward(x, pos, [s.slot for s in seqs])
+        logits = self._forward(x, pos, [s.slot for s in seqs], aux=self.aux)
+        if self.aux:
+            logits, feats = logits
         self._timer.stop()
         if self._deferred is not None and not self._q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.
@@ -432,6 +448,8 @@ class Verifier(DrafterLink):
             if s.req.logprobs is not None:  # only for requests that asked: the rows that emitted `new`
                 at = len(rows[i]) - n_draft - 1   # the last pending token's row scores the first new one
                 lps = token_logprobs(logits[i, at:at + k + 1], new, s.req.logprobs)
+            if self.aux and s.on_drafter:   # the rows now committed: pending tokens and accepted drafts
+                s.feats.append((s.length, feats[i, :len(rows[i]) - n_draft + k]))
             s.length = len(s.tokens) + k
             self.cache.advance(s.slot, s.length)
             self.cache.publish(s.slot, s.tokens + new, s.length)   # before _commit, which may free the slot

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None,
                    help="models directory (default $OUTRIDER_MODELS_DIR or ~/.cache/outrider/models)")
     b.add_argument("--force", action="store_true")
+    b.add_argument("--budget", type=float, default=None, metavar="MIN",
+                   help="smol: minutes of draft-head training on two cores (default 5; longer drafts better; "
+                        "built beside the default head as head-<MIN>min)")
 
     g = sub.add_parser("generate", help="generate text: in-process, on a local cluster, or from a server")
     g.add_argument("prompt_pos", nargs="?", metavar="PROMPT")
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "models":
             from actors.demo.build import cli_build
 
-            print(cli_build(args.size, args.out, args.force))
+            if args.budget is not None and args.size != "smol":
+                raise ValueError("--budget is for --size smol (the draft head's training)")
+            print(cli_build(args.size, args.out, args.force, args.budget))
             return 0
         if args.cmd == "generate":
             from cluster.generate_cmd import run_generate

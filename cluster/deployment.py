@@ -56,8 +56,12 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         raise ConfigError(f"models.draft.tensor_parallel_size={m.draft.tensor_parallel_size}: the drafter runs on "
                           "one device (only the target is split); use 1")
     draft = m.draft if sp.mode != "ar" else None
+    target_path, draft_path = resolve_model(m.target.path), resolve_model(draft.path) if draft else None
+    head_layers = _head_layers(draft_path, target_path) if draft else None
+    if head_layers is not None and sp.online_learning is not None and sp.online_learning.enabled:
+        raise ConfigError("speculation.online_learning: trains a draft model; models.draft.path is a draft head")
     spec = EngineSpec(
-        target=resolve_model(m.target.path), draft=resolve_model(draft.path) if draft else None,
+        target=target_path, draft=draft_path, draft_head_layers=head_layers,
         target_dtype=_dtype(m.target), draft_dtype=_dtype(draft) if draft else "float32",
         target_device=m.target.device, draft_device=draft.device if draft else "cpu",
         mode=sp.mode, k=sp.k, adaptive=sp.adaptive, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
@@ -80,7 +84,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
                        launcher=cfg.cluster.launcher)
     spec = plan.apply(spec)
     spec.extra["memory_plan"] = plan.table()
-    if spec.draft is not None:
+    if spec.draft is not None and head_layers is None:   # (a head's vocabulary was checked against the target's)
         why = vocab_mismatch(Tokenizer(spec.target), Tokenizer(spec.draft))
         if why:
             raise ConfigError(f"models.draft.path: {draft.path!r} does not share the target's tokenizer: {why}")
@@ -96,6 +100,22 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         if draft:
             _check_device(spec.draft_device, "models.draft.device")
     return spec
+
+
+def _head_layers(draft_path: str, target_path: str) -> tuple[int, ...] | None:
+    """The target layers a draft head reads, when models.draft.path is one (actors/eagle/)."""
+    import json
+
+    from actors.config import CheckpointError
+    from actors.eagle.checkpoint import head_args, is_head_dir
+
+    if not is_head_dir(draft_path):
+        return None
+    cfg_file = Path(draft_path) / "config.json"
+    try:
+        return head_args(json.loads(cfg_file.read_text()), ModelArgs.from_dir(target_path), str(cfg_file)).aux_layers
+    except CheckpointError as e:
+        raise ConfigError(f"models.draft.path: {e}") from None
 
 
 def _target_rank_args(cfg: DeploymentConfig, path: str):

@@ -212,6 +212,22 @@ def _step_bytes(args, dtype: str, rows: int, T: int, kv_len: int) -> int:
     return logits + gathered + scores + mlp
 
 
+def _draft_args(spec: EngineSpec):
+    """The drafter's shapes: a draft model's, or a draft head's one layer (with the target's
+    vocabulary: its embedding is the one tensor of the target the drafter holds)."""
+    from actors.config import ModelArgs
+
+    if spec.draft_head_layers is not None:
+        import json
+        from pathlib import Path
+
+        from actors.eagle.checkpoint import head_args
+
+        return head_args(json.loads((Path(spec.draft) / "config.json").read_text()),
+                         ModelArgs.from_dir(spec.target)).layer
+    return ModelArgs.from_dir(spec.draft)
+
+
 def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | None] | None = None,
                 target_args=None, draft_args=None, launcher: str = "ray", reserve: Reserve = RESERVE) -> MemoryPlan:
     """The plan for `spec` (its model directories are read for config.json only). `memory` gives
@@ -220,8 +236,7 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
     from actors.config import ModelArgs
 
     ta = target_args or ModelArgs.from_dir(spec.target)
-    da = draft_args if draft_args is not None else (ModelArgs.from_dir(spec.draft) if spec.draft and spec.speculative
-                                                    else None)
+    da = draft_args if draft_args is not None else (_draft_args(spec) if spec.draft and spec.speculative else None)
     bs, K = spec.kv_block_size, spec.k
     tdev, ddev = role_devices(spec.target_device, spec.draft_device, launcher)
     raw = {tdev: spec.target_device} | ({ddev: spec.draft_device} if da is not None else {})

@@ -105,7 +105,8 @@ def _plain_reference(state: dict, cfg: dict, embed: torch.Tensor, feats: torch.T
     m = "layers.0."
     T = len(toks)
     h = feats @ state["fc.weight"].t()
-    x = torch.cat((norm(embed[toks], state[m + "input_layernorm.weight"]), norm(h, state[m + "hidden_norm.weight"])), -1)
+    x = torch.cat((norm(embed[toks], state[m + "input_layernorm.weight"]),
+                   norm(h, state[m + "hidden_norm.weight"])), -1)
     pos = torch.arange(T)
     q = rot((x @ state[m + "self_attn.q_proj.weight"].t()).view(T, H, D), pos)
     k = rot((x @ state[m + "self_attn.k_proj.weight"].t()).view(T, Hkv, D), pos).repeat_interleave(H // Hkv, 1)
@@ -114,7 +115,7 @@ def _plain_reference(state: dict, cfg: dict, embed: torch.Tensor, feats: torch.T
     att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
     h = h + torch.einsum("hts,shd->thd", att, v).reshape(T, H * D) @ state[m + "self_attn.o_proj.weight"].t()
     y = norm(h, state[m + "post_attention_layernorm.weight"])
-    y = (torch.nn.functional.silu(y @ state[m + "mlp.gate_proj.weight"].t()) * (y @ state[m + "mlp.up_proj.weight"].t()))
+    y = torch.nn.functional.silu(y @ state[m + "mlp.gate_proj.weight"].t()) * (y @ state[m + "mlp.up_proj.weight"].t())
     h = h + y @ state[m + "mlp.down_proj.weight"].t()
     return norm(h, state["norm.weight"]) @ state["lm_head.weight"].t()
 
@@ -212,7 +213,8 @@ def _without(head: EagleHead, exclude: set[int]) -> EagleHead:
     ids = head.target_ids()
     keep = torch.tensor([i for i, t in enumerate(ids.tolist()) if t not in exclude])
     out = EagleHead(replace(head.args, draft_vocab=len(keep)))
-    state = dict(head.state_dict(), **{"lm_head.weight": head.lm_head.weight[keep], "d2t": ids[keep] - torch.arange(len(keep))})
+    state = dict(head.state_dict(), **{"lm_head.weight": head.lm_head.weight[keep],
+                                       "d2t": ids[keep] - torch.arange(len(keep))})
     out.load_state_dict({k: v for k, v in state.items() if not k.startswith("embed_tokens")})
     return out.eval().attach(head.embed_tokens)
 
@@ -244,4 +246,66 @@ def test_sd_with_head_sampling_matches_transformers(target, trained_head, tiny_p
     assert sum(d[0] in top for d in draws) > 200   # and the left-out tokens were emitted (from the residual)
     hf = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
     pvalue, table = g_test(hf, prompt, params, draws)
+    assert pvalue > 1e-3, f"sampled continuations differ from transformers (p={pvalue:.2e}):\n{table}"
+
+
+# -- the engine -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def head_dir(trained_head, tmp_path_factory):
+    d = tmp_path_factory.mktemp("head")
+    save_head(trained_head, d)
+    return d
+
+
+def _engine_run(head_dir, prompts, mode: str, params=None, max_new=HF_NEW, **speculation):
+    """Every prompt at once through a local engine (verifier here, drafter in a child process)
+    whose drafter is the head: the target's features cross the gloo data plane (FEATS records)."""
+    from actors.launch import LocalEngine
+    from cluster.config import load_config
+    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.deployment import engine_spec
+
+    over = {"models.draft.path": str(head_dir), "speculation.mode": mode, "speculation.adaptive": False,
+            "engine.max_batch": 8, **{f"speculation.{k}": v for k, v in speculation.items()}}
+    spec = engine_spec(load_config("configs/local-cpu.yaml", over))
+    assert spec.draft_head_layers is not None and not spec.target_prefix_caching
+    engine = LocalEngine(spec).start()
+    coord = Coordinator(engine, None, max_queue=4096)
+    try:
+        handles = [coord.submit(GenerateArgs(list(p), max_new, p2)) for p, p2 in
+                   zip(prompts, params or [SamplingParams()] * len(prompts))]
+        finals = [h.result() for h in handles]
+    finally:
+        coord.stop()
+        engine.stop()
+    stats = finals[0].stats
+    for f in finals[1:]:
+        stats.merge(f.stats)
+    return [h.tokens for h in handles], stats
+
+
+@pytest.mark.parametrize("mode", ["sd", "ssd"])
+def test_engine_with_head_greedy_equals_hf(head_dir, hf_refs, held_out_prompts, mode):
+    hf, refs = hf_refs
+    prompts = held_out_prompts[:8]
+    outs, stats = _engine_run(head_dir, prompts, mode, k=3)
+    exact = sum(assert_matches_or_near_tie(hf, p, o, r) for p, o, r in zip(prompts, outs, refs))
+    assert exact >= len(outs) - 1
+    assert stats.accepted_tokens > 0, stats.summary()
+    if mode == "ssd":
+        assert stats.cache_hits > 0, stats.summary()   # branches pre-drafted on predicted features hit
+
+
+def test_engine_with_head_sampling_matches_transformers(head_dir, tiny_pair, held_out_prompts):
+    """SSD sampling with the head through the engine: tokens 2-3 come from speculation."""
+    from tests.test_distribution import NEW, _prompt, _seeded, CASES, g_test
+    from transformers import AutoModelForCausalLM
+
+    case = CASES["top_k"]
+    prompt = _prompt(held_out_prompts, case)
+    n = 1500
+    outs, stats = _engine_run(head_dir, [prompt] * n, "ssd", _seeded(case.params, n, 4_000_000), max_new=NEW, k=2)
+    assert 0 < stats.accepted_tokens < stats.draft_tokens, stats.summary()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
+    pvalue, table = g_test(hf, prompt, case.params, [tuple(o) for o in outs])
     assert pvalue > 1e-3, f"sampled continuations differ from transformers (p={pvalue:.2e}):\n{table}"

@@ -94,3 +94,35 @@ def test_a_reply_for_another_step_is_a_protocol_error():
     _check_step(reply, 7)
     with pytest.raises(ProtocolError, match="answers step 7, expected 8: the data plane is out of step"):
         _check_step(reply, 8)
+
+
+def test_feature_rows_ride_beside_q_rows():
+    """FEATS rows (the target's features for a draft head) have their own width; DRAFT q rows in
+    the same frame still split evenly, and both come back in place."""
+    f = Frame(Rec.OUTCOME, 3, [
+        Record(Rec.FEATS, 7, 2, 40, 3, [6], torch.randn(3, 6)),
+        Record(Rec.OUTCOME, 7, 2, 2, 99, [4, 8]),
+        Record(Rec.DRAFT, 7, 3, 1, 2, [5, 6], torch.randn(2, 11)),
+        Record(Rec.FEATS, 9, 1, 0, 1, [6], torch.randn(1, 6).to(torch.bfloat16)),   # any float dtype
+    ])
+    g = decode(*encode(f))
+    for a, b in zip(f.records, g.records):
+        assert _same(a, b), (a, b)
+    assert g.records[0].floats.shape == (3, 6) and g.records[2].floats.shape == (2, 11)
+
+
+@pytest.mark.parametrize("rec", [
+    Record(Rec.FEATS, 7, 0, 0, 3, [6], torch.randn(2, 6)),      # fewer floats than b rows of width
+    Record(Rec.FEATS, 7, 0, 0, 1, [], torch.randn(1, 6)),       # no width
+    Record(Rec.OUTCOME, 7, 0, 0, 1, [], torch.randn(1, 6)),     # floats on a record that carries none
+])
+def test_bad_feature_records_are_refused(rec):
+    with pytest.raises(ProtocolError):
+        encode(Frame(Rec.OUTCOME, 0, [rec]))
+
+
+def test_a_feature_width_that_overruns_the_floats_is_refused():
+    header, ints, floats = encode(Frame(Rec.OUTCOME, 0, [Record(Rec.FEATS, 7, 0, 0, 2, [6], torch.randn(2, 6))]))
+    ints[-1] = 7   # the width, rewritten: 14 floats announced, 12 sent
+    with pytest.raises(ProtocolError):
+        decode(header, ints, floats)

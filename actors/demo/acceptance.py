@@ -35,8 +35,17 @@ def measure(target_dir, draft_dir, k: int = 4, n: int = 12, new_tokens: int = 96
     from actors.stopping import StopCriteria
     from actors.tokenizer import Tokenizer
 
+    from actors.eagle.checkpoint import is_head_dir, load_head
+    from actors.eagle.generate import generate_sd_head
+
     tok = Tokenizer(target_dir)
-    target, draft = load_model(target_dir), load_model(draft_dir)
+    target = load_model(target_dir)
+    if is_head_dir(draft_dir):   # a draft head on the target's features
+        head = load_head(draft_dir, target)
+        run = lambda p, stop: generate_sd_head(target, head, p, stop, k=k)  # noqa: E731
+    else:
+        draft = load_model(draft_dir)
+        run = lambda p, stop: generate_sd(target, draft, p, stop, k=k)  # noqa: E731
     sets = {"code": [tok.encode(t)[-96:] for t in prompts("code", n, seed=16)],
             "chat": [tok.encode_chat([{"role": "user", "content": m}]) for m in HELD_OUT[:n]]}
     stop = StopCriteria(new_tokens, frozenset(target.args.eos_token_ids))
@@ -44,7 +53,7 @@ def measure(target_dir, draft_dir, k: int = 4, n: int = 12, new_tokens: int = 96
     for name, ps in sets.items():
         stats = SpecStats(k=k)
         for p in tqdm(ps, desc=f"{name} k={k}", unit="prompt", mininterval=5, disable=False, leave=False):
-            stats.merge(generate_sd(target, draft, p, stop, k=k).stats)
+            stats.merge(run(p, stop).stats)
         out[name] = {"prompts": len(ps), "acceptance": round(stats.acceptance_rate, 3),
                      "mean_acceptance_length": round(stats.mean_acceptance_length, 3),
                      "draft_tokens": stats.draft_tokens}
@@ -55,7 +64,7 @@ def measure(target_dir, draft_dir, k: int = 4, n: int = 12, new_tokens: int = 96
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="demo:smol/target")
-    ap.add_argument("--draft", default="demo:smol/draft")
+    ap.add_argument("--draft", default="demo:smol/draft", help="a drafter, or a draft head (demo:smol/head)")
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--n", type=int, default=12, help="prompts per set")
     ap.add_argument("--new-tokens", type=int, default=96)

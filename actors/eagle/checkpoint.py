@@ -60,11 +60,32 @@ def head_args(cfg: dict, target: ModelArgs, source: str = "config.json") -> Head
 
 def load_head(path: str | Path, target, dtype: torch.dtype | None = None) -> EagleHead:
     """The head in `path`, attached to `target`'s embedding, in the target's dtype and device."""
+    return read_head(path, target.args, target.model.embed_tokens, dtype or target.dtype, target.device)
+
+
+def load_head_for(path: str | Path, target_path: str | Path, dtype: torch.dtype, device: str = "cpu") -> EagleHead:
+    """The head in `path` with the token embedding read from the target checkpoint at
+    `target_path` (the drafter holds that one tensor of the target, nothing else)."""
+    from safetensors import safe_open
+
+    from actors.loader import weight_files
+
+    target_args = ModelArgs.from_dir(target_path)
+    for f in weight_files(Path(target_path)):
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            if "model.embed_tokens.weight" in sf.keys():
+                embed = torch.nn.Embedding.from_pretrained(sf.get_tensor("model.embed_tokens.weight").to(dtype))
+                return read_head(path, target_args, embed, dtype, device)
+    raise CheckpointError(f"{target_path}: no model.embed_tokens.weight for the draft head")
+
+
+def read_head(path: str | Path, target_args: ModelArgs, embed: torch.nn.Embedding, dtype: torch.dtype,
+              device) -> EagleHead:
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (expected a draft head directory)")
-    args = head_args(json.loads(cfg_file.read_text()), target.args, str(cfg_file))
+    args = head_args(json.loads(cfg_file.read_text()), target_args, str(cfg_file))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors file")
@@ -87,8 +108,9 @@ def load_head(path: str | Path, target, dtype: torch.dtype | None = None) -> Eag
         ids = head.target_ids()
         if int(t2d.bool().sum()) != args.draft_vocab or not bool(t2d.bool()[ids].all()):
             raise CheckpointError(f"{path}: t2d and d2t name different draft vocabularies")
-    dtype = dtype or target.dtype
-    return head.to(device=target.device, dtype=dtype).eval().requires_grad_(False).attach(target.model.embed_tokens)
+    head = head.to(device=device, dtype=dtype)
+    head.d2t = head.d2t.long()
+    return head.eval().requires_grad_(False).attach(embed)
 
 
 def save_head(head: EagleHead, out: Path, extra: dict | None = None) -> None:

@@ -150,7 +150,7 @@ def ttt_attention(layer: MidLayer, a: ModelArgs, xs: list[torch.Tensor], cos, si
     s = torch.arange(T)[None, :]
     blocks = [s <= t - j] + [s == t - j + i for i in range(1, j + 1)]
     mask = torch.cat(blocks, dim=1).to(q.device)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
     return att.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
