@@ -85,7 +85,7 @@ def resolve_demo(spec: str) -> Path:
         return resolve_smol(role)
     if size not in SIZES or not (role in ("target", "draft") or role.startswith("draft-")):
         raise ValueError(f"demo model {spec!r}: expected demo:<{'|'.join(SIZES)}>/<target|draft|draft-LxD> "
-                         "or demo:smol/<target|draft|cheap>")
+                         "or demo:smol/<target|draft|head|cheap>")
     if role.startswith("draft-"):  # another drafter size, distilled on the same target
         from actors.demo.drafters import build_drafter, variant_shape
 
