@@ -9,7 +9,7 @@ import pytest
 @pytest.fixture(scope="module")
 def useless_draft(tiny_pair, tmp_path_factory):
     """The tiny drafter's shape with random weights: its drafts agree with the target by chance."""
-    from cluster.bench_adaptive import random_drafter
+    from cluster.bench.adaptive import random_drafter
 
     return random_drafter(tiny_pair / "draft", tmp_path_factory.mktemp("drafters") / "random")
 

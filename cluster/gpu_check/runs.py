@@ -112,7 +112,7 @@ def timings(tdir, device: str, dtype: str, k: int, ctx: int, reps: int, compile_
     two times."""
     from actors.loader import load_model
     from actors.runner import Runner
-    from cluster.bench_kernels import copy_bandwidth, streamed_bytes
+    from cluster.bench.kernels import copy_bandwidth, streamed_bytes
 
     model = load_model(tdir, dtype, device)
     spec = EngineSpec(target=str(tdir), mode="ar", k=k, max_batch=1, max_seq_len=ctx + 2 * k + 8,

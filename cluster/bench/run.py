@@ -11,7 +11,7 @@ each phase holds at most one engine with a drafter (its verifier owns this proce
 torch.distributed group).
 Per-round times come from the verifier's and drafter's counters (deltas around each timed run);
 t_verify(K+1) and t_draft(1) are measured directly in this process on one thread, in the same run.
-The report (JSON, Markdown, PNG) is written by cluster/bench_report.py.
+The report (JSON, Markdown, PNG) is written by cluster/bench/report.py.
 """
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ import torch
 from actors.sampling import SamplingParams
 from cluster.config import load_config
 from cluster.coordinator import Coordinator, GenerateArgs
-from cluster.bench_kernels import VerifyProbe, measure_kernels, torch_threads
-from cluster.bench_modes import (SAGUARO_C, SAGUARO_T, Mode, Run, build_modes, build_prompts, saguaro_modes,
+from cluster.bench.kernels import VerifyProbe, measure_kernels, torch_threads
+from cluster.bench.modes import (SAGUARO_C, SAGUARO_T, Mode, Run, build_modes, build_prompts, saguaro_modes,
                                  sweep_modes)
-from cluster.bench_quiet import engine_pids, in_background, isolated, on_cpus
+from cluster.bench.quiet import engine_pids, in_background, isolated, on_cpus
 from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def run_phases(config_path, phases, hf, prompts, warm, n, bar, seeds=None, probe
                quiet: bool = False) -> dict[str, list[Run]]:
     """Each phase: engines up, one warm-up per mode, then prompt by prompt every mode once in a
     rotating order (then `probe()`, if given); engines down. With `quiet`, the engines not being
-    timed run in the idle scheduling class meanwhile (cluster/bench_quiet.py). Returns the runs
+    timed run in the idle scheduling class meanwhile (cluster/bench/quiet.py). Returns the runs
     per mode."""
     runs: dict[str, list[Run]] = {}
     for phase in phases:
@@ -243,8 +243,8 @@ def _ray_up(cfg, need: int) -> tuple[bool, float]:
 def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     from tqdm import tqdm
 
-    from cluster.bench_dtype import llama_cpp_row, measure_dtypes, target_gguf
-    from cluster.bench_report import check_greedy, summarize, write_report
+    from cluster.bench.dtype import llama_cpp_row, measure_dtypes, target_gguf
+    from cluster.bench.report import check_greedy, summarize, write_report
 
     t_start = time.perf_counter()
     s = QUICK if quick else FULL

@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 
 from actors.stats import SpecStats
-from cluster.bench_plot import plot
+from cluster.bench.plot import plot
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def markdown(rep: dict) -> str:
             out.append("| drafts with position i accepted | – | " + " | ".join(_fmt(x, ".2f") for x in acc) + " |")
         if hits:
             out.append("| cache hit rate at depth i | " + " | ".join(_fmt(x, ".2f") for x in hits) + " |")
-    from cluster.bench_dtype import markdown as dtype_lines
+    from cluster.bench.dtype import markdown as dtype_lines
 
     k = rep["kernels"]
     out += dtype_lines(k.get("dtypes"), k.get("llama_cpp"), k.get("dtype"))

@@ -1,7 +1,7 @@
 """Paged KV on CPU: an interleaved A/B against another source tree, and a concurrency sweep.
 
-    python -m cluster.bench_paged ab --prev /tmp/outrider-prev [--reps 5] [--modes ar,ssd]
-    python -m cluster.bench_paged sweep [--streams 1,4,8] [--modes ar,sd,ssd]
+    python -m cluster.bench.paged ab --prev /tmp/outrider-prev [--reps 5] [--modes ar,ssd]
+    python -m cluster.bench.paged sweep [--streams 1,4,8] [--modes ar,sd,ssd]
 
 A *worker* (this module run inside a tree, copied there if that tree lacks it, so the same
 driver times either tree) starts one engine with `cluster.launcher: local` (no Ray), warms it up, then times
@@ -63,11 +63,22 @@ def worker(a) -> None:
                       "latency_s": statistics.median(r["latency_s"] for r in runs)}), flush=True)
 
 
+def driver_in(tree: Path) -> str:
+    """The module that runs the worker in `tree`, this file copied there if the tree lacks it (the
+    same driver in the other tree): cluster/bench/paged.py, or in a tree from before cluster/ had
+    subpackages (cluster/bench.py a module), cluster/bench_paged.py."""
+    if (tree / "cluster" / "bench").is_dir():
+        dest, module = tree / "cluster" / "bench" / HERE.name, "cluster.bench.paged"
+    else:
+        dest, module = tree / "cluster" / "bench_paged.py", "cluster.bench_paged"
+    if not dest.exists():
+        dest.write_text(HERE.read_text())
+    return module
+
+
 def run_worker(tree: str, mode: str, streams: int, new: int, runs: int, config: str) -> dict:
     env = {**os.environ, "PYTHONPATH": tree}
-    if not (Path(tree) / "cluster" / HERE.name).exists():  # the same driver in the other tree
-        (Path(tree) / "cluster" / HERE.name).write_text(HERE.read_text())
-    cmd = [sys.executable, "-m", "cluster.bench_paged", "worker", "--mode", mode, "--streams", str(streams),
+    cmd = [sys.executable, "-m", driver_in(Path(tree)), "worker", "--mode", mode, "--streams", str(streams),
            "--new", str(new), "--runs", str(runs), "--config", config]
     out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=900)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -77,7 +88,7 @@ def run_worker(tree: str, mode: str, streams: int, new: int, runs: int, config: 
 
 
 def ab(a) -> None:
-    trees = {"prev": str(Path(a.prev).resolve()), "paged": str(HERE.parents[1])}
+    trees = {"prev": str(Path(a.prev).resolve()), "paged": str(HERE.parents[2])}
     res: dict[tuple[str, str], list[float]] = {}
     for rep in range(a.reps):
         for mode in a.modes:
@@ -102,7 +113,7 @@ def run_concurrency(config: str, out: str | None, streams: list[int], modes: lis
     """`outrider bench --concurrency`: aggregate tokens/s and median request latency for each mode
     at each number of concurrent streams (each point a fresh plain-process engine); the table is
     printed and, with `out`, written to <out>/concurrency.json."""
-    tree = str(HERE.parents[1])
+    tree = str(HERE.parents[2])
     rows = []
     print("mode  streams  tok/s   median latency (s)")
     for mode in modes:
@@ -118,7 +129,7 @@ def run_concurrency(config: str, out: str | None, streams: list[int], modes: lis
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench_paged")
+    p = argparse.ArgumentParser(prog="python -m cluster.bench.paged")
     sub = p.add_subparsers(dest="cmd", required=True)
     csv = lambda f: (lambda s: [f(x) for x in s.split(",")])  # noqa: E731
     for name in ("worker", "ab", "sweep"):

@@ -16,8 +16,8 @@ before and after (teacher-forced, independent of how often adaptive K drafts), o
 requests and on held-out code prompts the stream never contained. Writes a plot and a JSON next
 to each other; prints the report.
 
-    python -m cluster.bench_online --requests 200 --out docs/bench/online
-    python -m cluster.bench_online --pair bench --arms off,on,recompute --out docs/bench/online-bench
+    python -m cluster.bench.online --requests 200 --out docs/bench/online
+    python -m cluster.bench.online --pair bench --arms off,on,recompute --out docs/bench/online-bench
 """
 from __future__ import annotations
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     n = a.requests
     marks = sorted({min(n, m) for m in (50, 100, 200, n)})
     build = json.loads((pair / "build.json").read_text())
-    report = {"command": "python -m cluster.bench_online " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": "python -m cluster.bench.online " + " ".join(argv if argv is not None else sys.argv[1:]),
               "pair": a.pair, "cost_ratio": build.get("cost_ratio"), "requests": n, "concurrency": a.concurrency,
               "gap_s": a.gap_s, "max_new": a.max_new, "lr": a.lr, "steps_per_s": a.steps_per_s,
               "train_batch": a.train_batch, "train_window": a.train_window, "arms": names,

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.bench import FULL, QUICK, Mode, _ray_up, build_prompts, plan_phases, run_phases
-from cluster.bench_modes import _outrider
-from cluster.bench_report import _fmt, check_greedy, mode_summary
+from cluster.bench.run import FULL, QUICK, Mode, _ray_up, build_prompts, plan_phases, run_phases
+from cluster.bench.modes import _outrider
+from cluster.bench.report import _fmt, check_greedy, mode_summary
 from cluster.config import load_config
 from cluster.deployment import engine_spec, shutdown_ray, tokenizer_for
 

@@ -1,5 +1,5 @@
 """The bench report's PNG: tokens/s per mode against the hidden-draft bound, and acceptance and
-speculation-cache hits by position (cluster/bench_report.py writes it beside the JSON and Markdown).
+speculation-cache hits by position (cluster/bench/report.py writes it beside the JSON and Markdown).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The bench's modes (an outrider engine at a mode, K and thread count, or transformers), what one
 timed generation of a mode gave (`Run`), the sets of modes a bench compares and its prompts
-(cluster/bench.py runs them).
+(cluster/bench/run.py runs them).
 """
 from __future__ import annotations
 

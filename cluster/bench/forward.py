@@ -1,4 +1,4 @@
-"""The target's forward on CPU, measured for docs/bf16.md: `python -m cluster.bench_forward [target]`.
+"""The target's forward on CPU, measured for docs/bf16.md: `python -m cluster.bench.forward [target]`.
 
 One process, everything interleaved round by round (this host is shared, so read ratios and
 medians): per dtype and thread count, t(1), t(5) and t(17) through the paged cache at a
@@ -18,7 +18,7 @@ from collections import defaultdict
 
 import torch
 
-from cluster.bench_kernels import copy_bandwidth, streamed_bytes, torch_threads
+from cluster.bench.kernels import copy_bandwidth, streamed_bytes, torch_threads
 
 log = logging.getLogger(__name__)
 CTX = 256

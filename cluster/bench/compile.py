@@ -1,15 +1,15 @@
 """`engine.compile` measured: eager against compiled, interleaved, in one run.
 
     outrider bench -c configs/local-cpu.yaml --compile [--quick]
-    python -m cluster.bench_compile -c configs/local-cpu.yaml [--prompts 6] [--new-tokens 64]
-    python -m cluster.bench_compile --padded-forward   # eager vs the padded, static-shape forward
+    python -m cluster.bench.compile -c configs/local-cpu.yaml [--prompts 6] [--new-tokens 64]
+    python -m cluster.bench.compile --padded-forward   # eager vs the padded, static-shape forward
 
 Two parts, both A/B within the same run so the machine's drift falls on both alike:
   * t_verify(K+1) and t(1): the target's forward alone over a prepared paged cache (the verify
     and decode steps), eager and compiled timed in alternation, the context growing one
     position per step as in decoding;
   * AR, SD and SSD end to end: every mode twice (engine.compile false/true), all engines up
-    side by side, prompt by prompt every engine once in a rotating order (cluster/bench.py's
+    side by side, prompt by prompt every engine once in a rotating order (cluster/bench/run.py's
     run_phases). Greedy outputs must be identical across all of them.
 Prints a table of medians and compiled/eager ratios; writes it as JSON with `--out`.
 """
@@ -91,9 +91,9 @@ def engines_ab(config_path: str, n_prompts: int, new_tokens: int) -> dict:
     """Median tokens/s of AR, SD and SSD with engine.compile false and true, interleaved."""
     from tqdm import tqdm
 
-    from cluster.bench import build_prompts, plan_phases, run_phases
-    from cluster.bench_modes import _outrider
-    from cluster.bench_report import check_greedy
+    from cluster.bench.run import build_prompts, plan_phases, run_phases
+    from cluster.bench.modes import _outrider
+    from cluster.bench.report import check_greedy
     from cluster.config import load_config
     from cluster.deployment import engine_spec, shutdown_ray, tokenizer_for
 
@@ -107,7 +107,7 @@ def engines_ab(config_path: str, n_prompts: int, new_tokens: int) -> dict:
     prompts, warm = build_prompts(tokenizer_for(base), (n_prompts + 1) // 2, n_prompts // 2)
     owned, capacity = (False, float("inf"))
     if not local:
-        from cluster.bench import _ray_up
+        from cluster.bench.run import _ray_up
 
         owned, capacity = _ray_up(cfg, 16)
     bar = tqdm(total=len(prompts), desc="compile A/B", unit="rep", file=sys.stderr)

@@ -1,5 +1,5 @@
 """Time one round's verification on the host: `round_outcomes` on a batch's logits, after the
-forward (`python -m cluster.bench_verify`). Sampling only: an all-greedy batch takes one argmax.
+forward (`python -m cluster.bench.verify`). Sampling only: an all-greedy batch takes one argmax.
 
 Each case is a batch of B sequences with K draft tokens each (q rows as the drafter sends them),
 one torch thread, as the verifier's loop runs. The figures are the median thread CPU time of a

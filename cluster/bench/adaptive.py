@@ -1,6 +1,6 @@
 """Adaptive speculation against fixed K and plain decoding, on one pair, in one interleaved run.
 
-    .venv/bin/python -m cluster.bench_adaptive -c configs/local-cpu.yaml \\
+    .venv/bin/python -m cluster.bench.adaptive -c configs/local-cpu.yaml \\
         --target DIR --draft DIR --prompts 4 --new-tokens 48 --out bench-out/adaptive.json
 
 Modes (each an engine on the embedded Ray cluster, all up side by side): outrider AR, sync SD

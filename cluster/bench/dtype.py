@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cluster.bench_kernels import copy_bandwidth, streamed_bytes, time_forward, torch_threads
+from cluster.bench.kernels import copy_bandwidth, streamed_bytes, time_forward, torch_threads
 
 log = logging.getLogger(__name__)
 
