@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_generate(args)
         if args.cmd == "serve":
-            from cluster.server import serve_from_config
+            from cluster.serving.server import serve_from_config
 
             overrides = {"cluster.address": args.address} if args.address else {}
             if args.port is not None:

@@ -38,7 +38,7 @@ class ClusterConfig(_Section):
     namespace: str = "outrider"
     # Engine replicas behind the one endpoint (docs/replicas.md): each a verifier with its
     # tensor-parallel ranks and its drafter, in a placement group of its own; requests are routed
-    # to one by prefix affinity and load (cluster/router.py).
+    # to one by prefix affinity and load (cluster/serving/router.py).
     replicas: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")

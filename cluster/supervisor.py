@@ -10,7 +10,7 @@ takes the sequences' state with it: the coordinator ends every open stream with 
 yet to another replica; the replica counts as down (health goes NOT_SERVING when no replica is
 left up), a fresh pair is started, the replica is up again, and new requests succeed.
 
-One supervisor watches one replica (cluster/replicas.py): a rebuild blocks only its own loop.
+One supervisor watches one replica (cluster/serving/replicas.py): a rebuild blocks only its own loop.
 """
 from __future__ import annotations
 

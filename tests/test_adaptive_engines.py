@@ -27,7 +27,7 @@ def _adaptive_spec(mode, draft=None, k=4):
 
 def _generate(engine, prompts, n, **kw):
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     coord = Coordinator(engine, None, max_queue=256)
     try:
@@ -124,7 +124,7 @@ def test_a_seeded_request_drafts_one_k_and_that_k_reproduces_it(tiny_pair, held_
     sampling request stays adaptive (no fixed_k)."""
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     n = 40
     engine = LocalEngine(_adaptive_spec("ssd")).start()

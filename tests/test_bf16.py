@@ -66,7 +66,7 @@ def test_ssd_engine_in_bfloat16(tiny_pair, bf16_refs):
     here, drafter in a child process, gloo between them)."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
     from cluster.deployment import engine_spec
 
     hf32, prompts, refs = bf16_refs

@@ -162,7 +162,7 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from cluster.client import OutriderClient
+    from cluster.serving.client import OutriderClient
 
     # `ray start` is another program: its ports can only be picked free here. Ours bind port 0.
     gcs = free_port()

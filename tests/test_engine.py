@@ -14,7 +14,7 @@ from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
 from cluster.config import load_config
-from cluster.coordinator import Coordinator, GenerateArgs
+from cluster.serving.coordinator import Coordinator, GenerateArgs
 from cluster.deployment import engine_spec
 from cluster.engine import RayEngine
 from tests.conftest import HF_NEW, assert_matches_or_near_tie, assert_same_outcome_law

@@ -124,7 +124,7 @@ def smol_refs(hf_gguf, smol_prompts):
 
 def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prompts, smol_refs):
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
     from cluster.deployment import engine_spec
     from cluster.engine import RayEngine
 

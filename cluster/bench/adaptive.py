@@ -68,7 +68,7 @@ def run(config: str, target: str | None, draft: str | None, n_prompts: int, new_
 
     from actors.demo.corpus import prompts as corpus_prompts
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
     from cluster.deployment import engine_spec, tokenizer_for
     from cluster.engine import RayEngine, embedded_ray_env
 

@@ -74,7 +74,7 @@ def agreement(drafter_dir: Path, target, prompts: list[list[int]], conts: list[l
 def run_arm(spec, prompts, concurrency: int, gap_s: float, max_new: int) -> tuple[list[dict], dict]:
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     engine = LocalEngine(spec).start()
     coord = Coordinator(engine, None, max_queue=1024)

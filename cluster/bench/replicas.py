@@ -82,10 +82,10 @@ def _cpu_s(procs: list[psutil.Process]) -> float:
 
 def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: int) -> list[dict]:
     from actors.demo.corpus import prompts as corpus_prompts
-    from cluster.client import OutriderClient
+    from cluster.serving.client import OutriderClient
     from cluster.config import load_config
     from cluster.deployment import shutdown_ray
-    from cluster.server import OutriderServer
+    from cluster.serving.server import OutriderServer
 
     over = {"server.port": 0, "http.enabled": False, "metrics.enabled": False, "engine.max_batch": max(concurrency)}
     base = load_config(config, over)   # one replica: what each of them asks for

@@ -29,7 +29,7 @@ import torch
 
 from actors.sampling import SamplingParams
 from cluster.config import load_config
-from cluster.coordinator import Coordinator, GenerateArgs
+from cluster.serving.coordinator import Coordinator, GenerateArgs
 from cluster.bench.kernels import VerifyProbe, measure_kernels, torch_threads
 from cluster.bench.modes import (SAGUARO_C, SAGUARO_T, Mode, Run, build_modes, build_prompts, saguaro_modes,
                                  sweep_modes)

@@ -45,7 +45,7 @@ def run_engine(spec: EngineSpec, prompts: list[list[int]], new: int, sampling: t
     sampled continuations) from a LocalEngine; its speculation stats, wall time and memory."""
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     plan = plan_for(spec)
     spec = plan.apply(spec)

@@ -19,7 +19,7 @@ from actors.sampling import SamplingParams
 from actors.stats import SpecStats
 from actors.tokenizer import Tokenizer
 from actors.sequence import Request
-from cluster.textstream import TextStream
+from cluster.serving.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class Handle:
         self.deadline = self.t_submit + args.deadline_s if args.deadline_s else None
         self.done = False
         self.sent = False              # a chunk reached the client: the request can no longer move
-        self.replica = 0               # which engine replica serves it (cluster/replicas.py)
+        self.replica = 0               # which engine replica serves it (cluster/serving/replicas.py)
         # Held while the request's events are dispatched and while a lost replica decides whether
         # to move it, so a late chunk from the lost replica never follows the move.
         self.lock = threading.Lock()

@@ -4,7 +4,7 @@ Each replica is a whole engine (a verifier with its tensor-parallel ranks and it
 placement group of its own, so Ray spreads replicas over nodes as their resources allow), with
 its own coordinator (its poller, its in-flight requests) and its own supervisor. The replica set
 stands where one coordinator stood for the gRPC and HTTP front ends: `submit` asks the router
-(cluster/router.py) which replica serves a request, `find`, `in_flight`, `draining` and `error`
+(cluster/serving/router.py) which replica serves a request, `find`, `in_flight`, `draining` and `error`
 span all of them.
 
 A replica whose verifier dies is rebuilt by its supervisor while the others keep serving. Its
@@ -22,8 +22,8 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from cluster.coordinator import Coordinator, EngineUnavailable, GenerateArgs, Handle, QueueFull
-from cluster.router import Load, Router
+from cluster.serving.coordinator import Coordinator, EngineUnavailable, GenerateArgs, Handle, QueueFull
+from cluster.serving.router import Load, Router
 from cluster.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class Replica:
 
     def refresh_load(self) -> None:
         """Read the verifier's KV use for the router (the supervisor calls this every check)."""
-        from cluster.metrics import kv_usage
+        from cluster.serving.metrics import kv_usage
 
         try:
             self.kv_usage = kv_usage(self.engine.metrics())

@@ -2,7 +2,7 @@
 
 It runs beside gRPC in the serving process (uvicorn on a thread of its own) over the same
 coordinator, limits and bearer token. A request becomes the same GenerateRequest a gRPC client
-sends (cluster/api/openai_schema.py) and goes through the same validation; its events come from
+sends (cluster/serving/api/openai_schema.py) and goes through the same validation; its events come from
 the coordinator's poller thread into the event loop through `call_soon_threadsafe`, so a stream
 holds no thread while it waits. A client that goes away mid-stream frees its sequence on both
 actors (the stream's generator is closed and cancels the request).
@@ -23,10 +23,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.api.logprobs import LogprobsShape
-from cluster.api.openai_schema import APIError, ChatBody, CompletionBody, param_of, parse, to_request
-from cluster.coordinator import Chunk, EngineUnavailable, Final, QueueFull
-from cluster.validate import InvalidRequest, to_generate_args
+from cluster.serving.api.logprobs import LogprobsShape
+from cluster.serving.api.openai_schema import APIError, ChatBody, CompletionBody, param_of, parse, to_request
+from cluster.serving.coordinator import Chunk, EngineUnavailable, Final, QueueFull
+from cluster.serving.validate import InvalidRequest, to_generate_args
 
 log = logging.getLogger(__name__)
 FINISH = {"length": "length", "stop": "stop", "eos": "stop", "abort": "abort", "deadline": "length"}

@@ -1,4 +1,4 @@
-"""OpenAI's logprobs objects from the coordinator's per-token entries (cluster/coordinator.py
+"""OpenAI's logprobs objects from the coordinator's per-token entries (cluster/serving/coordinator.py
 Chunk.logprobs: (logprob, [(id, logprob), ...]) per token, defined in actors/logprobs.py).
 
 Completions (legacy shape): {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, where

@@ -1,7 +1,7 @@
 """OpenAI request bodies -> outrider GenerateRequests, and OpenAI's error shape.
 
 A body becomes the same `outrider.v1.GenerateRequest` a gRPC client would send, so both front
-ends share one validation path (cluster/validate.py) and one set of limits. Parameters outrider
+ends share one validation path (cluster/serving/validate.py) and one set of limits. Parameters outrider
 cannot honour (n > 1, tools, ...) are refused with a 400 naming them, never silently
 ignored; fields OpenAI's own servers would ignore are ignored here too.
 """
@@ -137,7 +137,7 @@ def logprobs_of(b: _Common) -> int | None:
 
 
 def to_request(b: _Common) -> pb.GenerateRequest:
-    """The GenerateRequest this body asks for (validated further by cluster/validate.py)."""
+    """The GenerateRequest this body asks for (validated further by cluster/serving/validate.py)."""
     req = pb.GenerateRequest(temperature=b.temperature, top_k=b.top_k, top_p=b.top_p,
                              ignore_eos=b.ignore_eos, disable_speculation=b.disable_speculation)
     if isinstance(b, ChatBody):
@@ -193,7 +193,7 @@ def _chat_message(i: int, m: dict[str, Any]) -> pb.ChatMessage:
     return pb.ChatMessage(role=role, content=content)
 
 
-# Which OpenAI parameter a validation message (cluster/validate.py, in gRPC field names) is about.
+# Which OpenAI parameter a validation message (cluster/serving/validate.py, in gRPC field names) is about.
 PARAMS = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt", "prompt": "prompt", "messages": "messages",
           "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "k": "k",
           "logprobs": "logprobs",

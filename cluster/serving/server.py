@@ -2,7 +2,7 @@
 
 Life cycle: the port opens first with health NOT_SERVING (so probes and clients get a clear
 answer while models load), the engine comes up (`cluster.replicas` of them, each in its own
-placement group, behind the one endpoint: cluster/replicas.py), health turns SERVING. On SIGTERM or SIGINT:
+placement group, behind the one endpoint: cluster/serving/replicas.py), health turns SERVING. On SIGTERM or SIGINT:
 NOT_SERVING, refuse new requests, let in-flight ones finish within `server.drain_grace_s`,
 abort the rest, stop the actors, tear down the data plane, exit 0.
 """
@@ -22,11 +22,11 @@ from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ConfigError, DeploymentConfig, load_config
 from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
-from cluster.metrics import Metrics
-from cluster.replicas import Replica, ReplicaSet
+from cluster.serving.metrics import Metrics
+from cluster.serving.replicas import Replica, ReplicaSet
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
-from cluster.service import SERVICE, OutriderService, info_for
-from cluster.validate import Limits
+from cluster.serving.service import SERVICE, OutriderService, info_for
+from cluster.serving.validate import Limits
 
 log = logging.getLogger(__name__)
 HEALTH_CHECK_PREFIX = "/grpc.health.v1.Health/"
@@ -93,7 +93,7 @@ class OutriderServer:
         self.service = OutriderService(self.tok, limits, info_for(self.spec, cfg), self.metrics)
         self.grpc: grpc.Server | None = None
         self.port: int | None = None
-        self.http = None                      # cluster.api.http.HTTPServer when http.enabled
+        self.http = None                      # cluster.serving.api.http.HTTPServer when http.enabled
         self.http_port: int | None = None
         self._stopped = threading.Event()
 
@@ -154,7 +154,7 @@ class OutriderServer:
         return self
 
     def start_http(self, token: str | None) -> None:
-        from cluster.api.http import HTTPServer, build_app
+        from cluster.serving.api.http import HTTPServer, build_app
 
         h = self.cfg.http
         app = build_app(self.service, h.model_name or self.cfg.models.target.path, token, h.max_body_bytes)

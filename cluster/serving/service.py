@@ -14,10 +14,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from actors.stats import SpecStats
-from cluster.coordinator import Chunk, Coordinator, EngineUnavailable, Final, QueueFull
-from cluster.metrics import Metrics
+from cluster.serving.coordinator import Chunk, Coordinator, EngineUnavailable, Final, QueueFull
+from cluster.serving.metrics import Metrics
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
-from cluster.validate import InvalidRequest, Limits, to_generate_args
+from cluster.serving.validate import InvalidRequest, Limits, to_generate_args
 
 log = logging.getLogger(__name__)
 SERVICE = "outrider.v1.Outrider"

@@ -1,7 +1,7 @@
 """Which replica serves a request: prefix affinity first, else the least loaded.
 
 A pure decision over load snapshots (no Ray, no threads, no clock), so its choices are unit
-tested directly; the replica set (cluster/replicas.py) holds the lock and feeds it live numbers.
+tested directly; the replica set (cluster/serving/replicas.py) holds the lock and feeds it live numbers.
 
 - Least loaded: the fewest requests in flight at the replica (its queue depth: in the verifier's
   batch or waiting for it), then the lowest KV use (in tenths), then the replica least recently chosen (so

@@ -9,7 +9,7 @@ Load gauges, as vLLM names them, per replica (label `replica`) and in total (no 
 `num_requests_running` (per replica: sequences in its verifier's batch; in total: the server's
 open streams), `num_requests_waiting` (admitted to a verifier, waiting for a batch slot or KV
 blocks) and `kv_cache_usage_perc` (the fraction of the verifier's KV blocks in use, 0..1). The
-router (cluster/router.py) balances on the same numbers.
+router (cluster/serving/router.py) balances on the same numbers.
 """
 from __future__ import annotations
 
@@ -186,7 +186,7 @@ class EngineCollector:
 
 
 class RouteCollector:
-    """The router's decisions (cluster/replicas.py): requests per replica and reason. The affinity
+    """The router's decisions (cluster/serving/replicas.py): requests per replica and reason. The affinity
     hit rate is reason="affinity" over all requests whose prompt had a remembered prefix."""
 
     def __init__(self, routes_ref):

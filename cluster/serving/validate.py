@@ -12,7 +12,7 @@ from actors.chat import ChatError
 from actors.logprobs import MAX_TOP_LOGPROBS
 from actors.sampling import SamplingParams
 from actors.tokenizer import Tokenizer
-from cluster.coordinator import GenerateArgs
+from cluster.serving.coordinator import GenerateArgs
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
