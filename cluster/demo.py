@@ -14,7 +14,7 @@ import time
 
 from cluster.serving.client import OutriderClient
 from cluster.config import load_config
-from cluster.deployment import shutdown_ray
+from cluster.launch.deployment import shutdown_ray
 from cluster.serving.server import OutriderServer
 
 DEFAULT_CHAT = "Write a Python function that checks whether a string is a palindrome."

@@ -84,7 +84,7 @@ def _in_process(args, prompt: str | list[dict]) -> int:
 def _via_cluster(args, prompt: str | list[dict]) -> int:
     from cluster.config import load_config
     from cluster.serving.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec, start_engine, tokenizer_for
+    from cluster.launch.deployment import engine_spec, start_engine, tokenizer_for
 
     overrides = {}
     if args.mode:

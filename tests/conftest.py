@@ -148,7 +148,7 @@ def ray_local():
     """A real embedded Ray cluster on this machine, shared by the tests that need one."""
     import ray
 
-    from cluster.engine import embedded_ray_env
+    from cluster.launch.engine import embedded_ray_env
 
     embedded_ray_env()
     if not ray.is_initialized():
@@ -221,7 +221,7 @@ def local_sd_equals_transformers(hf_refs, prompts, overrides: dict, on_start=Non
     from actors.sampling import SamplingParams
     from cluster.config import load_config
     from cluster.serving.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     hf, refs = hf_refs
     spec = engine_spec(load_config("configs/local-cpu.yaml", {

@@ -27,7 +27,7 @@ from ray.cluster_utils import Cluster
 
 from cluster.serving.client import OutriderClient
 from cluster.config import parse_config
-from cluster.engine import embedded_ray_env
+from cluster.launch.engine import embedded_ray_env
 from cluster.serving.server import OutriderServer
 from tests.cluster_run import main, stop, wait
 

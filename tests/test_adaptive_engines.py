@@ -16,7 +16,7 @@ def useless_draft(tiny_pair, tmp_path_factory):
 
 def _adaptive_spec(mode, draft=None, k=4):
     from cluster.config import load_config
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     overrides = {"speculation.mode": mode, "speculation.adaptive": True, "speculation.k": k,
                  "engine.max_batch": 8}
@@ -55,7 +55,7 @@ def test_a_useless_drafter_is_turned_off_and_output_stays_exact(ray_local, usele
     """The Ray engine with a drafter whose acceptance is ~0: K falls to 0 (the per-sequence stats
     show the rounds by K), probes still happen, and greedy output equals transformers' while K
     changes mid-sequence (4 -> 0 -> probe 1 -> 0 ...)."""
-    from cluster.engine import RayEngine
+    from cluster.launch.engine import RayEngine
 
     from tests.conftest import HF_NEW
 

@@ -15,8 +15,8 @@ from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
 from cluster.config import load_config
 from cluster.serving.coordinator import Coordinator, GenerateArgs
-from cluster.deployment import engine_spec
-from cluster.engine import RayEngine
+from cluster.launch.deployment import engine_spec
+from cluster.launch.engine import RayEngine
 from tests.conftest import HF_NEW, assert_matches_or_near_tie, assert_same_outcome_law
 
 pytestmark = pytest.mark.timeout(900)

@@ -29,7 +29,7 @@ from actors.tp.shard import rank_device
 from actors.tp.worker import end_workers, spawn_workers
 from cluster.config import ConfigError, load_config
 from cluster.serving.coordinator import Coordinator, GenerateArgs
-from cluster.deployment import engine_spec
+from cluster.launch.deployment import engine_spec
 from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties, assert_same_outcome_law, wait_for
 
 pytestmark = pytest.mark.timeout(300)

@@ -69,8 +69,8 @@ def run(config: str, target: str | None, draft: str | None, n_prompts: int, new_
     from actors.demo.corpus import prompts as corpus_prompts
     from cluster.config import load_config
     from cluster.serving.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec, tokenizer_for
-    from cluster.engine import RayEngine, embedded_ray_env
+    from cluster.launch.deployment import engine_spec, tokenizer_for
+    from cluster.launch.engine import RayEngine, embedded_ray_env
 
     base = {"cluster.launcher": "ray", "engine.max_batch": 1}
     if target:
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     draft = a.draft
     if a.random_draft:
         from cluster.config import load_config
-        from cluster.deployment import resolve_model
+        from cluster.launch.deployment import resolve_model
 
         src = Path(draft or resolve_model(load_config(a.config).models.draft.path))
         draft = str(random_drafter(src, src.with_name(src.name + "-random")))

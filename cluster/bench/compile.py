@@ -95,7 +95,7 @@ def engines_ab(config_path: str, n_prompts: int, new_tokens: int) -> dict:
     from cluster.bench.modes import _outrider
     from cluster.bench.report import check_greedy
     from cluster.config import load_config
-    from cluster.deployment import engine_spec, shutdown_ray, tokenizer_for
+    from cluster.launch.deployment import engine_spec, shutdown_ray, tokenizer_for
 
     cfg = load_config(config_path)
     k = cfg.speculation.k
@@ -139,7 +139,7 @@ def report_lines(fwd: dict, eng: dict) -> list[str]:
 
 def run(config_path: str, out: str | None, n_prompts: int, new_tokens: int) -> int:
     from cluster.config import load_config
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     spec = engine_spec(load_config(config_path, {"speculation.mode": "ssd"}))
     torch.set_num_threads(1)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if a.padded_forward:
         from cluster.config import load_config
-        from cluster.deployment import engine_spec
+        from cluster.launch.deployment import engine_spec
 
         spec = engine_spec(load_config(a.config, {"speculation.mode": "ssd"}))
         torch.set_num_threads(1)

@@ -20,7 +20,7 @@ from cluster.bench.run import FULL, QUICK, Mode, _ray_up, build_prompts, plan_ph
 from cluster.bench.modes import _outrider
 from cluster.bench.report import _fmt, check_greedy, mode_summary
 from cluster.config import load_config
-from cluster.deployment import engine_spec, shutdown_ray, tokenizer_for
+from cluster.launch.deployment import engine_spec, shutdown_ray, tokenizer_for
 
 log = logging.getLogger(__name__)
 

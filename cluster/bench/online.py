@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     from actors.demo.corpus import prompts as corpus_prompts
     from actors.tokenizer import Tokenizer
     from cluster.config import load_config
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     pair = build_pair(a.pair)
     weak = untrained_drafter(pair)

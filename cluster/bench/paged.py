@@ -27,8 +27,12 @@ HERE = Path(__file__).resolve()
 def worker(a) -> None:
     from actors.demo.corpus import prompts
     from cluster.config import load_config
-    from cluster.serving.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec, start_engine, tokenizer_for
+    try:
+        from cluster.launch.deployment import engine_spec, start_engine, tokenizer_for
+        from cluster.serving.coordinator import Coordinator, GenerateArgs
+    except ImportError:   # copied into a tree from before cluster/ had subpackages (driver_in)
+        from cluster.coordinator import Coordinator, GenerateArgs
+        from cluster.deployment import engine_spec, start_engine, tokenizer_for
 
     over = {"cluster.launcher": "local", "speculation.mode": a.mode, "engine.max_batch": max(a.streams, 1),
             "metrics.enabled": False}

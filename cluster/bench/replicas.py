@@ -84,7 +84,7 @@ def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: 
     from actors.demo.corpus import prompts as corpus_prompts
     from cluster.serving.client import OutriderClient
     from cluster.config import load_config
-    from cluster.deployment import shutdown_ray
+    from cluster.launch.deployment import shutdown_ray
     from cluster.serving.server import OutriderServer
 
     over = {"server.port": 0, "http.enabled": False, "metrics.enabled": False, "engine.max_batch": max(concurrency)}

@@ -34,7 +34,7 @@ from cluster.bench.kernels import VerifyProbe, measure_kernels, torch_threads
 from cluster.bench.modes import (SAGUARO_C, SAGUARO_T, Mode, Run, build_modes, build_prompts, saguaro_modes,
                                  sweep_modes)
 from cluster.bench.quiet import engine_pids, in_background, isolated, on_cpus
-from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
+from cluster.launch.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def _ray_up(cfg, need: int) -> tuple[bool, float]:
     """(whether this call started Ray, logical CPUs free for engines)."""
     import ray
 
-    from cluster.engine import init_ray
+    from cluster.launch.engine import init_ray
 
     owned = not ray.is_initialized()
     if owned:

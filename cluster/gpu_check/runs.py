@@ -25,7 +25,7 @@ def spec_for(tdir, ddir, mode: str, device: str, dtype: str, k: int, max_seq_len
 
 def plan_for(spec: EngineSpec):
     """The memory plan the deployment path would make for this spec on this machine."""
-    from cluster.memory_plan import plan_memory
+    from cluster.launch.memory_plan import plan_memory
 
     return plan_memory(spec, launcher="local")
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from cluster.serving.coordinator import Coordinator, EngineUnavailable, GenerateArgs, Handle, QueueFull
 from cluster.serving.router import Load, Router
-from cluster.supervisor import Supervisor
+from cluster.launch.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 HISTORY = 4096   # routing decisions kept for inspection (request id, replica, reason)

@@ -21,7 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cluster.config import ConfigError, DeploymentConfig, load_config
-from cluster.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
+from cluster.launch.deployment import engine_spec, shutdown_ray, start_engine, tokenizer_for
 from cluster.serving.metrics import Metrics
 from cluster.serving.replicas import Replica, ReplicaSet
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
@@ -140,7 +140,7 @@ class OutriderServer:
             self.start_http(token)
         n = self.cfg.cluster.replicas
         if self.cfg.cluster.launcher == "ray":   # here, in the main thread, before replicas start side by side
-            from cluster.engine import init_ray
+            from cluster.launch.engine import init_ray
 
             init_ray(self.cfg.cluster.address, self.cfg.cluster.num_cpus, self.cfg.cluster.namespace)
         self.replicas = ReplicaSet.start(n, lambda i: Replica(i, self.new_engine, self.tok, s.max_queue,

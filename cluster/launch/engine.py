@@ -27,7 +27,7 @@ from actors.events import EventReader, EventStreamClosed
 from actors.spec import EngineSpec
 from actors.tp.worker import TPWorker
 from actors.verifier import Verifier
-from cluster.placement import actor_options, drafter_bundle, missing_resources, placement_bundles
+from cluster.launch.placement import actor_options, drafter_bundle, missing_resources, placement_bundles
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 10.0          # a quick call to a live actor (the supervisor's thread makes some)
