@@ -73,7 +73,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         tensor_parallel_size=m.target.tensor_parallel_size,
         target_resources=dict(m.target.resources), draft_resources=dict(draft.resources) if draft else {},
     )
-    from cluster.launch.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails here
+    from cluster.launch.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails
 
     plan = plan_memory(spec, en.kv_cache_memory, target_args=_target_rank_args(cfg, spec.target),
                        launcher=cfg.cluster.launcher)
