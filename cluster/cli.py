@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_generate(args)
         if args.cmd == "serve":
-            from cluster.server import serve_from_config
+            from cluster.serving.server import serve_from_config
 
             overrides = {"cluster.address": args.address} if args.address else {}
             if args.port is not None:
@@ -123,28 +123,28 @@ def main(argv: list[str] | None = None) -> int:
             return serve_from_config(args.config, overrides)
         if args.cmd == "bench":
             if args.explore:
-                from cluster.bench_explore import run_explore
+                from cluster.bench.explore import run_explore
 
                 return run_explore(args.config, args.out, args.drafts, args.ks, args.budgets, quick=args.quick)
             if args.drafts or args.ks or args.budgets:
                 raise ValueError("--drafts, --ks and --budgets belong to --explore")
             if args.compile:
-                from cluster.bench_compile import run as run_compile_ab
+                from cluster.bench.compile import run as run_compile_ab
 
                 return run_compile_ab(args.config, args.out, 2 if args.quick else 6, 16 if args.quick else 64)
             if args.replicas and not args.concurrency:
                 raise ValueError("--replicas needs --concurrency (e.g. --concurrency 1,8 --replicas 1,2)")
             if args.concurrency and args.replicas:
-                from cluster.bench_replicas import run as run_replicas
+                from cluster.bench.replicas import run as run_replicas
 
                 return run_replicas(args.config, args.out, args.replicas, args.concurrency,
                                     new=16 if args.quick else 64, runs=1 if args.quick else 2)
             if args.concurrency:
-                from cluster.bench_paged import run_concurrency
+                from cluster.bench.paged import run_concurrency
 
                 return run_concurrency(args.config, args.out, args.concurrency, args.modes,
                                        new=16 if args.quick else 64, runs=1 if args.quick else 2)
-            from cluster.bench import run_bench
+            from cluster.bench.run import run_bench
 
             return run_bench(args.config, args.out, quick=args.quick)
     except KeyboardInterrupt:

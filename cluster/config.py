@@ -38,7 +38,7 @@ class ClusterConfig(_Section):
     namespace: str = "outrider"
     # Engine replicas behind the one endpoint (docs/replicas.md): each a verifier with its
     # tensor-parallel ranks and its drafter, in a placement group of its own; requests are routed
-    # to one by prefix affinity and load (cluster/router.py).
+    # to one by prefix affinity and load (cluster/serving/router.py).
     replicas: int = Field(1, ge=1, le=256)
 
     @model_validator(mode="after")
@@ -65,7 +65,7 @@ class ModelConfig(_Section):
     cpus: list[int] | None = None
     # Custom Ray resources added to each of this role's placement bundles (one per tensor-parallel
     # rank), e.g. {verifier_host: 1}: the role runs only on nodes started with
-    # `ray start --resources '{"verifier_host": 1}'` (cluster/placement.py). CPUs and GPUs come
+    # `ray start --resources '{"verifier_host": 1}'` (cluster/launch/placement.py). CPUs and GPUs come
     # from num_threads and device, not from here.
     resources: dict[str, float] = Field(default_factory=dict)
 
@@ -164,7 +164,7 @@ class EngineConfig(_Section):
     # The verifier's KV budget (the drafter's pool follows from it): bytes, a size such as "12GiB"
     # or "512MiB", or a fraction 0 < f <= 1 of the target device's memory. None: max_batch
     # sequences of max_seq_len, capped on a GPU at 90 % of what weights and workspaces leave.
-    # Requests are admitted by free KV (cluster/memory_plan.py, actors/kv/).
+    # Requests are admitted by free KV (cluster/launch/memory_plan.py, actors/kv/).
     kv_cache_memory: int | float | str | None = None
     kv_block_size: int = Field(16, ge=1, le=1024)   # positions per KV block
     prefill_chunk: int = Field(512, ge=16)          # prompt positions per prefill forward
@@ -184,7 +184,7 @@ class EngineConfig(_Section):
     @classmethod
     def _kv_memory(cls, v):
         if v is not None:
-            from cluster.memory_plan import parse_memory
+            from cluster.launch.memory_plan import parse_memory
 
             parse_memory(v)
         return v

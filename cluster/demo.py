@@ -12,10 +12,10 @@ import logging
 import sys
 import time
 
-from cluster.client import OutriderClient
+from cluster.serving.client import OutriderClient
 from cluster.config import load_config
-from cluster.deployment import shutdown_ray
-from cluster.server import OutriderServer
+from cluster.launch.deployment import shutdown_ray
+from cluster.serving.server import OutriderServer
 
 DEFAULT_CHAT = "Write a Python function that checks whether a string is a palindrome."
 

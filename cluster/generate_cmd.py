@@ -83,8 +83,8 @@ def _in_process(args, prompt: str | list[dict]) -> int:
 
 def _via_cluster(args, prompt: str | list[dict]) -> int:
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec, start_engine, tokenizer_for
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec, start_engine, tokenizer_for
 
     overrides = {}
     if args.mode:
@@ -124,7 +124,7 @@ def _report_engine(m0: dict, m1: dict, seconds: float) -> None:
 
 
 def _via_server(args, prompt: str | list[dict]) -> int:
-    from cluster.client import OutriderClient
+    from cluster.serving.client import OutriderClient
 
     token = None
     if args.token_env:

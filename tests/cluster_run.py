@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.deployment import shutdown_ray
+from cluster.launch.deployment import shutdown_ray
 
 
 def wait(cond, timeout_s: float, what: str, poll_s: float = 0.05) -> float:

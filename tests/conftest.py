@@ -148,7 +148,7 @@ def ray_local():
     """A real embedded Ray cluster on this machine, shared by the tests that need one."""
     import ray
 
-    from cluster.engine import embedded_ray_env
+    from cluster.launch.engine import embedded_ray_env
 
     embedded_ray_env()
     if not ray.is_initialized():
@@ -162,9 +162,9 @@ def ray_local():
 def serve_tiny(ray_local, tiny_pair):
     """Factory: a real OutriderServer (tiny pair, SSD, ephemeral ports) plus a connected client.
     Every server it starts is stopped at the end of the session."""
-    from cluster.client import OutriderClient
+    from cluster.serving.client import OutriderClient
     from cluster.config import load_config
-    from cluster.server import OutriderServer
+    from cluster.serving.server import OutriderServer
 
     started = []
 
@@ -220,8 +220,8 @@ def local_sd_equals_transformers(hf_refs, prompts, overrides: dict, on_start=Non
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec
 
     hf, refs = hf_refs
     spec = engine_spec(load_config("configs/local-cpu.yaml", {

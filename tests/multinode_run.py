@@ -22,10 +22,10 @@ import time
 
 from ray.cluster_utils import Cluster
 
-from cluster.client import OutriderClient
+from cluster.serving.client import OutriderClient
 from cluster.config import parse_config
-from cluster.engine import embedded_ray_env
-from cluster.server import OutriderServer
+from cluster.launch.engine import embedded_ray_env
+from cluster.serving.server import OutriderServer
 from tests import cluster_run
 from tests.cluster_run import main, stop
 

@@ -25,10 +25,10 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from ray.cluster_utils import Cluster
 
-from cluster.client import OutriderClient
+from cluster.serving.client import OutriderClient
 from cluster.config import parse_config
-from cluster.engine import embedded_ray_env
-from cluster.server import OutriderServer
+from cluster.launch.engine import embedded_ray_env
+from cluster.serving.server import OutriderServer
 from tests.cluster_run import main, stop, wait
 
 log = logging.getLogger("replicas")

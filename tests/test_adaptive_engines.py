@@ -9,14 +9,14 @@ import pytest
 @pytest.fixture(scope="module")
 def useless_draft(tiny_pair, tmp_path_factory):
     """The tiny drafter's shape with random weights: its drafts agree with the target by chance."""
-    from cluster.bench_adaptive import random_drafter
+    from cluster.bench.adaptive import random_drafter
 
     return random_drafter(tiny_pair / "draft", tmp_path_factory.mktemp("drafters") / "random")
 
 
 def _adaptive_spec(mode, draft=None, k=4):
     from cluster.config import load_config
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     overrides = {"speculation.mode": mode, "speculation.adaptive": True, "speculation.k": k,
                  "engine.max_batch": 8}
@@ -27,7 +27,7 @@ def _adaptive_spec(mode, draft=None, k=4):
 
 def _generate(engine, prompts, n, **kw):
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     coord = Coordinator(engine, None, max_queue=256)
     try:
@@ -55,7 +55,7 @@ def test_a_useless_drafter_is_turned_off_and_output_stays_exact(ray_local, usele
     """The Ray engine with a drafter whose acceptance is ~0: K falls to 0 (the per-sequence stats
     show the rounds by K), probes still happen, and greedy output equals transformers' while K
     changes mid-sequence (4 -> 0 -> probe 1 -> 0 ...)."""
-    from cluster.engine import RayEngine
+    from cluster.launch.engine import RayEngine
 
     from tests.conftest import HF_NEW
 
@@ -124,7 +124,7 @@ def test_a_seeded_request_drafts_one_k_and_that_k_reproduces_it(tiny_pair, held_
     sampling request stays adaptive (no fixed_k)."""
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     n = 40
     engine = LocalEngine(_adaptive_spec("ssd")).start()

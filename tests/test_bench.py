@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.bench import run_bench
+from cluster.bench.run import run_bench
 
 SUMMARY = re.compile(r"^SSD/AR=\d+\.\d\d SSD/SD=\d+\.\d\d SSD/SD-ideal=\d+\.\d\d SSD/HF=\d+\.\d\d SSD/bound=\d+\.\d\d"
                      r"( SSD/ssd-k\d+=\d+\.\d\d)?$")
@@ -73,7 +73,7 @@ def test_bench_full(tmp_path, capsys):
 
 @pytest.mark.timeout(400)
 def test_explore_grid_with_a_drafter_variant(ray_local, tiny_pair, tmp_path, capsys):
-    from cluster.bench_explore import run_explore
+    from cluster.bench.explore import run_explore
 
     cfg = yaml.safe_load(Path("configs/local-cpu.yaml").read_text())
     cfg["metrics"]["enabled"] = False
@@ -104,13 +104,13 @@ def test_drafter_variant_names_are_checked(name):
 
 
 def test_idle_engines_run_in_the_background_class_only_while_another_is_timed():
-    """bench_quiet.in_background: every thread of the given processes is SCHED_IDLE inside the
+    """cluster.bench.quiet.in_background: every thread of the given processes is SCHED_IDLE inside the
     block (threads started before it included) and SCHED_OTHER again after it, even on error."""
     import os
     import subprocess
     import sys
 
-    from cluster.bench_quiet import in_background
+    from cluster.bench.quiet import in_background
 
     code = ("import threading, time\n"
             "for _ in range(3): threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
@@ -135,7 +135,7 @@ def test_idle_engines_run_in_the_background_class_only_while_another_is_timed():
 
 def test_concurrency_sweep_reports_every_point(tiny_pair, tmp_path):
     """`outrider bench --concurrency`: each mode at each stream count, from a fresh engine."""
-    from cluster.bench_paged import run_concurrency
+    from cluster.bench.paged import run_concurrency
 
     assert run_concurrency("configs/local-cpu.yaml", str(tmp_path), [1, 3], ["ar", "ssd"], new=8, runs=1) == 0
     rep = json.loads((tmp_path / "concurrency.json").read_text())
@@ -144,7 +144,7 @@ def test_concurrency_sweep_reports_every_point(tiny_pair, tmp_path):
 
 
 def test_modes_put_ssd_as_configured_beside_ssd_at_its_best_fixed_k():
-    from cluster.bench import build_modes, sweep_modes
+    from cluster.bench.run import build_modes, sweep_modes
 
     sweep = {m.name: m.overrides for m in sweep_modes(5, (3, 4))}
     assert set(sweep) == {"sd-k3", "sd-k4", "sd-k5", "ssd-k3", "ssd-k4", "ssd-k5"}

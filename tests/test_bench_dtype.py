@@ -1,7 +1,7 @@
-"""The bench's dtype section (cluster/bench_dtype.py): the bfloat16/float32 A/B and the llama.cpp row."""
+"""The bench's dtype section (cluster/bench/dtype.py): the bfloat16/float32 A/B and the llama.cpp row."""
 from __future__ import annotations
 
-from cluster.bench_dtype import llama_cpp_row, markdown, measure_dtypes
+from cluster.bench.dtype import llama_cpp_row, markdown, measure_dtypes
 
 
 def test_dtype_ab_and_llama_row(tiny_pair):

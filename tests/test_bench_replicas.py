@@ -1,4 +1,4 @@
-"""`outrider bench --concurrency N,... --replicas R,...` (cluster/bench_replicas.py)."""
+"""`outrider bench --concurrency N,... --replicas R,...` (cluster/bench/replicas.py)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench_replicas import percentile
+from cluster.bench.replicas import percentile
 from cluster.cli import main
 
 ROOT = Path(__file__).parent.parent

@@ -66,8 +66,8 @@ def test_ssd_engine_in_bfloat16(tiny_pair, bf16_refs):
     here, drafter in a child process, gloo between them)."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec
 
     hf32, prompts, refs = bf16_refs
     spec = engine_spec(load_config("configs/local-cpu.yaml", {
@@ -108,7 +108,7 @@ def test_dtype_auto_resolves_once_from_torchs_cpu_query():
     bfloat16."""
     from actors.loader import auto_dtype, cpu_has_fast_bf16
     from cluster.config import load_config
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     caps = torch.cpu.get_capabilities()
     assert cpu_has_fast_bf16() == bool(torch.backends.mkldnn.is_available()

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cluster.config import ConfigError, load_config, parse_config
-from cluster.deployment import engine_spec
+from cluster.launch.deployment import engine_spec
 
 CONFIGS = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
 BASE = {"models": {"target": {"path": "t"}, "draft": {"path": "d"}}}

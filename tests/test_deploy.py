@@ -75,7 +75,7 @@ def test_8gpu_host_places_a_tp4_verifier_and_a_drafter():
     """The 8-GPU example's bundles: four target ranks then the drafter, one GPU each, all on the one
     host (STRICT_PACK; STRICT_SPREAD with TP > 1 is a config error)."""
     from actors.spec import EngineSpec
-    from cluster.placement import drafter_bundle, placement_bundles
+    from cluster.launch.placement import drafter_bundle, placement_bundles
 
     cfg = load_config(REPO / "configs" / "llama70b-8gpu.yaml")
     assert cfg.cluster.placement_strategy == "STRICT_PACK" and "llama70b-8gpu.yaml" in YAMLS["8gpu"].read_text()
@@ -162,7 +162,7 @@ def test_serve_on_ray_start_head(tiny_pair, tmp_path):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from cluster.client import OutriderClient
+    from cluster.serving.client import OutriderClient
 
     # `ray start` is another program: its ports can only be picked free here. Ours bind port 0.
     gcs = free_port()

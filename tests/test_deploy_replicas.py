@@ -13,7 +13,7 @@ import yaml
 from actors.spec import EngineSpec
 from cluster.cli import build_parser
 from cluster.config import load_config
-from cluster.placement import placement_bundles
+from cluster.launch.placement import placement_bundles
 from tests.test_deploy import ray_up_offline
 from tests.test_memory_plan import H100, _yaml_plan
 

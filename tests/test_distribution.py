@@ -181,8 +181,8 @@ def _ssd_draws(prompt, case: Case, n) -> list[tuple[int, ...]]:
     all in flight at once so they share verify batches."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec
 
     overrides = {f"speculation.{k}": v for k, v in case.speculation.items()}
     spec = engine_spec(load_config("configs/local-cpu.yaml", {**overrides, "engine.max_batch": 32,

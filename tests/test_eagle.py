@@ -262,8 +262,8 @@ def _engine_run(head_dir, prompts, mode: str, params=None, max_new=HF_NEW, **spe
     whose drafter is the head: the target's features cross the gloo data plane (FEATS records)."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec
 
     over = {"models.draft.path": str(head_dir), "speculation.mode": mode, "speculation.adaptive": False,
             "engine.max_batch": 8, **{f"speculation.{k}": v for k, v in speculation.items()}}

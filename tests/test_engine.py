@@ -14,9 +14,9 @@ from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.stopping import StopCriteria
 from cluster.config import load_config
-from cluster.coordinator import Coordinator, GenerateArgs
-from cluster.deployment import engine_spec
-from cluster.engine import RayEngine
+from cluster.serving.coordinator import Coordinator, GenerateArgs
+from cluster.launch.deployment import engine_spec
+from cluster.launch.engine import RayEngine
 from tests.conftest import HF_NEW, assert_matches_or_near_tie, assert_same_outcome_law
 
 pytestmark = pytest.mark.timeout(900)
@@ -162,9 +162,9 @@ def test_poll_lingers_for_a_chunk_but_returns_a_final_event_at_once(tiny_pair, h
 
 
 def test_an_engine_in_the_idle_scheduling_class_still_serves_exactly(ssd, held_out_prompts):
-    """What `outrider bench` does to the engines it is not timing (cluster/bench_quiet.py): the
+    """What `outrider bench` does to the engines it is not timing (cluster/bench/quiet.py): the
     engine's processes are found by pid, and demoted to SCHED_IDLE they keep serving, exactly."""
-    from cluster.bench_quiet import engine_pids, in_background
+    from cluster.bench.quiet import engine_pids, in_background
 
     engine, coord = ssd
     pids = engine_pids(engine)
@@ -179,12 +179,12 @@ def test_pinned_loops_serve_exactly_with_the_target_core_kept_to_them(ray_local,
                                                                       held_out_prompts):
     """models.*.cpus pins each role's loop thread (actors/affinity.py); `outrider bench` then keeps
     every other thread of its process tree off the target's core while the engine is timed
-    (bench_quiet.isolated), and gives each thread its own affinity back afterwards."""
+    (cluster.bench.quiet.isolated), and gives each thread its own affinity back afterwards."""
     import os
 
     import psutil
 
-    from cluster.bench_quiet import isolated
+    from cluster.bench.quiet import isolated
 
     usable = os.sched_getaffinity(0)
     if len(usable) < 2:

@@ -125,8 +125,8 @@ def test_a_ray_engine_streams_its_tokens_and_reopens_a_broken_stream_without_los
 
     from actors.sequence import Request
     from cluster.config import load_config
-    from cluster.deployment import engine_spec
-    from cluster.engine import RayEngine
+    from cluster.launch.deployment import engine_spec
+    from cluster.launch.engine import RayEngine
 
     engine = RayEngine(engine_spec(load_config("configs/local-cpu.yaml"))).start()
     try:

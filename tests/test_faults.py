@@ -20,7 +20,7 @@ import torch
 from actors.generate import generate_ar
 from actors.loader import load_model
 from actors.stopping import StopCriteria
-from cluster.client import OutriderClient
+from cluster.serving.client import OutriderClient
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).parent.parent

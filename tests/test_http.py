@@ -244,7 +244,7 @@ def test_32_concurrent_streams_lose_nothing(served, oai):
 def test_health_follows_the_life_cycle(serve_tiny, tiny_pair):
     """/health answers 503 while the engine loads, 200 once it serves, 503 again while draining."""
     from cluster.config import load_config
-    from cluster.server import OutriderServer
+    from cluster.serving.server import OutriderServer
 
     cfg = load_config("configs/local-cpu.yaml", {"server.port": 0, "metrics.enabled": False, "http.port": 0,
                                                  "server.max_queue": 1})

@@ -61,8 +61,8 @@ def run_engine(mode: str, jobs: list[tuple[list[int], SamplingParams]], n_top: i
     final of a request that asked for none."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
-    from cluster.coordinator import Chunk, Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
+    from cluster.serving.coordinator import Chunk, Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec
 
     spec = engine_spec(load_config("configs/local-cpu.yaml", {
         "cluster.launcher": "local", "speculation.mode": mode, "metrics.enabled": False}))

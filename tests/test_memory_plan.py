@@ -10,7 +10,7 @@ import torch
 
 from actors.spec import EngineSpec
 from cluster.config import ConfigError, load_config, parse_config
-from cluster.memory_plan import GiB, parse_memory, plan_memory
+from cluster.launch.memory_plan import GiB, parse_memory, plan_memory
 
 LLAMA_8B = {  # meta-llama/Llama-3.1-8B-Instruct config.json
     "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
@@ -114,7 +114,7 @@ def test_the_engine_builds_the_pools_the_plan_names(tiny_pair):
     """The verifier's and drafter's pools are the plan's blocks (real actors, no Ray)."""
     from actors.drafter import Drafter
     from actors.verifier import Verifier
-    from cluster.deployment import engine_spec
+    from cluster.launch.deployment import engine_spec
 
     cfg = load_config("configs/local-cpu.yaml", {"engine.kv_cache_memory": "64KiB", "engine.max_seq_len": 64,
                                                  "engine.max_batch": 2})
@@ -137,7 +137,7 @@ H100 = 85_520_809_984   # torch.cuda.get_device_properties(0).total_memory of an
 def _yaml_plan(path: str, tmp_path, launcher: str | None = None):
     """The plan a deployment YAML gets on 80 GB GPUs, with config.json-only checkpoints at its
     models' real shapes (engine_spec itself would also read their tokenizers)."""
-    from cluster.deployment import _target_rank_args
+    from cluster.launch.deployment import _target_rank_args
 
     for name, c in (("70b", LLAMA_70B), ("1b", LLAMA_1B)):
         (tmp_path / name).mkdir(exist_ok=True)
@@ -188,7 +188,7 @@ def test_only_the_local_launcher_puts_two_cuda_roles_on_one_gpu(tmp_path):
     assert target.key == draft.key == "cuda:0"
     assert plan.target_blocks < 16_416 / 3 and plan.notes and "the drafter" in plan.notes[0]
     assert plan.used("cuda:0") <= 0.9 * H100
-    from cluster.memory_plan import role_devices, shares_device
+    from cluster.launch.memory_plan import role_devices, shares_device
     assert shares_device("cuda", "cuda", "local") and not shares_device("cuda", "cuda", "ray")
     assert shares_device("cuda:1", "cuda:1", "ray") and not shares_device("cuda:0", "cuda:1", "local")
     assert role_devices("cuda", "cuda", "ray") == ("cuda (target bundle)", "cuda (draft bundle)")
@@ -197,7 +197,7 @@ def test_only_the_local_launcher_puts_two_cuda_roles_on_one_gpu(tmp_path):
 def test_the_plan_fits_within_ninety_percent_with_the_reserve(llama_dirs):
     """A plan that would fill 95 % of the device is refused: the fit is checked against 0.9 of it,
     with the per-process reserve counted (an explicit budget gets no silent shrink)."""
-    from cluster.memory_plan import RESERVE
+    from cluster.launch.memory_plan import RESERVE
 
     spec = _spec(llama_dirs, mode="ar", max_batch=64, max_seq_len=32768)   # KV for all of it would not fit
     free = plan_memory(spec, memory={"cuda:0": GB80, "cuda:1": GB80})

@@ -24,8 +24,8 @@ from actors.generate import generate_ar
 from actors.loader import load_model
 from actors.spec import EngineSpec
 from actors.stopping import StopCriteria
-from cluster.engine import interface_with
-from cluster.placement import drafter_bundle, missing_resources, placement_bundles
+from cluster.launch.engine import interface_with
+from cluster.launch.placement import drafter_bundle, missing_resources, placement_bundles
 
 ROOT = Path(__file__).parent.parent
 NEW, LONG = 48, 600
@@ -47,7 +47,7 @@ def test_bundles_are_target_ranks_then_the_drafter():
 
 
 def test_interface_with_finds_the_interface_holding_an_address():
-    """gloo is pointed at the interface carrying the node's Ray address (cluster/engine.py)."""
+    """gloo is pointed at the interface carrying the node's Ray address (cluster/launch/engine.py)."""
     found = 0
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:

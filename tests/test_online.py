@@ -22,10 +22,10 @@ from actors.sampling import SamplingParams
 from actors.spec import EngineSpec, OnlineLearningSpec
 from actors.stopping import StopCriteria
 from actors.wire import encode_params
-from cluster.metrics import Metrics
+from cluster.serving.metrics import Metrics
 from cluster.config import ConfigError, load_config
-from cluster.coordinator import Coordinator, GenerateArgs
-from cluster.deployment import engine_spec
+from cluster.serving.coordinator import Coordinator, GenerateArgs
+from cluster.launch.deployment import engine_spec
 from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties, assert_same_outcome_law
 from tests.test_drafter import _greedy
 

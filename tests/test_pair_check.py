@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cluster.config import ConfigError, load_config
-from cluster.deployment import engine_spec
+from cluster.launch.deployment import engine_spec
 
 
 def _draft_copy(tiny_pair, tmp_path, edit):

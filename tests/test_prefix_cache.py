@@ -19,8 +19,8 @@ from actors.spec import EngineSpec
 from actors.verifier import Verifier
 from actors.wire import encode_params
 from cluster.config import ConfigError, load_config
-from cluster.deployment import engine_spec
-from cluster.metrics import EngineCollector, InFlight
+from cluster.launch.deployment import engine_spec
+from cluster.serving.metrics import EngineCollector, InFlight
 from tests.conftest import assert_matches_or_near_tie, hf_greedy
 from tests.test_drafter import _greedy
 

@@ -1,10 +1,10 @@
-"""The replica router's decisions (cluster/router.py), and `cluster.replicas` in the config."""
+"""The replica router's decisions (cluster/serving/router.py), and `cluster.replicas` in the config."""
 from __future__ import annotations
 
 import pytest
 
 from cluster.config import ConfigError, parse_config
-from cluster.router import AFFINITY, LEAST_LOADED, Load, Router
+from cluster.serving.router import AFFINITY, LEAST_LOADED, Load, Router
 
 A = list(range(100, 164))          # two prompts sharing their first 48 tokens
 A2 = A[:48] + list(range(900, 916))

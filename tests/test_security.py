@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from cluster.client import OutriderClient
+from cluster.serving.client import OutriderClient
 from cluster.config import ConfigError, parse_config
 
 TOKEN = "test-token-5b1c"

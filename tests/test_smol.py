@@ -124,9 +124,9 @@ def smol_refs(hf_gguf, smol_prompts):
 
 def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prompts, smol_refs):
     from cluster.config import load_config
-    from cluster.coordinator import Coordinator, GenerateArgs
-    from cluster.deployment import engine_spec
-    from cluster.engine import RayEngine
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
+    from cluster.launch.deployment import engine_spec
+    from cluster.launch.engine import RayEngine
 
     hf, _ = hf_gguf
     # Fixed K = 4 (adaptive speculation would soon stop drafting with this drafter): every round

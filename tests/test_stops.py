@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from cluster.textstream import TextStream
+from cluster.serving.textstream import TextStream
 
 ISSUE_PROMPT = 'def read_config(path):\n    """Read a configuration file and return a dict."""\n    with'
 

@@ -28,8 +28,8 @@ from actors.tp.group import COMPILE_S, TPLead, group_timeout_s, indexed_device
 from actors.tp.shard import rank_device
 from actors.tp.worker import end_workers, spawn_workers
 from cluster.config import ConfigError, load_config
-from cluster.coordinator import Coordinator, GenerateArgs
-from cluster.deployment import engine_spec
+from cluster.serving.coordinator import Coordinator, GenerateArgs
+from cluster.launch.deployment import engine_spec
 from tests.conftest import HF_NEW, assert_all_match_or_rare_near_ties, assert_same_outcome_law, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -154,8 +154,8 @@ def test_a_killed_rank_fails_open_streams_then_the_server_serves_again(launcher,
     if launcher == "ray":
         server, client = request.getfixturevalue("serve_tiny")(overrides)
     else:   # the same server as serve_tiny's, without bringing Ray up
-        from cluster.client import OutriderClient
-        from cluster.server import OutriderServer
+        from cluster.serving.client import OutriderClient
+        from cluster.serving.server import OutriderServer
 
         cfg = load_config("configs/local-cpu.yaml", {**overrides, "server.port": 0, "http.port": 0})
         server = OutriderServer(cfg).start()

@@ -52,7 +52,7 @@ def test_a_dead_local_verifier_loop_fails_open_requests(tiny_pair, held_out_prom
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
     from actors.spec import EngineSpec
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     engine = LocalEngine(EngineSpec(target=str(tiny_pair / "target"), mode="ar", max_batch=2, max_seq_len=256))
 

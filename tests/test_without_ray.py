@@ -43,7 +43,7 @@ def test_serves_over_grpc_without_ray(tiny_pair, tmp_path):
 
 def test_bench_runs_without_ray(tiny_pair, tmp_path):
     report = tmp_path / "out"
-    out = _run(f"from cluster.bench import run_bench\n"
+    out = _run(f"from cluster.bench.run import run_bench\n"
                f"sys.exit(run_bench({str(_config(tmp_path))!r}, {str(report)!r}, quick=True))")
     rep = _check_report(report, out.stdout, MODES)
     assert rep["env"]["launcher"] == "local" and rep["env"]["ray"] is None

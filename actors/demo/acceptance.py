@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _path(spec: str):
-    from cluster.deployment import resolve_model
+    from cluster.launch.deployment import resolve_model
 
     return resolve_model(spec)
 

@@ -20,7 +20,7 @@ longest equal prefix, so its prefill skips those positions. A named block is nev
 Admission uses *reservations*: a sequence reserves the most blocks it can ever hold (prompt +
 max_new_tokens + K), so an admitted sequence never runs out of cache halfway; `can_reserve`
 tells the admitter whether the next one fits. Sides that fork (the drafter) are sized by the
-memory plan (cluster/memory_plan.py) so they never need to refuse.
+memory plan (cluster/launch/memory_plan.py) so they never need to refuse.
 
 With padded shapes (actors/buckets.py) one block is the *scratch* block: taken out of the free
 list for good, never in any table, it is where dummy rows and padding positions write and what

@@ -7,7 +7,7 @@ positions), and waits again, until told to stop. It holds no sequences and sampl
 loads no vocabulary head. If rank 0 goes away the next receive fails and the loop ends with an
 error; if a worker goes away, rank 0's next collective fails and the verifier is rebuilt whole.
 
-`spawn_workers` starts them as processes for `launcher: local`; cluster/engine.py starts them as
+`spawn_workers` starts them as processes for `launcher: local`; cluster/launch/engine.py starts them as
 Ray actors.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from cluster.gpu_check import reference, runs, seeded
-from cluster.memory_plan import fmt
+from cluster.launch.memory_plan import fmt
 
 log = logging.getLogger("gpu_check")
 GiB = 1 << 30

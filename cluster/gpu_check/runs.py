@@ -25,7 +25,7 @@ def spec_for(tdir, ddir, mode: str, device: str, dtype: str, k: int, max_seq_len
 
 def plan_for(spec: EngineSpec):
     """The memory plan the deployment path would make for this spec on this machine."""
-    from cluster.memory_plan import plan_memory
+    from cluster.launch.memory_plan import plan_memory
 
     return plan_memory(spec, launcher="local")
 
@@ -45,7 +45,7 @@ def run_engine(spec: EngineSpec, prompts: list[list[int]], new: int, sampling: t
     sampled continuations) from a LocalEngine; its speculation stats, wall time and memory."""
     from actors.launch import LocalEngine
     from actors.sampling import SamplingParams
-    from cluster.coordinator import Coordinator, GenerateArgs
+    from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     plan = plan_for(spec)
     spec = plan.apply(spec)
@@ -112,7 +112,7 @@ def timings(tdir, device: str, dtype: str, k: int, ctx: int, reps: int, compile_
     two times."""
     from actors.loader import load_model
     from actors.runner import Runner
-    from cluster.bench_kernels import copy_bandwidth, streamed_bytes
+    from cluster.bench.kernels import copy_bandwidth, streamed_bytes
 
     model = load_model(tdir, dtype, device)
     spec = EngineSpec(target=str(tdir), mode="ar", k=k, max_batch=1, max_seq_len=ctx + 2 * k + 8,

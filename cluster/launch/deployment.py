@@ -1,0 +1,170 @@
+"""From a validated deployment config to running parts: model paths, EngineSpec, engine."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from actors.affinity import check_cpus
+from actors.config import ModelArgs
+from actors.spec import EngineSpec, OnlineLearningSpec
+from actors.tokenizer import Tokenizer, vocab_mismatch
+from actors.tp.shard import rank_args, rank_device, split_error
+from cluster.config import ConfigError, DeploymentConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(path: str) -> str:
+    """Checkpoint directory for a YAML `path`; `demo:<size>/<role>` builds the demo pair once."""
+    if path.startswith("demo:"):
+        from actors.demo.build import resolve_demo
+
+        return str(resolve_demo(path))
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model path {path!r} is not a directory")
+    return str(p)
+
+
+def _online_spec(ol) -> OnlineLearningSpec | None:
+    if not ol.enabled:
+        return None
+    return OnlineLearningSpec(lr=ol.lr, max_steps_per_s=ol.max_steps_per_s, buffer_tokens=ol.buffer_tokens,
+                              batch_size=ol.batch_size, window_tokens=ol.window_tokens,
+                              save_path=str(Path(ol.save_path).expanduser()) if ol.save_path else None,
+                              save_every_s=ol.save_every_s, recompute_kv=ol.recompute_kv)
+
+
+def _dtype(mc) -> str:
+    """A role's dtype; `auto` resolved here, once, on the host that reads the config, so the memory
+    plan and the actors see the same concrete dtype."""
+    if mc.dtype != "auto":
+        return mc.dtype
+    from actors.loader import auto_dtype
+
+    name = str(auto_dtype(mc.device)).removeprefix("torch.")
+    log.info("dtype auto on %s: %s", mc.device, name)
+    return name
+
+
+def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
+    m, sp, en = cfg.models, cfg.speculation, cfg.engine
+    for w in cfg.warnings():
+        log.warning("config: %s", w)
+    if m.draft is not None and m.draft.tensor_parallel_size > 1:
+        raise ConfigError(f"models.draft.tensor_parallel_size={m.draft.tensor_parallel_size}: the drafter runs on "
+                          "one device (only the target is split); use 1")
+    draft = m.draft if sp.mode != "ar" else None
+    target_path, draft_path = resolve_model(m.target.path), resolve_model(draft.path) if draft else None
+    head_layers = _head_layers(draft_path, target_path) if draft else None
+    if head_layers is not None and sp.online_learning is not None and sp.online_learning.enabled:
+        raise ConfigError("speculation.online_learning: trains a draft model; models.draft.path is a draft head")
+    spec = EngineSpec(
+        target=target_path, draft=draft_path, draft_head_layers=head_layers,
+        target_dtype=_dtype(m.target), draft_dtype=_dtype(draft) if draft else "float32",
+        target_device=m.target.device, draft_device=draft.device if draft else "cpu",
+        mode=sp.mode, k=sp.k, adaptive=sp.adaptive, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
+        fan_out_budget=sp.fan_out_budget, backup=sp.backup, saguaro_c=sp.saguaro_c,
+        max_batch=en.max_batch, max_seq_len=en.max_seq_len, timeout_s=en.data_plane_timeout_s,
+        master_port=en.master_port or 0, num_threads=m.target.num_threads,
+        draft_num_threads=draft.num_threads if draft else 1,
+        target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
+        draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
+        kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk, compile=en.compile,
+        prefix_caching=en.prefix_caching,
+        pad_shapes=en.pad_shapes,
+        online_learning=_online_spec(sp.online_learning) if draft else None,
+        tensor_parallel_size=m.target.tensor_parallel_size,
+        target_resources=dict(m.target.resources), draft_resources=dict(draft.resources) if draft else {},
+    )
+    from cluster.launch.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails
+
+    plan = plan_memory(spec, en.kv_cache_memory, target_args=_target_rank_args(cfg, spec.target),
+                       launcher=cfg.cluster.launcher)
+    spec = plan.apply(spec)
+    spec.extra["memory_plan"] = plan.table()
+    if spec.draft is not None and head_layers is None:   # (a head's vocabulary was checked against the target's)
+        why = vocab_mismatch(Tokenizer(spec.target), Tokenizer(spec.draft))
+        if why:
+            raise ConfigError(f"models.draft.path: {draft.path!r} does not share the target's tokenizer: {why}")
+    if cfg.cluster.address is None:  # embedded or local: every role runs here, so its CPUs and GPUs are known
+        for key, cpus in (("models.target.cpus", spec.target_cpus), ("models.draft.cpus", spec.draft_cpus)):
+            try:
+                check_cpus(cpus, key)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        _check_device(spec.target_device, "models.target.device")
+        if cfg.cluster.launcher == "local" and spec.tensor_parallel_size > 1:   # rank r on the r-th GPU after it
+            _check_device(rank_device(spec.target_device, spec.tensor_parallel_size - 1), "models.target.device")
+        if draft:
+            _check_device(spec.draft_device, "models.draft.device")
+    return spec
+
+
+def _head_layers(draft_path: str, target_path: str) -> tuple[int, ...] | None:
+    """The target layers a draft head reads, when models.draft.path is one (actors/eagle/)."""
+    import json
+
+    from actors.config import CheckpointError
+    from actors.eagle.checkpoint import head_args, is_head_dir
+
+    if not is_head_dir(draft_path):
+        return None
+    cfg_file = Path(draft_path) / "config.json"
+    try:
+        return head_args(json.loads(cfg_file.read_text()), ModelArgs.from_dir(target_path), str(cfg_file)).aux_layers
+    except CheckpointError as e:
+        raise ConfigError(f"models.draft.path: {e}") from None
+
+
+def _target_rank_args(cfg: DeploymentConfig, path: str):
+    """The shapes one tensor-parallel rank of the target holds (the memory plan is per device);
+    a checkpoint whose heads or MLP features do not split N ways is refused here, not at load."""
+    n = cfg.models.target.tensor_parallel_size
+    args = ModelArgs.from_dir(path)
+    why = split_error(args, n)
+    if why:
+        raise ConfigError(f"models.target.tensor_parallel_size={n}: the target cannot be split {n} ways: "
+                          f"{Path(path) / 'config.json'} has {why}")
+    return rank_args(args, n)
+
+
+def _check_device(device: str, key: str) -> None:
+    """A CUDA device this machine lacks is a config error here, not a failure inside torch (or a
+    placement group that waits for a GPU forever)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= n:
+        raise ConfigError(f"{key}: {device!r}, but this machine has {n} CUDA device(s) that torch "
+                          f"{torch.__version__} can use")
+
+
+def tokenizer_for(spec: EngineSpec) -> Tokenizer:
+    return Tokenizer(spec.target)
+
+
+def start_engine(cfg: DeploymentConfig, spec: EngineSpec | None = None):
+    """Bring the verifier and drafter up: as plain processes (`cluster.launcher: local`), or as
+    Ray actors on an embedded or joined cluster (Ray is initialised here if need be)."""
+    spec = spec or engine_spec(cfg)
+    if cfg.cluster.launcher == "local":
+        from actors.launch import LocalEngine
+
+        return LocalEngine(spec).start()
+    from cluster.launch.engine import RayEngine, init_ray
+
+    init_ray(cfg.cluster.address, cfg.cluster.num_cpus, cfg.cluster.namespace)
+    return RayEngine(spec, cfg.cluster.placement_strategy).start()
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray this process started, if any (a `launcher: local` run never imports Ray,
+    so a machine without it serves too)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
