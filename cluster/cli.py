@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     try:
         if args.cmd == "models":
-            from actors.demo.build import cli_build
+            from cluster.models.build import cli_build
 
             if args.budget is not None and args.size != "smol":
                 raise ValueError("--budget is for --size smol (the draft head's training)")

@@ -20,7 +20,7 @@ hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 @pytest.fixture(scope="session")
 def tiny_pair():
-    from actors.demo.build import build_pair
+    from cluster.models.build import build_pair
 
     return build_pair("tiny")
 
@@ -34,7 +34,7 @@ def tiny_tok(tiny_pair):
 
 @pytest.fixture(scope="session")
 def held_out_prompts(tiny_tok):
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
 
     texts = prompts("code", 12) + prompts("text", 12)
     return [tiny_tok.encode(t)[-96:] for t in texts]
@@ -207,7 +207,7 @@ def smol_pair():
     """The real pair for tests: (SmolLM2-135M-Instruct imported from its GGUF, the cheap drafter
     made of its first layers). The download (93 MB) and import happen once and are cached; the
     distilled drafter is not built here (too slow for the suite; exactness does not need it)."""
-    from actors.demo.smol import build_cheap, build_target
+    from cluster.models.smol import build_cheap, build_target
 
     return build_target(), build_cheap()
 

@@ -128,7 +128,7 @@ def test_greedy_and_sampling_batched_together_are_both_exact(served, hf_refs, he
 
 # -- the context limit -------------------------------------------------------------------------
 def test_request_exactly_at_max_seq_len(served, hf_refs, tiny_tok):
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
 
     server, client = served
     hf, _ = hf_refs
@@ -181,7 +181,7 @@ def test_abort_during_prefill(served, tiny_tok):
     before its length, with usage equal to the tokens streamed (0: caught before admission, 1:
     during the prefill that produced the first token), a prefix of the greedy output, and both
     actors free it."""
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
 
     server, client = served
     _idle(server)

@@ -97,7 +97,7 @@ def test_explore_grid_with_a_drafter_variant(ray_local, tiny_pair, tmp_path, cap
 
 @pytest.mark.parametrize("name", ["draft-0x64", "draft-1x100", "draft-2x1024", "draft-two"])
 def test_drafter_variant_names_are_checked(name):
-    from actors.demo.build import resolve_demo
+    from cluster.models.build import resolve_demo
 
     with pytest.raises(ValueError, match=name):
         resolve_demo(f"demo:tiny/{name}")

@@ -48,7 +48,7 @@ def smol(smol_pair):
 
 @pytest.fixture(scope="module")
 def prompts(smol):
-    from actors.demo.corpus import prompts as corpus
+    from cluster.models.corpus import prompts as corpus
 
     tok = Tokenizer(smol[0])
     return [tok.encode(t)[-80:]

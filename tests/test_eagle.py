@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from actors.config import CheckpointError
-from actors.demo import eagle_smol
+from cluster.models import eagle_smol
 from actors.eagle.checkpoint import is_head_dir, load_head, save_head
 from actors.eagle.draft import HeadStream
 from actors.eagle.generate import generate_sd_head
@@ -35,7 +35,7 @@ def target(tiny_pair):
 
 
 def _windows(tiny_tok, n=24, width=96):
-    from actors.demo.corpus import read, split
+    from cluster.models.corpus import read, split
 
     out = []
     for p in sorted(split()[0])[:200]:
@@ -51,7 +51,7 @@ def _windows(tiny_tok, n=24, width=96):
 def trained_head(target, tiny_tok):
     """A head for the tiny target, trained for a few seconds on training-split code it reads,
     over a draft vocabulary of 256 of its 512 tokens."""
-    from actors.demo.distill_smol import forced_labelled
+    from cluster.models.distill_smol import forced_labelled
 
     torch.manual_seed(0)
     data = forced_labelled(target, _windows(tiny_tok), top_k=20)

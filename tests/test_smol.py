@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.demo.chat_prompts import HELD_OUT
-from actors.demo.smol import fetch_gguf
+from cluster.models.chat_prompts import HELD_OUT
+from cluster.models.smol import fetch_gguf
 from actors.loader import load_model
 from actors.tokenizer import Tokenizer
 from tests.conftest import assert_matches_or_near_tie, hf_greedy
@@ -104,7 +104,7 @@ def test_logits_match_transformers_gguf(smol_pair, hf_gguf):
 def smol_prompts(hf_gguf):
     """6 held-out code prompts (standard-library source) and 6 chat requests rendered with the
     checkpoint's chat template by transformers."""
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
 
     _, htok = hf_gguf
     code = [htok(t, add_special_tokens=False).input_ids[-96:] for t in prompts("code", 6, seed=16)]

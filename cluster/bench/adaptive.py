@@ -66,7 +66,7 @@ def run(config: str, target: str | None, draft: str | None, n_prompts: int, new_
         modes: list[str]) -> dict:
     import ray
 
-    from actors.demo.corpus import prompts as corpus_prompts
+    from cluster.models.corpus import prompts as corpus_prompts
     from cluster.config import load_config
     from cluster.serving.coordinator import Coordinator, GenerateArgs
     from cluster.launch.deployment import engine_spec, tokenizer_for

@@ -74,9 +74,9 @@ def target_gguf(target_dir: str) -> str | None:
     found = sorted(Path(target_dir).glob("*.gguf"))
     if found:
         return str(found[0])
-    if "smol" in str(target_dir):   # the download cache of actors/demo/smol.py (never downloads here)
-        from actors.demo.build import models_root
-        from actors.demo.smol import GGUF_MEMBER
+    if "smol" in str(target_dir):   # the download cache of cluster/models/smol.py (never downloads here)
+        from cluster.models.build import models_root
+        from cluster.models.smol import GGUF_MEMBER
 
         p = models_root() / "downloads" / Path(GGUF_MEMBER).name
         return str(p) if p.is_file() else None

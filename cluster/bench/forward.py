@@ -154,7 +154,7 @@ def profile_decode(target: str, dtype: str, steps: int = 10) -> dict:
 
 
 def main() -> None:
-    from actors.demo.build import models_root
+    from cluster.models.build import models_root
     from actors.loader import cpu_has_fast_bf16
 
     ap = argparse.ArgumentParser()

@@ -70,15 +70,16 @@ def sweep_modes(k: int, sweep: tuple[int, ...]) -> list[Mode]:
         _outrider(f"ssd-k{kk}", "ssd", kk, fixed=True) for kk in ks]
 
 
-def build_modes(k: int, sd_ks: list[int], ssd_k: int | None = None) -> list[Mode]:
+def build_modes(k: int, sd_ks: list[int], ssd_k: int | None = None, assisted: bool = True) -> list[Mode]:
     """The main comparison: AR, SD at the given fixed K's (the sweep's best and the SSD's K), SSD
     as configured (adaptive K by default: the engine as shipped), SSD at the fixed K `ssd_k`
-    (the sweep's best), HF."""
+    (the sweep's best), HF (and HF's assisted generation with the drafter, unless `assisted` is
+    off: a draft head is no model transformers can assist with)."""
     fixed_ssd = [] if ssd_k is None else [_outrider(f"ssd-k{ssd_k}", "ssd", ssd_k, fixed=True)]
     return ([_outrider("ar", "ar", k)] + [_outrider(f"sd-k{kk}", "sd", kk, fixed=True) for kk in sorted(set(sd_ks))]
             + [_outrider("ssd", "ssd", k)] + fixed_ssd
-            + [Mode("hf", "hf", threads=2), Mode("hf-assisted", "hf-assisted", threads=2),
-               _outrider("ar-2t", "ar", k, threads=2)])
+            + [Mode("hf", "hf", threads=2)] + ([Mode("hf-assisted", "hf-assisted", threads=2)] if assisted else [])
+            + [_outrider("ar-2t", "ar", k, threads=2)])
 
 
 def saguaro_modes(k: int) -> list[Mode]:
@@ -88,7 +89,7 @@ def saguaro_modes(k: int) -> list[Mode]:
 
 def build_prompts(tok, n_code: int, n_text: int) -> tuple[list[list[int]], list[int]]:
     """(timed prompts, warm-up prompt): held-out code and docstring prompts, last 128 tokens."""
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
 
     texts = prompts("code", n_code + 1) + prompts("text", n_text)
     ids = [tok.encode(t)[-PROMPT_TOKENS:] for t in texts]

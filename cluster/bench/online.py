@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def untrained_drafter(pair: Path) -> Path:
     """The pair's drafter shape with random weights (the weakest possible start)."""
-    from actors.demo.train import new_model
+    from cluster.models.train import new_model
     from safetensors.torch import save_file
 
     out = pair / "draft-untrained"
@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
 
-    from actors.demo.build import build_pair
-    from actors.demo.corpus import prompts as corpus_prompts
+    from cluster.models.build import build_pair
+    from cluster.models.corpus import prompts as corpus_prompts
     from actors.tokenizer import Tokenizer
     from cluster.config import load_config
     from cluster.launch.deployment import engine_spec

@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve()
 
 
 def worker(a) -> None:
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
     from cluster.config import load_config
     try:
         from cluster.launch.deployment import engine_spec, start_engine, tokenizer_for

@@ -34,7 +34,7 @@ QUESTION = 32
 
 def _prompts(tok, system: int, n: int) -> tuple[list[int], list[list[int]]]:
     """A `system`-token system prompt (prose of the held-out corpus) and n questions (code)."""
-    from actors.demo.corpus import prompts
+    from cluster.models.corpus import prompts
 
     text = "\n".join(prompts("text", 24))
     sys_ids = tok.encode(text)[:system]

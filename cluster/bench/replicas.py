@@ -81,7 +81,7 @@ def _cpu_s(procs: list[psutil.Process]) -> float:
 
 
 def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: int) -> list[dict]:
-    from actors.demo.corpus import prompts as corpus_prompts
+    from cluster.models.corpus import prompts as corpus_prompts
     from cluster.serving.client import OutriderClient
     from cluster.config import load_config
     from cluster.launch.deployment import shutdown_ray

@@ -148,7 +148,8 @@ def derive(report: dict, k: int) -> dict:
             "bound_tok_s": _r(bound, 2), "sd_ideal_ratio": _r(ideal),
             "ar_model_tok_s": _r(1 / kern["t_target_1_s"], 2), "sd_model_tok_s": _r(e_sd / (k * td + tv), 2),
             "ratios": {"SSD/AR": _r(ssd / tps["ar"]), "SSD/SD": _r(ssd / sd[best]),
-                       "SSD/SD-ideal": _r(ssd / tps[f"sd-k{k}"] / ideal), "SSD/HF": _r(ssd / tps["hf-assisted"]),
+                       "SSD/SD-ideal": _r(ssd / tps[f"sd-k{k}"] / ideal),
+                       "SSD/HF": _r(_div(ssd, tps.get("hf-assisted", tps["hf"]))),   # plain HF beside a head
                        "SSD/bound": _r(pooled / bound), "SSD/AR-2t": _r(ssd / tps["ar-2t"]),
                        "SSD/HF-plain": _r(ssd / tps["hf"]), "SSD/SD-same-K": _r(ssd / tps[f"sd-k{k}"]),
                        "SSD-decode/bound": _r(_div(ms["ssd"].get("decode_tokens_per_s_aggregate"), bound)),

@@ -256,7 +256,8 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
     prompts, warm = build_prompts(tokenizer_for(base), s["n_code"], s["n_text"])
     sweep, sag = sweep_modes(k, s["sweep"]) if s["sweep"] else [], saguaro_modes(k)
     sag_prompts = prompts[:s["saguaro_prompts"]]
-    hf = HF(base.target, base.draft, base.target_device, base.target_dtype)
+    head = base.draft_head_layers is not None   # a draft head: HF has no assisted mode for it
+    hf = HF(base.target, None if head else base.draft, base.target_device, base.target_dtype)
     # Plain-process engines (launcher: local) reserve no CPUs: all of them fit at once.
     local = cfg.cluster.launcher == "local"
     owned, capacity = (False, float("inf")) if local else _ray_up(cfg, 16)
@@ -274,7 +275,8 @@ def run_bench(config_path: str, out_dir: str, quick: bool = False) -> int:
                                     quiet=owned)
         best_k, best_ssd_k = (_best_k(sweep, sweep_runs, kind) if sweep else k for kind in ("sd", "ssd"))
         # SSD at its best fixed K beside SSD as configured; with adaptive off they are one engine
-        modes = build_modes(k, [best_k, k], best_ssd_k if cfg.speculation.adaptive or best_ssd_k != k else None)
+        modes = build_modes(k, [best_k, k], best_ssd_k if cfg.speculation.adaptive or best_ssd_k != k else None,
+                            assisted=not head)
         phases = plan_phases(modes, capacity, local)
         sag_phases = plan_phases(sag, capacity, local) if sag_prompts else []
         if len(phases) > 1 and not local:

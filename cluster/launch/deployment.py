@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 def resolve_model(path: str) -> str:
     """Checkpoint directory for a YAML `path`; `demo:<size>/<role>` builds the demo pair once."""
     if path.startswith("demo:"):
-        from actors.demo.build import resolve_demo
+        from cluster.models.build import resolve_demo
 
         return str(resolve_demo(path))
     p = Path(path).expanduser()

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from actors.demo import corpus
-from actors.demo.train import (
+from cluster.models import corpus
+from cluster.models.train import (
     EOS,
     Shape,
     agreement,
@@ -80,14 +80,14 @@ def resolve_demo(spec: str) -> Path:
     body = spec.removeprefix("demo:")
     size, _, role = body.partition("/")
     if size == "smol":  # the real pretrained pair: imported and distilled, not trained here
-        from actors.demo.smol import resolve_smol
+        from cluster.models.smol import resolve_smol
 
         return resolve_smol(role)
     if size not in SIZES or not (role in ("target", "draft") or role.startswith("draft-")):
         raise ValueError(f"demo model {spec!r}: expected demo:<{'|'.join(SIZES)}>/<target|draft|draft-LxD> "
                          "or demo:smol/<target|draft|head|cheap>")
     if role.startswith("draft-"):  # another drafter size, distilled on the same target
-        from actors.demo.drafters import build_drafter, variant_shape
+        from cluster.models.drafters import build_drafter, variant_shape
 
         variant_shape(role)  # a bad name fails before any pair is built
         return build_drafter(build_pair(size), size, role)
@@ -191,7 +191,7 @@ def build_once(dest: Path, build, force: bool = False) -> dict | None:
 
 def cli_build(size: str, out: str | None = None, force: bool = False, budget: float | None = None) -> Path:
     if size == "smol":
-        from actors.demo.smol import cli_build_smol
+        from cluster.models.smol import cli_build_smol
 
         return cli_build_smol(out, force, budget)
     path = build_pair(size, Path(out) if out else None, force)

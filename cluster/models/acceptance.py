@@ -1,6 +1,6 @@
 """Greedy acceptance of a drafter against its target at a fixed K, on held-out code and chat.
 
-    .venv/bin/python -m actors.demo.acceptance --target demo:smol/target --draft demo:smol/draft --k 4
+    .venv/bin/python -m cluster.models.acceptance --target demo:smol/target --draft demo:smol/draft --k 4
 
 Runs synchronous speculative decoding in one process (no Ray: acceptance does not depend on the
 transport) with K fixed, greedy, on held-out standard-library code prompts (corpus.prompts) and
@@ -27,8 +27,8 @@ def _path(spec: str):
 
 
 def measure(target_dir, draft_dir, k: int = 4, n: int = 12, new_tokens: int = 96) -> dict:
-    from actors.demo.chat_prompts import HELD_OUT
-    from actors.demo.corpus import prompts
+    from cluster.models.chat_prompts import HELD_OUT
+    from cluster.models.corpus import prompts
     from actors.generate import generate_sd
     from actors.loader import load_model
     from actors.stats import SpecStats

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from actors.config import ModelArgs
-from actors.demo.progress import Progress
+from cluster.models.progress import Progress
 from actors.model import Transformer
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from actors.demo.distill_smol import SPEC as DATA_SPEC, _bar, labelled_data
+from cluster.models.distill_smol import SPEC as DATA_SPEC, _bar, labelled_data
 
 log = logging.getLogger(__name__)
 
@@ -246,8 +246,8 @@ def train_head(target_dir: Path, out: Path, spec: HeadSpec = SPEC) -> dict:
 
 
 def build_head(root: Path | None = None, force: bool = False, spec: HeadSpec = SPEC) -> Path:
-    from actors.demo.build import build_once
-    from actors.demo.smol import build_target, smol_dir
+    from cluster.models.build import build_once
+    from cluster.models.smol import build_target, smol_dir
 
     target = build_target(root)
     dest = smol_dir(root) / ("head" if spec == SPEC else f"head-{spec.budget_min:g}min")

@@ -27,7 +27,7 @@ VARIANT = re.compile(r"draft-(\d+)x(\d+)")
 def variant_shape(name: str):
     """`draft-<L>x<D>` -> the drafter's Shape (head dim 32, 2 KV heads, MLP 2.75x wide, as the
     pair's own drafter), or ValueError naming what is wrong."""
-    from actors.demo.train import Shape
+    from cluster.models.train import Shape
 
     m = VARIANT.fullmatch(name)
     if not m:
@@ -41,7 +41,7 @@ def variant_shape(name: str):
 
 def build_drafter(pair: Path, size: str, name: str, force: bool = False) -> Path:
     """Distil drafter variant `name` for the built pair in `pair` (once, like the pair itself)."""
-    from actors.demo.build import build_once
+    from cluster.models.build import build_once
 
     shape = variant_shape(name)
     info = build_once(pair / name, lambda tmp: _distil(pair, size, shape, tmp), force)
@@ -52,8 +52,8 @@ def build_drafter(pair: Path, size: str, name: str, force: bool = False) -> Path
 
 
 def _distil(pair: Path, size: str, shape, out: Path) -> dict:
-    from actors.demo.build import SIZES, per_token_ms, training_texts
-    from actors.demo.train import EOS, agreement, distill, encode_corpus, hf_config, new_model, save_hf
+    from cluster.models.build import SIZES, per_token_ms, training_texts
+    from cluster.models.train import EOS, agreement, distill, encode_corpus, hf_config, new_model, save_hf
     from actors.loader import load_model
 
     t0 = time.perf_counter()

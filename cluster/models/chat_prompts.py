@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import random
 
-from actors.demo import corpus
+from cluster.models import corpus
 
 TOPICS = [
     "photosynthesis", "the water cycle", "black holes", "the French Revolution", "machine learning",

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from actors.demo.progress import Progress
+from cluster.models.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class DistillSpec:
     def data_key(self) -> str:
         """What the labelled data depends on (the sizes and the request texts themselves): a
         cache of it is reused when only training changes."""
-        from actors.demo.chat_prompts import training_requests
+        from cluster.models.chat_prompts import training_requests
 
         fields = (DATA_VERSION, self.chat_requests, self.code_prompts, self.prompt_tokens, self.new_tokens,
                   self.forced_windows, self.window, self.top_k, self.seed)
@@ -76,7 +76,7 @@ def _bar(**kw) -> Progress:
 
 def code_prompts(n: int, seed: int) -> list[str]:
     """Code prompts cut from the training split, as corpus.prompts cuts held-out ones."""
-    from actors.demo.corpus import _code_prompts, split
+    from cluster.models.corpus import _code_prompts, split
 
     pool = _code_prompts(split()[0])
     random.Random(seed).shuffle(pool)
@@ -85,7 +85,7 @@ def code_prompts(n: int, seed: int) -> list[str]:
 
 def code_windows(tok, n: int, width: int, seed: int) -> list[list[int]]:
     """`n` windows of `width` tokens from training-split modules (one per file, seeded)."""
-    from actors.demo.corpus import read, split
+    from cluster.models.corpus import read, split
 
     files = list(split()[0])
     rng = random.Random(seed)
@@ -175,7 +175,7 @@ def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: 
 def student_from_target(target_dir: Path, layers: tuple[int, ...]):
     """The drafter before training: the target's `layers`, embedding, norm and tied head."""
     from actors.config import ModelArgs
-    from actors.demo.smol import truncated_state
+    from cluster.models.smol import truncated_state
     from actors.model import Transformer
 
     cfg = json.loads((target_dir / "config.json").read_text())
@@ -275,7 +275,7 @@ def labelled_data(target_dir: Path, spec: DistillSpec) -> list[dict]:
     """The teacher's labelled sequences: its greedy answers to chat requests and continuations of
     code prompts (generated), then standard-library windows it reads (teacher-forced). Cached
     beside the target, so a killed build or a retrain reuses them."""
-    from actors.demo.chat_prompts import training_requests
+    from cluster.models.chat_prompts import training_requests
     from actors.loader import load_model
     from actors.tokenizer import Tokenizer
 
@@ -299,7 +299,7 @@ def labelled_data(target_dir: Path, spec: DistillSpec) -> list[dict]:
 
 
 def distil(target_dir: Path, out: Path, spec: DistillSpec = SPEC) -> dict:
-    from actors.demo.smol import write_like_target
+    from cluster.models.smol import write_like_target
 
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)
@@ -330,8 +330,8 @@ def distil(target_dir: Path, out: Path, spec: DistillSpec = SPEC) -> dict:
 
 
 def build_draft(root: Path | None = None, force: bool = False) -> Path:
-    from actors.demo.build import build_once
-    from actors.demo.smol import build_target, smol_dir
+    from cluster.models.build import build_once
+    from cluster.models.smol import build_target, smol_dir
 
     target = build_target(root)
     dest = smol_dir(root) / "draft"
