@@ -215,6 +215,11 @@ class Controller:
         self.budget = max_budget
         self._lookups, self._hits = 0.0, 0.0
         self._probe_every = PROBE_FIRST   # where the last finished sequence's probe backoff stood
+        # What the current round measured of its own parts, for `observe_round_time`: its
+        # just-in-time draft (with the drafter's catch-up and the wire) and the catch-up exposed in
+        # the table wait, gathered until the verify; then (tokens, verify, jit, catch-up) of the round.
+        self._step_jit, self._step_extra = 0.0, 0.0
+        self._round_parts: tuple[int, float, float, float] | None = None
         self.trace = writer_from_env({"k_max": k_max, "mode": mode, "max_budget": max_budget})
 
     # -- sequences ---------------------------------------------------------------------------
@@ -259,23 +264,33 @@ class Controller:
         if self.trace:
             self.trace.write({"ev": "verify", "n": n_tokens, "s": seconds})
         self.costs.verify.add(n_tokens, seconds)
+        self._round_parts = (n_tokens, seconds, self._step_jit, self._step_extra)
+        self._step_jit, self._step_extra = 0.0, 0.0
 
-    def observe_draft(self, steps: int, draft_s: float, transport_s: float) -> None:
+    def observe_draft(self, steps: int, draft_s: float, transport_s: float, catch_up_s: float = 0.0) -> None:
         """A just-in-time draft of `steps` batched steps took `draft_s` in the drafter; the frame
-        and its reply spent `transport_s` on the way."""
+        and its reply spent `transport_s` on the way; before drafting, the drafter's cache caught
+        up with the tokens committed at K = 0 in `catch_up_s` (a one-off, not a cost per step)."""
         if self.trace:
-            self.trace.write({"ev": "draft", "steps": steps, "draft_s": draft_s, "transport_s": transport_s})
+            self.trace.write({"ev": "draft", "steps": steps, "draft_s": draft_s, "transport_s": transport_s,
+                              "catch_up_s": catch_up_s})
+        self._step_jit += max(draft_s, 0.0) + max(catch_up_s, 0.0) + max(transport_s, 0.0)
         c = self.costs
         if steps > 0:
             per = draft_s / steps
             c.draft_step_s = per if c.draft_step_s is None else c.draft_step_s + 0.2 * (per - c.draft_step_s)
         c.transport_s += 0.2 * (max(transport_s, 0.0) - c.transport_s)
 
-    def observe_prespec(self, steps: int, seconds: float, t_verify: float, n_seqs: int = 1) -> None:
+    def observe_prespec(self, steps: int, seconds: float, t_verify: float, n_seqs: int = 1,
+                        catch_up_s: float = 0.0) -> None:
         """One pre-speculation of `steps` draft steps for `n_seqs` sequences took `seconds`, behind
-        a verify of `t_verify`."""
+        a verify of `t_verify`, after a catch-up prefill of `catch_up_s` (a new prompt, tokens
+        committed at K = 0: a one-off that the round waiting for this table pays)."""
         if self.trace:
-            self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify, "n": n_seqs})
+            self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify, "n": n_seqs,
+                              "catch_up_s": catch_up_s})
+        s, cu = max(seconds, 0.0), max(catch_up_s, 0.0)
+        self._step_extra += max(0.0, s + cu - t_verify) - max(0.0, s - t_verify)
         if steps <= 0:
             return
         c = self.costs
@@ -289,13 +304,26 @@ class Controller:
         """A whole round (the loop's step: exchange, verify, bookkeeping) where the batch drafted
         `ks` took `seconds`; what the model does not explain goes to its overhead (a decayed
         median-like update: steps of at most a tenth of the round, so one preempted step moves it
-        little)."""
+        little).
+
+        The round is compared with what it measured of its own parts: its verify, its
+        just-in-time draft if it had one (with a catch-up), a catch-up exposed in its table wait.
+        Against the expected parts (the t_verify line, a miss priced at the hit rate) a verify
+        slower than the line went into the overhead and then, once the slow times filled the
+        shape's window, into the line too: counted twice. And at K = 0 the only speculating rounds
+        are probes, each a miss after a catch-up, so every probe pushed the overhead up and nothing
+        brought it down: that kept `outrider bench`'s SSD at K = 0 (docs/adaptive.md)."""
         if self.trace:
             self.trace.write({"ev": "step", "ks": ks, "s": seconds})
         c = self.costs
+        parts, self._round_parts = self._round_parts, None
         if not c.verify.known or not ks:
             return
-        model = modelled_time(self.mode, ks, c)
+        if parts is None or parts[0] != sum(k + 1 for k in ks):   # no verify of this round seen
+            model = modelled_time(self.mode, ks, c)
+        else:
+            _, tv, jit, extra = parts
+            model = modelled_time(self.mode, ks, c, tv=tv, jit=jit) + extra
         resid = min(max(seconds - model, -0.5 * model), model)
         attr = "overhead_spec_s" if max(ks) else "overhead_off_s"
         cur = getattr(c, attr)

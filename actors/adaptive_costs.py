@@ -7,6 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# Samples after which a shape not measured again leaves its cost line (t_verify, pre-speculation):
+# about two rounds one K up (EXPLORE_EVERY in actors/adaptive.py) at batch 1.
+STALE_AFTER = 32
+
+
 class ShapeCost:
     """t(n) for a forward over n tokens: per shape seen, the lower quartile of its last `window`
     times, and across shapes a weighted least-squares line through them. The lower quartile, not
@@ -19,7 +24,7 @@ class ShapeCost:
 
     def __init__(self, window: int = 8, rel_slope: float = 0.1, stale_after: int | None = None):
         """`stale_after`: a shape not measured in that many of the latest samples leaves the line
-        while at least two fresher shapes remain (None: shapes never go stale)."""
+        while a fresher shape remains (None: shapes never go stale)."""
         self.window, self.rel_slope, self.stale_after = window, rel_slope, stale_after
         self.samples: dict[int, list[float]] = {}
         self.count: dict[int, int] = {}
@@ -53,14 +58,17 @@ class ShapeCost:
     def _fit(self) -> tuple[float, float]:
         if not self.mean:
             return 0.0, 0.0
-        if len(self.mean) == 1:  # t(n) = c (1 + rel_slope n) through the one point
-            (n0, t0), = self.mean.items()
-            c = t0 / (1 + self.rel_slope * n0)
-            return c, c * self.rel_slope
         shapes = list(self.mean)
         if self.stale_after is not None:
+            # A shape measured only long ago holds the times of conditions that may be gone (a
+            # busy machine, a cold start): set beside a fresh shape it priced the shapes the
+            # policy stopped choosing by those times. With one fresh shape, that shape alone.
             fresh = [n for n in shapes if self.n_added - self.last[n] < self.stale_after]
-            shapes = fresh if len(fresh) >= 2 else sorted(shapes, key=self.last.get)[-2:]
+            shapes = fresh if fresh else [max(shapes, key=self.last.get)]
+        if len(shapes) == 1:  # t(n) = c (1 + rel_slope n) through the one point
+            n0 = shapes[0]
+            c = self.mean[n0] / (1 + self.rel_slope * n0)
+            return c, c * self.rel_slope
         w = {n: min(self.count[n], self.window) for n in shapes}
         sw = sum(w.values())
         mx = sum(w[n] * n for n in w) / sw
@@ -86,7 +94,7 @@ def _lower_quartile(xs: list[float]) -> float:
 class Costs:
     """The round's cost model, in seconds. `verify` is t_verify by batch tokens; the rest are the
     drafter's costs on (or hidden from) the critical path, as the caller measured them."""
-    verify: ShapeCost = field(default_factory=ShapeCost)
+    verify: ShapeCost = field(default_factory=lambda: ShapeCost(stale_after=STALE_AFTER))
     draft_step_s: float | None = None   # one just-in-time draft step of the batch (None: unmeasured)
     transport_s: float = 0.0            # a frame to the drafter and its reply back
     prespec_step_s: float | None = None  # pre-speculation time per draft step (SSD; hidden up to t_verify)
@@ -95,7 +103,7 @@ class Costs:
     # part that does not grow with K (the forward over the draft just verified, the forks, the
     # top-k per depth): priced per step, that part made every K below the last one look
     # dearer per step than it is, and each step down raised the price of the next.
-    prespec: ShapeCost = field(default_factory=lambda: ShapeCost(rel_slope=1.0, stale_after=32))
+    prespec: ShapeCost = field(default_factory=lambda: ShapeCost(rel_slope=1.0, stale_after=STALE_AFTER))
     # What a whole round took beyond the model above, measured per round: rounds that verified a
     # draft (the exchange with the drafter, decoding its table, the bookkeeping of drafts) and
     # rounds at K = 0. The parts above are what changes with K; this is what a speculating round
@@ -123,17 +131,22 @@ def round_time(mode: str, ks: list[int], costs: Costs) -> float:
     return modelled_time(mode, ks, costs) + (costs.overhead_spec_s if k_max else costs.overhead_off_s)
 
 
-def modelled_time(mode: str, ks: list[int], costs: Costs) -> float:
-    """`round_time` without the measured overhead: the verify and what drafting exposes."""
+def modelled_time(mode: str, ks: list[int], costs: Costs, tv: float | None = None,
+                  jit: float | None = None) -> float:
+    """`round_time` without the measured overhead: the verify and what drafting exposes. `tv`
+    and `jit`: what one round measured for its verify and its just-in-time draft (0: none), in
+    place of the expected values (what a measured round is compared with)."""
     n = sum(k + 1 for k in ks)
-    tv = costs.verify(n)
+    tv = costs.verify(n) if tv is None else tv
     k_max = max(ks, default=0)
     if k_max == 0:
         return tv
-    jit = k_max * costs.draft_step() + costs.transport_s
+    jit_s = k_max * costs.draft_step() + costs.transport_s if jit is None else jit
     if mode != "ssd":
-        return tv + jit
+        return tv + jit_s
     n_spec = sum(1 for k in ks if k > 0)
     hit = max(tv, costs.prespec_time(k_max, n_spec)) + costs.transport_s
+    if jit is not None:
+        return hit + jit
     p_all_hit = costs.hit_rate ** n_spec
-    return hit + (1.0 - p_all_hit) * jit
+    return hit + (1.0 - p_all_hit) * jit_s

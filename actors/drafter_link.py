@@ -40,7 +40,7 @@ class DrafterLink:
                 self.times.table_wait_s += (t1 - t0) / 1e9
                 catch_up = r.tokens[0] if len(r.tokens) else 0   # a prefill after a prompt or K = 0
                 self.policy.observe_prespec(r.round, (r.a - catch_up) / 1e9, self._last_verify_s,
-                                            self._table_seqs)
+                                            self._table_seqs, catch_up / 1e9)
             elif r.kind == Rec.TABLE and r.seq in self.seqs:
                 self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
 
@@ -56,7 +56,7 @@ class DrafterLink:
                 wire = (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
                 self.times.transport_s += wire
                 catch_up = r.tokens[0] if r.tokens else 0   # a prefill after K = 0, not drafting
-                self.policy.observe_draft(self._jit_steps, (r.b - r.a - catch_up) / 1e9, wire)
+                self.policy.observe_draft(self._jit_steps, (r.b - r.a - catch_up) / 1e9, wire, catch_up / 1e9)
             elif r.kind == Rec.DRAFT and r.seq in self.seqs:
                 s = self.seqs[r.seq]
                 if r.round != s.round:  # a draft for another round would be verified against the wrong q

@@ -191,3 +191,108 @@ def test_a_batch_admitted_together_does_not_start_at_the_cap():
         firsts.append(c.admit_k(s))
     assert firsts[0] >= 1                      # alone, it speculates
     assert sum(firsts) <= 8, firsts            # beside the others, most start off
+
+
+# -- whole rounds, as the verifier's loop measures them ------------------------------------------
+# The bench pair as configs/bench-cpu.yaml's SSD engine measured it on 2026-12-07 (traced with
+# OUTRIDER_ADAPTIVE_TRACE at 4c743ee): the verifier's calibration (t_verify(1) 3.1 ms, t_verify(6)
+# 3.9 ms) and its rounds at K = 2..5 when the machine was quiet; pre-speculation of 16 branches
+# by its draft steps; a just-in-time draft step, the wire, the table's hit rate; what a round
+# costs beyond its verify and drafting (the exchange, the table: 0.5 ms speculating, 0.3 ms at
+# K = 0); the drafter's catch-up prefill per token committed at K = 0 and per prompt; acceptance
+# by position (E(5) = 4.1, the bench's 4.12).
+BENCH_1207 = {"t_verify_ms": {1: 3.0, 2: 3.3, 3: 3.5, 4: 3.6, 5: 3.9, 6: 4.1},
+              "prespec_ms": {1: 1.9, 2: 2.6, 3: 3.3, 4: 4.0, 5: 4.7}, "draft_step_ms": 0.48, "transport_ms": 0.3,
+              "hit_rate": 0.8, "exchange_ms": (0.3, 0.5), "catch_up_ms_per_token": 0.05, "prompt_catch_up_ms": 3.0,
+              "acceptance": [0.88, 0.84, 0.8, 0.85, 0.85]}
+
+
+def drive_requests(c: Controller, rec: dict, n_requests: int, new_tokens: int = 128, seed: int = 0,
+                   slow=lambda req, k: 1.0) -> list[list[int]]:
+    """Requests one after another through `c`, each step in the verifier's order: the table of the
+    round before (pre-speculation, with the prompt's catch-up after an admission), the decision,
+    a just-in-time draft on a miss (with the catch-up of the tokens committed at K = 0), the
+    verify, the verified draft, the whole step's time. `slow(req, k)` scales a verify at K.
+    Returns every request's K by round."""
+    import random
+
+    rnd = random.Random(seed)
+    acc = rec["acceptance"]
+    out = []
+    for req in range(n_requests):
+        sid = 100 + req
+        c.add(sid)
+        k_prev = c.admit_k(sid)
+        table, tv_prev, caught_up, committed, ks, first = None, 0.0, True, 1, [], True
+        while committed < new_tokens:
+            if table is not None:   # the table of the round before, drafted behind its verify
+                cu = rec["prompt_catch_up_ms"] if first else 0.0
+                c.observe_prespec(table, rec["prespec_ms"][table] * MS, tv_prev * MS, 1, cu * MS)
+                wait = max(0.0, rec["prespec_ms"][table] + cu - tv_prev)
+                first = False
+            else:
+                wait = 0.0
+            k = c.decide([sid])[sid] if ks else k_prev
+            jit = 0.0
+            if k:
+                if table and k <= table and rnd.random() < rec["hit_rate"]:
+                    c.observe_lookup(True)
+                else:
+                    if table:
+                        c.observe_lookup(False)
+                    cu = 0.0 if caught_up else rec["catch_up_ms_per_token"] * off_tokens
+                    jit = k * rec["draft_step_ms"] + rec["transport_ms"] + cu
+                    c.observe_draft(k, k * rec["draft_step_ms"] * MS, rec["transport_ms"] * MS, cu * MS)
+                    caught_up = True
+            tv = rec["t_verify_ms"][k + 1] * slow(req, k)
+            c.observe_verify(k + 1, tv * MS)
+            accepted = 0
+            while accepted < k and rnd.random() < acc[accepted]:
+                accepted += 1
+            c.observe_round(sid, k, accepted)
+            if ks:   # the admission's step carries the prefill: not timed as a round
+                c.observe_round_time([k], (wait + jit + tv + rec["exchange_ms"][k > 0]) * MS)
+            if k == 0:
+                off_tokens = 1 if caught_up else off_tokens + 1
+                caught_up = False
+            table, tv_prev = (k or None), tv
+            committed += accepted + 1
+            ks.append(k)
+        c.remove(sid)
+        out.append(ks)
+    return out
+
+
+def test_bench_1207_speculates_at_k_of_three_or_more():
+    """`outrider bench`'s SSD engine on the bench pair, as measured: K >= 3 in nearly all rounds."""
+    c = calibrated(BENCH_1207)
+    reqs = drive_requests(c, BENCH_1207, 6)
+    ks = [k for r in reqs for k in r]
+    assert sum(k >= 3 for k in ks) >= 0.95 * len(ks), reqs
+
+
+def test_a_slow_warm_up_request_does_not_keep_speculation_off():
+    """The bench's traced first request: while it ran, every speculating round's verify took 3x
+    its time (12 ms at 2-6 tokens where the verify at K = 0 took 3: the drafter's work beside it
+    on a machine shared with other jobs). The requests after it run on a quiet machine and must
+    speculate. Before, each slow verify went into the speculating rounds' overhead as well as into
+    the t_verify line, the policy went to K = 0, and there each probe (a just-in-time draft after
+    a catch-up, priced as a round at the hit rate) pushed that overhead up further: it decoded the
+    next three requests at K = 0 but for one probe in 64 rounds, as `outrider bench` did (1,463 of
+    1,480 rounds at K = 0)."""
+    c = calibrated(BENCH_1207)
+    reqs = drive_requests(c, BENCH_1207, 7, slow=lambda req, k: 3.0 if req == 0 and k else 1.0)
+    timed = [k for r in reqs[1:] for k in r]
+    assert sum(k >= 3 for k in timed) >= 0.9 * len(timed), reqs[1:]
+    assert c.costs.overhead_spec_s < 1.5 * MS, c.snapshot()
+
+
+def test_a_round_slower_than_the_line_is_not_counted_twice():
+    """A round's verify slower than the t_verify line is the verify's time, not an overhead of
+    speculating: the overhead is what the round measured beyond its own parts."""
+    c = calibrated(BENCH_1207)
+    c.add(1)
+    for _ in range(40):
+        c.observe_verify(6, 12 * MS)
+        c.observe_round_time([5], 12.5 * MS)
+    assert c.costs.overhead_spec_s == pytest.approx(0.5 * MS, abs=0.3 * MS), c.snapshot()
