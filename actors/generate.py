@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from actors.adaptive import Controller
-from actors.kv_cache import KVCache
+from actors.kv import PagedKVCache
 from actors.model import Transformer
 from actors.sampling import SamplingParams, probs_from_logits, sample
 from actors.stats import SpecStats
@@ -32,12 +32,12 @@ class Generation:
 
 
 class Stream:
-    """One sequence's view of a model: its cache slot and how many positions it holds."""
+    """One sequence's view of a model: its KV table and how many positions it holds."""
 
     def __init__(self, model: Transformer, max_len: int):
         self.model = model
-        self.cache = KVCache.for_model(model.args, 1, max_len, model.dtype, model.device)
-        self.slot = self.cache.alloc()
+        self.cache = PagedKVCache.for_rows(model.args, 1, max_len, model.dtype, model.device)
+        self.handle = self.cache.alloc()
         self.length = 0
 
     @torch.inference_mode()
@@ -47,17 +47,17 @@ class Stream:
         n = len(tokens)
         dev = self.model.device
         pos = torch.arange(self.length, self.length + n)[None]
-        self.cache.prepare([self.slot], pos, self.length + n)   # host bookkeeping: no device reads
+        self.cache.prepare([self.handle], pos, self.length + n)   # host bookkeeping: no device reads
         out = self.model(torch.tensor([tokens], device=dev), pos.to(dev), self.cache, kv_len=self.length + n, aux=aux)
         self.length += n
-        self.cache.advance(self.slot, self.length)
+        self.cache.advance(self.handle, self.length)
         if aux:
             return out[0][0].float(), out[1][0]
         return out[0].float()
 
     def rollback(self, length: int) -> None:
         self.length = min(self.length, length)
-        self.cache.truncate(self.slot, self.length)
+        self.cache.truncate(self.handle, self.length)
 
 
 def check_context(model: Transformer, n_prompt: int, max_new_tokens: int, k: int = 0) -> int:

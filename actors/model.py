@@ -16,7 +16,7 @@ from torch import nn
 
 from actors import packed as pk
 from actors.config import ModelArgs, rope_inv_freq
-from actors.kv_cache import KVCache, read_len
+from actors.kv import PagedKVCache, read_len
 
 
 class RMSNorm(nn.Module):
@@ -90,7 +90,7 @@ class Attention(nn.Module):
         self.tp = None   # the tensor-parallel group when `a` holds this rank's heads only (actors/tp/)
         self.packed = None   # (qkv, o) for inference on CPU (actors/packed.py), set by Transformer.pack
 
-    def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: KVCache | None):
+    def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: PagedKVCache | None):
         """x [B, T, dim]; cos/sin [B, T, 1, head_dim] (sin signed, see `rope`); mask: None or
         [B, 1, T * group (+ row_pad), n_keys], folded as the query rows below (attention_masks)."""
         B, T, _ = x.shape
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         else:
             q, k = rope(q, cos, sin), rope(k, cos, sin)
         k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:  # write the new k/v, read keys 0..kv_len-1 (slot KVCache or PagedKVCache)
+        if cache is not None:  # write the new k/v, read keys 0..kv_len-1 (PagedKVCache.attend)
             k, v = cache.attend(layer, k, v)
         G = H // Hkv
         if causal and mask is None:
@@ -190,7 +190,7 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | list[int] | None = None,
+                cache: PagedKVCache | None = None, slots: torch.Tensor | list[int] | None = None,
                 kv_len: int | None = None, last: bool = False,
                 aux: tuple[int, ...] = ()) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, T] -> logits [B, T, V] (`last`: only the last position's, [B, 1, V]).
@@ -204,8 +204,8 @@ class Transformer(nn.Module):
         written into the cache and attend to every cached key at or before their position.
         The hot path prepares the cache from host bookkeeping first (`cache.prepare(handles,
         host positions, kv_len)`) and passes kv_len, so the forward never reads a number back
-        from the device (tests/test_compile.py compiles it with fullgraph=True). Passing `slots`
-        instead prepares here (one host read of the positions when they live on a GPU).
+        from the device (tests/test_compile.py compiles it with fullgraph=True). Passing `slots` (the
+        rows' cache handles) instead prepares here (one host read of the positions when they live on a GPU).
         """
         B, T = tokens.shape
         if input_pos is None:

@@ -9,6 +9,7 @@ import torch
 from actors.logprobs import MAX_TOP_LOGPROBS
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
+from actors.stopping import token_stop
 
 
 @dataclass
@@ -80,17 +81,12 @@ class Seq:
 
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:
     """Newly committed tokens cut at the first stop token or at the length limit, and the finish
-    reason ("stop" for a stop token id, "eos", "length") when either ends the request."""
-    reason = None
-    stops = frozenset(s.req.stop_token_ids) | (frozenset() if s.req.ignore_eos else eos)
-    for i, t in enumerate(new):
-        if t in stops:
-            new, reason = new[:i + 1], "stop" if t in s.req.stop_token_ids else "eos"
-            break
-    room = s.req.max_new_tokens - s.n_generated
-    if len(new) > room or (len(new) == room and reason is None):
-        new, reason = new[:room], "length"
-    return new, reason
+    reason ("stop" for a stop token id, "eos", "length") when either ends the request: the one
+    token-level stop rule (actors/stopping.py), with the request's stop ids and, unless it
+    ignores EOS, the model's EOS ids."""
+    keep, reason = token_stop(new, s.req.max_new_tokens - s.n_generated, frozenset(s.req.stop_token_ids),
+                              frozenset() if s.req.ignore_eos else eos)
+    return new[:keep], reason
 
 
 @dataclass

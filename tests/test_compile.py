@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from actors.kv import PagedKVCache
-from actors.kv_cache import KVCache
 from actors.loader import load_model
 
 
@@ -22,15 +21,11 @@ def target(tiny_pair):
     return load_model(tiny_pair / "target")
 
 
-def _prefilled(model, cache_kind: str, lengths: list[int]):
+def _prefilled(model, lengths: list[int]):
     """A cache holding len(lengths) sequences of those lengths (random tokens)."""
     a = model.args
-    if cache_kind == "paged":
-        cache = PagedKVCache.for_model(a, 64, 8, 128)
-        handles = [cache.alloc() for _ in lengths]
-    else:
-        cache = KVCache.for_model(a, len(lengths), 128)
-        handles = [cache.alloc() for _ in lengths]
+    cache = PagedKVCache.for_model(a, 64, 8, 128)
+    handles = [cache.alloc() for _ in lengths]
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for h, n in zip(handles, lengths):
@@ -51,11 +46,10 @@ def _step(model, cache, handles, lengths, T: int, fn):
         return fn(toks, pos, cache, kv_len=kv_len)
 
 
-@pytest.mark.parametrize("cache_kind", ["paged", "slots"])
 @pytest.mark.parametrize("T", [1, 5], ids=["decode", "verify"])
-def test_forward_compiles_without_graph_breaks(target, cache_kind, T):
+def test_forward_compiles_without_graph_breaks(target, T):
     lengths = [9, 14, 11]   # rows of different lengths: the masked, gathered general case
-    cache, handles = _prefilled(target, cache_kind, lengths)
+    cache, handles = _prefilled(target, lengths)
     eager = _step(target, cache, handles, lengths, T, target)
     compiled = torch.compile(target, fullgraph=True, dynamic=False)
     got = _step(target, cache, handles, lengths, T, compiled)
@@ -64,7 +58,7 @@ def test_forward_compiles_without_graph_breaks(target, cache_kind, T):
 
 def test_single_row_decode_compiles(target):
     """Batch 1 reads the cache as a view and needs no mask at all (aligned rows)."""
-    cache, handles = _prefilled(target, "paged", [20])
+    cache, handles = _prefilled(target, [20])
     assert _step(target, cache, handles, [20], 1, lambda *a, **k: None) is None and cache.aligned
     eager = _step(target, cache, handles, [20], 1, target)
     got = _step(target, cache, handles, [20], 1, torch.compile(target, fullgraph=True, dynamic=False))

@@ -3,7 +3,6 @@ gives. Output exactness never depends on the drafter (the verifier decides), so 
 like this catches a drafter that drafts from a wrong cache (a stale fork, a bad adoption)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 from actors.drafter import Drafter
@@ -112,22 +111,3 @@ def test_k_travels_with_the_outcome_cuts_drafts_and_k_zero_keeps_the_cache_in_st
     assert len(s.branches) == 4 and all(len(br.tokens) == 3 for br in s.branches.values())
     for (j, t), br in s.branches.items():
         assert br.tokens == _greedy(ref_model, s.tokens + s.draft[:j] + [t], 3), (j, t)
-
-
-def test_kv_cache_runs_and_ranged_fork():
-    from actors.kv_cache import CacheFullError, KVCache
-
-    c = KVCache(1, 6, 1, 8, 2)
-    assert c.alloc() == 0
-    assert c.alloc_run(3) == [1, 2, 3]
-    c.free(2)
-    assert c.alloc_run(2) == [4, 5]          # slot 2 alone is not a run of two
-    with pytest.raises(CacheFullError, match="consecutive"):
-        c.alloc_run(2)
-    c.k[0, 0, 0, :, :] = torch.arange(8.0)[:, None]
-    c.fork(0, [4, 5], 3)                     # positions 0..2
-    c.k[0, 0, 0, :, :] += 100
-    c.fork(0, [4, 5], 6, start=3)            # only 3..5 copied: 0..2 keep the old values
-    assert c.k[0, 4, 0, :, 0].tolist() == [0, 1, 2, 103, 104, 105, 0, 0]
-    assert c.k[0, 5, 0, :, 0].tolist() == c.k[0, 4, 0, :, 0].tolist()
-    assert c.lengths[4] == c.lengths[5] == 6

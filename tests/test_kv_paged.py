@@ -1,6 +1,7 @@
-"""Paged KV (actors/kv/): the block pool's bookkeeping, attention through block tables against
-the slot cache and transformers, the verifier at batch > 1 with requests arriving and leaving
-mid-run, admission by free KV, and the drafter's branches over a long run (no leaked block)."""
+"""Paged KV (actors/kv/): the block pool's bookkeeping, attention through scattered block tables
+at batch > 1 against one row at a time and against transformers, the verifier at batch > 1 with
+requests arriving and leaving mid-run, admission by free KV, and the drafter's branches over a
+long run (no leaked block)."""
 from __future__ import annotations
 
 import random
@@ -10,8 +11,7 @@ import torch
 
 from actors.drafter import Drafter
 from actors.frame import Frame, Rec, Record
-from actors.kv import BlockPool, PagedKVCache
-from actors.kv_cache import CacheFullError, KVCache
+from actors.kv import BlockPool, CacheFullError, PagedKVCache
 from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.sequence import Request
@@ -81,12 +81,15 @@ def test_reservations_bound_admission():
 
 
 @torch.inference_mode()
-def test_paged_attention_equals_the_slot_cache_at_batch_gt_1(tiny_pair):
-    """Rows of different lengths on scattered, shared and copied blocks give the slot cache's logits."""
+def test_paged_attention_at_batch_gt_1_equals_one_row_at_a_time(tiny_pair):
+    """Rows of different lengths on scattered, shared and copied blocks, read by a gather, give the
+    logits each row gets alone in its own cache (consecutive blocks, read as a view)."""
     model = load_model(tiny_pair / "target")
     a = model.args
     gen = torch.Generator().manual_seed(0)
-    slot = KVCache.for_model(a, 3, 96)
+    alone = [PagedKVCache.for_rows(a, 1, 96) for _ in range(3)]
+    for c in alone:
+        c.alloc()
     paged = PagedKVCache.for_model(a, 40, 4, 96)
     hs = [paged.alloc() for _ in range(3)]
     spare = paged.alloc()                          # interleave another table's blocks: scattered tables
@@ -95,12 +98,12 @@ def test_paged_attention_equals_the_slot_cache_at_batch_gt_1(tiny_pair):
         T = max(n_new)
         toks = torch.randint(0, a.vocab_size, (3, T), generator=gen)
         pos = torch.stack([torch.arange(lens[i], lens[i] + T) for i in range(3)])
-        ref = model(toks, pos, slot, torch.tensor([0, 1, 2]))
+        ref = torch.cat([model(toks[i:i + 1], pos[i:i + 1], alone[i], torch.tensor([0])) for i in range(3)])
         got = model(toks, pos, paged, torch.tensor(hs))
         for i in range(3):   # rows' real tokens (the padding past a row's n_new is rewritten next round)
             torch.testing.assert_close(got[i, :n_new[i]], ref[i, :n_new[i]], rtol=1e-5, atol=1e-5)
             lens[i] += n_new[i]
-            slot.advance(i, lens[i])
+            alone[i].advance(0, lens[i])
             paged.advance(hs[i], lens[i])
         _ = model(torch.randint(0, a.vocab_size, (1, 3), generator=gen), torch.arange(rnd * 3, rnd * 3 + 3)[None],
                   paged, torch.tensor([spare]))
@@ -109,7 +112,7 @@ def test_paged_attention_equals_the_slot_cache_at_batch_gt_1(tiny_pair):
     # a fork of row 0 continues exactly as row 0 would
     f = paged.fork(hs[0], lens[0])
     x, p = torch.tensor([[5]]), torch.tensor([[lens[0]]])
-    torch.testing.assert_close(model(x, p, paged, torch.tensor([f])), model(x, p, slot, torch.tensor([0])),
+    torch.testing.assert_close(model(x, p, paged, torch.tensor([f])), model(x, p, alone[0], torch.tensor([0])),
                                rtol=1e-5, atol=1e-5)
     paged.check()
 

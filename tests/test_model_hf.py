@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from actors.config import CheckpointError
-from actors.kv_cache import KVCache
+from actors.kv import PagedKVCache
 from actors.loader import load_model
 from tests.conftest import assert_all_match_or_rare_near_ties
 
@@ -86,7 +86,7 @@ def test_logits_equal_transformers(tmp_path, family):
     prompt = torch.randint(0, 96, (40,), generator=g).tolist()
     cont = torch.randint(0, 96, (12,), generator=g).tolist()
     other = torch.randint(0, 96, (6,), generator=g).tolist()
-    cache = KVCache.for_model(model.args, 2, 128)
+    cache = PagedKVCache.for_rows(model.args, 2, 128)
     slot = cache.alloc()
     slots = torch.tensor([slot])
 
@@ -106,27 +106,29 @@ def test_logits_equal_transformers(tmp_path, family):
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("order", ["run", "gather"])
+@pytest.mark.parametrize("order", ["ab", "ba"])
 @torch.inference_mode()
 def test_stale_cache_tail_is_never_read(tmp_path, order):
-    """truncate() only moves the committed length back; whatever stays behind it (rejected
-    drafts) must never reach attention — also when a longer row in the same batch makes the
-    attended key range longer than this row's prefix. Both ways a batch reads the cache: a view
-    over consecutive slots, and a gather for any other slot order."""
+    """Whatever stays behind a truncate() in the row's last block (rejected drafts) must never
+    reach attention — also when a longer row in the same batch makes the attended key range
+    longer than this row's prefix, in either row order."""
     hf, path = _save(tmp_path, "llama")
     model = load_model(path)
     g = torch.Generator().manual_seed(2)
     short, long_ = torch.randint(0, 96, (40,), generator=g).tolist(), torch.randint(0, 96, (50,), generator=g).tolist()
-    cache = KVCache.for_model(model.args, 2, 64)
+    cache = PagedKVCache.for_rows(model.args, 2, 64)
     a, b = cache.alloc(), cache.alloc()
     model(torch.tensor([short]), torch.arange(40)[None], cache, torch.tensor([a]))
     model(torch.tensor([long_]), torch.arange(50)[None], cache, torch.tensor([b]))
     cache.advance(a, 48)
-    cache.truncate(a, 40)                 # 8 rejected positions of slot a ...
-    cache.k[:, a, :, 40:] = 1e4           # ... left behind as garbage
-    cache.v[:, a, :, 40:] = -1e4
+    cache.truncate(a, 40)                 # 8 rejected positions of row a ...
+    t, bs = cache.tables[a], cache.block_size
+    assert len(t) * bs > 40
+    for p in range(40, len(t) * bs):      # ... left behind as garbage in its last block
+        cache.pool.k[:, t[p // bs], p % bs] = 1e4
+        cache.pool.v[:, t[p // bs], p % bs] = -1e4
     rows = [(a, 7, 40, short), (b, 9, 50, long_)]
-    if order == "gather":
+    if order == "ba":
         rows.reverse()
     out = model(torch.tensor([[r[1]] for r in rows]), torch.tensor([[r[2]] for r in rows]), cache,
                 torch.tensor([r[0] for r in rows]))[:, -1]
@@ -139,12 +141,11 @@ def test_forked_branches_decode_as_one_batch(tmp_path):
     hf, path = _save(tmp_path, "llama")
     model = load_model(path)
     prompt = list(range(3, 33))
-    cache = KVCache.for_model(model.args, 4, 64)
+    cache = PagedKVCache.for_rows(model.args, 4, 64)
     root = cache.alloc()
     model(torch.tensor([prompt]), torch.arange(30)[None], cache, torch.tensor([root]))
     cache.advance(root, 30)
-    branches = [cache.alloc() for _ in range(3)]
-    cache.fork(root, branches, 30)
+    branches = [cache.fork(root, 30) for _ in range(3)]
     nxt = torch.tensor([[7], [8], [9]])
     out = model(nxt, torch.full((3, 1), 30), cache, torch.tensor(branches))[:, -1]
     for b, t in enumerate((7, 8, 9)):
@@ -219,7 +220,7 @@ def test_bfloat16_forward_and_cache_follow_transformers(tmp_path, family):
     ref16 = hf16(ids).logits[0].float()
     hf.to(torch.float32)
     # prefill + incremental decoding through a bf16 cache
-    cache = KVCache.for_model(model.args, 1, 64, torch.bfloat16)
+    cache = PagedKVCache.for_rows(model.args, 1, 64, torch.bfloat16)
     slot = cache.alloc()
     out = [model(torch.tensor([prompt]), torch.arange(40)[None], cache, torch.tensor([slot]))[0]]
     cache.advance(slot, 40)

@@ -137,7 +137,7 @@ def test_training_drops_and_eval_rebuilds_the_packed_copies(tiny_pair):
 def test_bfloat16_rows_are_the_same_bits_in_a_decode_and_in_a_verify(tiny_pair, target, request):
     """In bfloat16 a position's logits do not depend on how many positions share the forward:
     decoding 1 at a time, 2 at a time or 5 at a time gives the same bits (actors/packed.py,
-    row_pad and read_len in actors/model.py and actors/kv_cache.py). This is what makes greedy
+    row_pad and read_len in actors/model.py and actors/kv/common.py). This is what makes greedy
     SD and SSD token-identical to AR in bfloat16, not only equal up to near-ties."""
     if not pk.supported(torch.empty(0, dtype=torch.bfloat16)):
         pytest.skip("no oneDNN on this build")

@@ -11,7 +11,7 @@ from actors.drafter import Drafter
 from actors.frame import Frame, Rec, Record
 from actors.kv import BlockPool, PagedKVCache
 from actors.kv.paged import build_indices, read_kv, write_kv
-from actors.kv_cache import CacheFullError
+from actors.kv import CacheFullError
 from actors.loader import load_model
 from actors.sampling import SamplingParams
 from actors.sequence import Request

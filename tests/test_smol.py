@@ -78,7 +78,7 @@ def test_checkpoint_files(smol_pair):
 
 def test_logits_match_transformers_gguf(smol_pair, hf_gguf):
     """Full forward, and prefill + cached decode, equal transformers' logits (float32)."""
-    from actors.kv_cache import KVCache
+    from actors.kv import PagedKVCache
 
     target, _ = smol_pair
     hf, htok = hf_gguf
@@ -92,11 +92,11 @@ def test_logits_match_transformers_gguf(smol_pair, hf_gguf):
         ref = hf(x).logits
         full = model(x)
         torch.testing.assert_close(full, ref, rtol=0, atol=atol)
-        cache = KVCache.for_model(model.args, 1, len(ids))
-        slot = torch.tensor([cache.alloc()])
+        cache = PagedKVCache.for_rows(model.args, 1, len(ids))
+        handle = torch.tensor([cache.alloc()])
         half = len(ids) // 2
-        pre = model(x[:, :half], torch.arange(half)[None], cache, slot)
-        steps = [model(x[:, i:i + 1], torch.tensor([[i]]), cache, slot) for i in range(half, len(ids))]
+        pre = model(x[:, :half], torch.arange(half)[None], cache, handle)
+        steps = [model(x[:, i:i + 1], torch.tensor([[i]]), cache, handle) for i in range(half, len(ids))]
     torch.testing.assert_close(torch.cat([pre, *steps], 1), ref, rtol=0, atol=atol)
 
 

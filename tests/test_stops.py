@@ -1,4 +1,5 @@
-"""Stop strings never reach the client, and usage counts exactly the tokens the client got.
+"""Stop strings never reach the client, and usage counts exactly the tokens the client got; the
+one token-level stop rule (actors/stopping.py) serves the verifier and the generators alike.
 
 The expected text and token count come from decoding the unstopped continuation with the
 tokenizer directly (not from the streaming code under test): the text is cut where the first stop
@@ -25,6 +26,42 @@ def expected(tok, ids: list[int], stops: list[str]) -> tuple[str, list[int]] | N
     # a prefix ending inside a character decodes with U+FFFD for the partial bytes: not text yet
     n = sum(1 for i in range(len(ids)) if len(tok.decode(ids[:i]).rstrip("\ufffd")) < cut)
     return full[:cut], ids[:n]
+
+
+@pytest.mark.parametrize("new, room, want", [
+    ([5, 6, 7], 5, (3, None)),          # nothing stops: keep all
+    ([5, 1, 7], 5, (2, "stop")),        # a stop id is kept and ends it
+    ([5, 2, 7], 5, (2, "eos")),
+    ([5, 6, 7], 3, (3, "length")),      # exactly the room left
+    ([5, 6, 1], 3, (3, "stop")),        # a stop id on the last allowed token: a stop
+    ([5, 6, 7, 1], 3, (3, "length")),   # the limit comes before the stop id
+    ([1, 2], 5, (1, "stop")),           # the first stop wins
+])
+def test_token_stop_rule(new, room, want):
+    from actors.stopping import token_stop
+
+    assert token_stop(new, room, {1}, {2}) == want
+
+
+def test_verifier_and_generator_stops_are_one_rule():
+    """apply_stops (the verifier's) and StopCriteria.check_tokens (the in-process generators')
+    cut the same commits at the same place, for the same reasons (EOS counted as a stop id)."""
+    from types import SimpleNamespace
+
+    from actors.sequence import Request, apply_stops
+    from actors.stopping import StopCriteria
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        limit, done = rng.randint(1, 8), rng.randint(0, 7)
+        done = min(done, limit - 1)
+        new = [rng.randrange(8) for _ in range(rng.randint(1, 6))]
+        req = Request(0, [1], limit, stop_token_ids=(3,))
+        got, reason = apply_stops(SimpleNamespace(req=req, n_generated=done), new, frozenset({4}))
+        hit = StopCriteria(limit, frozenset({3, 4})).check_tokens([0] * done + new, done)
+        want = (done + len(got), {"eos": "stop"}.get(reason, reason)) if reason else None
+        assert hit == want, (limit, done, new)
+        assert reason != "stop" or got[-1] == 3
 
 
 def run_stream(tok, ids: list[int], stops: tuple[str, ...], splits: list[int]):

@@ -18,7 +18,7 @@ class HeadStream:
     def __init__(self, head: EagleHead, max_len: int):
         self.head = head
         self.cache = head.new_cache(1, max_len)
-        self.slot = self.cache.alloc()
+        self.handle = self.cache.alloc()
         self.real = 0   # real rows held (positions 0..real-1)
 
     @torch.inference_mode()
@@ -26,10 +26,10 @@ class HeadStream:
         n = len(tokens)
         pos = torch.arange(start, start + n)[None]
         dev = self.head.d2t.device
-        self.cache.prepare([self.slot], pos, start + n)
+        self.cache.prepare([self.handle], pos, start + n)
         logits, h = self.head(feats[None].to(self.head.lm_head.weight.dtype), torch.tensor([tokens], device=dev),
                               pos.to(dev), self.cache, start + n)
-        self.cache.advance(self.slot, start + n)
+        self.cache.advance(self.handle, start + n)
         return logits[0, -1].float(), h[0, -1]
 
     def feed(self, feats: torch.Tensor, next_tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,4 +45,4 @@ class HeadStream:
 
     def rollback(self, real: int) -> None:
         self.real = min(self.real, real)
-        self.cache.truncate(self.slot, self.real)
+        self.cache.truncate(self.handle, self.real)

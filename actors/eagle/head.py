@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from actors.config import ModelArgs, rope_inv_freq
-from actors.kv_cache import KVCache, read_len
+from actors.kv import PagedKVCache, read_len
 from actors.model import MLP, Attention, RMSNorm, attention_masks, rope_tables
 
 
@@ -101,7 +101,7 @@ class EagleHead(nn.Module):
         return self.fc(feats) if feats.shape[-1] != self.args.layer.dim else feats
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor, input_pos: torch.Tensor,
-                cache: KVCache, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+                cache: PagedKVCache, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [B, T]: features (the target's [B, T, feature_dim] or the head's own [B, T, dim]),
         the next tokens, positions; the cache prepared for them (cache.prepare). Returns the
         draft-vocabulary logits [B, T, draft_vocab] and the hidden states before the final norm
@@ -118,10 +118,10 @@ class EagleHead(nn.Module):
         h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.lm_head(self.norm(h)), h
 
-    def new_cache(self, n_slots: int, max_len: int) -> KVCache:
-        a = self.args.layer
-        return KVCache(1, n_slots, a.n_kv_heads, max_len, a.head_dim, self.lm_head.weight.dtype,
-                       self.lm_head.weight.device)
+    def new_cache(self, n_rows: int, max_len: int) -> PagedKVCache:
+        """A cache for `n_rows` sequences of the head's one layer, up to `max_len` positions each."""
+        w = self.lm_head.weight
+        return PagedKVCache.for_rows(self.args.layer, n_rows, max_len, w.dtype, w.device)
 
 
 def ttt_attention(layer: MidLayer, a: ModelArgs, xs: list[torch.Tensor], cos, sin) -> torch.Tensor:

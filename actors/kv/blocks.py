@@ -32,7 +32,7 @@ import torch
 
 from actors.kv.pool import BlockPool
 from actors.kv.prefix import ROOT, block_digests
-from actors.kv_cache import CacheFullError, read_len, rows_aligned
+from actors.kv.common import CacheFullError, read_len, rows_aligned
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:
@@ -40,8 +40,8 @@ def blocks_for(n_tokens: int, block_size: int) -> int:
 
 
 class PagedKVCache:
-    """Sequences as block tables over one BlockPool. A handle (int) names a table, where the
-    slot-based KVCache names a slot; `attend` is what the model's attention calls."""
+    """Sequences as block tables over one BlockPool. A handle (int) names a table; `prepare`
+    and `attend` are what the model's forward calls."""
 
     def __init__(self, pool: BlockPool, max_len: int, scratch: bool = False):
         self.pool = pool
@@ -62,6 +62,13 @@ class PagedKVCache:
                   device="cpu", scratch: bool = False, prefix: bool = False) -> PagedKVCache:
         return cls(BlockPool(args.n_layers, n_blocks, block_size, args.n_kv_heads, args.head_dim, dtype, device,
                              prefix), max_len, scratch)
+
+    @classmethod
+    def for_rows(cls, args, n_rows: int, max_len: int, dtype=torch.float32, device="cpu",
+                 block_size: int = 16) -> PagedKVCache:
+        """Room for `n_rows` sequences of up to `max_len` positions each, none of them shared: a
+        cache for in-process decoding (actors/generate.py), tests and benches."""
+        return cls.for_model(args, n_rows * blocks_for(max_len, block_size), block_size, max_len, dtype, device)
 
     # -- tables --------------------------------------------------------------------------
     @property

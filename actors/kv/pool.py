@@ -13,7 +13,7 @@ import heapq
 import torch
 
 from actors.kv.prefix import PrefixIndex
-from actors.kv_cache import CacheFullError
+from actors.kv.common import CacheFullError
 
 
 class BlockPool:

@@ -37,20 +37,20 @@ def torch_threads(n: int):
 @torch.inference_mode()
 def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int = KERNEL_REPS) -> float:
     """Median seconds of one forward of `n_tokens` tokens after a `len(ctx)`-token cached prefix,
-    in a cache slot as long as the engine's (`max_len` positions)."""
-    from actors.kv_cache import KVCache
+    in a cache table as long as the engine's (`max_len` positions)."""
+    from actors.kv import PagedKVCache
 
     L, dev = len(ctx), model.device
-    cache = KVCache.for_model(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, dev)
-    slot = torch.tensor([cache.alloc()], device=dev)
-    model(torch.tensor([ctx], device=dev), torch.arange(L, device=dev)[None], cache, slot)
+    cache = PagedKVCache.for_rows(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, dev)
+    handle = torch.tensor([cache.alloc()], device=dev)
+    model(torch.tensor([ctx], device=dev), torch.arange(L, device=dev)[None], cache, handle)
     x = torch.tensor([ctx[-n_tokens:]], device=dev)
     pos = torch.arange(L, L + n_tokens, device=dev)[None]
     times = []
     for i in range(reps + 3):
         sync(dev)
         t0 = time.perf_counter()
-        model(x, pos, cache, slot)
+        model(x, pos, cache, handle)
         sync(dev)
         if i >= 3:
             times.append(time.perf_counter() - t0)

@@ -97,20 +97,20 @@ def resolve_demo(spec: str) -> Path:
 @torch.inference_mode()
 def per_token_ms(model_dir: Path, ctx: int = 200, n: int = 20) -> float:
     """One-core, batch-1 decode cost at a `ctx`-token context, with the KV cache."""
-    from actors.kv_cache import KVCache
+    from actors.kv import PagedKVCache
     from actors.loader import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         m = load_model(model_dir)
-        cache = KVCache.for_model(m.args, 1, ctx + n + 1)
-        slot = torch.tensor([cache.alloc()])
-        m(torch.zeros(1, ctx, dtype=torch.long), torch.arange(ctx)[None], cache, slot)
+        cache = PagedKVCache.for_rows(m.args, 1, ctx + n + 1)
+        handle = torch.tensor([cache.alloc()])
+        m(torch.zeros(1, ctx, dtype=torch.long), torch.arange(ctx)[None], cache, handle)
         times = []
         for i in range(n):
             t0 = time.perf_counter()
-            m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[ctx + i]]), cache, slot)
+            m(torch.zeros(1, 1, dtype=torch.long), torch.tensor([[ctx + i]]), cache, handle)
             times.append(time.perf_counter() - t0)
         return 1e3 * sorted(times)[len(times) // 2]
     finally:

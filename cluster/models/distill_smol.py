@@ -127,23 +127,21 @@ def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: 
 
     A group's rows are prefilled together, then decode together one token per step,
     every row at its own position. A finished row (EOS) stays in the batch, fed its last token,
-    until the whole group is done: the group's cache slots stay one consecutive run, which the
-    model reads as a view (dropping rows would make every layer gather the cache). Labels exist
-    for every position whose next token the target predicted (all but the last)."""
-    from actors.kv_cache import KVCache
+    until the whole group is done (the batch keeps one shape). Labels exist for every position
+    whose next token the target predicted (all but the last)."""
+    from actors.kv import PagedKVCache
 
     out = []
     bar = _bar(total=len(prompts) * new_tokens, desc=desc, unit="tok")
     for start in range(0, len(prompts), batch):
         group = prompts[start:start + batch]
-        cache = KVCache.for_model(target.args, len(group), max(map(len, group)) + new_tokens + 1)
-        slots = cache.alloc_run(len(group))
+        cache = PagedKVCache.for_rows(target.args, len(group), max(map(len, group)) + new_tokens + 1)
         # One prefill for the group, padded on the right: a padding key sits past its row's prompt,
         # where the causal mask hides it until decoding overwrites it.
-        slot_t = torch.tensor(slots)
+        handles = torch.tensor([cache.alloc() for _ in group])
         width = max(map(len, group))
         x = torch.tensor([p + [p[-1]] * (width - len(p)) for p in group])
-        v, i = target(x, torch.arange(width).expand(len(group), width), cache, slot_t).topk(top_k, -1)
+        v, i = target(x, torch.arange(width).expand(len(group), width), cache, handles).topk(top_k, -1)
         rows = [{"ids": list(p), "val": [v[j, :len(p)]], "idx": [i[j, :len(p)]], "done": False, "prompt": len(p)}
                 for j, p in enumerate(group)]
         for step in range(new_tokens):
@@ -157,7 +155,7 @@ def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: 
                 break
             toks = torch.tensor([[r["ids"][-1]] for r in rows])
             pos = torch.tensor([[len(r["ids"]) - 1] for r in rows])
-            logits = target(toks, pos, cache, slot_t)[:, 0]
+            logits = target(toks, pos, cache, handles)[:, 0]
             v, i = logits.topk(top_k, -1)
             for j, r in enumerate(rows):
                 if not r["done"]:
