@@ -24,6 +24,8 @@ drafter starts to agree again.
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass
 
 from actors.adaptive_costs import Costs, modelled_time, round_time
@@ -41,6 +43,7 @@ PROBE_FIRST, PROBE_MAX = 8, 64   # rounds at K = 0 before the first probe; the b
 # carried a prefill) would keep it unchosen for good; near the best K the rate curve is flat, so a
 # round one step up costs little and refreshes what the next step costs.
 EXPLORE_EVERY = 16
+TRANSPORT_WINDOW = 15  # frame round trips the transport estimate is the median of
 
 
 class Acceptance:
@@ -219,6 +222,11 @@ class Controller:
         # just-in-time draft (with the drafter's catch-up and the wire) and the catch-up exposed in
         # the table wait, gathered until the verify; then (tokens, verify, jit, catch-up) of the round.
         self._step_jit, self._step_extra = 0.0, 0.0
+        # the frame round trip: a median of recent samples, not a mean. One exchange that waited
+        # for a descheduled drafter (another engine busy on the same cores) measured 140-180 ms
+        # against a usual 0.4-1 ms, and a mean kept every K > 0 priced out for hundreds of rounds
+        # (at K = 0 few exchanges come to wash it out).
+        self._transport: deque[float] = deque(maxlen=TRANSPORT_WINDOW)
         self._round_parts: tuple[int, float, float, float] | None = None
         self.trace = writer_from_env({"k_max": k_max, "mode": mode, "max_budget": max_budget})
 
@@ -279,7 +287,8 @@ class Controller:
         if steps > 0:
             per = draft_s / steps
             c.draft_step_s = per if c.draft_step_s is None else c.draft_step_s + 0.2 * (per - c.draft_step_s)
-        c.transport_s += 0.2 * (max(transport_s, 0.0) - c.transport_s)
+        self._transport.append(max(transport_s, 0.0))
+        c.transport_s = statistics.median(self._transport)
 
     def observe_prespec(self, steps: int, seconds: float, t_verify: float, n_seqs: int = 1,
                         catch_up_s: float = 0.0) -> None:

@@ -52,7 +52,9 @@ class DrafterLink:
             raise ProtocolError(f"expected the drafter's DRAFT frame, got {reply.kind!r}")
         _check_step(reply, self._sent_step)
         for r in reply.records:
-            if r.kind == Rec.PING and t0 is not None:  # drafter: posted recv, got frame, sent reply
+            # drafter: posted recv, got frame, sent reply. An idle heartbeat's round trip (no
+            # sequence in flight; the drafter may sleep behind another process) prices nothing.
+            if r.kind == Rec.PING and t0 is not None and self.seqs:
                 wire = (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
                 self.times.transport_s += wire
                 catch_up = r.tokens[0] if r.tokens else 0   # a prefill after K = 0, not drafting
