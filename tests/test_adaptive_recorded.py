@@ -223,7 +223,7 @@ def drive_requests(c: Controller, rec: dict, n_requests: int, new_tokens: int = 
         sid = 100 + req
         c.add(sid)
         k_prev = c.admit_k(sid)
-        table, tv_prev, caught_up, committed, ks, first = None, 0.0, True, 1, [], True
+        table, tv_prev, caught_up, committed, ks, first, off_tokens = None, 0.0, True, 1, [], True, 0
         while committed < new_tokens:
             if table is not None:   # the table of the round before, drafted behind its verify
                 cu = rec["prompt_catch_up_ms"] if first else 0.0
