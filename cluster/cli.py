@@ -48,9 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default=None,
                    help="models directory (default $OUTRIDER_MODELS_DIR or ~/.cache/outrider/models)")
     b.add_argument("--force", action="store_true")
+    b.add_argument("--head", action="store_true",
+                   help="smol: also train the draft head demo:smol/head (docs/eagle.md; ~9 min on two cores)")
     b.add_argument("--budget", type=float, default=None, metavar="MIN",
-                   help="smol: minutes of draft-head training on two cores (default 5; longer drafts better; "
-                        "built beside the default head as head-<MIN>min)")
+                   help="smol, with --head: minutes of head training on two cores (default 5), built beside the "
+                        "default head as head-<MIN>min")
 
     g = sub.add_parser("generate", help="generate text: in-process, on a local cluster, or from a server")
     g.add_argument("prompt_pos", nargs="?", metavar="PROMPT")
@@ -106,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "models":
             from cluster.models.build import cli_build
 
-            if args.budget is not None and args.size != "smol":
-                raise ValueError("--budget is for --size smol (the draft head's training)")
-            print(cli_build(args.size, args.out, args.force, args.budget))
+            if (args.head or args.budget is not None) and args.size != "smol":
+                raise ValueError("--head and --budget are for --size smol (the draft head)")
+            print(cli_build(args.size, args.out, args.force, args.budget, args.head or args.budget is not None))
             return 0
         if args.cmd == "generate":
             from cluster.generate_cmd import run_generate

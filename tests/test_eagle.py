@@ -219,6 +219,18 @@ def _without(head: EagleHead, exclude: set[int]) -> EagleHead:
     return out.eval().attach(head.embed_tokens)
 
 
+@torch.inference_mode()
+def _likeliest(target, prompt: list[int], n: int) -> set[int]:
+    """The target's two likeliest tokens at each of the first n positions of its greedy path."""
+    ids, top = list(prompt), set()
+    for _ in range(n):
+        logits = target(torch.tensor([ids]))[0, -1]
+        top |= set(logits.topk(2).indices.tolist())
+        ids.append(int(logits.argmax()))
+    return top
+
+
+@pytest.mark.slow   # the engine's test below covers the same in SSD, within make test
 def test_sd_with_head_sampling_matches_transformers(target, trained_head, tiny_pair, held_out_prompts):
     """Sampling where the draft vocabulary leaves out the target's two likeliest tokens at each of
     the first positions: q is zero there, and the residual must give them their whole probability."""
@@ -228,13 +240,7 @@ def test_sd_with_head_sampling_matches_transformers(target, trained_head, tiny_p
     case = CASES["top_k"]
     prompt = _prompt(held_out_prompts, case)
     params = case.params
-    with torch.inference_mode():   # the target's likeliest tokens along its greedy path
-        ids = list(prompt)
-        top = set()
-        for _ in range(NEW):
-            logits = target(torch.tensor([ids]))[0, -1]
-            top |= set(logits.topk(2).indices.tolist())
-            ids.append(int(logits.argmax()))
+    top = _likeliest(target, prompt, NEW)
     head = _without(trained_head, top)
     assert not top & set(head.target_ids().tolist())
     draws, accepted = [], 0
@@ -296,16 +302,21 @@ def test_engine_with_head_greedy_equals_hf(head_dir, hf_refs, held_out_prompts, 
         assert stats.cache_hits > 0, stats.summary()   # branches pre-drafted on predicted features hit
 
 
-def test_engine_with_head_sampling_matches_transformers(head_dir, tiny_pair, held_out_prompts):
-    """SSD sampling with the head through the engine: tokens 2-3 come from speculation."""
+def test_engine_with_head_sampling_matches_transformers(target, trained_head, tiny_pair, held_out_prompts,
+                                                        tmp_path):
+    """SSD sampling with the head through the engine (tokens 2-3 come from speculation), its draft
+    vocabulary without the target's likeliest tokens at the first positions."""
     from tests.test_distribution import NEW, _prompt, _seeded, CASES, g_test
     from transformers import AutoModelForCausalLM
 
     case = CASES["top_k"]
     prompt = _prompt(held_out_prompts, case)
+    top = _likeliest(target, prompt, NEW)
+    save_head(_without(trained_head, top), tmp_path)
     n = 1500
-    outs, stats = _engine_run(head_dir, [prompt] * n, "ssd", _seeded(case.params, n, 4_000_000), max_new=NEW, k=2)
+    outs, stats = _engine_run(tmp_path, [prompt] * n, "ssd", _seeded(case.params, n, 4_000_000), max_new=NEW, k=2)
     assert 0 < stats.accepted_tokens < stats.draft_tokens, stats.summary()
+    assert sum(o[0] in top for o in outs) > 100   # tokens q cannot propose, from the residual
     hf = AutoModelForCausalLM.from_pretrained(tiny_pair / "target", dtype=torch.float32).eval()
     pvalue, table = g_test(hf, prompt, case.params, [tuple(o) for o in outs])
     assert pvalue > 1e-3, f"sampled continuations differ from transformers (p={pvalue:.2e}):\n{table}"

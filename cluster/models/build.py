@@ -189,11 +189,12 @@ def build_once(dest: Path, build, force: bool = False) -> dict | None:
     return info
 
 
-def cli_build(size: str, out: str | None = None, force: bool = False, budget: float | None = None) -> Path:
+def cli_build(size: str, out: str | None = None, force: bool = False, budget: float | None = None,
+              head: bool = False) -> Path:
     if size == "smol":
         from cluster.models.smol import cli_build_smol
 
-        return cli_build_smol(out, force, budget)
+        return cli_build_smol(out, force, budget, head)
     path = build_pair(size, Path(out) if out else None, force)
     info = json.loads((path / "build.json").read_text())
     keys = ("build_s", "greedy_agreement", "target_ms_per_token", "draft_ms_per_token", "cost_ratio")

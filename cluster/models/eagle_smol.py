@@ -27,11 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.models.distill_smol import SPEC as DATA_SPEC, _bar, labelled_data
+from cluster.models.distill_smol import SPEC as DRAFT_DATA, DistillSpec, _bar, labelled_data
 
 log = logging.getLogger(__name__)
 
 STEPS_PER_MIN = 60   # training steps per minute of budget (measured on two cores; deterministic)
+# The head's teacher data: the distilled drafter's kind (the target's own answers to chat requests,
+# its continuations of code, code it reads), three times as much of it: a head overfits the
+# drafter's 20k labelled positions within a few epochs.
+HEAD_DATA = replace(DRAFT_DATA, chat_requests=288, code_prompts=64, forced_windows=96)
 
 
 @dataclass(frozen=True)
@@ -40,11 +44,12 @@ class HeadSpec:
     ttt_steps: int = 4            # unroll depth of the training-time test
     depth_decay: float = 0.8
     budget_min: float = 5.0       # training minutes on two cores (STEPS_PER_MIN steps each)
-    batch: int = 4                # sequences per step
-    score_fraction: float = 0.5   # valid rows per step and depth that go through the head and the loss
+    batch: int = 6                # sequences per step
+    score_fraction: float = 0.35  # valid rows per step and depth that go through the head and the loss
     lr: float = 2e-3
     held_out: int = 12
     seed: int = 0
+    data: DistillSpec = HEAD_DATA
 
     @property
     def steps(self) -> int:
@@ -55,12 +60,12 @@ SPEC = HeadSpec()
 
 
 @torch.inference_mode()
-def feature_data(target_dir: Path, data: list[dict], aux: tuple[int, ...]) -> list[torch.Tensor]:
+def feature_data(target_dir: Path, data: list[dict], aux: tuple[int, ...], spec: DistillSpec) -> list[torch.Tensor]:
     """The target's features [n, len(aux) * dim] (float16) at every position of every sequence,
     cached beside the labelled data."""
     from actors.loader import load_model
 
-    key = f"{DATA_SPEC.data_key()}-{'.'.join(map(str, aux))}"
+    key = f"{spec.data_key()}-{'.'.join(map(str, aux))}"
     cached = target_dir.parent / f"head-feats-{key}.pt"
     if cached.is_file():
         return torch.load(cached)
@@ -212,10 +217,10 @@ def train_head(target_dir: Path, out: Path, spec: HeadSpec = SPEC) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    data = labelled_data(target_dir, DATA_SPEC)
+    data = labelled_data(target_dir, spec.data)
     target = load_model(target_dir)
     aux = default_aux_layers(target.args.n_layers)
-    feats = feature_data(target_dir, data, aux)
+    feats = feature_data(target_dir, data, aux, spec.data)
     t_data = time.perf_counter() - t0
     ids = draft_vocabulary(data, target.args.vocab_size, spec.draft_vocab)
     t2d = torch.full((target.args.vocab_size,), -1, dtype=torch.long)

@@ -170,9 +170,10 @@ def resolve_smol(role: str) -> Path:
     return build_smol(role=role)
 
 
-def cli_build_smol(out: str | None = None, force: bool = False, budget: float | None = None) -> Path:
-    """`outrider models build --size smol`: the target, the distilled drafter and the draft head
-    (with `budget`, a head trained that many minutes, as head-<budget>min)."""
+def cli_build_smol(out: str | None = None, force: bool = False, budget: float | None = None,
+                   head: bool = False) -> Path:
+    """`outrider models build --size smol`: the target and the distilled drafter; with `head` the
+    draft head too (with `budget`, a head trained that many minutes, as head-<budget>min)."""
     from dataclasses import replace
 
     from cluster.models.eagle_smol import SPEC, build_head
@@ -180,9 +181,11 @@ def cli_build_smol(out: str | None = None, force: bool = False, budget: float | 
     root = Path(out) if out else None
     build_target(root, force)
     build_smol(root, force, "draft")
-    head = build_head(root, force, SPEC if budget is None else replace(SPEC, budget_min=budget))
+    roles = ["target", "draft"]
+    if head:
+        roles.append(build_head(root, force, SPEC if budget is None else replace(SPEC, budget_min=budget)).name)
     path = smol_dir(root)
-    for role in ("target", "draft", head.name):
+    for role in roles:
         info = json.loads((path / role / "build.json").read_text())
         log.info("%s/%s: %s", path, role, ", ".join(f"{k}={v}" for k, v in info.items() if not isinstance(v, dict)))
     return path
