@@ -42,15 +42,22 @@ def time_forward(model, ctx: list[int], n_tokens: int, max_len: int, reps: int =
 
     L, dev = len(ctx), model.device
     cache = PagedKVCache.for_rows(model.args, 1, max(max_len, L + n_tokens + 1), model.dtype, dev)
-    handle = torch.tensor([cache.alloc()], device=dev)
-    model(torch.tensor([ctx], device=dev), torch.arange(L, device=dev)[None], cache, handle)
-    x = torch.tensor([ctx[-n_tokens:]], device=dev)
-    pos = torch.arange(L, L + n_tokens, device=dev)[None]
+    handle = [cache.alloc()]
+
+    def run(tokens: list[int], start: int) -> None:
+        pos = torch.arange(start, start + len(tokens))[None]
+        cache.prepare(handle, pos, start + len(tokens))
+        if hasattr(model, "feats"):   # a draft head (actors/eagle/): its rows' features
+            model.feats = torch.zeros(1, len(tokens), model.dim, dtype=model.dtype, device=dev)
+        model(torch.tensor([tokens], device=dev), pos.to(dev), cache, kv_len=start + len(tokens))
+
+    run(ctx, 0)
+    cache.advance(handle[0], L)
     times = []
     for i in range(reps + 3):
         sync(dev)
         t0 = time.perf_counter()
-        model(x, pos, cache, handle)
+        run(ctx[-n_tokens:], L)
         sync(dev)
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -106,6 +113,17 @@ class VerifyProbe:
             self.samples.append(time_forward(self.model, self.ctx, self.k + 1, self.max_len, self.reps))
 
 
+def load_draft(draft_dir: str, target_dir: str, dtype: str, device: str):
+    """The drafter as the engine runs it: a draft model, or a draft head in the drafter's seat."""
+    from actors.eagle.checkpoint import is_head_dir, load_head_for
+    from actors.eagle.drafter_model import HeadModel
+    from actors.loader import load_model, parse_dtype
+
+    if is_head_dir(draft_dir):
+        return HeadModel(load_head_for(draft_dir, target_dir, parse_dtype(dtype, device), device))
+    return load_model(draft_dir, dtype, device=device)
+
+
 def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[int], max_len: int,
                     target=None, device: str = "cpu", draft_device: str = "cpu", dtype: str = "float32",
                     draft_dtype: str = "float32") -> dict:
@@ -115,7 +133,7 @@ def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[in
 
     with torch_threads(1):
         target = target or load_model(target_dir, dtype, device=device)
-        draft = load_model(draft_dir, draft_dtype, device=draft_device)
+        draft = load_draft(draft_dir, target_dir, draft_dtype, draft_device)
         return {"context_tokens": len(ctx), "threads": 1, "reps": KERNEL_REPS, "device": str(target.device),
                 "t_target_1_s": time_forward(target, ctx, 1, max_len),
                 "t_draft_1_s": time_forward(draft, ctx, 1, max_len),
