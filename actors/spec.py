@@ -134,7 +134,12 @@ class EngineSpec:
         scratch = self.pads(self.draft_device)
         if self.draft_kv_blocks is not None:
             return self.draft_kv_blocks + scratch
-        return self._target_blocks() + self.max_batch * (1 + self.max_branches) * self.branch_blocks + scratch
+        return self._target_blocks() + self.draft_extra_blocks() + scratch
+
+    def draft_extra_blocks(self) -> int:
+        """The drafter's blocks beyond the verifier's: per sequence a draft's overhang and, in SSD,
+        max_branches branches (the one formula: the memory plan sizes the drafter's pool with it)."""
+        return self.max_batch * (1 + (self.max_branches if self.mode == "ssd" else 0)) * self.branch_blocks
 
     @property
     def draft_prefix_caching(self) -> bool:

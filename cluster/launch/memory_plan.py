@@ -274,7 +274,7 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
         d_ws = (max(_step_bytes(da, spec.draft_dtype, branch_rows, 1, spec.draft_max_len),
                     _step_bytes(da, spec.draft_dtype, 1, chunk, spec.draft_max_len))
                 + 2 * branch_rows * K * V * 4 + 2 * spec.max_batch * K * V * 4)   # dists + q rows
-        extra = spec.max_batch * (1 + (spec.max_branches if spec.mode == "ssd" else 0)) * spec.branch_blocks
+        extra = spec.draft_extra_blocks()
         d_scratch = int(spec.pads(spec.draft_device))
         d_res = role_reserve(spec.draft_device, nccl_channel, d_ws)   # its own process (both launchers)
     else:
