@@ -194,18 +194,24 @@ def soft_ce(logits: torch.Tensor, val: torch.Tensor, idx: torch.Tensor) -> torch
     return -(p * logp.gather(-1, idx.long())).sum(-1).mean()
 
 
-def _batches(data: list[dict], batch: int, steps: int, seed: int):
-    """`steps` batches of whole sequences, reshuffled every epoch (seeded), padded on the right.
-    Yields the tokens, the mask of positions that carry a label and count (those whose next token
-    the target wrote itself, or every position of a teacher-forced window), and their labels."""
+def epoch_picks(n: int, batch: int, steps: int, seed: int):
+    """`steps` picks of `batch` indices into n items, reshuffled every epoch (seeded)."""
     rng = random.Random(seed)
     order: list[int] = []
     for _ in range(steps):
         if len(order) < batch:
-            more = list(range(len(data)))
+            more = list(range(n))
             rng.shuffle(more)
             order += more
         pick, order = order[:batch], order[batch:]
+        yield pick
+
+
+def _batches(data: list[dict], batch: int, steps: int, seed: int):
+    """`steps` batches of whole sequences, reshuffled every epoch (seeded), padded on the right.
+    Yields the tokens, the mask of positions that carry a label and count (those whose next token
+    the target wrote itself, or every position of a teacher-forced window), and their labels."""
+    for pick in epoch_picks(len(data), batch, steps, seed):
         rows = [data[i] for i in pick]
         width = max(len(r["ids"]) - 1 for r in rows)
         x = torch.zeros(len(rows), width, dtype=torch.long)

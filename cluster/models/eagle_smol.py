@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.models.distill_smol import SPEC as DRAFT_DATA, DistillSpec, _bar, labelled_data
+from cluster.models.distill_smol import SPEC as DRAFT_DATA, DistillSpec, _bar, epoch_picks, labelled_data
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,7 @@ def rows(r: dict, feats: torch.Tensor, t2d: torch.Tensor):
 
 def batches(items: list[tuple], batch: int, steps: int, seed: int):
     """`steps` batches of whole sequences, reshuffled every epoch (seeded), padded on the right."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    for _ in range(steps):
-        if len(order) < batch:
-            more = list(range(len(items)))
-            rng.shuffle(more)
-            order += more
-        pick, order = order[:batch], order[batch:]
+    for pick in epoch_picks(len(items), batch, steps, seed):
         group = [items[i] for i in pick]
         T = max(len(g[1]) for g in group)
         out = []
