@@ -23,7 +23,7 @@ from torch import nn
 
 from actors.config import ModelArgs, rope_inv_freq
 from actors.kv import PagedKVCache, read_len
-from actors.model import MLP, Attention, RMSNorm, attention_masks, rope_tables
+from actors.model import MLP, Attention, RMSNorm, attention_masks, rope, rope_tables
 
 
 @dataclass(frozen=True)
@@ -141,8 +141,6 @@ def ttt_attention(layer: MidLayer, a: ModelArgs, xs: list[torch.Tensor], cos, si
         vs.append(att.v_proj(x).view(B, T, Hkv, D))
     if att.qk_norm:
         q, ks = att.q_norm(q), [att.k_norm(k) for k in ks]
-    from actors.model import rope
-
     q = rope(q, cos, sin).transpose(1, 2)
     k = torch.cat([rope(k, cos, sin) for k in ks], dim=1).transpose(1, 2)   # [B, Hkv, (j+1)T, D]
     v = torch.cat(vs, dim=1).transpose(1, 2)

@@ -194,6 +194,29 @@ def soft_ce(logits: torch.Tensor, val: torch.Tensor, idx: torch.Tensor) -> torch
     return -(p * logp.gather(-1, idx.long())).sum(-1).mean()
 
 
+def fit(params: list, batches, loss_of, lr: float, steps: int, desc: str) -> float:
+    """`steps` AdamW steps on `loss_of(batch)` over `batches`, the learning rate warmed up over the
+    first 5 % and decayed linearly to 5 %, gradients clipped at 1; progress with the loss's moving
+    average, which is returned."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(
+        0.05, 1 - max(0, s - warm) / max(1, steps - warm)))
+    ema = None
+    bar = _bar(iterable=batches, total=steps, desc=desc, unit="step")
+    for batch in bar:
+        loss = loss_of(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
+    bar.close()
+    return ema
+
+
 def epoch_picks(n: int, batch: int, steps: int, seed: int):
     """`steps` picks of `batch` indices into n items, reshuffled every epoch (seeded)."""
     rng = random.Random(seed)
@@ -236,26 +259,16 @@ def train(student, data: list[dict], spec: DistillSpec) -> float:
     params = [p for p in student.parameters() if p.requires_grad]
     student.lm_head = torch.nn.Identity()  # forward returns the final-normed hidden states
     g = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warm = max(1, spec.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(
-        0.05, 1 - max(0, s - warm) / max(1, spec.steps - warm)))
     student.train()
-    ema = None
-    bar = _bar(iterable=_batches(data, spec.batch, spec.steps, spec.seed), total=spec.steps, desc="distil drafter",
-               unit="step")
-    for x, mask, val, idx in bar:
+
+    def loss_of(batch):
+        x, mask, val, idx = batch
         keep = torch.rand(len(val), generator=g) < spec.head_fraction
         hidden = student(x)[mask][keep]
-        loss = soft_ce(hidden @ head.t(), val[keep], idx[keep])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    bar.close()
+        return soft_ce(hidden @ head.t(), val[keep], idx[keep])
+
+    ema = fit(params, _batches(data, spec.batch, spec.steps, spec.seed), loss_of, spec.lr, spec.steps,
+              "distil drafter")
     student.lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False)
     student.lm_head.weight = head
     student.eval().requires_grad_(False)

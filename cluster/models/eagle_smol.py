@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cluster.models.distill_smol import SPEC as DRAFT_DATA, DistillSpec, _bar, epoch_picks, labelled_data
+from cluster.models.distill_smol import SPEC as DRAFT_DATA, DistillSpec, _bar, epoch_picks, fit, labelled_data
 
 log = logging.getLogger(__name__)
 
@@ -162,25 +162,10 @@ def ttt_loss(head, batch, spec: HeadSpec, g: torch.Generator) -> torch.Tensor:
 def train(head, items: list[tuple], spec: HeadSpec) -> float:
     params = [p for n, p in head.named_parameters() if not n.startswith("embed_tokens")]
     head.embed_tokens.weight.requires_grad_(False)
-    opt = torch.optim.AdamW(params, lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    warm = max(1, spec.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(
-        0.05, 1 - max(0, s - warm) / max(1, spec.steps - warm)))
     g = torch.Generator().manual_seed(spec.seed)
     head.train()
-    ema = None
-    bar = _bar(iterable=batches(items, spec.batch, spec.steps, spec.seed), total=spec.steps, desc="train head",
-               unit="step")
-    for batch in bar:
-        loss = ttt_loss(head, batch, spec, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-        bar.set_postfix(loss=f"{ema:.3f}", refresh=False)
-    bar.close()
+    ema = fit(params, batches(items, spec.batch, spec.steps, spec.seed), lambda b: ttt_loss(head, b, spec, g),
+              spec.lr, spec.steps, "train head")
     head.eval().requires_grad_(False)
     return ema
 
