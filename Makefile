@@ -24,9 +24,11 @@ $(STAMP): requirements.lock
 	touch $(STAMP)
 
 # Re-resolves pyproject.toml's ranges (+ requirements.in) into the lock; commit the lock on its own.
+# requirements.exclude names what the lock leaves out (see there why).
 lock: install
 	$(UV) pip compile pyproject.toml requirements.in --extra dev --generate-hashes --python-version 3.11 \
-	  --python-platform x86_64-manylinux_2_28 $(FIND_LINKS) --no-header --quiet -o requirements.lock $(LOCK_ARGS)
+	  --python-platform x86_64-manylinux_2_28 $(FIND_LINKS) --excludes requirements.exclude \
+	  --no-header --quiet -o requirements.lock $(LOCK_ARGS)
 
 # What the newest releases the ranges allow would change: a scratch venv, the quick tests, a diff of versions.
 check-drift: install
