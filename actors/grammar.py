@@ -209,6 +209,7 @@ class Matcher:
         return all(self.m.accept_token(int(t)) for t in tokens)
 
 
+@torch.inference_mode()   # the forward's logits are inference tensors: written in place only in this mode
 def apply_mask(row: torch.Tensor, bits: torch.Tensor) -> None:
     """Set the logits of tokens the bitmask forbids to -inf, in place, on the row's device (the
     bitmask is int32 words, bit j of word w allowing token 32w + j)."""

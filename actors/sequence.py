@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.grammar import GrammarSpec, Matcher
 from actors.logprobs import MAX_TOP_LOGPROBS
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
@@ -23,6 +24,7 @@ class Request:
     ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
     k: int | None = None               # this request's own K (0 = no speculation); None: the engine's policy
     logprobs: int | None = None        # None: none; n: each emitted token's logprob and the top n (actors/logprobs.py)
+    grammar: GrammarSpec | None = None  # structured outputs: what the output must match (actors/grammar.py)
 
     def __post_init__(self):
         if self.k == 0:
@@ -68,6 +70,7 @@ class Seq:
     # a draft head's input (actors/eagle/): the target's features at committed positions the
     # drafter has not received yet, as (first position, rows [n, width]) pieces
     feats: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    matcher: Matcher | None = None     # the grammar's state after `tokens`, for a constrained request
 
     @property
     def n_generated(self) -> int:

@@ -49,6 +49,7 @@ from actors.affinity import check_cpus, pin_this_thread
 from actors.channel import Channel, ChannelClosed
 from actors.devtime import DeviceTimer
 from actors.events import Outbox
+from actors.grammar import Grammars
 from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv import blocks_for
 from actors.loader import load_model
@@ -124,6 +125,8 @@ class Verifier(DrafterLink):
         # a draft head reads the target's features at these layers: each forward also returns
         # them, and they go to the drafter beside each outcome (FEATS records)
         self.aux: tuple[int, ...] = tuple(spec.draft_head_layers or ())
+        self._grammars: Grammars | None = None   # made on the first constrained request (actors/grammar.py)
+        self._grammars_lock = threading.Lock()
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -174,7 +177,16 @@ class Verifier(DrafterLink):
         if need > self.cache.capacity:
             raise ValueError(f"prompt + max_new_tokens needs {need} KV blocks; the whole cache has "
                              f"{self.cache.capacity} (engine.kv_cache_memory)")
+        if req.grammar is not None:   # compiled here, off the loop: the loop's matcher finds it cached
+            self.grammars().compile(req.grammar)
         self._inbox.put((req, time.perf_counter()))
+
+    def grammars(self) -> Grammars:
+        with self._grammars_lock:
+            if self._grammars is None:
+                # rows per round: K drafts + 1; rollback: back over a whole draft
+                self._grammars = Grammars(self.spec.target, self.vocab, tuple(sorted(self.eos)), self.k + 1)
+            return self._grammars
 
     def abort(self, request_id: int) -> None:
         with self._lock:
@@ -272,6 +284,8 @@ class Verifier(DrafterLink):
         # a cached prefix's blocks join the table: prefill starts after them (one token at least
         # is left to compute, for the first token's logits)
         s.length = s.cached = self.cache.reuse(slot, req.prompt, len(req.prompt) - 1)
+        if req.grammar is not None:
+            s.matcher = self.grammars().matcher(req.grammar)
         self.seqs[req.id] = s
         if self.spec.speculative:
             # reported: a seeded request's pinned K, so the same seed with this `k` gives the same tokens
@@ -337,11 +351,15 @@ class Verifier(DrafterLink):
             self.cache.advance(s.slot, b)
             self.cache.publish(s.slot, s.req.prompt, b)
         s.length = n
+        if s.matcher is not None:
+            s.matcher.mask_rows(logits[None], [])
         tok = int(logits.argmax()) if params.greedy else int(
             sample(probs_from_logits(logits, params), uniforms=keyed_uniforms(s.seed, [len(s.tokens)], TOKEN)))
         self.times.prefill_s += time.perf_counter() - t0
         s.t_first = time.perf_counter()
         lps = None if s.req.logprobs is None else token_logprobs(logits[None], [tok], s.req.logprobs)
+        if s.matcher is not None:
+            s.matcher.settle(0, [tok])
         if not self._commit(s, [tok], lps) and s.on_drafter:
             s.outcome = (0, tok)
             s.round += 1
@@ -432,6 +450,7 @@ class Verifier(DrafterLink):
         if self._deferred is not None and not self._q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.
             rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
+        advanced = self._mask(seqs, logits)
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
         self._last_verify_s = self._timer.seconds()   # the read-back above waited for the forward
         self.times.forward_s += self._last_verify_s
@@ -444,6 +463,8 @@ class Verifier(DrafterLink):
             s.stats.record_round(n_draft, k)
             self.policy.observe_round(s.req.id, n_draft, k)
             new = s.draft[:k] + [t]
+            if s.matcher is not None and not s.matcher.settle(advanced[i], new):
+                log.error("request %d: the grammar refused token %d, which its mask allowed", s.req.id, t)
             lps = None
             if s.req.logprobs is not None:  # only for requests that asked: the rows that emitted `new`
                 at = len(rows[i]) - n_draft - 1   # the last pending token's row scores the first new one
@@ -460,10 +481,23 @@ class Verifier(DrafterLink):
                 s.round += 1
         self.times.control_s += time.perf_counter() - t1
 
+    def _mask(self, seqs: list[Seq], logits: torch.Tensor) -> list[int]:
+        """Constrained sequences: mask the rows this round verifies with their grammar, in place
+        (row i of a draft after draft[:i]), before the acceptance rule reads them; per sequence
+        the draft tokens its matcher advanced through (actors/grammar.py)."""
+        advanced = [0] * len(seqs)
+        for i, s in enumerate(seqs):
+            if s.matcher is not None:
+                at = len(s.tokens) - s.length - 1   # the last pending token's row scores the first new one
+                advanced[i] = s.matcher.mask_rows(logits[i, at:at + len(s.draft) + 1], s.draft)
+        return advanced
+
     def _commit(self, s: Seq, new: list[int], logprobs: list | None = None) -> bool:
         """Append newly committed tokens (with their logprobs when asked), apply token-level stops,
-        stream; True when finished."""
+        stream; True when finished (a grammar that is complete and took its stop token: "stop")."""
         new, reason = apply_stops(s, new, self.eos)
+        if reason is None and s.matcher is not None and s.matcher.terminated:
+            reason = "stop"
         s.tokens += new
         self.times.tokens += len(new)
         ev = {"id": s.req.id, "tokens": new, "done": False}

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from actors.grammar import GrammarSpec
 from actors.sampling import SamplingParams
 from actors.stats import SpecStats
 from actors.tokenizer import Tokenizer
@@ -67,6 +68,7 @@ class GenerateArgs:
     request_id: str = ""
     k: int | None = None                 # the request's own K (0 = off); None: the engine's policy
     logprobs: int | None = None          # None: no logprobs; n: each token's logprob and the top n
+    grammar: GrammarSpec | None = None   # structured outputs: the output matches it (actors/grammar.py)
 
 
 class Handle:
@@ -153,7 +155,7 @@ class Coordinator:
         try:
             self.engine.submit(Request(eid, list(args.prompt_ids), args.max_new_tokens, args.params,
                                        tuple(args.stop_token_ids), args.speculate, args.ignore_eos, args.k,
-                                       logprobs=args.logprobs))
+                                       logprobs=args.logprobs, grammar=args.grammar))
         except Exception:
             with self._lock:
                 self.handles.pop(eid, None)
@@ -174,7 +176,7 @@ class Coordinator:
         a = h.args
         try:
             self.engine.submit(Request(eid, list(a.prompt_ids), a.max_new_tokens, a.params, tuple(a.stop_token_ids),
-                                       a.speculate, a.ignore_eos, a.k, logprobs=a.logprobs))
+                                       a.speculate, a.ignore_eos, a.k, logprobs=a.logprobs, grammar=a.grammar))
         except Exception:
             with self._lock:
                 self.handles.pop(eid, None)
