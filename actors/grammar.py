@@ -129,7 +129,7 @@ class Grammars:
 
     def __init__(self, tokenizer_dir: str | Path, vocab_size: int, stop_ids: tuple[int, ...], max_rollback: int):
         xgr = _xgr()
-        self.vocab_size, self.max_rollback = vocab_size, max_rollback
+        self.vocab_size, self.max_rollback, self.stop_ids = vocab_size, max_rollback, stop_ids
         self._compiler = xgr.GrammarCompiler(tokenizer_info(tokenizer_dir, vocab_size, stop_ids), max_threads=1,
                                              cache_enabled=False)
         self._cache: OrderedDict[GrammarSpec, object] = OrderedDict()
@@ -160,20 +160,20 @@ class Grammars:
 
     def matcher(self, spec: GrammarSpec) -> Matcher:
         return Matcher(_xgr().GrammarMatcher(self.compile(spec), max_rollback_tokens=self.max_rollback),
-                       self.vocab_size, self.max_rollback)
+                       self.vocab_size, self.max_rollback, self.stop_ids)
 
 
 class Matcher:
     """One sequence's grammar state, at its committed tokens between rounds."""
 
-    def __init__(self, matcher, vocab_size: int, max_rows: int):
-        self.m, self.vocab_size = matcher, vocab_size
+    def __init__(self, matcher, vocab_size: int, max_rows: int, stop_ids: tuple[int, ...] = ()):
+        self.m, self.vocab_size, self.stop_ids = matcher, vocab_size, stop_ids
         self._bits = _xgr().allocate_token_bitmask(max_rows, vocab_size)
 
     def fork(self) -> Matcher:
         """An independent copy at the same state (a pre-drafted branch's own matcher)."""
         other = Matcher.__new__(Matcher)
-        other.m, other.vocab_size = self.m.fork(), self.vocab_size
+        other.m, other.vocab_size, other.stop_ids = self.m.fork(), self.vocab_size, self.stop_ids
         other._bits = self._bits.clone()
         return other
 
@@ -190,7 +190,7 @@ class Matcher:
         n = 0
         for i in range(len(draft) + 1):
             self.m.fill_next_token_bitmask(self._bits, i)
-            apply_mask(rows[i], self._bits[i])
+            apply_mask(rows[i], self._bits[i], self.stop_ids)
             if i == len(draft) or not self.m.accept_token(int(draft[i])):
                 return n
             n += 1
@@ -210,8 +210,12 @@ class Matcher:
 
 
 @torch.inference_mode()   # the forward's logits are inference tensors: written in place only in this mode
-def apply_mask(row: torch.Tensor, bits: torch.Tensor) -> None:
+def apply_mask(row: torch.Tensor, bits: torch.Tensor, stop_ids: tuple[int, ...] = ()) -> None:
     """Set the logits of tokens the bitmask forbids to -inf, in place, on the row's device (the
-    bitmask is int32 words, bit j of word w allowing token 32w + j)."""
+    bitmask is int32 words, bit j of word w allowing token 32w + j). A grammar that allows no
+    token at all (a regex no text matches) leaves the stop tokens: the request ends there rather
+    than sampling from a row without a finite logit."""
     allowed = ((bits[:, None] >> torch.arange(32, dtype=torch.int32)) & 1).reshape(-1)[:row.shape[-1]].bool()
+    if stop_ids and not allowed.any():
+        allowed[list(stop_ids)] = True
     row.masked_fill_(~allowed.to(row.device, non_blocking=True), float("-inf"))

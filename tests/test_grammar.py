@@ -79,3 +79,10 @@ def test_draft_rows_and_rollback(grammars, tiny_tok):
     assert m.settle(0, [c]) and m.settle(0, [d])
     assert m.settle(0, [tiny_tok.eos_token_ids[0]]) and m.terminated
     assert grammars.compile(spec) is grammars.compile(GrammarSpec("regex", "a[bc]+d"))   # compiled once
+
+
+def test_a_grammar_that_allows_nothing_leaves_the_stop_tokens(grammars, tiny_tok):
+    m = grammars.matcher(GrammarSpec("regex", r"[^\x00-\U0010FFFF]"))
+    row = torch.zeros(1, grammars.vocab_size)
+    m.mask_rows(row, [])
+    assert torch.isfinite(row[0]).nonzero()[:, 0].tolist() == sorted(tiny_tok.eos_token_ids)

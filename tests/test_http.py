@@ -134,7 +134,7 @@ def test_extras_and_seeded_sampling(served, oai):
     ("/v1/completions", {"prompt": PROMPT, "n": 2}, 400, "n"),
     ("/v1/completions", {"prompt": PROMPT, "logprobs": 21}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
-    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "xml"}}, 400, "response_format"),
     ("/v1/completions", {"prompt": PROMPT, "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": PROMPT, "max_tokens": 100000}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": ""}, 400, "prompt"),
@@ -179,7 +179,8 @@ SCALARS = st.none() | st.booleans() | st.integers(-5, 2**70) | st.floats(allow_n
 JSONS = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
                                                                                           max_size=3), max_leaves=6)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n",
-          "top_k", "k", "logprobs", "stream_options", "ignore_eos"]
+          "top_k", "k", "logprobs", "stream_options", "ignore_eos", "response_format", "structured_outputs",
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import pytest
 import torch
 
 from actors.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
 from actors.sampling import SamplingParams
+from tests.conftest import openai_client, serve_with_chat_template
 
 pytestmark = pytest.mark.timeout(900)
 
-NEW = 160
+NEW = 320     # JSON may hold up to MAX_JSON_WHITESPACE spaces between its tokens: the tiny pair uses them
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok"],
           "properties": {"name": {"type": "string", "maxLength": 6},
                          "age": {"type": "integer", "minimum": 0, "maximum": 120}, "ok": {"type": "boolean"}}}
@@ -134,3 +136,95 @@ def test_answers_match_their_grammar(greedy_runs, tiny_tok):
         else:
             assert text in ("yes", "no", "maybe not"), text
     assert finished >= 4, "too few answers finished to check"
+
+
+# -- the serving front ends: the openai client over HTTP and gRPC, on a real SSD server -------------
+
+CHAT = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Who are you?"}]
+
+
+@pytest.fixture(scope="module")
+def served(serve_tiny, tiny_pair, tmp_path_factory):
+    yield from serve_with_chat_template(serve_tiny, tiny_pair, tmp_path_factory, "structured",
+                                        {"http.model_name": "tiny"})
+
+
+@pytest.fixture(scope="module")
+def oai(served):
+    server, _ = served
+    with openai_client(server) as c:
+        yield c
+
+
+def test_openai_response_format_json_schema(oai):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    for kw in ({"temperature": 0}, {"temperature": 1.0, "seed": 5}, {"temperature": 0.8, "seed": 6}):
+        r = oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=NEW, response_format=fmt, **kw)
+        choice = r.choices[0]
+        assert choice.finish_reason == "stop", choice
+        assert valid(json.loads(choice.message.content)), choice.message.content
+    stream = oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=NEW, response_format=fmt,
+                                         temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert valid(json.loads(text))
+
+
+def test_openai_json_object_and_vllm_extras(oai):
+    r = oai.chat.completions.create(model="tiny", messages=CHAT, max_tokens=NEW, temperature=0,
+                                    response_format={"type": "json_object"})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:   # cut by max_tokens: still the start of an object
+        assert r.choices[0].message.content.lstrip().startswith("{")
+    for extra, ok in [({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
+                      ({"structured_outputs": {"choice": ["up", "down"]}}, lambda t: t in ("up", "down")),
+                      ({"structured_outputs": {"regex": "[0-9]{3}-[0-9]{2}"}}, lambda t: len(t) == 6 and t[3] == "-"),
+                      ({"guided_grammar": 'root ::= "x" [0-9] [0-9]?'}, lambda t: t[0] == "x" and t[1:].isdigit()),
+                      ({"guided_json": SCHEMA}, lambda t: valid(json.loads(t)))]:
+        r = oai.completions.create(model="tiny", prompt="The answer:", max_tokens=NEW, temperature=0, extra_body=extra)
+        assert r.choices[0].finish_reason == "stop" and ok(r.choices[0].text), (extra, r.choices[0].text)
+
+
+def test_grpc_structured(served, tiny_tok):
+    from cluster.rpc.outrider.v1 import outrider_pb2 as pb
+
+    _, client = served
+    text, final = client.generate_text("The answer:", max_new_tokens=NEW, structured=pb.StructuredOutput(
+        json_schema=json.dumps(SCHEMA)))
+    assert final.finish_reason in ("eos", "stop") and valid(json.loads(text)), text
+    text, _ = client.generate_text("The answer:", max_new_tokens=NEW, structured=pb.StructuredOutput(
+        choice=pb.Choices(options=["a b", "c"])))
+    assert text in ("a b", "c")
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_text("x", max_new_tokens=4, structured=pb.StructuredOutput(regex="(unclosed"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "regex" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        client.generate_text("x", max_new_tokens=4, structured=pb.StructuredOutput(json_schema="{"))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not valid JSON" in e.value.details()
+
+
+@pytest.mark.parametrize("body,param,words", [
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format.type"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}}, "response_format",
+     "invalid json_schema"),
+    ({"guided_regex": "[a-"}, "response_format", "invalid regex"),
+    ({"guided_grammar": "root ::= undefined_rule"}, "response_format", "invalid ebnf"),
+    ({"guided_choice": []}, "response_format", "choice"),
+    ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
+    ({"structured_outputs": {"xml": "x"}}, "structured_outputs", "unsupported keys"),
+    ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "one structured-output"),
+])
+def test_bad_constraints_are_400(served, body, param, words):
+    import http.client
+
+    server, _ = served
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({"messages": CHAT, "max_tokens": 4, **body}),
+                 {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    out = json.loads(r.read())
+    conn.close()
+    assert r.status == 400, out
+    assert out["error"]["param"] == param and words in out["error"]["message"], out
+    assert ".cc:" not in out["error"]["message"]

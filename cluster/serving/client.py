@@ -44,7 +44,8 @@ class OutriderClient:
                 top_k: int = 0, top_p: float | None = None, seed: int | None = None,
                 stop: list[str] | tuple[str, ...] = (), stop_token_ids: list[int] | tuple[int, ...] = (),
                 request_id: str = "", disable_speculation: bool = False,
-                ignore_eos: bool = False, k: int | None = None, logprobs: int | None = None) -> pb.GenerateRequest:
+                ignore_eos: bool = False, k: int | None = None, logprobs: int | None = None,
+                structured: pb.StructuredOutput | None = None) -> pb.GenerateRequest:
         req = pb.GenerateRequest(temperature=temperature, top_k=top_k, stop=list(stop),
                                  stop_token_ids=list(stop_token_ids), request_id=request_id,
                                  disable_speculation=disable_speculation, ignore_eos=ignore_eos)
@@ -64,6 +65,8 @@ class OutriderClient:
             req.k = k
         if logprobs is not None:  # each token's logprob and the `logprobs` most likely at its position
             req.logprobs = logprobs
+        if structured is not None:  # the output must match it: a JSON schema, regex, grammar or choice
+            req.structured.CopyFrom(structured)
         return req
 
     def generate(self, prompt: str | list[int], timeout: float | None = None, **kw):

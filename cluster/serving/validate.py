@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from actors.chat import ChatError
+from actors.grammar import GrammarError, GrammarSpec, check, choice_spec
 from actors.logprobs import MAX_TOP_LOGPROBS
 from actors.sampling import SamplingParams
 from actors.tokenizer import Tokenizer
@@ -56,7 +57,8 @@ def to_generate_args(req, tok: Tokenizer, limits: Limits, deadline_s: float | No
         max_new = min(limits.default_max_new_tokens, room)
     return GenerateArgs(prompt_ids, max_new, _params(req), _stops(req), _stop_ids(req, limits),
                         speculate=not req.disable_speculation, ignore_eos=req.ignore_eos, deadline_s=deadline_s,
-                        request_id=_request_id(req), k=_k(req, limits), logprobs=_logprobs(req))
+                        request_id=_request_id(req), k=_k(req, limits), logprobs=_logprobs(req),
+                        grammar=_grammar(req))
 
 
 def _prompt(req, tok: Tokenizer, limits: Limits) -> list[int]:
@@ -146,6 +148,29 @@ def _logprobs(req) -> int | None:
         raise InvalidRequest(f"logprobs must be at most {MAX_TOP_LOGPROBS} (the most likely tokens reported per "
                              f"position), got {req.logprobs}")
     return req.logprobs
+
+
+def _grammar(req) -> GrammarSpec | None:
+    """The structured-output constraint, parsed here so that a bad one is the client's error."""
+    if not req.HasField("structured"):
+        return None
+    st = req.structured
+    which = st.WhichOneof("kind")
+    try:
+        if which is None:
+            raise GrammarError("set one of json_schema, json_object, regex, grammar, choice")
+        if which == "json_object":
+            if not st.json_object:
+                raise GrammarError("json_object must be true when set")
+            spec = GrammarSpec("json_object")
+        elif which == "choice":
+            spec = choice_spec(list(st.choice.options))
+        else:
+            spec = GrammarSpec("ebnf" if which == "grammar" else which, getattr(st, which))
+        check(spec)
+    except GrammarError as e:
+        raise InvalidRequest(f"structured: {e}") from None
+    return spec
 
 
 def _request_id(req) -> str:

@@ -1,7 +1,9 @@
 """OpenAI request bodies -> outrider GenerateRequests, and OpenAI's error shape.
 
 A body becomes the same `outrider.v1.GenerateRequest` a gRPC client would send, so both front
-ends share one validation path (cluster/serving/validate.py) and one set of limits. Parameters outrider
+ends share one validation path (cluster/serving/validate.py) and one set of limits.
+Structured outputs (response_format, vLLM's structured_outputs and guided_*) are read in
+cluster/serving/api/structured.py. Parameters outrider
 cannot honour (n > 1, tools, ...) are refused with a 400 naming them, never silently
 ignored; fields OpenAI's own servers would ignore are ignored here too.
 """
@@ -13,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.logprobs import MAX_TOP_LOGPROBS
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
+from cluster.serving.api.structured import FormatError, structured_of
 
 
 class APIError(Exception):
@@ -53,6 +56,13 @@ class _Common(BaseModel):
     # completions: logprobs = n (0..20); chat: logprobs = true, top_logprobs = n (checked in logprobs_of)
     logprobs: Any = None
     top_logprobs: Any = None
+    # structured outputs (cluster/serving/api/structured.py): OpenAI's, then vLLM's extras
+    response_format: Any = None
+    structured_outputs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
     # refused unless at their no-op value
     n: int = 1
     presence_penalty: float = 0.0
@@ -62,7 +72,6 @@ class _Common(BaseModel):
     tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     best_of: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -101,8 +110,6 @@ def _refuse_unsupported(b: _Common) -> None:
         ("tool_choice", b.tool_choice not in (None, "none"), "tool_choice is not supported"),
         ("functions", b.functions is not None, "functions are not supported"),
         ("function_call", b.function_call is not None, "function_call is not supported"),
-        ("response_format", b.response_format not in (None, {"type": "text"}),
-         "response_format other than text is not supported"),
         ("echo", b.echo, "echo is not supported"),
         ("suffix", b.suffix is not None, "suffix is not supported"),
     ]
@@ -159,6 +166,12 @@ def to_request(b: _Common) -> pb.GenerateRequest:
         req.logprobs = n_logprobs
     if b.stop is not None:
         req.stop.extend([b.stop] if isinstance(b.stop, str) else b.stop)
+    try:
+        structured = structured_of(b)
+    except FormatError as e:
+        raise APIError(400, str(e), param=e.param) from None
+    if structured is not None:
+        req.structured.CopyFrom(structured)
     return req
 
 
@@ -196,7 +209,7 @@ def _chat_message(i: int, m: dict[str, Any]) -> pb.ChatMessage:
 # Which OpenAI parameter a validation message (cluster/serving/validate.py, in gRPC field names) is about.
 PARAMS = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt", "prompt": "prompt", "messages": "messages",
           "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop", "k": "k",
-          "logprobs": "logprobs",
+          "logprobs": "logprobs", "structured": "response_format",
           "request_id": None}
 
 
