@@ -19,7 +19,7 @@ import torch
 
 from actors.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
 from actors.sampling import SamplingParams
-from tests.conftest import openai_client, serve_with_chat_template
+from tests import test_logprobs
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -140,20 +140,8 @@ def test_answers_match_their_grammar(greedy_runs, tiny_tok):
 
 # -- the serving front ends: the openai client over HTTP and gRPC, on a real SSD server -------------
 
+served, oai = test_logprobs.served, test_logprobs.oai   # the fixtures: a ChatML server, its openai client
 CHAT = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Who are you?"}]
-
-
-@pytest.fixture(scope="module")
-def served(serve_tiny, tiny_pair, tmp_path_factory):
-    yield from serve_with_chat_template(serve_tiny, tiny_pair, tmp_path_factory, "structured",
-                                        {"http.model_name": "tiny"})
-
-
-@pytest.fixture(scope="module")
-def oai(served):
-    server, _ = served
-    with openai_client(server) as c:
-        yield c
 
 
 def test_openai_response_format_json_schema(oai):
