@@ -138,6 +138,59 @@ def test_answers_match_their_grammar(greedy_runs, tiny_tok):
     assert finished >= 4, "too few answers finished to check"
 
 
+
+# -- sampling under a grammar: the masked target distribution ---------------------------------------
+
+SAMPLED = GrammarSpec("regex", r"[a-z][a-z ]{2,30}\.")
+N_DRAWS = 1500
+
+
+class MaskedTarget:
+    """transformers' target whose last logits in each row are masked by the grammar after that
+    row's continuation (a fresh xgrammar matcher per row, xgrammar's own mask kernel): the
+    distribution a constrained request samples from, for test_distribution's G-test."""
+
+    def __init__(self, hf, compiled, n_prompt: int):
+        self.hf, self.compiled, self.n_prompt = hf, compiled, n_prompt
+
+    def __call__(self, ids):
+        import xgrammar as xgr
+
+        out = self.hf(ids)
+        bits = xgr.allocate_token_bitmask(1, out.logits.shape[-1])
+        for r in range(ids.shape[0]):
+            m = xgr.GrammarMatcher(self.compiled)
+            assert all(m.accept_token(int(t)) for t in ids[r, self.n_prompt:])
+            m.fill_next_token_bitmask(bits)
+            xgr.apply_token_bitmask_inplace(out.logits[r, -1:], bits)
+        return out
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0, top_k=5),
+                                    SamplingParams(temperature=0.8, top_p=0.8)], ids=["top_k", "top_p"])
+def test_ssd_sampling_follows_the_masked_target(reference, held_out_prompts, params):
+    """Seeded SSD draws of the first NEW tokens (tests/test_distribution.py: the first from the
+    prefill, the next through speculation) against the masked target's exact probabilities; the
+    same counts must reject the unmasked target (the test has power)."""
+    from cluster.serving.coordinator import GenerateArgs
+    from tests.test_distribution import ALPHA, NEW as N_TOKENS, g_test
+
+    hf, compiled = reference
+    prompt = list(held_out_prompts[3][-32:])
+    args = [GenerateArgs(prompt, N_TOKENS, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i),
+                         ignore_eos=True, grammar=SAMPLED) for i in range(N_DRAWS)]
+    handles, finals = run_engine("ssd", args, **{"engine.max_batch": 32})
+    stats = finals[0].stats
+    for f in finals[1:]:
+        stats.merge(f.stats)
+    assert stats.drafts > 0 and 0 < stats.accepted_tokens < stats.draft_tokens, stats.summary()
+    draws = [tuple(h.tokens) for h in handles]
+    with torch.inference_mode():
+        p, table = g_test(MaskedTarget(hf, compiled(SAMPLED), len(prompt)), prompt, params, draws)
+        assert p > ALPHA, f"sampled continuations differ from the masked target (G-test p={p:.2e}):\n{table}"
+        p_free, _ = g_test(hf, prompt, params, draws)
+    assert p_free < 1e-6, f"the test cannot tell the masked target from the free one (p={p_free:.2e})"
+
 # -- the serving front ends: the openai client over HTTP and gRPC, on a real SSD server -------------
 
 served, oai = test_logprobs.served, test_logprobs.oai   # the fixtures: a ChatML server, its openai client
