@@ -9,6 +9,7 @@ import torch
 
 from actors.fanout import AcceptanceTracker
 from actors.frame import Frame, Rec
+from actors.grammar import Matcher
 from actors.sampling import SamplingParams
 
 
@@ -43,6 +44,9 @@ class DraftSeq:
     # and the head's hidden state after tokens + draft[:j] (row j, as `dists`)
     real: torch.Tensor | None = None
     hid: torch.Tensor | None = None
+    # a constrained request's grammar state after `tokens`: drafts are masked as the verifier
+    # masks the target (None: drafted unmasked, still exact: the verifier's mask decides)
+    matcher: Matcher | None = None
 
 
 @dataclass

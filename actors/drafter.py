@@ -44,6 +44,7 @@ from actors.channel import Channel
 from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
 from actors.eagle.drafting import add_features, catch_up_depths, load_head_model, n_real, row_features
 from actors.frame import Frame, Rec, Record
+from actors.grammar import GrammarSpec, Grammars, Matcher
 from actors.fanout import split_budget, top_candidates
 from actors.loader import load_model
 from actors.ngram import propose_ngram
@@ -51,7 +52,7 @@ from actors.online import OnlineLearner, TrainWhileWaiting
 from actors.runner import Runner
 from actors.sampling import DRAFT, keyed_uniforms, probs_from_logits, saguaro_scale, sample
 from actors.spec import EngineSpec
-from actors.wire import HIT, MISS, NO_LOOKUP, decode_params, encode_table
+from actors.wire import HIT, MISS, NO_LOOKUP, decode_grammar, decode_params, encode_table
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Drafter:
                                spec.draft_max_len, compile_ok=self.online is None and not self.head,
                                prefix=spec.draft_prefix_caching)
         self.cache = self._forward.cache
+        self._grammars: Grammars | None = None   # made on the first constrained request
+        self._grammar_of: dict[int, tuple[GrammarSpec, int]] = {}   # GRAMMAR records awaiting their ADMIT
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -150,6 +153,8 @@ class Drafter:
         for rec in frame.records:
             if rec.kind == Rec.PING:
                 must_reply = True
+            elif rec.kind == Rec.GRAMMAR:   # just before its ADMIT
+                self._grammar_of[rec.seq] = decode_grammar(rec)
             elif rec.kind == Rec.ADMIT:  # nothing to draft before the first token is known
                 self._admit(rec)
             elif rec.kind == Rec.FEATS:   # before its OUTCOME: the positions that outcome committed
@@ -209,11 +214,36 @@ class Drafter:
         # the cached prefix's blocks (the verifier skips the same part of its prefill); the last
         # prompt token is always fed, for the depth-0 distribution
         s.length = self.cache.reuse(s.slot, s.tokens, len(s.tokens) - 1)
+        grammar = self._grammar_of.pop(s.id, None)
+        if grammar is not None and not self.head:   # (a draft head drafts unmasked)
+            s.matcher = self._matcher(*grammar, s.tokens)
         self.seqs[s.id] = s
         if self.online is not None:
             self.online.admit(s.id, len(s.tokens))
             s.kv_steps = self.online.steps
         return s
+
+    def _matcher(self, spec: GrammarSpec, n_generated: int, tokens: list[int]) -> Matcher | None:
+        """The grammar's state after the generated tokens at the end of `tokens`; None (drafts
+        unmasked) if the grammar cannot be had here, which costs acceptance, never exactness."""
+        try:
+            if self._grammars is None:
+                args = self.model.args
+                self._grammars = Grammars(self.spec.draft, args.vocab_size, tuple(args.eos_token_ids), self.k + 1)
+            m = self._grammars.matcher(spec)
+        except Exception:
+            log.exception("drafter: no grammar for a constrained request; drafting it unmasked")
+            return None
+        return m if m.advance(tokens[len(tokens) - n_generated:]) else None
+
+    def _branch_matcher(self, s: DraftSeq, tokens: list[int]) -> tuple[bool, Matcher | None]:
+        """A branch's own matcher: the sequence's, forked and advanced through `tokens` (the draft
+        prefix and the correction token it starts from). (False, None) when the grammar refuses
+        them: the verifier's mask never lets that outcome happen, so the branch is not drafted."""
+        if s.matcher is None:
+            return True, None
+        m = s.matcher.fork()
+        return (True, m) if m.advance(tokens) else (False, None)
 
     def _prefill(self, s: DraftSeq, upto: int) -> None:
         """Feed committed tokens the cache has not seen, up to (not including) index `upto`."""
@@ -244,6 +274,8 @@ class Drafter:
         n_old = len(s.tokens)
         s.tracker.update(k, len(s.draft))
         s.tokens += s.draft[:k] + [t_star]
+        if s.matcher is not None and not s.matcher.advance(s.draft[:k] + [t_star]):
+            s.matcher = None   # (a stop token ended the grammar) unmasked from here on
         br = s.branches.pop((k, t_star), None)
         for other in s.branches.values():
             self.cache.free(other.slot)
@@ -311,7 +343,8 @@ class Drafter:
                 self._prefill(s, len(s.tokens) - 1)
             self._catch_up_ns = time.perf_counter_ns() - t0
             for K, group in self._by_k(jit):
-                rows = [(s, s.slot, s.length, s.tokens[-1], None, self._first_feature(s)) for s in group]
+                rows = [(s, s.slot, s.length, s.tokens[-1], None, self._first_feature(s),
+                         None if s.matcher is None else s.matcher.fork()) for s in group]
                 for (s, *_), (toks, q, dists, hid, length) in zip(rows, self._draft_rows(rows, K)):
                     s.draft, s.q, s.dists, s.hid, s.length = toks, q, dists, hid, length
 
@@ -329,7 +362,9 @@ class Drafter:
 
     def _draft_rows(self, rows, K: int) -> list[tuple]:
         """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out,
-        a draft head's feature for the first step), one batched forward per step. Returns per row
+        a draft head's feature for the first step, a matcher after the first token or None), one
+        batched forward per step; a row with a matcher drafts under its grammar's mask, the
+        verifier's. Returns per row
         (tokens, q rows, dists, a head's hidden states, cache length); the rows' q and dists are
         views into one [B, K, V] tensor each (no per-row copies)."""
         B, V, dev = len(rows), self.model.args.vocab_size, self.device
@@ -347,12 +382,16 @@ class Drafter:
         if self.head:   # step 0 reads the given features, each later step the head's last output
             feats = torch.stack([r[5] for r in rows])[:, None]
             hids = torch.empty(B, K, self.model.dim, dtype=self.model.dtype, device=dev)
+        matchers = {i: r[6] for i, r in enumerate(rows) if r[6] is not None}
         for step in range(K):
             self.model.feats = feats
             logits = self._forward(cur[:, None], pos[:, None], slots)[:, 0]
             if self.head:
                 feats = self.model.hidden
                 hids[:, step] = feats[:, 0]
+            for i, m in matchers.items():
+                if not m.terminated:
+                    m.mask_rows(logits[i:i + 1], [])
             nxt = logits.argmax(-1)
             dists[:, step] = logits
             for idx in sampled.values():
@@ -370,6 +409,11 @@ class Drafter:
                 qs[idx, step] = q
             toks[:, step] = nxt
             cur, pos = nxt, pos + 1
+            if matchers:   # each masked row's matcher takes the token it drafted
+                drafted = nxt.tolist()
+                for i, m in matchers.items():
+                    if not m.terminated:
+                        m.advance([drafted[i]])
         sampled_rows = {i for idx in sampled.values() for i in idx}
         out = []
         for i, (r, t) in enumerate(zip(rows, toks.tolist())):   # the one read back: the drafted tokens
@@ -403,6 +447,9 @@ class Drafter:
         first_depth = s.length - (len(s.tokens) - 1)   # the depth of logits[0]
         if first_depth < 0:  # a new prompt: only its last row is a depth (0)
             logits, first_depth = logits[-first_depth:], 0
+        ok, m = self._branch_matcher(s, s.draft[:first_depth])
+        if m is not None and ok:   # the depths' candidates are the ones the grammar allows
+            m.mask_rows(logits, s.draft[first_depth:])
         rows = logits if s.params.greedy else probs_from_logits(logits, s.params)
         s.dists = rows if s.dists is None or first_depth == 0 else torch.cat([s.dists[:first_depth], rows])
         s.length = len(full)
@@ -433,7 +480,10 @@ class Drafter:
         # the candidates of every sequence and depth in one topk and one read-back
         for (s, n, j), cands in zip(depth_rows, top_candidates(dists, drafted, fans)):
             for t in cands:
-                rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j, s.hid[j] if self.head else None))
+                ok, m = self._branch_matcher(s, s.draft[:j] + [t])
+                if not ok:
+                    continue
+                rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j, s.hid[j] if self.head else None, m))
                 keys.append((s, (j, t)))
         self._prespec = (max((r[0].k for r in rows), default=0), 0)
         if not rows:

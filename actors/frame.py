@@ -26,6 +26,8 @@ gives meaning only to DRAFT's b; the other fields are the engine's (see actors/w
                                                         draft tokens]
     FEATS     first position       rows (b)             [width]            b x width
                                                                            target features
+    GRAMMAR   constraint kind      tokens generated     the constraint's   -
+                                   (in ADMIT's tokens)  UTF-8 bytes
     SHUTDOWN  -                    -                    -                  -
     PING      generic (timestamps) generic              -                  -
     ========  ===================  ===================  =================  =============
@@ -54,7 +56,9 @@ from enum import IntEnum
 import torch
 
 MAGIC = 0x4F52  # 'OR'
-VERSION = 6   # 6: FEATS records (the target's features for a draft head); 5: K and budget on ADMIT/OUTCOME
+# 7: GRAMMAR records (structured outputs, before their ADMIT); 6: FEATS records (the target's
+# features for a draft head); 5: K and budget on ADMIT/OUTCOME
+VERSION = 7
 HEADER_LEN = 8
 INLINE_INTS = 504   # header + inline ints = 512 int64 = 4 KiB per message
 RECORD_FIXED = 6  # kind, seq, round, a, b, n
@@ -80,6 +84,7 @@ class Rec(IntEnum):
     PING = 6
     TABLE = 7   # the drafter's speculation cache for the round being verified (SSD)
     FEATS = 8   # the target's hidden states at committed positions, for a draft head
+    GRAMMAR = 9   # a constrained request's grammar, just before its ADMIT (actors/grammar.py)
 
 
 @dataclass(slots=True, eq=False)

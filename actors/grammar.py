@@ -189,6 +189,8 @@ class Matcher:
         decides anything: those rows are left as they are."""
         n = 0
         for i in range(len(draft) + 1):
+            if self.m.is_terminated():   # a drafted stop token ended it: the request ends there too
+                return n
             self.m.fill_next_token_bitmask(self._bits, i)
             apply_mask(rows[i], self._bits[i], self.stop_ids)
             if i == len(draft) or not self.m.accept_token(int(draft[i])):

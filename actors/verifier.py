@@ -63,7 +63,7 @@ from actors.tp.group import TPLead, group_timeout_s
 from actors.verify import round_outcomes
 from actors.draft_state import table_due
 from actors.drafter_link import DrafterLink
-from actors.wire import encode_params
+from actors.wire import encode_params, grammar_record
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
@@ -258,7 +258,7 @@ class Verifier(DrafterLink):
             # (a draft head would need the features of everything before: such sequences finish unspeculated)
             if self.drafter_ok and s.req.speculate and not s.on_drafter and not self.aux:
                 # Its last committed token plays the first token's part: the outcome of an empty draft.
-                records.append(self._admit_record(s, s.tokens[:-1]))
+                records += self._admit_records(s, s.tokens[:-1])
                 s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
         admitted = []
         while (self._waiting and len(self.seqs) < self.spec.max_batch
@@ -268,14 +268,17 @@ class Verifier(DrafterLink):
             s = self._admit(req, t_submit)
             admitted.append(s)
             if self.drafter_ok and req.speculate:
-                records.append(self._admit_record(s, s.tokens))
+                records += self._admit_records(s, s.tokens)
         return records, admitted
 
-    def _admit_record(self, s: Seq, tokens: list[int]) -> Record:
+    def _admit_records(self, s: Seq, tokens: list[int]) -> list[Record]:
+        """ADMIT, after a constrained request's GRAMMAR: the drafter drafts under the same mask."""
         s.on_drafter, s.outcome = True, None
         s.k = self.policy.admit_k(s.req.id)
-        return Record(Rec.ADMIT, s.req.id, s.round, s.k, self.policy.budget,
-                      tokens=encode_params(s.req.params, s.seed, tokens))
+        grammar = [] if s.req.grammar is None else [grammar_record(s.req.id, s.req.grammar,
+                                                                   len(tokens) - len(s.req.prompt))]
+        return grammar + [Record(Rec.ADMIT, s.req.id, s.round, s.k, self.policy.budget,
+                                 tokens=encode_params(s.req.params, s.seed, tokens))]
 
     def _admit(self, req: Request, t_submit: float) -> Seq:
         seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")

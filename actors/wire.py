@@ -2,6 +2,7 @@
 
 ADMIT carries the request's sampling settings ahead of its tokens, as int64 words: floats travel
 as the bit pattern of a float64, so both sides see exactly the same temperature and top-p.
+GRAMMAR carries a constrained request's grammar to the drafter, which drafts under the same mask.
 DRAFT's `a` says what the speculation cache did for this round. TABLE ships the speculation
 cache itself: every pre-drafted branch of one sequence as its outcome key (k, t*) and its tokens.
 """
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import struct
 
-from actors.frame import ProtocolError
+from actors.frame import ProtocolError, Rec, Record
+from actors.grammar import KINDS, GrammarError, GrammarSpec
 from actors.sampling import SamplingParams
 
 MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (sync SD)
@@ -49,3 +51,18 @@ def decode_table(payload: list[int], n: int, k: int) -> dict[tuple[int, int], li
     if len(payload) != n * width:
         raise ProtocolError(f"a table of {n} branches of {k} tokens needs {n * width} ints, got {len(payload)}")
     return {(payload[i], payload[i + 1]): payload[i + 2:i + width] for i in range(0, len(payload), width)}
+
+
+def grammar_record(seq: int, spec: GrammarSpec, n_generated: int) -> Record:
+    """The grammar of sequence `seq`, whose ADMIT (next) holds `n_generated` tokens already
+    generated (a sequence joining a new drafter): the drafter's matcher advances through them."""
+    return Record(Rec.GRAMMAR, seq, 0, KINDS.index(spec.kind), n_generated, tokens=list(spec.text.encode()))
+
+
+def decode_grammar(rec: Record) -> tuple[GrammarSpec, int]:
+    if not 0 <= rec.a < len(KINDS) or rec.b < 0:
+        raise ProtocolError(f"GRAMMAR seq {rec.seq}: kind {rec.a}, {rec.b} tokens generated")
+    try:
+        return GrammarSpec(KINDS[rec.a], bytes(rec.tokens).decode()), rec.b
+    except (ValueError, GrammarError) as e:
+        raise ProtocolError(f"GRAMMAR seq {rec.seq}: {e}") from None

@@ -86,3 +86,15 @@ def test_a_grammar_that_allows_nothing_leaves_the_stop_tokens(grammars, tiny_tok
     row = torch.zeros(1, grammars.vocab_size)
     m.mask_rows(row, [])
     assert torch.isfinite(row[0]).nonzero()[:, 0].tolist() == sorted(tiny_tok.eos_token_ids)
+
+
+def test_grammar_records_cross_the_data_plane():
+    from actors.frame import Frame, ProtocolError, Rec, decode, encode
+    from actors.wire import decode_grammar, grammar_record
+
+    spec = choice_spec(['caf\u00e9 "x"', "no"])
+    (rec,) = decode(*encode(Frame(Rec.OUTCOME, 3, [grammar_record(7, spec, 5)]))).records
+    assert rec.kind == Rec.GRAMMAR and rec.seq == 7 and decode_grammar(rec) == (spec, 5)
+    rec.a = 99
+    with pytest.raises(ProtocolError, match="GRAMMAR"):
+        decode_grammar(rec)

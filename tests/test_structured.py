@@ -139,6 +139,31 @@ def test_answers_match_their_grammar(greedy_runs, tiny_tok):
 
 
 
+
+@pytest.mark.parametrize("mode", ["sd", "ssd"])
+def test_drafts_stay_inside_the_grammar(held_out_prompts, monkeypatch, mode):
+    """The drafter drafts under the verifier's mask: the grammar takes every draft token the
+    verifier checks (up to a drafted stop token that completes it), in pre-drafted branches and
+    drafts made on the spot alike, greedy and sampled."""
+    from actors.verifier import Verifier
+    from cluster.serving.coordinator import GenerateArgs
+
+    seen = []   # (tokens the grammar took, draft length, grammar completed) per constrained round
+    mask = Verifier._mask
+
+    def recording(self, seqs, logits):
+        advanced = mask(self, seqs, logits)
+        seen.extend((a, len(s.draft), s.matcher.terminated) for a, s in zip(advanced, seqs) if s.matcher)
+        return advanced
+
+    monkeypatch.setattr(Verifier, "_mask", recording)   # the verifier runs in this process
+    args = [GenerateArgs(list(p), 48, sp, grammar=g) for p in held_out_prompts[:3] for g in SPECS
+            for sp in (SamplingParams(), SamplingParams(temperature=0.8, seed=3))]
+    run_engine(mode, args)
+    drafted = [r for r in seen if r[1]]
+    assert len(drafted) > 20
+    assert all(a == n or done for a, n, done in drafted), [r for r in drafted if r[0] != r[1] and not r[2]][:5]
+
 # -- sampling under a grammar: the masked target distribution ---------------------------------------
 
 SAMPLED = GrammarSpec("regex", r"[a-z][a-z ]{2,30}\.")
