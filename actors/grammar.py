@@ -204,11 +204,15 @@ class Matcher:
         keep = len(accepted) - 1
         if advanced > keep:
             self.m.rollback(advanced - keep)
+        elif advanced < keep or self.m.is_terminated():
+            # the accepted drafts ran past a drafted stop token (rows after it are not masked):
+            # the request ends at that token, and the grammar with it
+            return self.m.is_terminated()
         return self.m.accept_token(int(accepted[-1]))
 
     def advance(self, tokens: list[int]) -> bool:
-        """Take committed tokens (the first token after prefill); False if the grammar refuses one."""
-        return all(self.m.accept_token(int(t)) for t in tokens)
+        """Take committed tokens; False if the grammar refuses one or has ended before it."""
+        return all(not self.m.is_terminated() and self.m.accept_token(int(t)) for t in tokens)
 
 
 @torch.inference_mode()   # the forward's logits are inference tensors: written in place only in this mode

@@ -98,3 +98,14 @@ def test_grammar_records_cross_the_data_plane():
     rec.a = 99
     with pytest.raises(ProtocolError, match="GRAMMAR"):
         decode_grammar(rec)
+
+
+def test_accepted_drafts_past_a_stop_token(grammars, tiny_tok):
+    """Rows after a drafted stop token are not masked, so the target may accept drafts past it:
+    the request ends at the stop token, and the matcher says the grammar is complete."""
+    a, b = (tiny_tok.encode(x)[0] for x in "ab")
+    eos = tiny_tok.eos_token_ids[0]
+    m = grammars.matcher(GrammarSpec("regex", "ab"))
+    assert m.advance([a]) and m.mask_rows(torch.zeros(4, grammars.vocab_size), [b, eos, a]) == 2
+    assert m.settle(2, [b, eos, a, b]) and m.terminated
+    assert not m.advance([a])   # nothing after the end
