@@ -180,7 +180,8 @@ JSONS = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dic
                                                                                           max_size=3), max_leaves=6)
 FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "n",
           "top_k", "k", "logprobs", "stream_options", "ignore_eos", "response_format", "structured_outputs",
-          "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
+          "guided_json", "guided_regex", "guided_choice", "guided_grammar", "tools", "tool_choice",
+          "parallel_tool_calls"]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))

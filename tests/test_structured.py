@@ -269,6 +269,35 @@ def test_grpc_structured(served, tiny_tok):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not valid JSON" in e.value.details()
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+             "type": "object", "additionalProperties": False, "required": ["city", "days"],
+             "properties": {"city": {"type": "string", "maxLength": 8}, "days": {"enum": [1, 2, 3]}}}}},
+         {"type": "function", "function": {"name": "ping"}}]
+
+
+def test_forced_tool_calls(oai):
+    """tool_choice naming a function, or "required": the answer is a call, returned as tool_calls
+    whose arguments match the function's schema; streamed, the call comes as one delta."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    kw = {"model": "tiny", "messages": CHAT, "max_tokens": NEW, "temperature": 0, "tools": TOOLS}
+    r = oai.chat.completions.create(tool_choice=named, **kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(args) == {"city", "days"} and len(args["city"]) <= 8 and args["days"] in (1, 2, 3)
+    r = oai.chat.completions.create(tool_choice="required", parallel_tool_calls=False, **kw)
+    (one,) = r.choices[0].message.tool_calls   # (the tiny pair, left to it, calls ping forever)
+    assert r.choices[0].finish_reason == "tool_calls" and one.function.name in ("get_weather", "ping")
+    assert isinstance(json.loads(one.function.arguments), dict)
+    chunks = list(oai.chat.completions.create(tool_choice=named, stream=True, **kw))
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(deltas) == 1 and deltas[0][0].function.arguments == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    plain = oai.chat.completions.create(tool_choice="none", **kw)   # tools ignored: text
+    assert plain.choices[0].message.tool_calls is None
+
 @pytest.mark.parametrize("body,param,words", [
     ({"response_format": {"type": "xml"}}, "response_format", "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format", "schema"),
@@ -280,6 +309,10 @@ def test_grpc_structured(served, tiny_tok):
     ({"guided_choice": "yes"}, "guided_choice", "list of strings"),
     ({"structured_outputs": {"xml": "x"}}, "structured_outputs", "unsupported keys"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "one structured-output"),
+    ({"tools": TOOLS}, "tool_choice", "tool_choice 'auto'"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "nope"),
+    ({"tools": [{"type": "function"}], "tool_choice": "required"}, "tools", "tools[0]"),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice", "already"),
 ])
 def test_bad_constraints_are_400(served, body, param, words):
     import http.client

@@ -24,7 +24,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.serving.api.logprobs import LogprobsShape
-from cluster.serving.api.openai_schema import APIError, ChatBody, CompletionBody, param_of, parse, to_request
+from cluster.serving.api.openai_schema import (APIError, ChatBody, CompletionBody, forced_call, param_of, parse,
+                                               to_request)
+from cluster.serving.api.tools import ToolCalls
 from cluster.serving.coordinator import Chunk, EngineUnavailable, Final, QueueFull
 from cluster.serving.validate import InvalidRequest, to_generate_args
 
@@ -133,8 +135,9 @@ def build_app(service, model_name: str, token: str | None, max_body_bytes: int) 
         coord = service.coord
         if coord is None:
             raise APIError(503, service.unavailable)
+        call = forced_call(body)
         try:
-            args = to_generate_args(to_request(body), service.tok, service.limits)
+            args = to_generate_args(to_request(body, call), service.tok, service.limits)
         except InvalidRequest as e:
             raise APIError(400, str(e), param=param_of(str(e))) from None
         sink = _LoopSink(asyncio.get_running_loop())
@@ -148,7 +151,7 @@ def build_app(service, model_name: str, token: str | None, max_body_bytes: int) 
             raise APIError(400, str(e)) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = _Shape(rid, model_name, chat,
-                       LogprobsShape(service.tok, chat) if args.logprobs is not None else None)
+                       LogprobsShape(service.tok, chat) if args.logprobs is not None else None, call)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(service, handle, sink, shape, include_usage),
@@ -161,9 +164,11 @@ def build_app(service, model_name: str, token: str | None, max_body_bytes: int) 
 class _Shape:
     """OpenAI's response objects for one request (completion or chat)."""
 
-    def __init__(self, rid: str, model: str, chat: bool, logprobs: LogprobsShape | None = None):
+    def __init__(self, rid: str, model: str, chat: bool, logprobs: LogprobsShape | None = None,
+                 call: ToolCalls | None = None):
         self.rid, self.model, self.chat, self.created = rid, model, chat, int(time.time())
         self.logprobs = logprobs   # None: the request asked for none ("logprobs": null)
+        self.call = call           # a forced function call: the answer goes out as tool_calls
 
     def _lps(self, chunks: list[Chunk]) -> dict | None:
         if self.logprobs is None:
@@ -177,7 +182,11 @@ class _Shape:
     def whole(self, chunks: list[Chunk], final: Final) -> dict:
         reason = FINISH.get(final.finish_reason, final.finish_reason)
         text, lps = "".join(c.text for c in chunks), self._lps(chunks)
-        if self.chat:
+        calls = self.call.calls(text) if self.call is not None else None
+        if calls:
+            choice = {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                      "logprobs": lps, "finish_reason": "tool_calls"}
+        elif self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lps,
                       "finish_reason": reason}
         else:
@@ -187,9 +196,12 @@ class _Shape:
         return out
 
     def chunk(self, text: str | None, reason: str | None = None, first: bool = False,
-              item: Chunk | None = None) -> dict:
+              item: Chunk | None = None, calls: list[dict] | None = None) -> dict:
         lps = self._lps([item]) if item is not None else None
-        if self.chat:
+        if calls:   # a forced call streams as one delta, once its arguments are complete
+            delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
+            choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
+        elif self.chat:
             delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "logprobs": lps, "finish_reason": reason}
         else:
@@ -200,6 +212,11 @@ class _Shape:
         out = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
         out["usage"] = usage(final)
         return out
+
+
+def _merged(chunks: list[Chunk]) -> Chunk:
+    return Chunk([t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
+                 [e for c in chunks for e in (c.logprobs or [])] if any(c.logprobs for c in chunks) else None)
 
 
 def _data(obj) -> str:
@@ -241,11 +258,14 @@ async def _sse(service, handle, sink: _LoopSink, shape: _Shape, include_usage: b
     try:
         if shape.chat:
             yield _data(shape.chunk(None, first=True))
+        held = []   # a forced call's answer: sent whole at the end, as tool_calls
         while True:
             item = await sink.queue.get()
             if isinstance(item, Chunk):
+                if shape.call is not None:
+                    held.append(item)
                 # A chunk whose tokens have no text yet (part of a character) still carries their logprobs.
-                if item.text or (shape.logprobs is not None and item.token_ids):
+                elif item.text or (shape.logprobs is not None and item.token_ids):
                     yield _data(shape.chunk(item.text, item=item))
                 continue
             final: Final = item
@@ -253,7 +273,13 @@ async def _sse(service, handle, sink: _LoopSink, shape: _Shape, include_usage: b
                 yield _data(APIError(503, final.error).body())
                 break
             _observe(service, final)
-            last = shape.chunk(None, FINISH.get(final.finish_reason, final.finish_reason))
+            reason = FINISH.get(final.finish_reason, final.finish_reason)
+            if held:
+                text = "".join(c.text for c in held)
+                calls = shape.call.calls(text)
+                yield _data(shape.chunk(text, item=_merged(held), calls=calls))
+                reason = "tool_calls" if calls else reason
+            last = shape.chunk(None, reason)
             last["metrics"] = spec_stats(final)
             yield _data(last)
             if include_usage:

@@ -3,12 +3,14 @@
 A body becomes the same `outrider.v1.GenerateRequest` a gRPC client would send, so both front
 ends share one validation path (cluster/serving/validate.py) and one set of limits.
 Structured outputs (response_format, vLLM's structured_outputs and guided_*) are read in
-cluster/serving/api/structured.py. Parameters outrider
-cannot honour (n > 1, tools, ...) are refused with a 400 naming them, never silently
-ignored; fields OpenAI's own servers would ignore are ignored here too.
+cluster/serving/api/structured.py, forced function calls (tools, tool_choice) in
+cluster/serving/api/tools.py. Parameters outrider cannot honour (n > 1, penalties, ...) are
+refused with a 400 naming them, never silently ignored; fields OpenAI's own servers would
+ignore are ignored here too.
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from actors.logprobs import MAX_TOP_LOGPROBS
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 from cluster.serving.api.structured import FormatError, structured_of
+from cluster.serving.api.tools import ToolCalls, tool_calls_of
 
 
 class APIError(Exception):
@@ -63,13 +66,15 @@ class _Common(BaseModel):
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
+    # chat only, with tool_choice "required" or a named function (api/tools.py)
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     # refused unless at their no-op value
     n: int = 1
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict | None = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
     best_of: int | None = None
@@ -106,8 +111,7 @@ def _refuse_unsupported(b: _Common) -> None:
         ("presence_penalty", b.presence_penalty != 0, "presence_penalty is not supported"),
         ("frequency_penalty", b.frequency_penalty != 0, "frequency_penalty is not supported"),
         ("logit_bias", bool(b.logit_bias), "logit_bias is not supported"),
-        ("tools", b.tools is not None, "tools are not supported"),
-        ("tool_choice", b.tool_choice not in (None, "none"), "tool_choice is not supported"),
+        ("tools", b.tools is not None and not isinstance(b, ChatBody), "tools are a chat parameter"),
         ("functions", b.functions is not None, "functions are not supported"),
         ("function_call", b.function_call is not None, "function_call is not supported"),
         ("echo", b.echo, "echo is not supported"),
@@ -143,8 +147,19 @@ def logprobs_of(b: _Common) -> int | None:
     return 0 if b.logprobs else None
 
 
-def to_request(b: _Common) -> pb.GenerateRequest:
-    """The GenerateRequest this body asks for (validated further by cluster/serving/validate.py)."""
+def forced_call(b: _Common) -> ToolCalls | None:
+    """The function call a chat body forces with tool_choice (cluster/serving/api/tools.py)."""
+    if not isinstance(b, ChatBody):
+        return None
+    try:
+        return tool_calls_of(b.tools, b.tool_choice, b.parallel_tool_calls is not False)
+    except FormatError as e:
+        raise APIError(400, str(e), param=e.param) from None
+
+
+def to_request(b: _Common, call: ToolCalls | None = None) -> pb.GenerateRequest:
+    """The GenerateRequest this body asks for (validated further by cluster/serving/validate.py);
+    a forced function `call` constrains the answer to its schema."""
     req = pb.GenerateRequest(temperature=b.temperature, top_k=b.top_k, top_p=b.top_p,
                              ignore_eos=b.ignore_eos, disable_speculation=b.disable_speculation)
     if isinstance(b, ChatBody):
@@ -170,6 +185,11 @@ def to_request(b: _Common) -> pb.GenerateRequest:
         structured = structured_of(b)
     except FormatError as e:
         raise APIError(400, str(e), param=e.param) from None
+    if call is not None:
+        if structured is not None:
+            raise APIError(400, "tool_choice forces a JSON schema already: no other structured-output constraint "
+                                "with it", param="tool_choice")
+        structured = pb.StructuredOutput(json_schema=json.dumps(call.schema))
     if structured is not None:
         req.structured.CopyFrom(structured)
     return req
