@@ -389,9 +389,8 @@ class Drafter:
             if self.head:
                 feats = self.model.hidden
                 hids[:, step] = feats[:, 0]
-            for i, m in matchers.items():
-                if not m.terminated:
-                    m.mask_rows(logits[i:i + 1], [])
+            for i, m in matchers.items():   # (a row whose grammar ended at a drafted stop token: left as is)
+                m.mask_rows(logits[i:i + 1], [])
             nxt = logits.argmax(-1)
             dists[:, step] = logits
             for idx in sampled.values():
@@ -412,8 +411,7 @@ class Drafter:
             if matchers:   # each masked row's matcher takes the token it drafted
                 drafted = nxt.tolist()
                 for i, m in matchers.items():
-                    if not m.terminated:
-                        m.advance([drafted[i]])
+                    m.advance([drafted[i]])
         sampled_rows = {i for idx in sampled.values() for i in idx}
         out = []
         for i, (r, t) in enumerate(zip(rows, toks.tolist())):   # the one read back: the drafted tokens
