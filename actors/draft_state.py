@@ -9,7 +9,7 @@ import torch
 
 from actors.fanout import AcceptanceTracker
 from actors.frame import Frame, Rec
-from actors.grammar import Matcher
+from actors.grammar import GrammarSpec, Matcher
 from actors.sampling import SamplingParams
 
 
@@ -47,6 +47,8 @@ class DraftSeq:
     # a constrained request's grammar state after `tokens`: drafts are masked as the verifier
     # masks the target (None: drafted unmasked, still exact: the verifier's mask decides)
     matcher: Matcher | None = None
+    # its grammar and where its output starts in `tokens`, until the matcher is made
+    grammar: tuple[GrammarSpec, int] | None = None
 
 
 @dataclass

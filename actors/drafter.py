@@ -83,7 +83,8 @@ class Drafter:
                                spec.draft_max_len, compile_ok=self.online is None and not self.head,
                                prefix=spec.draft_prefix_caching)
         self.cache = self._forward.cache
-        self._grammars: Grammars | None = None   # made on the first constrained request
+        self._grammars: Grammars | None = None   # made in the background on the first constrained request
+        self._grammars_thread: threading.Thread | None = None
         self._grammar_of: dict[int, tuple[GrammarSpec, int]] = {}   # GRAMMAR records awaiting their ADMIT
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -135,9 +136,9 @@ class Drafter:
 
     def stats(self) -> dict:
         prefix = self.cache.pool.prefix.stats() if self.cache.pool.prefix is not None else {}
-        if self.online is not None:
-            return dict(vars(self.times), seqs=len(self.seqs), **prefix, **self.online.stats())
-        return dict(vars(self.times), seqs=len(self.seqs), **prefix)
+        # grammars: constrained requests draft under their mask (the engine is up)
+        own = dict(vars(self.times), seqs=len(self.seqs), grammars=self._grammars is not None, **prefix)
+        return own if self.online is None else dict(own, **self.online.stats())
 
     def _train_until_frame(self) -> Frame:
         if self._waiter is None:
@@ -169,6 +170,7 @@ class Drafter:
                 if rec.tokens:  # the K and fan-out budget from now on
                     s.k, s.budget = min(int(rec.tokens[0]), self.k), min(int(rec.tokens[1]), self.spec.max_branches)
                 hit = self._apply_outcome(s, rec.a, rec.b)
+                self._attach_grammar(s)
                 if self.online is not None:
                     self.online.progress(s.id, s.tokens)
                     self._refresh_kv(s)
@@ -216,25 +218,41 @@ class Drafter:
         s.length = self.cache.reuse(s.slot, s.tokens, len(s.tokens) - 1)
         grammar = self._grammar_of.pop(s.id, None)
         if grammar is not None and not self.head:   # (a draft head drafts unmasked)
-            s.matcher = self._matcher(*grammar, s.tokens)
+            spec, n_generated = grammar
+            s.grammar = (spec, len(s.tokens) - n_generated)
+            self._attach_grammar(s)
         self.seqs[s.id] = s
         if self.online is not None:
             self.online.admit(s.id, len(s.tokens))
             s.kv_steps = self.online.steps
         return s
 
-    def _matcher(self, spec: GrammarSpec, n_generated: int, tokens: list[int]) -> Matcher | None:
-        """The grammar's state after the generated tokens at the end of `tokens`; None (drafts
-        unmasked) if the grammar cannot be had here, which costs acceptance, never exactness."""
+    def _attach_grammar(self, s: DraftSeq) -> None:
+        """Give a constrained sequence its matcher, through the output so far, once the grammar
+        engine is up: it is built in a thread of its own on first use (xgrammar's import takes
+        seconds, and the verifier waits on this loop), and until then the sequence drafts
+        unmasked. That costs acceptance, never exactness; so does a grammar that fails here."""
+        if s.grammar is None:
+            return
+        if self._grammars is None:
+            if self._grammars_thread is None:
+                self._grammars_thread = threading.Thread(target=self._start_grammars, name="grammars", daemon=True)
+                self._grammars_thread.start()
+            return
+        (spec, start), s.grammar = s.grammar, None
         try:
-            if self._grammars is None:
-                args = self.model.args
-                self._grammars = Grammars(self.spec.draft, args.vocab_size, tuple(args.eos_token_ids), self.k + 1)
             m = self._grammars.matcher(spec)
         except Exception:
-            log.exception("drafter: no grammar for a constrained request; drafting it unmasked")
-            return None
-        return m if m.advance(tokens[len(tokens) - n_generated:]) else None
+            log.exception("drafter: no grammar for request %d; drafting it unmasked", s.id)
+            return
+        s.matcher = m if m.advance(s.tokens[start:]) else None
+
+    def _start_grammars(self) -> None:
+        args = self.model.args
+        try:
+            self._grammars = Grammars(self.spec.draft, args.vocab_size, tuple(args.eos_token_ids), self.k + 1)
+        except Exception:
+            log.exception("drafter: the grammar engine did not start; constrained requests draft unmasked")
 
     def _branch_matcher(self, s: DraftSeq, tokens: list[int]) -> tuple[bool, Matcher | None]:
         """A branch's own matcher: the sequence's, forked and advanced through `tokens` (the draft

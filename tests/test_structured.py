@@ -37,9 +37,10 @@ def valid(doc) -> bool:
             and isinstance(doc["ok"], bool))
 
 
-def run_engine(mode: str, args: list, **overrides):
+def run_engine(mode: str, args: list, before=None, **overrides):
     """One LocalEngine (the verifier here, the drafter in a child; speculation.k = 4) runs every
-    GenerateArgs at once; returns the handles (tokens) and finals."""
+    GenerateArgs at once, after `before(engine, coordinator)` if given; returns the handles
+    (tokens) and finals."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
     from cluster.launch.deployment import engine_spec
@@ -50,6 +51,8 @@ def run_engine(mode: str, args: list, **overrides):
     engine = LocalEngine(spec).start()
     coord = Coordinator(engine, None, max_queue=len(args))
     try:
+        if before is not None:
+            before(engine, coord)
         handles = [coord.submit(a) for a in args]
         finals = [h.result() for h in handles]
     finally:
@@ -147,22 +150,81 @@ def test_drafts_stay_inside_the_grammar(held_out_prompts, monkeypatch, mode):
     drafts made on the spot alike, greedy and sampled."""
     from actors.verifier import Verifier
     from cluster.serving.coordinator import GenerateArgs
+    from tests.conftest import wait_for
 
     seen = []   # (tokens the grammar took, draft length, grammar completed) per constrained round
-    mask = Verifier._mask
+    mask, warm = Verifier._mask, []
 
     def recording(self, seqs, logits):
         advanced = mask(self, seqs, logits)
-        seen.extend((a, len(s.draft), s.matcher.terminated) for a, s in zip(advanced, seqs) if s.matcher)
+        if warm:
+            seen.extend((a, len(s.draft), s.matcher.terminated) for a, s in zip(advanced, seqs) if s.matcher)
         return advanced
+
+    def warm_up(engine, coord):
+        """The drafter builds its grammar engine in the background on the first constrained
+        request, drafting unmasked meanwhile: the rounds counted here come after."""
+        coord.submit(GenerateArgs(list(held_out_prompts[5]), 4, grammar=SPECS[2])).result()
+        wait_for(lambda: engine.metrics()["drafter"]["grammars"], timeout=120, what="the drafter's grammar engine")
+        warm.append(True)
 
     monkeypatch.setattr(Verifier, "_mask", recording)   # the verifier runs in this process
     args = [GenerateArgs(list(p), 48, sp, grammar=g) for p in held_out_prompts[:3] for g in SPECS
             for sp in (SamplingParams(), SamplingParams(temperature=0.8, seed=3))]
-    run_engine(mode, args)
+    run_engine(mode, args, before=warm_up)
     drafted = [r for r in seen if r[1]]
     assert len(drafted) > 20
     assert all(a == n or done for a, n, done in drafted), [r for r in drafted if r[0] != r[1] and not r[2]][:5]
+
+
+def test_constrained_streams_survive_a_drafter_restart(serve_tiny, reference, held_out_prompts):
+    """A drafter killed while constrained streams run: the verifier decodes alone meanwhile,
+    then hands the running sequences to the new drafter with their grammar and the tokens
+    generated so far (the drafter's matcher catches up through them). Every stream equals
+    constrained AR, those that spanned the rejoin too, and speculation resumes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from cluster.rpc.outrider.v1 import outrider_pb2 as pb
+
+    spec = GrammarSpec("regex", "[a-z ]{300}")   # long, and no stop token before its end
+    hf, compiled = reference
+    prompts = [list(p) for p in held_out_prompts[:3]]
+    refs = [hf_constrained(hf, compiled(spec), p, NEW) for p in prompts]
+    server, client = serve_tiny({"metrics.enabled": False, "cluster.launcher": "local"})
+    runs, stop = [], threading.Event()   # (start, end, prompt, tokens, final)
+
+    def user(i):
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            ids, final = client.generate_ids(prompts[i], max_new_tokens=NEW,
+                                             structured=pb.StructuredOutput(regex=spec.text))
+            runs.append((t0, time.perf_counter(), i, ids, final))
+
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(len(prompts))]
+    try:
+        old_pid = server.engine.drafter_pid()
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        os.kill(old_pid, signal.SIGKILL)
+        while not (server.engine.drafter_pid() != old_pid and server.engine.metrics()["drafter_ok"]):
+            time.sleep(0.01)
+        back_at = time.perf_counter()
+        time.sleep(2.0)
+        stop.set()
+        for t in threads:
+            t.join(300)
+    finally:
+        stop.set()
+        client.close()
+        server.stop(grace_s=1)
+    for _, _, i, ids, final in runs:
+        assert ids == refs[i] and final.finish_reason in ("eos", "stop")
+    assert any(t0 < back_at < t1 for t0, t1, *_ in runs), "no stream spanned the drafter's return"
+    assert sum(f.stats.accepted_tokens for _, t1, _, _, f in runs if t1 > back_at) > 0, "speculation did not resume"
 
 # -- sampling under a grammar: the masked target distribution ---------------------------------------
 
