@@ -20,6 +20,7 @@ import torch
 from actors.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
 from actors.sampling import SamplingParams
 from tests import test_logprobs
+from tests.conftest import openai_client
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -389,3 +390,31 @@ def test_bad_constraints_are_400(served, body, param, words):
     assert r.status == 400, out
     assert out["error"]["param"] == param and words in out["error"]["message"], out
     assert ".cc:" not in out["error"]["message"]
+
+
+def test_real_pair_answers_the_schema_over_http_exactly(serve_tiny, smol_pair):
+    """SmolLM2-135M-Instruct in SSD (its cheap drafter, K = 4) through the openai client: the
+    json_schema answer parses, validates, and equals the same request decoded without drafts."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+              "properties": {"name": {"type": "string", "maxLength": 20}, "city": {"type": "string", "maxLength": 20},
+                             "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+    server, client = serve_tiny({"models.target.path": "demo:smol/target", "models.draft.path": "demo:smol/cheap",
+                                 "models.target.dtype": "float32", "models.draft.dtype": "float32",
+                                 "speculation.adaptive": False, "http.model_name": "smol"})
+    try:
+        with openai_client(server) as oai:
+            answers = []
+            for extra in ({}, {"disable_speculation": True}):
+                r = oai.chat.completions.create(
+                    model="smol", max_tokens=120, temperature=0, extra_body=extra,
+                    messages=[{"role": "user", "content": "Describe Alice, who lives in Paris, as JSON."}],
+                    response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+                assert r.choices[0].finish_reason == "stop"
+                answers.append((r.choices[0].message.content, r.model_extra["metrics"]["speculative_decoding"]))
+    finally:
+        client.close()
+        server.stop(grace_s=1)
+    (text, spec), (plain, plain_spec) = answers
+    doc = json.loads(text)
+    assert set(doc) == {"name", "age", "city"} and type(doc["age"]) is int and 0 <= doc["age"] <= 120
+    assert text == plain and spec["drafts"] > 0 and plain_spec["drafts"] == 0
