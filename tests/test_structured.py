@@ -24,6 +24,7 @@ from tests.conftest import openai_client
 
 pytestmark = pytest.mark.timeout(900)
 
+N_TOP = 3
 NEW = 320     # JSON may hold up to MAX_JSON_WHITESPACE spaces between its tokens: the tiny pair uses them
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "ok"],
           "properties": {"name": {"type": "string", "maxLength": 6},
@@ -41,7 +42,7 @@ def valid(doc) -> bool:
 def run_engine(mode: str, args: list, before=None, **overrides):
     """One LocalEngine (the verifier here, the drafter in a child; speculation.k = 4) runs every
     GenerateArgs at once, after `before(engine, coordinator)` if given; returns the handles
-    (tokens) and finals."""
+    (tokens), finals and logprob entries (of the requests that asked)."""
     from actors.launch import LocalEngine
     from cluster.config import load_config
     from cluster.launch.deployment import engine_spec
@@ -55,12 +56,13 @@ def run_engine(mode: str, args: list, before=None, **overrides):
         if before is not None:
             before(engine, coord)
         handles = [coord.submit(a) for a in args]
-        finals = [h.result() for h in handles]
+        items = [list(h) for h in handles]
     finally:
         coord.stop()
         engine.stop()
+    finals = [its[-1] for its in items]
     assert not [f.error for f in finals if f.error]
-    return handles, finals
+    return handles, finals, [[e for c in its[:-1] for e in (c.logprobs or [])] for its in items]
 
 
 def _hf_tokenizer_info(tiny_pair):
@@ -106,7 +108,7 @@ def greedy_runs(held_out_prompts):
     from cluster.serving.coordinator import GenerateArgs
 
     jobs = [(list(p), g) for p in held_out_prompts[:2] for g in SPECS]
-    args = [GenerateArgs(p, NEW, SamplingParams(), grammar=g) for p, g in jobs]
+    args = [GenerateArgs(p, NEW, SamplingParams(), grammar=g, logprobs=N_TOP) for p, g in jobs]
     return jobs, {mode: run_engine(mode, args) for mode in ("ar", "sd", "ssd")}
 
 
@@ -127,7 +129,7 @@ def test_greedy_equals_constrained_ar_and_transformers(greedy_runs, reference, t
 def test_answers_match_their_grammar(greedy_runs, tiny_tok):
     jobs, runs = greedy_runs
     finished = 0
-    for (_, spec), h, final in zip(jobs, *runs["ssd"]):
+    for (_, spec), h, final in zip(jobs, *runs["ssd"][:2]):
         text = tiny_tok.decode(h.tokens)
         if final.finish_reason == "length":
             continue
@@ -143,6 +145,29 @@ def test_answers_match_their_grammar(greedy_runs, tiny_tok):
 
 
 
+
+def test_logprobs_are_the_masked_targets(greedy_runs, reference):
+    """A constrained request's logprobs are those of the target's masked logits (refused tokens
+    -inf), position by position: teacher-forced transformers with xgrammar's own mask."""
+    import xgrammar as xgr
+
+    jobs, runs = greedy_runs
+    hf, compiled = reference
+    for (prompt, spec), h, entries in zip(jobs, runs["ssd"][0], runs["ssd"][2]):
+        out = h.tokens
+        with torch.inference_mode():
+            logits = hf(torch.tensor([prompt + out])).logits[0, len(prompt) - 1:-1].float()
+        m, bits = xgr.GrammarMatcher(compiled(spec)), xgr.allocate_token_bitmask(1, logits.shape[-1])
+        for i, t in enumerate(out):
+            m.fill_next_token_bitmask(bits)
+            xgr.apply_token_bitmask_inplace(logits[i:i + 1], bits)
+            assert m.accept_token(t)
+        ref = torch.log_softmax(logits, -1)
+        assert len(entries) == len(out)
+        for i, (t, (lp, top)) in enumerate(zip(out, entries)):
+            assert abs(lp - float(ref[i, t])) <= 1e-4 and lp == top[0][1]   # greedy: the best allowed token
+            torch.testing.assert_close(torch.tensor([v for _, v in top]), ref[i].topk(N_TOP).values, atol=1e-4,
+                                       rtol=0)
 
 @pytest.mark.parametrize("mode", ["sd", "ssd"])
 def test_drafts_stay_inside_the_grammar(held_out_prompts, monkeypatch, mode):
@@ -267,7 +292,7 @@ def test_ssd_sampling_follows_the_masked_target(reference, held_out_prompts, par
     prompt = list(held_out_prompts[3][-32:])
     args = [GenerateArgs(prompt, N_TOKENS, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i),
                          ignore_eos=True, grammar=SAMPLED) for i in range(N_DRAWS)]
-    handles, finals = run_engine("ssd", args, **{"engine.max_batch": 32})
+    handles, finals, _ = run_engine("ssd", args, **{"engine.max_batch": 32})
     stats = finals[0].stats
     for f in finals[1:]:
         stats.merge(f.stats)
