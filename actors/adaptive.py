@@ -218,10 +218,10 @@ class Controller:
         self.budget = max_budget
         self._lookups, self._hits = 0.0, 0.0
         self._probe_every = PROBE_FIRST   # where the last finished sequence's probe backoff stood
-        # What the current round measured of its own parts, for `observe_round_time`: its
-        # just-in-time draft (with the drafter's catch-up and the wire) and the catch-up exposed in
-        # the table wait, gathered until the verify; then (tokens, verify, jit, catch-up) of the round.
-        self._step_jit, self._step_extra = 0.0, 0.0
+        # What the current round measured of its own waits, for `observe_round_time`: for the
+        # drafter's reply (a just-in-time draft with its catch-up and the wire) and for the table,
+        # gathered until the verify; then (tokens, verify, reply wait, table wait) of the round.
+        self._step_jit, self._step_wait = 0.0, 0.0
         # the frame round trip: a median of recent samples, not a mean. One exchange that waited
         # for a descheduled drafter (another engine busy on the same cores) measured 140-180 ms
         # against a usual 0.4-1 ms, and a mean kept every K > 0 priced out for hundreds of rounds
@@ -272,8 +272,8 @@ class Controller:
         if self.trace:
             self.trace.write({"ev": "verify", "n": n_tokens, "s": seconds})
         self.costs.verify.add(n_tokens, seconds)
-        self._round_parts = (n_tokens, seconds, self._step_jit, self._step_extra)
-        self._step_jit, self._step_extra = 0.0, 0.0
+        self._round_parts = (n_tokens, seconds, self._step_jit, self._step_wait)
+        self._step_jit, self._step_wait = 0.0, 0.0
 
     def observe_draft(self, steps: int, draft_s: float, transport_s: float, catch_up_s: float = 0.0) -> None:
         """A just-in-time draft of `steps` batched steps took `draft_s` in the drafter; the frame
@@ -298,8 +298,6 @@ class Controller:
         if self.trace:
             self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify, "n": n_seqs,
                               "catch_up_s": catch_up_s})
-        s, cu = max(seconds, 0.0), max(catch_up_s, 0.0)
-        self._step_extra += max(0.0, s + cu - t_verify) - max(0.0, s - t_verify)
         if steps <= 0:
             return
         c = self.costs
@@ -309,14 +307,25 @@ class Controller:
         self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds,
                                  steps * c.draft_step() + c.transport_s)
 
+    def observe_table_wait(self, seconds: float) -> None:
+        """SSD: the verifier waited `seconds` for the drafter's table at the start of this round
+        (pre-speculation it did not hide, and the wire)."""
+        if self.trace:
+            self.trace.write({"ev": "table_wait", "s": seconds})
+        self._step_wait += max(seconds, 0.0)
+
     def observe_round_time(self, ks: list[int], seconds: float) -> None:
         """A whole round (the loop's step: exchange, verify, bookkeeping) where the batch drafted
         `ks` took `seconds`; what the model does not explain goes to its overhead (a decayed
         median-like update: steps of at most a tenth of the round, so one preempted step moves it
         little).
 
-        The round is compared with what it measured of its own parts: its verify, its
-        just-in-time draft if it had one (with a catch-up), a catch-up exposed in its table wait.
+        The round is compared with what it measured of its own parts: its verify and its waits
+        for the drafter (the table, the reply with a just-in-time draft), so the overhead is the
+        verifier's own work. Compared with a modelled table wait (the pre-speculation line
+        beside the verify), a probe after rounds at K = 0 (no table to wait for) or a line
+        skewed by a cold pre-speculation drove the speculating overhead negative, -2 to -16 ms
+        on the real pair at T = 0.7, and speculation there looked cheaper than plain decoding.
         Against the expected parts (the t_verify line, a miss priced at the hit rate) a verify
         slower than the line went into the overhead and then, once the slow times filled the
         shape's window, into the line too: counted twice. And at K = 0 the only speculating rounds
@@ -331,8 +340,8 @@ class Controller:
         if parts is None or parts[0] != sum(k + 1 for k in ks):   # no verify of this round seen
             model = modelled_time(self.mode, ks, c)
         else:
-            _, tv, jit, extra = parts
-            model = modelled_time(self.mode, ks, c, tv=tv, jit=jit) + extra
+            _, tv, jit, wait = parts
+            model = tv + jit + wait
         resid = min(max(seconds - model, -0.5 * model), model)
         attr = "overhead_spec_s" if max(ks) else "overhead_off_s"
         cur = getattr(c, attr)

@@ -38,6 +38,7 @@ class DrafterLink:
             if r.kind == Rec.PING:  # b: when the drafter sent the table; round, a: its draft steps, ns
                 self.times.transport_s += (t1 - max(t0, r.b)) / 1e9
                 self.times.table_wait_s += (t1 - t0) / 1e9
+                self.policy.observe_table_wait((t1 - t0) / 1e9)
                 catch_up = r.tokens[0] if len(r.tokens) else 0   # a prefill after a prompt or K = 0
                 self.policy.observe_prespec(r.round, (r.a - catch_up) / 1e9, self._last_verify_s,
                                             self._table_seqs, catch_up / 1e9)
