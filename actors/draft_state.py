@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.fanout import AcceptanceTracker
-from actors.frame import Frame, Rec
-from actors.sampling import SamplingParams
+from actors.spec.fanout import AcceptanceTracker
+from actors.protocol.frame import Frame, Rec
+from actors.spec.sampling import SamplingParams
 
 
 @dataclass

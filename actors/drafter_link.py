@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 
-from actors.channel import Channel, ChannelClosed
-from actors.frame import Frame, ProtocolError, Rec, Record
-from actors.wire import HIT, MISS, decode_table
+from actors.protocol.channel import Channel, ChannelClosed
+from actors.protocol.frame import Frame, ProtocolError, Rec, Record
+from actors.protocol.wire import HIT, MISS, decode_table
 
 log = logging.getLogger("actors.verifier")
 

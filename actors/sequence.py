@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.logprobs import MAX_TOP_LOGPROBS
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
-from actors.stopping import token_stop
+from actors.spec.logprobs import MAX_TOP_LOGPROBS
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
+from actors.spec.stopping import token_stop
 
 
 @dataclass
@@ -22,7 +22,8 @@ class Request:
     speculate: bool = True
     ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
     k: int | None = None               # this request's own K (0 = no speculation); None: the engine's policy
-    logprobs: int | None = None        # None: none; n: each emitted token's logprob and the top n (actors/logprobs.py)
+    logprobs: int | None = None        # None: none; n: each emitted token's logprob and the top n
+                                       # (actors/spec/logprobs.py)
 
     def __post_init__(self):
         if self.k == 0:
@@ -51,7 +52,7 @@ class Seq:
     req: Request
     slot: int
     tokens: list[int]
-    seed: int                          # keys the sequence's random draws (actors/sampling.py)
+    seed: int                          # keys the sequence's random draws (actors/spec/sampling.py)
     stats: SpecStats
     t_submit: float
     length: int = 0                    # valid positions in the target's KV slot
@@ -82,7 +83,7 @@ class Seq:
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:
     """Newly committed tokens cut at the first stop token or at the length limit, and the finish
     reason ("stop" for a stop token id, "eos", "length") when either ends the request: the one
-    token-level stop rule (actors/stopping.py), with the request's stop ids and, unless it
+    token-level stop rule (actors/spec/stopping.py), with the request's stop ids and, unless it
     ignores EOS, the model's EOS ids."""
     keep, reason = token_stop(new, s.req.max_new_tokens - s.n_generated, frozenset(s.req.stop_token_ids),
                               frozenset() if s.req.ignore_eos else eos)

@@ -15,7 +15,7 @@ Its loop is the engine's critical path. One step, top to bottom:
      lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
      apply stop conditions and stream the new tokens out.
 
-Each round's K per sequence comes from the adaptive policy (actors/adaptive.py), fed here with
+Each round's K per sequence comes from the adaptive policy (actors/spec/adaptive.py), fed here with
 what this loop measures: acceptance by position, the verify forward's time by batch tokens, the
 drafter's just-in-time drafting and pre-speculation times (from its timestamps), hit rate. The
 K travels with the outcome, and a draft from the table is cut to it (a prefix of a draft is a
@@ -44,25 +44,25 @@ from pathlib import Path
 
 import torch
 
-from actors.adaptive import Controller
+from actors.spec.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
-from actors.channel import Channel, ChannelClosed
-from actors.devtime import DeviceTimer
-from actors.events import Outbox
-from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
+from actors.protocol.channel import Channel, ChannelClosed
+from actors.model.devtime import DeviceTimer
+from actors.protocol.events import Outbox
+from actors.protocol.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
 from actors.kv import blocks_for
-from actors.loader import load_model
-from actors.logprobs import token_logprobs
-from actors.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
-from actors.spec import EngineSpec
-from actors.runner import Runner
+from actors.model.loader import load_model
+from actors.spec.logprobs import token_logprobs
+from actors.spec.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
+from actors.engine_spec import EngineSpec
+from actors.model.runner import Runner
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
-from actors.stats import SpecStats
-from actors.tp.group import TPLead, group_timeout_s
-from actors.verify import round_outcomes
+from actors.spec.stats import SpecStats
+from actors.model.tp.group import TPLead, group_timeout_s
+from actors.spec.verify import round_outcomes
 from actors.draft_state import table_due
 from actors.drafter_link import DrafterLink
-from actors.wire import encode_params
+from actors.protocol.wire import encode_params
 
 log = logging.getLogger(__name__)
 PING_EVERY_S = 1.0
@@ -90,7 +90,7 @@ class Verifier(DrafterLink):
         self.spec = spec
         self.k = spec.k
         self.device = spec.target_device
-        n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/tp/)
+        n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/model/tp/)
         self.model = load_model(spec.target, spec.target_dtype, self.device, tp=(0, n_tp))
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
@@ -141,7 +141,7 @@ class Verifier(DrafterLink):
 
     def join_tp(self, addr: str, port: int) -> None:
         """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop;
-        with engine.compile, then compile the bucket shapes on every rank in step (actors/runner.py)."""
+        with engine.compile, then compile the bucket shapes on every rank in step (actors/model/runner.py)."""
         self.tp.connect(addr, port, self.model)
         self._forward.precompile()
 

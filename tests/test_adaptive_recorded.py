@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.adaptive import PROBE_FIRST, Controller
-from actors.adaptive_costs import modelled_time
+from actors.spec.adaptive import PROBE_FIRST, Controller
+from actors.spec.adaptive_costs import modelled_time
 
 MS = 1e-3
 

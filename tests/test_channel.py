@@ -17,7 +17,7 @@ import traceback
 import pytest
 import torch
 
-from actors.channel import (
+from actors.protocol.channel import (
     Channel,
     ChannelClosed,
     Frame,
@@ -27,7 +27,7 @@ from actors.channel import (
     listening_socket,
     reserve_port,
 )
-from actors.frame import INLINE_INTS
+from actors.protocol.frame import INLINE_INTS
 
 log = logging.getLogger(__name__)
 CTX = mp.get_context("spawn")
@@ -305,7 +305,7 @@ def _master_posted_floats_dead_peer(sock, timeout_s: float) -> dict:
 
 
 def test_a_dead_peer_with_floats_posted_aborts_the_groups_at_once():
-    from actors.channel import bulk_timeout_s
+    from actors.protocol.channel import bulk_timeout_s
 
     sock, port = _bound()
     results, codes = _run({"master": (_master_posted_floats_dead_peer, sock, 3.0), "peer": (_peer_dies, port, 3.0)})

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.stopping import StopCriteria
 from cluster.serving.client import OutriderClient
 from tests.conftest import wait_for
 

@@ -1,10 +1,10 @@
-"""The data plane's frame format (actors/frame.py): pure encode / decode, no process group."""
+"""The data plane's frame format (actors/protocol/frame.py): pure encode / decode, no process group."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from actors.frame import HEADER_LEN, MAGIC, VERSION, Frame, ProtocolError, Rec, Record, decode, encode
+from actors.protocol.frame import HEADER_LEN, MAGIC, VERSION, Frame, ProtocolError, Rec, Record, decode, encode
 
 
 def _same(a: Record, b: Record) -> bool:

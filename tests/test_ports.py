@@ -9,8 +9,8 @@ import socket
 import pytest
 import torch
 
-from actors import channel as ch
-from actors.channel import Channel, Frame, Rec, Record, listening_socket, reserve_port
+from actors.protocol import channel as ch
+from actors.protocol.channel import Channel, Frame, Rec, Record, listening_socket, reserve_port
 
 ADDR = "127.0.0.1"
 

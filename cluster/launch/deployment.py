@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 from actors.affinity import check_cpus
-from actors.config import ModelArgs
-from actors.spec import EngineSpec, OnlineLearningSpec
-from actors.tokenizer import Tokenizer, vocab_mismatch
-from actors.tp.shard import rank_args, rank_device, split_error
+from actors.model.config import ModelArgs
+from actors.engine_spec import EngineSpec, OnlineLearningSpec
+from actors.model.tokenizer import Tokenizer, vocab_mismatch
+from actors.model.tp.shard import rank_args, rank_device, split_error
 from cluster.config import ConfigError, DeploymentConfig
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def _dtype(mc) -> str:
     plan and the actors see the same concrete dtype."""
     if mc.dtype != "auto":
         return mc.dtype
-    from actors.loader import auto_dtype
+    from actors.model.loader import auto_dtype
 
     name = str(auto_dtype(mc.device)).removeprefix("torch.")
     log.info("dtype auto on %s: %s", mc.device, name)
@@ -106,7 +106,7 @@ def _head_layers(draft_path: str, target_path: str) -> tuple[int, ...] | None:
     """The target layers a draft head reads, when models.draft.path is one (actors/eagle/)."""
     import json
 
-    from actors.config import CheckpointError
+    from actors.model.config import CheckpointError
     from actors.eagle.checkpoint import head_args, is_head_dir
 
     if not is_head_dir(draft_path):

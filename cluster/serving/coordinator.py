@@ -15,9 +15,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
-from actors.tokenizer import Tokenizer
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
+from actors.model.tokenizer import Tokenizer
 from actors.sequence import Request
 from cluster.serving.textstream import TextStream
 
@@ -37,7 +37,7 @@ class Chunk:
     token_ids: list[int]
     text: str
     # With GenerateArgs.logprobs: one (logprob, [(id, logprob), ...top n]) per token id
-    # (actors/logprobs.py); None otherwise.
+    # (actors/spec/logprobs.py); None otherwise.
     logprobs: list | None = None
 
 

@@ -17,7 +17,7 @@ expected tokens per second of the whole batch, not acceptance alone:
 
 Everything it needs is measured by the caller: acceptance by position per sequence
 (`Acceptance`), t_verify per batch shape (`ShapeCost`), and the drafter's costs (`Costs`), the
-last two in actors/adaptive_costs.py.
+last two in actors/spec/adaptive_costs.py.
 A sequence at K = 0 still keeps its drafter in sync; `Probe` asks for one small draft now and
 then (backing off while speculation keeps not paying), so speculation comes back when the
 drafter starts to agree again.
@@ -28,8 +28,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from actors.adaptive_costs import Costs, modelled_time, round_time
-from actors.adaptive_trace import writer_from_env
+from actors.spec.adaptive_costs import Costs, modelled_time, round_time
+from actors.spec.adaptive_trace import writer_from_env
 
 PRIOR_ALPHA = 0.6     # what a sequence assumes before anything was measured
 PROBE_K = 1           # the draft length of a probe from K = 0

@@ -1,4 +1,4 @@
-"""The adaptive policy's cost model (actors/adaptive.py chooses K with it): t_verify by batch
+"""The adaptive policy's cost model (actors/spec/adaptive.py chooses K with it): t_verify by batch
 tokens (`ShapeCost`), the drafter's costs on or hidden from the critical path (`Costs`), and the
 expected seconds of a round for a batch's K's (`round_time`, `modelled_time`).
 """
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 
 # Samples after which a shape not measured again leaves its cost line (t_verify, pre-speculation):
-# about two rounds one K up (EXPLORE_EVERY in actors/adaptive.py) at batch 1.
+# about two rounds one K up (EXPLORE_EVERY in actors/spec/adaptive.py) at batch 1.
 STALE_AFTER = 32
 
 

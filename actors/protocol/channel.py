@@ -39,7 +39,7 @@ frames are collected first in, first out, in the order they are sent; a frame ma
 behind another only when everything of the one before it is posted too (its ints fit the first
 message), or the later frame's first message would be matched to the earlier one's ints.
 
-The frame format is in actors/frame.py.
+The frame format is in actors/protocol/frame.py.
 
 Backends: `backend="auto"` picks NCCL iff `device` starts with "cuda", CUDA is available and
 OUTRIDER_SAME_GPU != "1" (NCCL refuses two ranks on one device); otherwise gloo, which also serves
@@ -63,7 +63,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.frame import (  # noqa: F401 (re-exported: the channel speaks frames)
+from actors.protocol.frame import (  # noqa: F401 (re-exported: the channel speaks frames)
     HEADER_LEN, INLINE_INTS, MAGIC, ChannelClosed, Frame, ProtocolError, Rec, Record, check_header, decode,
     decode_parts, encode,
 )

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import struct
 
-from actors.frame import ProtocolError
-from actors.sampling import SamplingParams
+from actors.protocol.frame import ProtocolError
+from actors.spec.sampling import SamplingParams
 
 MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (sync SD)
 _N_PARAMS = 4
