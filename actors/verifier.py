@@ -29,7 +29,7 @@ Without a drafter (mode `ar`, a request that disabled speculation, or a drafter 
 sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
 Other threads only touch the queues (submit, abort, poll), never torch or the channel in use; a
 rejoining drafter's new channel is formed by a thread of its own and handed to the loop, which
-swaps it in between two steps (actors/drafter_link.py).
+swaps it in between two steps (actors/drafter_client.py).
 """
 from __future__ import annotations
 
@@ -46,10 +46,9 @@ import torch
 
 from actors.spec.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
-from actors.protocol.channel import Channel, ChannelClosed
 from actors.model.devtime import DeviceTimer
 from actors.protocol.events import Outbox
-from actors.protocol.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
+from actors.protocol.frame import Rec, Record
 from actors.kv import blocks_for
 from actors.model.loader import load_model
 from actors.spec.logprobs import token_logprobs
@@ -60,12 +59,10 @@ from actors.sequence import Request, Seq, VerifierTimes, apply_stops
 from actors.spec.stats import SpecStats
 from actors.model.tp.group import TPLead, group_timeout_s
 from actors.spec.verify import round_outcomes
-from actors.draft_state import table_due
-from actors.drafter_link import DrafterLink
+from actors.drafter_client import DrafterClient
 from actors.protocol.wire import encode_params
 
 log = logging.getLogger(__name__)
-PING_EVERY_S = 1.0
 
 
 def pair_agreement(spec: EngineSpec) -> float | None:
@@ -83,7 +80,7 @@ def pair_agreement(spec: EngineSpec) -> float | None:
     return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
 
 
-class Verifier(DrafterLink):
+class Verifier:
     def __init__(self, spec: EngineSpec):
         check_cpus(spec.target_cpus, "models.target.cpus")
         torch.set_num_threads(spec.num_threads)
@@ -101,24 +98,16 @@ class Verifier(DrafterLink):
         self.tp = self._forward.tp = TPLead(n_tp, self.device, group_timeout_s(spec.timeout_s, spec.compile),
                                                     self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
-        self.channel: Channel | None = None
-        self.drafter_ok = False
         self.times = VerifierTimes()
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._waiting: list[Request] = []
         self.events = Outbox()   # committed tokens, to the host's stream or to poll()
         self._aborts: set[int] = set()
         self._lock, self._stop = threading.Lock(), threading.Event()
-        self._reconnect: tuple[str, int] | None = None
         self._release: list[int] = []
-        self._last_exchange, self._step_no = time.perf_counter(), 0
-        self._sent_step = -1   # the step number of the last frame sent: replies and tables must name it
-        self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches, prior=pair_agreement(spec))
-        self._jit_steps = 0                        # draft steps the reply due now waits for
-        self._table_seqs = 1                       # sequences the table due now was pre-drafted for
-        self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
+        self.drafter = DrafterClient(spec, self.device, self.vocab, self.seqs, self.times, self.policy)
         self._last_verify_s = 0.0
         self._timer = DeviceTimer(self.device)   # the verify forward's device time
         # a draft head reads the target's features at these layers: each forward also returns
@@ -130,14 +119,13 @@ class Verifier(DrafterLink):
         """Form the data plane with the drafter and wait for it: the bring-up, before the loop runs."""
         if not self.spec.speculative:
             return
-        self._use_channel(self._form_channel(master_addr or self.spec.master_addr,
-                                             master_port or self.spec.master_port))
+        self.drafter.connect(master_addr or self.spec.master_addr, master_port or self.spec.master_port)
 
     def reconnect(self, master_addr: str, master_port: int) -> None:
         """Join a restarted drafter without stopping the loop (any thread may ask): its Channel
-        forms in a background thread and the loop swaps it in between two steps (drafter_link.py)."""
+        forms in a background thread and the loop swaps it in between two steps (drafter_client.py)."""
         if self.spec.speculative:
-            self._join_in_background(master_addr, master_port)
+            self.drafter.join_in_background(master_addr, master_port)
 
     def join_tp(self, addr: str, port: int) -> None:
         """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop;
@@ -148,6 +136,10 @@ class Verifier(DrafterLink):
     def ready(self) -> bool:
         return True
 
+    @property
+    def drafter_ok(self) -> bool:
+        return self.drafter.ok
+
     def run(self) -> None:
         pin_this_thread(self.spec.target_cpus)
         self.loop_tid = threading.get_native_id()
@@ -156,7 +148,7 @@ class Verifier(DrafterLink):
             while not self._stop.is_set():
                 self.step()
         finally:
-            self._shutdown_drafter()
+            self.drafter.shutdown()
             if self.tp is not None:
                 self.tp.close()
             self.events.close()
@@ -194,15 +186,15 @@ class Verifier(DrafterLink):
         pool = self.cache.pool
         # kv_blocks_used: held by sequences; parked prefix-cache blocks are reclaimable, not used
         return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
-                "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
+                "drafter_ok": self.drafter.ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
                 "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_used,
                 "kv_blocks_reserved": self.cache.n_reserved, **(pool.prefix.stats() if pool.prefix else {})}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
         t0 = time.perf_counter()
-        if self._reconnect is not None:
-            self._do_reconnect()
+        if self.drafter.rejoin is not None:
+            self.drafter.take_over()
         records, admitted = self._control()
         self.events.flush()
         t1 = time.perf_counter()
@@ -210,8 +202,8 @@ class Verifier(DrafterLink):
         if not self.seqs and not records:
             self._idle()
             return
-        if self.drafter_ok:
-            self._exchange(records)
+        if self.drafter.ok:
+            self.drafter.exchange(records, self._last_verify_s)
         for s in admitted:
             self._prefill(s)
         self.events.flush()  # first tokens out before the verify
@@ -244,7 +236,7 @@ class Verifier(DrafterLink):
         self._release = []
         for s in self.seqs.values():  # re-admit after a drafter (re)join
             # (a draft head would need the features of everything before: such sequences finish unspeculated)
-            if self.drafter_ok and s.req.speculate and not s.on_drafter and not self.aux:
+            if self.drafter.ok and s.req.speculate and not s.on_drafter and not self.aux:
                 # Its last committed token plays the first token's part: the outcome of an empty draft.
                 records.append(self._admit_record(s, s.tokens[:-1]))
                 s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
@@ -255,7 +247,7 @@ class Verifier(DrafterLink):
             req, t_submit = self._waiting.pop(0)
             s = self._admit(req, t_submit)
             admitted.append(s)
-            if self.drafter_ok and req.speculate:
+            if self.drafter.ok and req.speculate:
                 records.append(self._admit_record(s, s.tokens))
         return records, admitted
 
@@ -350,72 +342,9 @@ class Verifier(DrafterLink):
         t0 = time.perf_counter()
         with contextlib.suppress(queue.Empty):
             self._waiting.append(self._inbox.get(timeout=0.05))
-        if self.drafter_ok and time.perf_counter() - self._last_exchange > PING_EVERY_S:
-            self._exchange([Record(Rec.PING, 0)])
+        if self.drafter.heartbeat_due():
+            self.drafter.exchange([Record(Rec.PING, 0)], self._last_verify_s)
         self.times.idle_s += time.perf_counter() - t0
-
-    def _exchange(self, records: list[Record]) -> None:
-        t0 = time.perf_counter_ns()
-        try:
-            self._take_table(t0)
-            reply_needed = any(r.kind == Rec.PING for r in records)
-            sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
-            going = [s for s in self.seqs.values() if s.outcome is not None and s.on_drafter]
-            ks = self.policy.decide([s.req.id for s in going]) if going else {}
-            budget, self._jit_steps = self.policy.budget, 0
-            for s in going:
-                k, t = s.outcome
-                s.k = kn = ks[s.req.id]
-                if s.feats:   # the features of the positions this outcome committed, first
-                    rows = torch.cat([f for _, f in s.feats])
-                    records.append(Record(Rec.FEATS, s.req.id, s.round - 1, s.feats[0][0], len(rows),
-                                          tokens=[rows.shape[1]], floats=rows))
-                    s.feats = []
-                records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t, tokens=[kn, budget]))
-                s.outcome = None
-                table, s.table = s.table, None
-                if kn == 0:  # speculation off this round: decode alone, nothing to wait for
-                    s.stats.rounds_off += 1
-                    continue
-                draft = table.get((k, t)) if table is not None else None
-                if draft is None:
-                    reply_needed = True
-                    self._jit_steps = max(self._jit_steps, kn)
-                    continue
-                s.draft, s.q = list(draft[:kn]), None
-                if s.stats.drafts:  # the first token's lookup is not a verification outcome
-                    s.stats.record_lookup(s.last_k, True)
-                    self.policy.observe_lookup(True)
-                if not s.req.params.greedy:
-                    sampled.append(s)
-            if (not reply_needed and not sampled and all(r.kind == Rec.OUTCOME and not r.tokens[0] for r in records)
-                    and time.perf_counter() - self._last_exchange < PING_EVERY_S):
-                # Every sequence is at K = 0: nothing to ask the drafter, so no frame this round.
-                # The outcomes go with the next frame (a probe, a return, or the heartbeat).
-                self._held += records
-                return
-            records, self._held = self._held + records, []
-            t1 = time.perf_counter_ns()
-            frame = Frame(Rec.OUTCOME, self._step_no, records)
-            self.channel.send(frame)
-            self._sent_step = self._step_no
-            n_ints = RECORD_FIXED + 1 + sum(RECORD_FIXED + len(s.draft) for s in sampled)  # PING (+ catch-up ns)
-            if reply_needed or (sampled and n_ints > INLINE_INTS):
-                self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
-            elif sampled:  # only q rows are missing: they land during the target forward
-                self.channel.post_recv(n_floats=sum(len(s.draft) for s in sampled) * self.vocab)
-                self._deferred = {s.req.id for s in sampled}
-            if self.spec.mode == "ssd" and table_due(frame):
-                self.channel.post_recv()  # the table for this round lands while we verify it
-                # the sequences it pre-drafts for (its cost grows with them: each fans out)
-                self._table_seqs = sum(1 for r in frame.records if (r.kind == Rec.OUTCOME and r.tokens and r.tokens[0])
-                                       or (r.kind == Rec.ADMIT and r.a))
-        except (ChannelClosed, ProtocolError) as e:
-            self._drafter_lost(e)
-            return
-        self._step_no += 1
-        self._last_exchange = time.perf_counter()
-        self.times.wait_s += (time.perf_counter_ns() - t0) / 1e9
 
     # -- verification ------------------------------------------------------------------------
     def _verify(self, seqs: list[Seq]) -> None:
@@ -429,7 +358,7 @@ class Verifier(DrafterLink):
         if self.aux:
             logits, feats = logits
         self._timer.stop()
-        if self._deferred is not None and not self._q_rows_arrived():
+        if self.drafter.awaiting_q_rows and not self.drafter.q_rows_arrived():
             # Drafter lost before the q rows came: drafts are void, commit the target's token only.
             rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)

@@ -88,7 +88,7 @@ def test_encode_rejects_inconsistent_floats():
 
 
 def test_a_reply_for_another_step_is_a_protocol_error():
-    from actors.drafter_link import _check_step
+    from actors.drafter_client import _check_step
 
     reply = Frame(Rec.DRAFT, 7, [Record(Rec.DRAFT, 1, 3, 0, 0, [5, 6])])
     _check_step(reply, 7)

@@ -29,7 +29,7 @@ def test_a_join_that_times_out_leaves_speculation_off(tiny_pair, held_out_prompt
     tokens: list[int] = []
     done = _take_events(v, tokens)
     assert steps > 1 and tokens, "the loop stood still while the join waited"
-    assert not v.drafter_ok and v.channel is None and v._reconnect is None
+    assert not v.drafter_ok and v.drafter.channel is None and v.drafter.rejoin is None
     while not done:  # the sequence finishes without drafts
         v.step()
         done = _take_events(v, tokens)
