@@ -2,7 +2,7 @@
 
 Its loop is the engine's critical path. One step, top to bottom:
 
-  1. apply aborts and take queued requests in;
+  1. apply aborts and take queued requests in (actors/scheduler.py);
   2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, then prefill the
      admitted prompts (the last logits give the first token). The ADMIT goes out first, so the
      drafter reads the prompt meanwhile and, in SSD mode, pre-drafts for the likely first
@@ -33,11 +33,8 @@ swaps it in between two steps (actors/drafter_client.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import queue
 import threading
 import time
 from pathlib import Path
@@ -49,18 +46,16 @@ from actors.affinity import check_cpus, pin_this_thread
 from actors.model.devtime import DeviceTimer
 from actors.protocol.events import Outbox
 from actors.protocol.frame import Rec, Record
-from actors.kv import blocks_for
 from actors.model.loader import load_model
 from actors.spec.logprobs import token_logprobs
 from actors.spec.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
 from actors.engine_spec import EngineSpec
 from actors.model.runner import Runner
+from actors.scheduler import Scheduler
 from actors.sequence import Request, Seq, VerifierTimes, apply_stops
-from actors.spec.stats import SpecStats
 from actors.model.tp.group import TPLead, group_timeout_s
 from actors.spec.verify import round_outcomes
 from actors.drafter_client import DrafterClient
-from actors.protocol.wire import encode_params
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +94,8 @@ class Verifier:
                                                     self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
         self.times = VerifierTimes()
-        self._inbox: queue.Queue[Request] = queue.Queue()
-        self._waiting: list[Request] = []
         self.events = Outbox()   # committed tokens, to the host's stream or to poll()
-        self._aborts: set[int] = set()
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._release: list[int] = []
+        self._stop = threading.Event()
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches, prior=pair_agreement(spec))
         self.drafter = DrafterClient(spec, self.device, self.vocab, self.seqs, self.times, self.policy)
@@ -113,6 +104,8 @@ class Verifier:
         # a draft head reads the target's features at these layers: each forward also returns
         # them, and they go to the drafter beside each outcome (FEATS records)
         self.aux: tuple[int, ...] = tuple(spec.draft_head_layers or ())
+        self.scheduler = Scheduler(spec, self.vocab, self.cache, self.policy, self.events, self.seqs,
+                                   readmit=not self.aux)
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
@@ -158,19 +151,10 @@ class Verifier:
 
     # -- thread-safe API ---------------------------------------------------------------------
     def submit(self, req: Request | dict) -> None:
-        req = req if isinstance(req, Request) else Request(**req)
-        req.validate(self.vocab, self.spec.max_seq_len)
-        if req.k is not None and req.k > self.k:
-            raise ValueError(f"k must be at most speculation.k = {self.k}, got {req.k}")
-        need = blocks_for(self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens), self.spec.kv_block_size)
-        if need > self.cache.capacity:
-            raise ValueError(f"prompt + max_new_tokens needs {need} KV blocks; the whole cache has "
-                             f"{self.cache.capacity} (engine.kv_cache_memory)")
-        self._inbox.put((req, time.perf_counter()))
+        self.scheduler.submit(req)
 
     def abort(self, request_id: int) -> None:
-        with self._lock:
-            self._aborts.add(request_id)
+        self.scheduler.abort(request_id)
 
     def poll(self, timeout: float = 0.1, linger_s: float = 0.0) -> list[dict]:
         """Events since the last poll: new tokens per request, and a final event per request
@@ -185,7 +169,7 @@ class Verifier:
     def metrics(self) -> dict:
         pool = self.cache.pool
         # kv_blocks_used: held by sequences; parked prefix-cache blocks are reclaimable, not used
-        return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
+        return {**vars(self.times), "active": len(self.seqs), "waiting": self.scheduler.n_waiting(),
                 "drafter_ok": self.drafter.ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
                 "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_used,
                 "kv_blocks_reserved": self.cache.n_reserved, **(pool.prefix.stats() if pool.prefix else {})}
@@ -195,7 +179,7 @@ class Verifier:
         t0 = time.perf_counter()
         if self.drafter.rejoin is not None:
             self.drafter.take_over()
-        records, admitted = self._control()
+        records, admitted = self.scheduler.control(self.drafter.ok)
         self.events.flush()
         t1 = time.perf_counter()
         self.times.control_s += t1 - t0
@@ -216,75 +200,6 @@ class Verifier:
                 self.policy.observe_round_time(ks, time.perf_counter() - t0)
         self.events.flush()
         self.times.steps += 1
-
-    def _control(self) -> tuple[list[Record], list[Seq]]:
-        """Aborts, admissions, releases as records for the drafter; the admitted, to prefill next."""
-        while True:
-            try:
-                self._waiting.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        with self._lock:
-            aborts, self._aborts = self._aborts, set()
-        for rid in aborts:
-            if rid in self.seqs:
-                self._finish(self.seqs[rid], "abort")
-            elif any(w[0].id == rid for w in self._waiting):
-                self._waiting = [w for w in self._waiting if w[0].id != rid]
-                self.events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
-        records = [Record(Rec.RELEASE, sid) for sid in self._release]
-        self._release = []
-        for s in self.seqs.values():  # re-admit after a drafter (re)join
-            # (a draft head would need the features of everything before: such sequences finish unspeculated)
-            if self.drafter.ok and s.req.speculate and not s.on_drafter and not self.aux:
-                # Its last committed token plays the first token's part: the outcome of an empty draft.
-                records.append(self._admit_record(s, s.tokens[:-1]))
-                s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
-        admitted = []
-        while (self._waiting and len(self.seqs) < self.spec.max_batch
-               and self.cache.can_reserve(self.spec.reserve_tokens(len(self._waiting[0][0].prompt),
-                                                                   self._waiting[0][0].max_new_tokens))):
-            req, t_submit = self._waiting.pop(0)
-            s = self._admit(req, t_submit)
-            admitted.append(s)
-            if self.drafter.ok and req.speculate:
-                records.append(self._admit_record(s, s.tokens))
-        return records, admitted
-
-    def _admit_record(self, s: Seq, tokens: list[int]) -> Record:
-        s.on_drafter, s.outcome = True, None
-        s.k = self.policy.admit_k(s.req.id)
-        return Record(Rec.ADMIT, s.req.id, s.round, s.k, self.policy.budget,
-                      tokens=encode_params(s.req.params, s.seed, tokens))
-
-    def _admit(self, req: Request, t_submit: float) -> Seq:
-        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
-        slot = self.cache.alloc(reserve_tokens=self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens))
-        s = Seq(req, slot, list(req.prompt), seed, SpecStats(k=self.k), t_submit)
-        # a cached prefix's blocks join the table: prefill starts after them (one token at least
-        # is left to compute, for the first token's logits)
-        s.length = s.cached = self.cache.reuse(slot, req.prompt, len(req.prompt) - 1)
-        self.seqs[req.id] = s
-        if self.spec.speculative:
-            # reported: a seeded request's pinned K, so the same seed with this `k` gives the same tokens
-            s.stats.fixed_k = self.policy.add(req.id, self._fixed_k(req), pin=self._pinned(req))
-        return s
-
-    def _fixed_k(self, req: Request) -> int | None:
-        """The K this request drafts every round when it is not the policy's to choose: its own
-        `k` (0 = off), or `speculation.k` with adaptive off."""
-        if req.k is not None:
-            return req.k
-        if not self.spec.adaptive:
-            return self.k
-        return None
-
-    def _pinned(self, req: Request) -> bool:
-        """A seeded sampling request drafts one K throughout, chosen by the policy at admission:
-        which random draws decide its tokens depends on how many drafts each round verified, and
-        a K that followed timings round by round would not give the same text twice. Its final
-        stats report that K; the same seed with `k` set to it reproduces the output."""
-        return req.params.seed is not None and req.params.temperature > 0
 
     def _calibrate(self, reps: int = 5, context: int = 128) -> None:
         """Time the verify forward at 1 and k + 1 tokens, on this loop's thread and core, before
@@ -340,8 +255,7 @@ class Verifier:
 
     def _idle(self) -> None:
         t0 = time.perf_counter()
-        with contextlib.suppress(queue.Empty):
-            self._waiting.append(self._inbox.get(timeout=0.05))
+        self.scheduler.wait(0.05)
         if self.drafter.heartbeat_due():
             self.drafter.exchange([Record(Rec.PING, 0)], self._last_verify_s)
         self.times.idle_s += time.perf_counter() - t0
@@ -401,19 +315,5 @@ class Verifier:
         self.events.put(ev)
         if reason is None:
             return False
-        self._finish(s, reason)
+        self.scheduler.finish(s, reason)
         return True
-
-    def _finish(self, s: Seq, reason: str) -> None:
-        now = time.perf_counter()
-        self.seqs.pop(s.req.id, None)
-        self.policy.remove(s.req.id)
-        self.cache.free(s.slot)
-        if s.on_drafter:
-            self._release.append(s.req.id)
-        self.events.put({
-            "id": s.req.id, "tokens": [], "done": True, "reason": reason,
-            "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated, "cached_tokens": s.cached,
-            "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,
-        })
-
