@@ -52,9 +52,10 @@ from actors.spec.sampling import TOKEN, keyed_uniforms, probs_from_logits, sampl
 from actors.engine_spec import EngineSpec
 from actors.model.runner import Runner
 from actors.scheduler import Scheduler
-from actors.sequence import Request, Seq, VerifierTimes, apply_stops
+from actors.sequence import Request, Seq, apply_stops
 from actors.model.tp.group import TPLead, group_timeout_s
 from actors.spec.verify import round_outcomes
+from actors.timing import RoundTiming, VerifierTimes
 from actors.drafter_client import DrafterClient
 
 log = logging.getLogger(__name__)
@@ -176,30 +177,40 @@ class Verifier:
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
-        t0 = time.perf_counter()
+        rt = RoundTiming(time.perf_counter())
         if self.drafter.rejoin is not None:
             self.drafter.take_over()
         records, admitted = self.scheduler.control(self.drafter.ok)
         self.events.flush()
-        t1 = time.perf_counter()
-        self.times.control_s += t1 - t0
+        rt.control_s = time.perf_counter() - rt.t0
         if not self.seqs and not records:
-            self._idle()
+            rt.idle_s = self._idle()
+            self._record(rt)
             return
         if self.drafter.ok:
             self.drafter.exchange(records, self._last_verify_s)
         for s in admitted:
-            self._prefill(s)
+            rt.prefill_s += self._prefill(s)
         self.events.flush()  # first tokens out before the verify
         # A sequence whose outcome the drafter has not heard yet (just prefilled) waits for its draft.
         ready = [s for s in self.seqs.values() if s.outcome is None]
         if ready:
-            ks = [len(s.draft) for s in ready]
-            self._verify(ready)
+            rt.ks = [len(s.draft) for s in ready]
+            self._verify(ready, rt)
             if self.spec.speculative and not admitted:   # a whole round, no prefill in it
-                self.policy.observe_round_time(ks, time.perf_counter() - t0)
+                rt.round_s = time.perf_counter() - rt.t0
         self.events.flush()
-        self.times.steps += 1
+        rt.steps = 1
+        self._record(rt)
+
+    def _record(self, rt: RoundTiming) -> None:
+        """One step's clocks, handed over once: to the running sums and to the adaptive policy."""
+        rt.add_to(self.times)
+        if rt.forward_tokens:
+            self._last_verify_s = rt.forward_s   # what the next table was pre-drafted behind
+            self.policy.observe_verify(rt.forward_tokens, rt.forward_s)
+        if rt.round_s is not None:
+            self.policy.observe_round_time(rt.ks, rt.round_s)
 
     def _calibrate(self, reps: int = 5, context: int = 128) -> None:
         """Time the verify forward at 1 and k + 1 tokens, on this loop's thread and core, before
@@ -228,8 +239,9 @@ class Verifier:
         finally:
             self.cache.free(slot)
 
-    def _prefill(self, s: Seq) -> None:
-        """Feed the prompt past its cached prefix; its last logits give the first token."""
+    def _prefill(self, s: Seq) -> float:
+        """Feed the prompt past its cached prefix; its last logits give the first token. Returns
+        the seconds it took."""
         t0 = time.perf_counter()
         n, params, step = len(s.req.prompt), s.req.params, self.spec.prefill_chunk
         for a in range(s.cached, n, step):  # in chunks, and only the last row's logits
@@ -246,23 +258,25 @@ class Verifier:
         s.length = n
         tok = int(logits.argmax()) if params.greedy else int(
             sample(probs_from_logits(logits, params), uniforms=keyed_uniforms(s.seed, [len(s.tokens)], TOKEN)))
-        self.times.prefill_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         s.t_first = time.perf_counter()
         lps = None if s.req.logprobs is None else token_logprobs(logits[None], [tok], s.req.logprobs)
         if not self._commit(s, [tok], lps) and s.on_drafter:
             s.outcome = (0, tok)
             s.round += 1
+        return seconds
 
-    def _idle(self) -> None:
+    def _idle(self) -> float:
+        """Nothing to do: wait a little for a request, keep the drafter's heartbeat; the seconds it took."""
         t0 = time.perf_counter()
         self.scheduler.wait(0.05)
         if self.drafter.heartbeat_due():
             self.drafter.exchange([Record(Rec.PING, 0)], self._last_verify_s)
-        self.times.idle_s += time.perf_counter() - t0
+        return time.perf_counter() - t0
 
     # -- verification ------------------------------------------------------------------------
-    def _verify(self, seqs: list[Seq]) -> None:
-        t0, c0 = time.perf_counter(), time.thread_time()
+    def _verify(self, seqs: list[Seq], rt: RoundTiming) -> None:
+        t0, c0, q_wait = time.perf_counter(), time.thread_time(), 0.0
         rows = [s.tokens[s.length:] + s.draft for s in seqs]
         T = max(len(r) for r in rows)
         x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
@@ -272,16 +286,19 @@ class Verifier:
         if self.aux:
             logits, feats = logits
         self._timer.stop()
-        if self.drafter.awaiting_q_rows and not self.drafter.q_rows_arrived():
-            # Drafter lost before the q rows came: drafts are void, commit the target's token only.
-            rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
+        if self.drafter.awaiting_q_rows:
+            tq = time.perf_counter()
+            arrived = self.drafter.q_rows_arrived()
+            q_wait = time.perf_counter() - tq   # the drafter's wait, not verification
+            if not arrived:   # drafter lost before the q rows came: drafts are void, commit the target's token only
+                rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
-        self._last_verify_s = self._timer.seconds()   # the read-back above waited for the forward
-        self.times.forward_s += self._last_verify_s
-        self.policy.observe_verify(x.numel(), self._last_verify_s)
+        rt.forward_s = self._timer.seconds()   # the read-back above waited for the forward
+        rt.forward_tokens = x.numel()
         t1 = time.perf_counter()
-        self.times.verify_s += t1 - t0
-        self.times.verify_cpu_s += time.thread_time() - c0
+        rt.verify_s = t1 - t0 - q_wait
+        rt.verify_cpu_s = time.thread_time() - c0
+        rt.rounds = len(seqs)
         for i, (s, (k, t)) in enumerate(zip(seqs, outcomes)):
             n_draft = len(s.draft)
             s.stats.record_round(n_draft, k)
@@ -297,11 +314,10 @@ class Verifier:
             self.cache.advance(s.slot, s.length)
             self.cache.publish(s.slot, s.tokens + new, s.length)   # before _commit, which may free the slot
             s.draft, s.q, s.last_k = [], None, k
-            self.times.rounds += 1
             if not self._commit(s, new, lps) and s.on_drafter:
                 s.outcome = (k, t)
                 s.round += 1
-        self.times.control_s += time.perf_counter() - t1
+        rt.control_s += time.perf_counter() - t1
 
     def _commit(self, s: Seq, new: list[int], logprobs: list | None = None) -> bool:
         """Append newly committed tokens (with their logprobs when asked), apply token-level stops,

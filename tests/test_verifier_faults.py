@@ -56,7 +56,7 @@ def test_a_dead_local_verifier_loop_fails_open_requests(tiny_pair, held_out_prom
 
     engine = LocalEngine(EngineSpec(target=str(tiny_pair / "target"), mode="ar", max_batch=2, max_seq_len=256))
 
-    def broken(seqs):   # a fault inside the round, as a bug or a device error would raise it
+    def broken(seqs, rt):   # a fault inside the round, as a bug or a device error would raise it
         raise RuntimeError("injected fault in the round")
 
     engine.verifier._verify = broken
