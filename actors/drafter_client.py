@@ -19,10 +19,11 @@ import time
 
 import torch
 
-from actors.draft_state import table_due
 from actors.engine_spec import EngineSpec
 from actors.protocol.channel import Channel, ChannelClosed
 from actors.protocol.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
+from actors.protocol.rounds import (Ask, ReplyPing, TablePing, asks_drafts, asks_nothing, check_step, reply_due,
+                                    table_due)
 from actors.protocol.wire import HIT, MISS, decode_table
 from actors.sequence import Seq
 from actors.spec.adaptive import Controller
@@ -72,7 +73,8 @@ class DrafterClient:
         t0 = time.perf_counter_ns()
         try:
             self._take_table(t0, last_verify_s)
-            reply_needed = any(r.kind == Rec.PING for r in records)
+            ping = any(r.kind == Rec.PING for r in records)
+            asks: list[Ask] = []
             sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
             going = [s for s in self.seqs.values() if s.outcome is not None and s.on_drafter]
             ks = self.policy.decide([s.req.id for s in going]) if going else {}
@@ -92,8 +94,8 @@ class DrafterClient:
                     s.stats.rounds_off += 1
                     continue
                 draft = table.get((k, t)) if table is not None else None
+                asks.append(Ask(kn, draft is not None, s.req.params.greedy))
                 if draft is None:
-                    reply_needed = True
                     self._jit_steps = max(self._jit_steps, kn)
                     continue
                 s.draft, s.q = list(draft[:kn]), None
@@ -102,8 +104,7 @@ class DrafterClient:
                     self.policy.observe_lookup(True)
                 if not s.req.params.greedy:
                     sampled.append(s)
-            if (not reply_needed and not sampled and all(r.kind == Rec.OUTCOME and not r.tokens[0] for r in records)
-                    and time.perf_counter() - self.last_exchange < PING_EVERY_S):
+            if asks_nothing(records) and time.perf_counter() - self.last_exchange < PING_EVERY_S:
                 # Every sequence is at K = 0: nothing to ask the drafter, so no frame this round.
                 # The outcomes go with the next frame (a probe, a return, or the heartbeat).
                 self._held += records
@@ -113,17 +114,17 @@ class DrafterClient:
             frame = Frame(Rec.OUTCOME, self.step_no, records)
             self.channel.send(frame)
             self._sent_step = self.step_no
-            n_ints = RECORD_FIXED + 1 + sum(RECORD_FIXED + len(s.draft) for s in sampled)  # PING (+ catch-up ns)
-            if reply_needed or (sampled and n_ints > INLINE_INTS):
-                self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
-            elif sampled:  # only q rows are missing: they land during the target forward
-                self.channel.post_recv(n_floats=sum(len(s.draft) for s in sampled) * self.vocab)
-                self._deferred = {s.req.id for s in sampled}
+            if reply_due(ping, asks):
+                n_ints = RECORD_FIXED + 1 + sum(RECORD_FIXED + len(s.draft) for s in sampled)  # PING (+ catch-up ns)
+                if ping or not all(a.hit for a in asks) or n_ints > INLINE_INTS:   # drafts to wait for, or a long reply
+                    self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
+                else:  # only q rows are missing: they land during the target forward
+                    self.channel.post_recv(n_floats=sum(len(s.draft) for s in sampled) * self.vocab)
+                    self._deferred = {s.req.id for s in sampled}
             if self.spec.mode == "ssd" and table_due(frame):
                 self.channel.post_recv()  # the table for this round lands while we verify it
                 # the sequences it pre-drafts for (its cost grows with them: each fans out)
-                self._table_seqs = sum(1 for r in frame.records if (r.kind == Rec.OUTCOME and r.tokens and r.tokens[0])
-                                       or (r.kind == Rec.ADMIT and r.a))
+                self._table_seqs = sum(1 for r in frame.records if asks_drafts(r))
         except (ChannelClosed, ProtocolError) as e:
             self.lost(e)
             return
@@ -140,14 +141,14 @@ class DrafterClient:
         t1 = time.perf_counter_ns()
         if frame.kind != Rec.TABLE:
             raise ProtocolError(f"expected the drafter's TABLE frame, got {frame.kind!r}")
-        _check_step(frame, self._sent_step)
+        check_step(frame, self._sent_step)
         for r in frame.records:
-            if r.kind == Rec.PING:  # b: when the drafter sent the table; round, a: its draft steps, ns
-                self.times.transport_s += (t1 - max(t0, r.b)) / 1e9
+            if r.kind == Rec.PING:
+                p = TablePing.of(r)
+                self.times.transport_s += (t1 - max(t0, p.sent_ns)) / 1e9
                 self.times.table_wait_s += (t1 - t0) / 1e9
-                catch_up = r.tokens[0] if len(r.tokens) else 0   # a prefill after a prompt or K = 0
-                self.policy.observe_prespec(r.round, (r.a - catch_up) / 1e9, last_verify_s,
-                                            self._table_seqs, catch_up / 1e9)
+                self.policy.observe_prespec(p.steps, (p.drafting_ns - p.catch_up_ns) / 1e9, last_verify_s,
+                                            self._table_seqs, p.catch_up_ns / 1e9)
             elif r.kind == Rec.TABLE and r.seq in self.seqs:
                 self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
 
@@ -157,15 +158,16 @@ class DrafterClient:
         t1 = time.perf_counter_ns()
         if reply.kind != Rec.DRAFT:
             raise ProtocolError(f"expected the drafter's DRAFT frame, got {reply.kind!r}")
-        _check_step(reply, self._sent_step)
+        check_step(reply, self._sent_step)
         for r in reply.records:
-            # drafter: posted recv, got frame, sent reply. An idle heartbeat's round trip (no
-            # sequence in flight; the drafter may sleep behind another process) prices nothing.
+            # An idle heartbeat's round trip (no sequence in flight; the drafter may sleep behind
+            # another process) prices nothing.
             if r.kind == Rec.PING and t0 is not None and self.seqs:
-                wire = (max(0, r.a - max(t0, r.round)) + max(0, t1 - r.b)) / 1e9
+                p = ReplyPing.of(r)
+                wire = (max(0, p.received_ns - max(t0, p.posted_ns)) + max(0, t1 - p.sent_ns)) / 1e9
                 self.times.transport_s += wire
-                catch_up = r.tokens[0] if r.tokens else 0   # a prefill after K = 0, not drafting
-                self.policy.observe_draft(self._jit_steps, (r.b - r.a - catch_up) / 1e9, wire, catch_up / 1e9)
+                self.policy.observe_draft(self._jit_steps, (p.sent_ns - p.received_ns - p.catch_up_ns) / 1e9, wire,
+                                          p.catch_up_ns / 1e9)
             elif r.kind == Rec.DRAFT and r.seq in self.seqs:
                 s = self.seqs[r.seq]
                 if r.round != s.round:  # a draft for another round would be verified against the wrong q
@@ -275,10 +277,3 @@ class DrafterClient:
             self.times.wait_s += time.perf_counter() - t0
         return True
 
-
-def _check_step(frame: Frame, expected: int) -> None:
-    """Replies and tables name the step of the frame they answer; any other number means the two
-    sides fell out of step, and using the frame would verify against the wrong draft or q."""
-    if frame.step != expected:
-        raise ProtocolError(f"the drafter's {Rec(frame.kind).name} frame answers step {frame.step}, "
-                            f"expected {expected}: the data plane is out of step")
