@@ -10,7 +10,7 @@ import time
 def test_a_join_that_times_out_leaves_speculation_off(tiny_pair, held_out_prompts, caplog):
     """Nobody joins the port the verifier was sent to: the loop keeps decoding meanwhile, the
     join gives up after timeout_s with an error in the log, and speculation stays off."""
-    from actors.protocol.channel import reserve_port
+    from actors.protocol.ports import reserve_port
     from actors.sequence import Request
     from actors.engine_spec import EngineSpec
     from actors.verifier import Verifier
