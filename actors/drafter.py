@@ -28,9 +28,10 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
      It reaches the verifier before its verification ends, so on a hit the verifier starts the
      next round at once, with no round trip to this process on its critical path.
 
-Both sides decide "reply or not" from the same facts (a PING in the frame, a sampling sequence,
-or a miss in the table both hold), so the message sequence stays in step. In sync SD mode
-every outcome misses (there is no table), so each frame with outcomes gets its reply.
+Both sides decide "reply or not" and "table or not" with the same rules (actors/protocol/rounds.py),
+from facts both hold (a PING in the frame, a sampling sequence, a miss in the table), so the
+message sequence stays in step. In sync SD mode every outcome misses (there is no table), so
+each frame with outcomes gets its reply.
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.protocol.channel import Channel
-from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
+from actors.draft_state import Branch, DrafterTimes, DraftSeq
 from actors.eagle.drafting import add_features, catch_up_depths, load_head_model, n_real, row_features
 from actors.protocol.frame import Frame, Rec, Record
+from actors.protocol.rounds import Ask, ReplyPing, TablePing, reply_due, table_due
 from actors.spec.fanout import split_budget, top_candidates
 from actors.model.loader import load_model
 from actors.spec.ngram import propose_ngram
@@ -177,10 +179,10 @@ class Drafter:
                 self._release(rec.seq)
         self._catch_up_ns = 0
         self._backup(need_draft)
-        if not (must_reply or need_draft or any(not self.seqs[sid].params.greedy for sid in replies)):
+        if not reply_due(must_reply, (Ask(self.seqs[sid].k, hit == HIT, self.seqs[sid].params.greedy)
+                                      for sid, hit in replies.items())):
             return None
-        records = [Record(Rec.PING, 0, recv_posted_ns, recv_done_ns, time.perf_counter_ns(),
-                          tokens=[self._catch_up_ns])]
+        records = [ReplyPing(recv_posted_ns, recv_done_ns, time.perf_counter_ns(), self._catch_up_ns).record()]
         for sid, hit in replies.items():
             s = self.seqs[sid]
             if hit == HIT and s.params.greedy:  # the verifier took this draft from the table
@@ -195,7 +197,7 @@ class Drafter:
         steps, ns = self._prespec
         # the catch-up prefill is not pre-speculation's cost per round (it comes once, after a
         # prompt or a stretch at K = 0): the verifier's policy must not price every round with it
-        records = [Record(Rec.PING, 0, steps, ns, time.perf_counter_ns(), tokens=[self._prespec_catch_up_ns])]
+        records = [TablePing(steps, ns, time.perf_counter_ns(), self._prespec_catch_up_ns).record()]
         for s in self.seqs.values():
             if s.branches:
                 table = {key: br.tokens for key, br in s.branches.items()}

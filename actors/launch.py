@@ -15,7 +15,7 @@ import threading
 import time
 
 from actors.model.buckets import PRECOMPILE_S
-from actors.protocol.channel import take_reserved, reserve_port
+from actors.protocol.ports import reserve_port, take_reserved
 from actors.engine_spec import EngineSpec
 from actors.model.tp.group import close_group
 from actors.model.tp.worker import end_workers, spawn_workers

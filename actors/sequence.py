@@ -88,19 +88,3 @@ def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int],
     keep, reason = token_stop(new, s.req.max_new_tokens - s.n_generated, frozenset(s.req.stop_token_ids),
                               frozenset() if s.req.ignore_eos else eos)
     return new[:keep], reason
-
-
-@dataclass
-class VerifierTimes:
-    steps: int = 0
-    verify_s: float = 0.0       # batched target forward + verification math
-    forward_s: float = 0.0      # the target forward alone, within verify_s
-    verify_cpu_s: float = 0.0   # this thread's CPU time in verify_s: the rest it was descheduled or blocked
-    prefill_s: float = 0.0
-    wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
-    table_wait_s: float = 0.0   # within wait_s: collecting the speculation table (late pre-speculation + wire)
-    transport_s: float = 0.0    # estimated wire time inside wait_s
-    control_s: float = 0.0      # admission, aborts, stop checks, streaming out
-    idle_s: float = 0.0         # nothing to do
-    rounds: int = 0
-    tokens: int = 0

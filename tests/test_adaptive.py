@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from actors.spec.adaptive import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Controller, Probe, choose_ks,
-                                  expected_curve, expected_tokens, fan_budget)
+from actors.spec.adaptive import Controller
+from actors.spec.adaptive_choice import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Probe, choose_ks, expected_curve,
+                                         expected_tokens, fan_budget)
 from actors.spec.adaptive_costs import Costs, ShapeCost, round_time
 
 MS = 1e-3

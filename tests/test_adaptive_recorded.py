@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.spec.adaptive import PROBE_FIRST, Controller
+from actors.spec.adaptive import Controller
+from actors.spec.adaptive_choice import PROBE_FIRST
 from actors.spec.adaptive_costs import modelled_time
 
 MS = 1e-3

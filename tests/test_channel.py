@@ -24,10 +24,9 @@ from actors.protocol.channel import (
     ProtocolError,
     Rec,
     Record,
-    listening_socket,
-    reserve_port,
 )
 from actors.protocol.frame import INLINE_INTS
+from actors.protocol.ports import listening_socket, reserve_port
 
 log = logging.getLogger(__name__)
 CTX = mp.get_context("spawn")

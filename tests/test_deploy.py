@@ -21,7 +21,7 @@ import yaml
 from ray.autoscaler._private.providers import _NODE_PROVIDERS, _get_node_provider_cls
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from actors.protocol.channel import free_port
+from actors.protocol.ports import free_port
 from cluster.cli import build_parser
 from cluster.config import load_config
 

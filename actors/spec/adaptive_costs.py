@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 
 # Samples after which a shape not measured again leaves its cost line (t_verify, pre-speculation):
-# about two rounds one K up (EXPLORE_EVERY in actors/spec/adaptive.py) at batch 1.
+# about two rounds one K up (EXPLORE_EVERY in actors/spec/adaptive_choice.py) at batch 1.
 STALE_AFTER = 32
 
 

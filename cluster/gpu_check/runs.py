@@ -53,7 +53,7 @@ def run_engine(spec: EngineSpec, prompts: list[list[int]], new: int, sampling: t
     engine = LocalEngine(spec).start()
     up_s = time.perf_counter() - t0
     coord = Coordinator(engine, None, max_queue=4096)
-    channel = getattr(engine.verifier, "channel", None)
+    channel = engine.verifier.drafter.channel
     res: dict = {"mode": spec.mode, "up_s": up_s, "plan": plan,
                  "backend": channel.backend if channel is not None else "none"}
     try:

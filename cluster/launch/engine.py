@@ -20,7 +20,7 @@ import psutil
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from actors.protocol.channel import reserve_port
+from actors.protocol.ports import reserve_port
 from actors.model.buckets import PRECOMPILE_S
 from actors.drafter import Drafter
 from actors.protocol.events import EventReader, EventStreamClosed

@@ -26,7 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.protocol.channel import take_reserved
+from actors.protocol.ports import take_reserved
 from actors.model.tp.shard import attach
 
 log = logging.getLogger(__name__)

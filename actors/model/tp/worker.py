@@ -18,7 +18,7 @@ import multiprocessing as mp
 import torch
 import torch.distributed as dist
 
-from actors.protocol.channel import reserve_port
+from actors.protocol.ports import reserve_port
 from actors.model.compiled import compile_forward
 from actors.kv import BlockPool
 from actors.kv.paged import read_kv, write_kv
