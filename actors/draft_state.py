@@ -1,5 +1,5 @@
 """What the drafter keeps: per sequence its committed prefix, current draft and pre-drafted
-branches (the speculation cache), its loop's time accounts, and when a table is due.
+branches (the speculation cache), and its loop's time accounts.
 The verifier's counterpart is actors/sequence.py."""
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.fanout import AcceptanceTracker
-from actors.frame import Frame, Rec
-from actors.grammar import GrammarSpec, Matcher
-from actors.sampling import SamplingParams
+from actors.spec.fanout import AcceptanceTracker
+from actors.spec.grammar import GrammarSpec, Matcher
+from actors.spec.sampling import SamplingParams
 
 
 @dataclass
@@ -61,10 +60,3 @@ class DrafterTimes:
     frames: int = 0
     replies: int = 0             # DRAFT replies; SSD greedy hits need none (the verifier has the table)
 
-
-def table_due(frame: Frame) -> bool:
-    """SSD: a TABLE answers a frame that asks some sequence for drafts (an OUTCOME or ADMIT with
-    K > 0). Both sides decide it from the frame alone; a frame where every sequence is at K = 0
-    (or a PING) gets none, so the verifier waits on nothing."""
-    return any((r.kind == Rec.OUTCOME and r.tokens and r.tokens[0] > 0) or (r.kind == Rec.ADMIT and r.a > 0)
-               for r in frame.records)

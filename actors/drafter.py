@@ -5,7 +5,7 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
 
   1. receive a frame: ADMIT (a prompt, sent while the verifier prefills it: its first outcome,
      (0, first token), comes with the next frame), OUTCOME (k, t*) per sequence, RELEASE. The
-     verifier decides each sequence's K (actors/adaptive.py): ADMIT and OUTCOME carry the K and
+     verifier decides each sequence's K (actors/spec/adaptive.py): ADMIT and OUTCOME carry the K and
      fan-out budget this side drafts with from then on. A draft adopted from the cache is cut
      to the new K exactly as the verifier cuts its copy; at K = 0 nothing is drafted, no reply
      is due for the sequence, and its committed tokens are still fed (the cache stays in sync,
@@ -28,9 +28,10 @@ A step, as the drafter sees it (the verifier leads, see channel.py):
      It reaches the verifier before its verification ends, so on a hit the verifier starts the
      next round at once, with no round trip to this process on its critical path.
 
-Both sides decide "reply or not" from the same facts (a PING in the frame, a sampling sequence,
-or a miss in the table both hold), so the message sequence stays in step. In sync SD mode
-every outcome misses (there is no table), so each frame with outcomes gets its reply.
+Both sides decide "reply or not" and "table or not" with the same rules (actors/protocol/rounds.py),
+from facts both hold (a PING in the frame, a sampling sequence, a miss in the table), so the
+message sequence stays in step. In sync SD mode every outcome misses (there is no table), so
+each frame with outcomes gets its reply.
 """
 from __future__ import annotations
 
@@ -40,19 +41,20 @@ import time
 import torch
 
 from actors.affinity import check_cpus, pin_this_thread
-from actors.channel import Channel
-from actors.draft_state import Branch, DrafterTimes, DraftSeq, table_due
+from actors.protocol.channel import Channel
+from actors.draft_state import Branch, DrafterTimes, DraftSeq
 from actors.eagle.drafting import add_features, catch_up_depths, load_head_model, n_real, row_features
-from actors.frame import Frame, Rec, Record
-from actors.grammar import GrammarSpec, Grammars, Matcher
-from actors.fanout import split_budget, top_candidates
-from actors.loader import load_model
-from actors.ngram import propose_ngram
-from actors.online import OnlineLearner, TrainWhileWaiting
-from actors.runner import Runner
-from actors.sampling import DRAFT, keyed_uniforms, probs_from_logits, saguaro_scale, sample
-from actors.spec import EngineSpec
-from actors.wire import HIT, MISS, NO_LOOKUP, decode_grammar, decode_params, encode_table
+from actors.protocol.frame import Frame, Rec, Record
+from actors.protocol.rounds import Ask, ReplyPing, TablePing, reply_due, table_due
+from actors.spec.fanout import split_budget, top_candidates
+from actors.spec.grammar import GrammarSpec, Grammars, Matcher
+from actors.model.loader import load_model
+from actors.spec.ngram import propose_ngram
+from actors.spec.online import OnlineLearner, TrainWhileWaiting
+from actors.model.runner import Runner
+from actors.spec.sampling import DRAFT, keyed_uniforms, probs_from_logits, saguaro_scale, sample
+from actors.engine_spec import EngineSpec
+from actors.protocol.wire import HIT, MISS, NO_LOOKUP, decode_grammar, decode_params, encode_table
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class Drafter:
         self._prespec_catch_up_ns = 0   # of which a prefill of tokens committed at K = 0 or a new prompt
         self._catch_up_ns = 0    # this frame's catch-up prefill before just-in-time drafts (in the reply's PING)
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
-        self.online = None       # online learning (actors/online.py): None unless the spec turns it on
+        self.online = None       # online learning (actors/spec/online.py): None unless the spec turns it on
         self._waiter = None      # with online learning: receives frames while the loop trains
         if spec.online_learning is not None:
             self.online = OnlineLearner(self.model, spec.online_learning, spec.draft)
@@ -184,10 +186,10 @@ class Drafter:
                 self._release(rec.seq)
         self._catch_up_ns = 0
         self._backup(need_draft)
-        if not (must_reply or need_draft or any(not self.seqs[sid].params.greedy for sid in replies)):
+        if not reply_due(must_reply, (Ask(self.seqs[sid].k, hit == HIT, self.seqs[sid].params.greedy)
+                                      for sid, hit in replies.items())):
             return None
-        records = [Record(Rec.PING, 0, recv_posted_ns, recv_done_ns, time.perf_counter_ns(),
-                          tokens=[self._catch_up_ns])]
+        records = [ReplyPing(recv_posted_ns, recv_done_ns, time.perf_counter_ns(), self._catch_up_ns).record()]
         for sid, hit in replies.items():
             s = self.seqs[sid]
             if hit == HIT and s.params.greedy:  # the verifier took this draft from the table
@@ -202,7 +204,7 @@ class Drafter:
         steps, ns = self._prespec
         # the catch-up prefill is not pre-speculation's cost per round (it comes once, after a
         # prompt or a stretch at K = 0): the verifier's policy must not price every round with it
-        records = [Record(Rec.PING, 0, steps, ns, time.perf_counter_ns(), tokens=[self._prespec_catch_up_ns])]
+        records = [TablePing(steps, ns, time.perf_counter_ns(), self._prespec_catch_up_ns).record()]
         for s in self.seqs.values():
             if s.branches:
                 table = {key: br.tokens for key, br in s.branches.items()}
@@ -420,7 +422,7 @@ class Drafter:
                     # depth `step`: those are the ones Saguaro scales by c.
                     q = saguaro_scale(p, self._fan_out(s, K)[step], self.spec.saguaro_c)
                 # keyed by the drafted token's position: a branch and a just-in-time draft of the
-                # same context draw the same token (actors/sampling.py)
+                # same context draw the same token (actors/spec/sampling.py)
                 nxt[idx] = sample(q, uniforms=keyed_uniforms(s.params.seed, (pos[idx] + 1).tolist(), DRAFT))
                 dists[idx, step] = p
                 qs[idx, step] = q

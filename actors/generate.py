@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.adaptive import Controller
+from actors.spec.adaptive import Controller
 from actors.kv import PagedKVCache
-from actors.model import Transformer
-from actors.sampling import SamplingParams, probs_from_logits, sample
-from actors.stats import SpecStats
-from actors.stopping import StopCriteria
-from actors.verify import verify_greedy, verify_sampling
+from actors.model.model import Transformer
+from actors.spec.sampling import SamplingParams, probs_from_logits, sample
+from actors.spec.stats import SpecStats
+from actors.spec.stopping import StopCriteria
+from actors.spec.verify import verify_greedy, verify_sampling
 
 
 @dataclass
@@ -127,7 +127,7 @@ def generate_sd(target: Transformer, draft: Transformer, prompt: list[int], stop
                 params: SamplingParams = SamplingParams(),
                 decode: Callable[[list[int]], str] | None = None, adaptive: bool = False) -> Generation:
     """Synchronous speculative decoding: draft k tokens, verify them in one target pass. With
-    `adaptive`, each round's K (0..k) comes from the engine's policy (actors/adaptive.py), fed
+    `adaptive`, each round's K (0..k) comes from the engine's policy (actors/spec/adaptive.py), fed
     with this loop's own measurements; at K = 0 a round is a plain decode step and the draft
     cache catches up when drafting resumes."""
     params.validate()

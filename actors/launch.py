@@ -14,11 +14,11 @@ import multiprocessing as mp
 import threading
 import time
 
-from actors.buckets import PRECOMPILE_S
-from actors.channel import take_reserved, reserve_port
-from actors.spec import EngineSpec
-from actors.tp.group import close_group
-from actors.tp.worker import end_workers, spawn_workers
+from actors.model.buckets import PRECOMPILE_S
+from actors.protocol.ports import reserve_port, take_reserved
+from actors.engine_spec import EngineSpec
+from actors.model.tp.group import close_group
+from actors.model.tp.worker import end_workers, spawn_workers
 from actors.verifier import Verifier
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class LocalEngine:
             # NCCL refuses two ranks on one GPU; the data plane's few ints go over gloo instead.
             spec = dataclasses.replace(spec, backend="gloo")
         self.spec = spec
-        # Tensor-parallel ranks 1..N-1 (actors/tp/) load their shards while the verifier loads rank 0's.
+        # Tensor-parallel ranks 1..N-1 (actors/model/tp/) load their shards while the verifier loads rank 0's.
         self.tp_port, self.tp_procs = spawn_workers(spec) if spec.tensor_parallel_size > 1 else (0, [])
         self.proc: mp.Process | None = None
         try:

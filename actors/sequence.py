@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from actors.grammar import GrammarSpec, Matcher
-from actors.logprobs import MAX_TOP_LOGPROBS
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
-from actors.stopping import token_stop
+from actors.spec.grammar import GrammarSpec, Matcher
+from actors.spec.logprobs import MAX_TOP_LOGPROBS
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
+from actors.spec.stopping import token_stop
 
 
 @dataclass
@@ -23,8 +23,9 @@ class Request:
     speculate: bool = True
     ignore_eos: bool = False           # benchmarks: always generate max_new_tokens
     k: int | None = None               # this request's own K (0 = no speculation); None: the engine's policy
-    logprobs: int | None = None        # None: none; n: each emitted token's logprob and the top n (actors/logprobs.py)
-    grammar: GrammarSpec | None = None  # structured outputs: what the output must match (actors/grammar.py)
+    logprobs: int | None = None        # None: none; n: each emitted token's logprob and the top n
+                                       # (actors/spec/logprobs.py)
+    grammar: GrammarSpec | None = None  # structured outputs: what the output must match (actors/spec/grammar.py)
 
     def __post_init__(self):
         if self.k == 0:
@@ -53,7 +54,7 @@ class Seq:
     req: Request
     slot: int
     tokens: list[int]
-    seed: int                          # keys the sequence's random draws (actors/sampling.py)
+    seed: int                          # keys the sequence's random draws (actors/spec/sampling.py)
     stats: SpecStats
     t_submit: float
     length: int = 0                    # valid positions in the target's KV slot
@@ -85,24 +86,8 @@ class Seq:
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:
     """Newly committed tokens cut at the first stop token or at the length limit, and the finish
     reason ("stop" for a stop token id, "eos", "length") when either ends the request: the one
-    token-level stop rule (actors/stopping.py), with the request's stop ids and, unless it
+    token-level stop rule (actors/spec/stopping.py), with the request's stop ids and, unless it
     ignores EOS, the model's EOS ids."""
     keep, reason = token_stop(new, s.req.max_new_tokens - s.n_generated, frozenset(s.req.stop_token_ids),
                               frozenset() if s.req.ignore_eos else eos)
     return new[:keep], reason
-
-
-@dataclass
-class VerifierTimes:
-    steps: int = 0
-    verify_s: float = 0.0       # batched target forward + verification math
-    forward_s: float = 0.0      # the target forward alone, within verify_s
-    verify_cpu_s: float = 0.0   # this thread's CPU time in verify_s: the rest it was descheduled or blocked
-    prefill_s: float = 0.0
-    wait_s: float = 0.0         # blocked on the drafter's reply (verifier idle on the hot path)
-    table_wait_s: float = 0.0   # within wait_s: collecting the speculation table (late pre-speculation + wire)
-    transport_s: float = 0.0    # estimated wire time inside wait_s
-    control_s: float = 0.0      # admission, aborts, stop checks, streaming out
-    idle_s: float = 0.0         # nothing to do
-    rounds: int = 0
-    tokens: int = 0

@@ -2,7 +2,7 @@
 
 Its loop is the engine's critical path. One step, top to bottom:
 
-  1. apply aborts and take queued requests in;
+  1. apply aborts and take queued requests in (actors/scheduler.py);
   2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, then prefill the
      admitted prompts (the last logits give the first token). The ADMIT goes out first, so the
      drafter reads the prompt meanwhile and, in SSD mode, pre-drafts for the likely first
@@ -15,7 +15,7 @@ Its loop is the engine's critical path. One step, top to bottom:
      lossless rule (verify.py), commit the accepted prefix plus t*, roll the KV cache back to it,
      apply stop conditions and stream the new tokens out.
 
-Each round's K per sequence comes from the adaptive policy (actors/adaptive.py), fed here with
+Each round's K per sequence comes from the adaptive policy (actors/spec/adaptive.py), fed here with
 what this loop measures: acceptance by position, the verify forward's time by batch tokens, the
 drafter's just-in-time drafting and pre-speculation times (from its timestamps), hit rate. The
 K travels with the outcome, and a draft from the table is cut to it (a prefix of a draft is a
@@ -29,44 +29,36 @@ Without a drafter (mode `ar`, a request that disabled speculation, or a drafter 
 sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
 Other threads only touch the queues (submit, abort, poll), never torch or the channel in use; a
 rejoining drafter's new channel is formed by a thread of its own and handed to the loop, which
-swaps it in between two steps (actors/drafter_link.py).
+swaps it in between two steps (actors/drafter_client.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import queue
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from actors.adaptive import Controller
+from actors.spec.adaptive import Controller
 from actors.affinity import check_cpus, pin_this_thread
-from actors.channel import Channel, ChannelClosed
-from actors.devtime import DeviceTimer
-from actors.events import Outbox
-from actors.grammar import Grammars
-from actors.frame import INLINE_INTS, RECORD_FIXED, Frame, ProtocolError, Rec, Record
-from actors.kv import blocks_for
-from actors.loader import load_model
-from actors.logprobs import token_logprobs
-from actors.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
-from actors.spec import EngineSpec
-from actors.runner import Runner
-from actors.sequence import Request, Seq, VerifierTimes, apply_stops
-from actors.stats import SpecStats
-from actors.tp.group import TPLead, group_timeout_s
-from actors.verify import round_outcomes
-from actors.draft_state import table_due
-from actors.drafter_link import DrafterLink
-from actors.wire import encode_params, grammar_record
+from actors.model.devtime import DeviceTimer
+from actors.protocol.events import Outbox
+from actors.protocol.frame import Rec, Record
+from actors.model.loader import load_model
+from actors.spec.logprobs import token_logprobs
+from actors.spec.sampling import TOKEN, keyed_uniforms, probs_from_logits, sample
+from actors.engine_spec import EngineSpec
+from actors.model.runner import Runner
+from actors.scheduler import Scheduler
+from actors.sequence import Request, Seq, apply_stops
+from actors.model.tp.group import TPLead, group_timeout_s
+from actors.spec.verify import round_outcomes
+from actors.timing import RoundTiming, VerifierTimes
+from actors.drafter_client import DrafterClient
 
 log = logging.getLogger(__name__)
-PING_EVERY_S = 1.0
 
 
 def pair_agreement(spec: EngineSpec) -> float | None:
@@ -84,14 +76,14 @@ def pair_agreement(spec: EngineSpec) -> float | None:
     return float(value) if isinstance(value, (int, float)) and 0 < value < 1 else None
 
 
-class Verifier(DrafterLink):
+class Verifier:
     def __init__(self, spec: EngineSpec):
         check_cpus(spec.target_cpus, "models.target.cpus")
         torch.set_num_threads(spec.num_threads)
         self.spec = spec
         self.k = spec.k
         self.device = spec.target_device
-        n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/tp/)
+        n_tp = spec.tensor_parallel_size   # > 1: this is rank 0 and holds 1/N of every layer (actors/model/tp/)
         self.model = load_model(spec.target, spec.target_dtype, self.device, tp=(0, n_tp))
         self.vocab, self.eos = self.model.args.vocab_size, frozenset(self.model.args.eos_token_ids)
         # Paged KV (actors/kv/): a request is admitted when the blocks for everything it can ever
@@ -102,54 +94,45 @@ class Verifier(DrafterLink):
         self.tp = self._forward.tp = TPLead(n_tp, self.device, group_timeout_s(spec.timeout_s, spec.compile),
                                                     self.cache.pool) if n_tp > 1 else None
         self.seqs: dict[int, Seq] = {}
-        self.channel: Channel | None = None
-        self.drafter_ok = False
         self.times = VerifierTimes()
-        self._inbox: queue.Queue[Request] = queue.Queue()
-        self._waiting: list[Request] = []
         self.events = Outbox()   # committed tokens, to the host's stream or to poll()
-        self._aborts: set[int] = set()
-        self._lock, self._stop = threading.Lock(), threading.Event()
-        self._reconnect: tuple[str, int] | None = None
-        self._release: list[int] = []
-        self._last_exchange, self._step_no = time.perf_counter(), 0
-        self._sent_step = -1   # the step number of the last frame sent: replies and tables must name it
-        self._deferred: set[int] | None = None   # sequences whose q rows come with a reply posted ahead
+        self._stop = threading.Event()
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches, prior=pair_agreement(spec))
-        self._jit_steps = 0                        # draft steps the reply due now waits for
-        self._table_seqs = 1                       # sequences the table due now was pre-drafted for
-        self._held: list[Record] = []              # K = 0 outcomes not sent yet (no frame was due)
+        self.drafter = DrafterClient(spec, self.device, self.vocab, self.seqs, self.times, self.policy)
         self._last_verify_s = 0.0
         self._timer = DeviceTimer(self.device)   # the verify forward's device time
         # a draft head reads the target's features at these layers: each forward also returns
         # them, and they go to the drafter beside each outcome (FEATS records)
         self.aux: tuple[int, ...] = tuple(spec.draft_head_layers or ())
-        self._grammars: Grammars | None = None   # made on the first constrained request (actors/grammar.py)
-        self._grammars_lock = threading.Lock()
+        self.scheduler = Scheduler(spec, self.vocab, self.cache, self.policy, self.events, self.seqs,
+                                   readmit=not self.aux, eos=tuple(sorted(self.eos)))
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
     def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
         """Form the data plane with the drafter and wait for it: the bring-up, before the loop runs."""
         if not self.spec.speculative:
             return
-        self._use_channel(self._form_channel(master_addr or self.spec.master_addr,
-                                             master_port or self.spec.master_port))
+        self.drafter.connect(master_addr or self.spec.master_addr, master_port or self.spec.master_port)
 
     def reconnect(self, master_addr: str, master_port: int) -> None:
         """Join a restarted drafter without stopping the loop (any thread may ask): its Channel
-        forms in a background thread and the loop swaps it in between two steps (drafter_link.py)."""
+        forms in a background thread and the loop swaps it in between two steps (drafter_client.py)."""
         if self.spec.speculative:
-            self._join_in_background(master_addr, master_port)
+            self.drafter.join_in_background(master_addr, master_port)
 
     def join_tp(self, addr: str, port: int) -> None:
         """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop;
-        with engine.compile, then compile the bucket shapes on every rank in step (actors/runner.py)."""
+        with engine.compile, then compile the bucket shapes on every rank in step (actors/model/runner.py)."""
         self.tp.connect(addr, port, self.model)
         self._forward.precompile()
 
     def ready(self) -> bool:
         return True
+
+    @property
+    def drafter_ok(self) -> bool:
+        return self.drafter.ok
 
     def run(self) -> None:
         pin_this_thread(self.spec.target_cpus)
@@ -159,7 +142,7 @@ class Verifier(DrafterLink):
             while not self._stop.is_set():
                 self.step()
         finally:
-            self._shutdown_drafter()
+            self.drafter.shutdown()
             if self.tp is not None:
                 self.tp.close()
             self.events.close()
@@ -169,28 +152,10 @@ class Verifier(DrafterLink):
 
     # -- thread-safe API ---------------------------------------------------------------------
     def submit(self, req: Request | dict) -> None:
-        req = req if isinstance(req, Request) else Request(**req)
-        req.validate(self.vocab, self.spec.max_seq_len)
-        if req.k is not None and req.k > self.k:
-            raise ValueError(f"k must be at most speculation.k = {self.k}, got {req.k}")
-        need = blocks_for(self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens), self.spec.kv_block_size)
-        if need > self.cache.capacity:
-            raise ValueError(f"prompt + max_new_tokens needs {need} KV blocks; the whole cache has "
-                             f"{self.cache.capacity} (engine.kv_cache_memory)")
-        if req.grammar is not None:   # compiled here, off the loop: the loop's matcher finds it cached
-            self.grammars().compile(req.grammar)
-        self._inbox.put((req, time.perf_counter()))
-
-    def grammars(self) -> Grammars:
-        with self._grammars_lock:
-            if self._grammars is None:
-                # rows per round: K drafts + 1; rollback: back over a whole draft
-                self._grammars = Grammars(self.spec.target, self.vocab, tuple(sorted(self.eos)), self.k + 1)
-            return self._grammars
+        self.scheduler.submit(req)
 
     def abort(self, request_id: int) -> None:
-        with self._lock:
-            self._aborts.add(request_id)
+        self.scheduler.abort(request_id)
 
     def poll(self, timeout: float = 0.1, linger_s: float = 0.0) -> list[dict]:
         """Events since the last poll: new tokens per request, and a final event per request
@@ -205,111 +170,47 @@ class Verifier(DrafterLink):
     def metrics(self) -> dict:
         pool = self.cache.pool
         # kv_blocks_used: held by sequences; parked prefix-cache blocks are reclaimable, not used
-        return {**vars(self.times), "active": len(self.seqs), "waiting": len(self._waiting) + self._inbox.qsize(),
-                "drafter_ok": self.drafter_ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
+        return {**vars(self.times), "active": len(self.seqs), "waiting": self.scheduler.n_waiting(),
+                "drafter_ok": self.drafter.ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
                 "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_used,
                 "kv_blocks_reserved": self.cache.n_reserved, **(pool.prefix.stats() if pool.prefix else {})}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
-        t0 = time.perf_counter()
-        if self._reconnect is not None:
-            self._do_reconnect()
-        records, admitted = self._control()
+        rt = RoundTiming(time.perf_counter())
+        if self.drafter.rejoin is not None:
+            self.drafter.take_over()
+        records, admitted = self.scheduler.control(self.drafter.ok)
         self.events.flush()
-        t1 = time.perf_counter()
-        self.times.control_s += t1 - t0
+        rt.control_s = time.perf_counter() - rt.t0
         if not self.seqs and not records:
-            self._idle()
+            rt.idle_s = self._idle()
+            self._record(rt)
             return
-        if self.drafter_ok:
-            self._exchange(records)
+        if self.drafter.ok:
+            self.drafter.exchange(records, self._last_verify_s)
         for s in admitted:
-            self._prefill(s)
+            rt.prefill_s += self._prefill(s)
         self.events.flush()  # first tokens out before the verify
         # A sequence whose outcome the drafter has not heard yet (just prefilled) waits for its draft.
         ready = [s for s in self.seqs.values() if s.outcome is None]
         if ready:
-            ks = [len(s.draft) for s in ready]
-            self._verify(ready)
+            rt.ks = [len(s.draft) for s in ready]
+            self._verify(ready, rt)
             if self.spec.speculative and not admitted:   # a whole round, no prefill in it
-                self.policy.observe_round_time(ks, time.perf_counter() - t0)
+                rt.round_s = time.perf_counter() - rt.t0
         self.events.flush()
-        self.times.steps += 1
+        rt.steps = 1
+        self._record(rt)
 
-    def _control(self) -> tuple[list[Record], list[Seq]]:
-        """Aborts, admissions, releases as records for the drafter; the admitted, to prefill next."""
-        while True:
-            try:
-                self._waiting.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        with self._lock:
-            aborts, self._aborts = self._aborts, set()
-        for rid in aborts:
-            if rid in self.seqs:
-                self._finish(self.seqs[rid], "abort")
-            elif any(w[0].id == rid for w in self._waiting):
-                self._waiting = [w for w in self._waiting if w[0].id != rid]
-                self.events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
-        records = [Record(Rec.RELEASE, sid) for sid in self._release]
-        self._release = []
-        for s in self.seqs.values():  # re-admit after a drafter (re)join
-            # (a draft head would need the features of everything before: such sequences finish unspeculated)
-            if self.drafter_ok and s.req.speculate and not s.on_drafter and not self.aux:
-                # Its last committed token plays the first token's part: the outcome of an empty draft.
-                records += self._admit_records(s, s.tokens[:-1])
-                s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
-        admitted = []
-        while (self._waiting and len(self.seqs) < self.spec.max_batch
-               and self.cache.can_reserve(self.spec.reserve_tokens(len(self._waiting[0][0].prompt),
-                                                                   self._waiting[0][0].max_new_tokens))):
-            req, t_submit = self._waiting.pop(0)
-            s = self._admit(req, t_submit)
-            admitted.append(s)
-            if self.drafter_ok and req.speculate:
-                records += self._admit_records(s, s.tokens)
-        return records, admitted
-
-    def _admit_records(self, s: Seq, tokens: list[int]) -> list[Record]:
-        """ADMIT, after a constrained request's GRAMMAR: the drafter drafts under the same mask."""
-        s.on_drafter, s.outcome = True, None
-        s.k = self.policy.admit_k(s.req.id)
-        grammar = [] if s.req.grammar is None else [grammar_record(s.req.id, s.req.grammar,
-                                                                   len(tokens) - len(s.req.prompt))]
-        return grammar + [Record(Rec.ADMIT, s.req.id, s.round, s.k, self.policy.budget,
-                                 tokens=encode_params(s.req.params, s.seed, tokens))]
-
-    def _admit(self, req: Request, t_submit: float) -> Seq:
-        seed = req.params.seed if req.params.seed is not None else int.from_bytes(os.urandom(6), "little")
-        slot = self.cache.alloc(reserve_tokens=self.spec.reserve_tokens(len(req.prompt), req.max_new_tokens))
-        s = Seq(req, slot, list(req.prompt), seed, SpecStats(k=self.k), t_submit)
-        # a cached prefix's blocks join the table: prefill starts after them (one token at least
-        # is left to compute, for the first token's logits)
-        s.length = s.cached = self.cache.reuse(slot, req.prompt, len(req.prompt) - 1)
-        if req.grammar is not None:
-            s.matcher = self.grammars().matcher(req.grammar)
-        self.seqs[req.id] = s
-        if self.spec.speculative:
-            # reported: a seeded request's pinned K, so the same seed with this `k` gives the same tokens
-            s.stats.fixed_k = self.policy.add(req.id, self._fixed_k(req), pin=self._pinned(req))
-        return s
-
-    def _fixed_k(self, req: Request) -> int | None:
-        """The K this request drafts every round when it is not the policy's to choose: its own
-        `k` (0 = off), or `speculation.k` with adaptive off."""
-        if req.k is not None:
-            return req.k
-        if not self.spec.adaptive:
-            return self.k
-        return None
-
-    def _pinned(self, req: Request) -> bool:
-        """A seeded sampling request drafts one K throughout, chosen by the policy at admission:
-        which random draws decide its tokens depends on how many drafts each round verified, and
-        a K that followed timings round by round would not give the same text twice. Its final
-        stats report that K; the same seed with `k` set to it reproduces the output."""
-        return req.params.seed is not None and req.params.temperature > 0
+    def _record(self, rt: RoundTiming) -> None:
+        """One step's clocks, handed over once: to the running sums and to the adaptive policy."""
+        rt.add_to(self.times)
+        if rt.forward_tokens:
+            self._last_verify_s = rt.forward_s   # what the next table was pre-drafted behind
+            self.policy.observe_verify(rt.forward_tokens, rt.forward_s)
+        if rt.round_s is not None:
+            self.policy.observe_round_time(rt.ks, rt.round_s)
 
     def _calibrate(self, reps: int = 5, context: int = 128) -> None:
         """Time the verify forward at 1 and k + 1 tokens, on this loop's thread and core, before
@@ -338,8 +239,9 @@ class Verifier(DrafterLink):
         finally:
             self.cache.free(slot)
 
-    def _prefill(self, s: Seq) -> None:
-        """Feed the prompt past its cached prefix; its last logits give the first token."""
+    def _prefill(self, s: Seq) -> float:
+        """Feed the prompt past its cached prefix; its last logits give the first token. Returns
+        the seconds it took."""
         t0 = time.perf_counter()
         n, params, step = len(s.req.prompt), s.req.params, self.spec.prefill_chunk
         for a in range(s.cached, n, step):  # in chunks, and only the last row's logits
@@ -358,7 +260,7 @@ class Verifier(DrafterLink):
             s.matcher.mask_rows(logits[None], [])
         tok = int(logits.argmax()) if params.greedy else int(
             sample(probs_from_logits(logits, params), uniforms=keyed_uniforms(s.seed, [len(s.tokens)], TOKEN)))
-        self.times.prefill_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         s.t_first = time.perf_counter()
         lps = None if s.req.logprobs is None else token_logprobs(logits[None], [tok], s.req.logprobs)
         if s.matcher is not None:
@@ -366,81 +268,19 @@ class Verifier(DrafterLink):
         if not self._commit(s, [tok], lps) and s.on_drafter:
             s.outcome = (0, tok)
             s.round += 1
+        return seconds
 
-    def _idle(self) -> None:
+    def _idle(self) -> float:
+        """Nothing to do: wait a little for a request, keep the drafter's heartbeat; the seconds it took."""
         t0 = time.perf_counter()
-        with contextlib.suppress(queue.Empty):
-            self._waiting.append(self._inbox.get(timeout=0.05))
-        if self.drafter_ok and time.perf_counter() - self._last_exchange > PING_EVERY_S:
-            self._exchange([Record(Rec.PING, 0)])
-        self.times.idle_s += time.perf_counter() - t0
-
-    def _exchange(self, records: list[Record]) -> None:
-        t0 = time.perf_counter_ns()
-        try:
-            self._take_table(t0)
-            reply_needed = any(r.kind == Rec.PING for r in records)
-            sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
-            going = [s for s in self.seqs.values() if s.outcome is not None and s.on_drafter]
-            ks = self.policy.decide([s.req.id for s in going]) if going else {}
-            budget, self._jit_steps = self.policy.budget, 0
-            for s in going:
-                k, t = s.outcome
-                s.k = kn = ks[s.req.id]
-                if s.feats:   # the features of the positions this outcome committed, first
-                    rows = torch.cat([f for _, f in s.feats])
-                    records.append(Record(Rec.FEATS, s.req.id, s.round - 1, s.feats[0][0], len(rows),
-                                          tokens=[rows.shape[1]], floats=rows))
-                    s.feats = []
-                records.append(Record(Rec.OUTCOME, s.req.id, s.round - 1, k, t, tokens=[kn, budget]))
-                s.outcome = None
-                table, s.table = s.table, None
-                if kn == 0:  # speculation off this round: decode alone, nothing to wait for
-                    s.stats.rounds_off += 1
-                    continue
-                draft = table.get((k, t)) if table is not None else None
-                if draft is None:
-                    reply_needed = True
-                    self._jit_steps = max(self._jit_steps, kn)
-                    continue
-                s.draft, s.q = list(draft[:kn]), None
-                if s.stats.drafts:  # the first token's lookup is not a verification outcome
-                    s.stats.record_lookup(s.last_k, True)
-                    self.policy.observe_lookup(True)
-                if not s.req.params.greedy:
-                    sampled.append(s)
-            if (not reply_needed and not sampled and all(r.kind == Rec.OUTCOME and not r.tokens[0] for r in records)
-                    and time.perf_counter() - self._last_exchange < PING_EVERY_S):
-                # Every sequence is at K = 0: nothing to ask the drafter, so no frame this round.
-                # The outcomes go with the next frame (a probe, a return, or the heartbeat).
-                self._held += records
-                return
-            records, self._held = self._held + records, []
-            t1 = time.perf_counter_ns()
-            frame = Frame(Rec.OUTCOME, self._step_no, records)
-            self.channel.send(frame)
-            self._sent_step = self._step_no
-            n_ints = RECORD_FIXED + 1 + sum(RECORD_FIXED + len(s.draft) for s in sampled)  # PING (+ catch-up ns)
-            if reply_needed or (sampled and n_ints > INLINE_INTS):
-                self._take_reply(self.channel.recv(), t1, from_table={s.req.id for s in sampled})
-            elif sampled:  # only q rows are missing: they land during the target forward
-                self.channel.post_recv(n_floats=sum(len(s.draft) for s in sampled) * self.vocab)
-                self._deferred = {s.req.id for s in sampled}
-            if self.spec.mode == "ssd" and table_due(frame):
-                self.channel.post_recv()  # the table for this round lands while we verify it
-                # the sequences it pre-drafts for (its cost grows with them: each fans out)
-                self._table_seqs = sum(1 for r in frame.records if (r.kind == Rec.OUTCOME and r.tokens and r.tokens[0])
-                                       or (r.kind == Rec.ADMIT and r.a))
-        except (ChannelClosed, ProtocolError) as e:
-            self._drafter_lost(e)
-            return
-        self._step_no += 1
-        self._last_exchange = time.perf_counter()
-        self.times.wait_s += (time.perf_counter_ns() - t0) / 1e9
+        self.scheduler.wait(0.05)
+        if self.drafter.heartbeat_due():
+            self.drafter.exchange([Record(Rec.PING, 0)], self._last_verify_s)
+        return time.perf_counter() - t0
 
     # -- verification ------------------------------------------------------------------------
-    def _verify(self, seqs: list[Seq]) -> None:
-        t0, c0 = time.perf_counter(), time.thread_time()
+    def _verify(self, seqs: list[Seq], rt: RoundTiming) -> None:
+        t0, c0, q_wait = time.perf_counter(), time.thread_time(), 0.0
         rows = [s.tokens[s.length:] + s.draft for s in seqs]
         T = max(len(r) for r in rows)
         x = torch.tensor([r + [0] * (T - len(r)) for r in rows])
@@ -450,17 +290,20 @@ class Verifier(DrafterLink):
         if self.aux:
             logits, feats = logits
         self._timer.stop()
-        if self._deferred is not None and not self._q_rows_arrived():
-            # Drafter lost before the q rows came: drafts are void, commit the target's token only.
-            rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
+        if self.drafter.awaiting_q_rows:
+            tq = time.perf_counter()
+            arrived = self.drafter.q_rows_arrived()
+            q_wait = time.perf_counter() - tq   # the drafter's wait, not verification
+            if not arrived:   # drafter lost before the q rows came: drafts are void, commit the target's token only
+                rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         advanced = self._mask(seqs, logits)
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
-        self._last_verify_s = self._timer.seconds()   # the read-back above waited for the forward
-        self.times.forward_s += self._last_verify_s
-        self.policy.observe_verify(x.numel(), self._last_verify_s)
+        rt.forward_s = self._timer.seconds()   # the read-back above waited for the forward
+        rt.forward_tokens = x.numel()
         t1 = time.perf_counter()
-        self.times.verify_s += t1 - t0
-        self.times.verify_cpu_s += time.thread_time() - c0
+        rt.verify_s = t1 - t0 - q_wait
+        rt.verify_cpu_s = time.thread_time() - c0
+        rt.rounds = len(seqs)
         for i, (s, (k, t)) in enumerate(zip(seqs, outcomes)):
             n_draft = len(s.draft)
             s.stats.record_round(n_draft, k)
@@ -478,16 +321,15 @@ class Verifier(DrafterLink):
             self.cache.advance(s.slot, s.length)
             self.cache.publish(s.slot, s.tokens + new, s.length)   # before _commit, which may free the slot
             s.draft, s.q, s.last_k = [], None, k
-            self.times.rounds += 1
             if not self._commit(s, new, lps) and s.on_drafter:
                 s.outcome = (k, t)
                 s.round += 1
-        self.times.control_s += time.perf_counter() - t1
+        rt.control_s += time.perf_counter() - t1
 
     def _mask(self, seqs: list[Seq], logits: torch.Tensor) -> list[int]:
         """Constrained sequences: mask the rows this round verifies with their grammar, in place
         (row i of a draft after draft[:i]), before the acceptance rule reads them; per sequence
-        the draft tokens its matcher advanced through (actors/grammar.py)."""
+        the draft tokens its matcher advanced through (actors/spec/grammar.py)."""
         advanced = [0] * len(seqs)
         for i, s in enumerate(seqs):
             if s.matcher is not None:
@@ -509,19 +351,5 @@ class Verifier(DrafterLink):
         self.events.put(ev)
         if reason is None:
             return False
-        self._finish(s, reason)
+        self.scheduler.finish(s, reason)
         return True
-
-    def _finish(self, s: Seq, reason: str) -> None:
-        now = time.perf_counter()
-        self.seqs.pop(s.req.id, None)
-        self.policy.remove(s.req.id)
-        self.cache.free(s.slot)
-        if s.on_drafter:
-            self._release.append(s.req.id)
-        self.events.put({
-            "id": s.req.id, "tokens": [], "done": True, "reason": reason,
-            "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated, "cached_tokens": s.cached,
-            "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,
-        })
-

@@ -55,7 +55,7 @@ class ClusterConfig(_Section):
 class ModelConfig(_Section):
     path: str = Field(min_length=1)     # checkpoint directory, or demo:<size>/<target|draft|draft-LxD>
     # auto: bfloat16 where the device computes it natively (a CPU with AMX-BF16 or AVX512-BF16, as
-    # torch reports it; CUDA), float32 elsewhere; resolved once by the engine spec (actors/loader.py)
+    # torch reports it; CUDA), float32 elsewhere; resolved once by the engine spec (actors/model/loader.py)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"                 # cpu | cuda | cuda:N
     tensor_parallel_size: int = Field(1, ge=1)
@@ -116,7 +116,7 @@ class ModelsConfig(_Section):
 
 class OnlineLearningConfig(_Section):
     """The drafter keeps learning from the committed tokens (the target's own outputs) it already
-    receives, in the gaps of its loop (actors/online.py, docs/online-learning.md). Off by default."""
+    receives, in the gaps of its loop (actors/spec/online.py, docs/online-learning.md). Off by default."""
     enabled: bool = False
     lr: float = Field(1e-4, gt=0, le=1.0)                 # AdamW learning rate
     max_steps_per_s: float = Field(20.0, gt=0, le=10_000)  # optimizer steps per second at most
@@ -174,7 +174,7 @@ class EngineConfig(_Section):
     prefix_caching: bool = True
     # torch.compile the decode/verify forwards. Opt-in: on CPU it measured slower than eager
     # (docs/compiled.md); the compile itself takes seconds to minutes. On CUDA the forwards run at
-    # padded bucket shapes and are captured as CUDA graphs (actors/buckets.py); elsewhere dynamic.
+    # padded bucket shapes and are captured as CUDA graphs (actors/model/buckets.py); elsewhere dynamic.
     compile: bool = False
     # Testing/CPU knob: pad decode/verify forwards to the fixed bucket shapes CUDA graphs use even
     # off CUDA (with compile: static shapes, one graph per bucket, no CUDA graphs).

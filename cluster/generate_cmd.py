@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def _encode(tok, prompt: str | list[dict]) -> list[int]:
 
 def _in_process(args, prompt: str | list[dict]) -> int:
     from actors.generate import generate_ar, generate_sd
-    from actors.loader import load_model
-    from actors.stopping import StopCriteria
-    from actors.tokenizer import Tokenizer
+    from actors.model.loader import load_model
+    from actors.spec.stopping import StopCriteria
+    from actors.model.tokenizer import Tokenizer
 
     mode = args.mode or ("sd" if args.draft else "ar")
     if mode == "ssd":

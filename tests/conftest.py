@@ -27,7 +27,7 @@ def tiny_pair():
 
 @pytest.fixture(scope="session")
 def tiny_tok(tiny_pair):
-    from actors.tokenizer import Tokenizer
+    from actors.model.tokenizer import Tokenizer
 
     return Tokenizer(tiny_pair / "target")
 
@@ -218,7 +218,7 @@ def local_sd_equals_transformers(hf_refs, prompts, overrides: dict, on_start=Non
     first len(prompts) of hf_refs) token for token, and the drafter drafted. `on_start(engine)`
     runs once it is up. Returns the engine, stopped."""
     from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
+    from actors.spec.sampling import SamplingParams
     from cluster.config import load_config
     from cluster.serving.coordinator import Coordinator, GenerateArgs
     from cluster.launch.deployment import engine_spec

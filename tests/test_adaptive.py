@@ -1,4 +1,4 @@
-"""Adaptive speculation: the policy's decisions given measurements (actors/adaptive.py): the model
+"""Adaptive speculation: the policy's decisions given measurements (actors/spec/adaptive.py): the model
 of a round, the K's it chooses for given costs and acceptance, and the state it keeps per sequence.
 Decisions from an engine's recorded measurements: tests/test_adaptive_recorded.py; the engines it
 drives: tests/test_adaptive_engines.py."""
@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from actors.adaptive import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Controller, Probe, choose_ks, expected_curve,
-                             expected_tokens, fan_budget)
-from actors.adaptive_costs import Costs, ShapeCost, round_time
+from actors.spec.adaptive import Controller
+from actors.spec.adaptive_choice import (PROBE_FIRST, PROBE_K, PROBE_MAX, Acceptance, Probe, choose_ks, expected_curve,
+                                         expected_tokens, fan_budget)
+from actors.spec.adaptive_costs import Costs, ShapeCost, round_time
 
 MS = 1e-3
 

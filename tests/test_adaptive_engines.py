@@ -26,7 +26,7 @@ def _adaptive_spec(mode, draft=None, k=4):
 
 
 def _generate(engine, prompts, n, **kw):
-    from actors.sampling import SamplingParams
+    from actors.spec.sampling import SamplingParams
     from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     coord = Coordinator(engine, None, max_queue=256)
@@ -81,7 +81,7 @@ def test_a_useless_drafter_is_turned_off_and_output_stays_exact(ray_local, usele
 
 
 def _sum_stats(finals):
-    from actors.stats import SpecStats
+    from actors.spec.stats import SpecStats
 
     total = SpecStats(k=finals[0].stats.k)
     for f in finals:
@@ -123,7 +123,7 @@ def test_a_seeded_request_drafts_one_k_and_that_k_reproduces_it(tiny_pair, held_
     admission and reports it; the same seed with k set to it gives the same tokens. An unseeded
     sampling request stays adaptive (no fixed_k)."""
     from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
+    from actors.spec.sampling import SamplingParams
     from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     n = 40
@@ -160,8 +160,8 @@ def test_one_process_adaptive_sd_is_exact(tiny_pair, useless_draft, held_out_pro
     """The in-process SD loop runs the same policy: greedy output equals AR's, and with a drafter
     that never agrees nearly every round is at K = 0."""
     from actors.generate import generate_ar, generate_sd
-    from actors.loader import load_model
-    from actors.stopping import StopCriteria
+    from actors.model.loader import load_model
+    from actors.spec.stopping import StopCriteria
 
     target = load_model(str(tiny_pair / "target"))
     draft = load_model(str(useless_draft if which == "useless" else tiny_pair / "draft"))

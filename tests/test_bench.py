@@ -71,6 +71,7 @@ def test_bench_full(tmp_path, capsys):
     assert rep["wall_s"] < 600
 
 
+@pytest.mark.slow   # a bench run (23 s); `make test` keeps the quick bench above
 @pytest.mark.timeout(400)
 def test_explore_grid_with_a_drafter_variant(ray_local, tiny_pair, tmp_path, capsys):
     from cluster.bench.explore import run_explore
@@ -133,6 +134,7 @@ def test_idle_engines_run_in_the_background_class_only_while_another_is_timed():
         child.wait()
 
 
+@pytest.mark.slow   # a bench run of four fresh engines (33 s)
 def test_concurrency_sweep_reports_every_point(tiny_pair, tmp_path):
     """`outrider bench --concurrency`: each mode at each stream count, from a fresh engine."""
     from cluster.bench.paged import run_concurrency

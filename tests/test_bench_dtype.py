@@ -5,7 +5,7 @@ from cluster.bench.dtype import llama_cpp_row, markdown, measure_dtypes
 
 
 def test_dtype_ab_and_llama_row(tiny_pair):
-    from actors.loader import cpu_has_fast_bf16
+    from actors.model.loader import cpu_has_fast_bf16
 
     dt = measure_dtypes(str(tiny_pair / "target"), list(range(40)), 3, 64)
     by = dt["by_dtype"]

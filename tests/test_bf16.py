@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from actors.generate import generate_ar, generate_sd
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.spec.stopping import StopCriteria
 from tests.conftest import assert_same_outcome_law, divergences, hf_greedy
 
 pytestmark = pytest.mark.timeout(600)
@@ -106,7 +106,7 @@ def test_dtype_auto_resolves_once_from_torchs_cpu_query():
     """`dtype: auto` becomes a concrete dtype in the engine spec (so the memory plan and the actors
     agree): bfloat16 where torch reports AMX-BF16 or AVX512-BF16, float32 elsewhere; on CUDA
     bfloat16."""
-    from actors.loader import auto_dtype, cpu_has_fast_bf16
+    from actors.model.loader import auto_dtype, cpu_has_fast_bf16
     from cluster.config import load_config
     from cluster.launch.deployment import engine_spec
 

@@ -21,9 +21,9 @@ import torch
 
 from actors.generate import generate_ar, generate_sd
 from actors.kv import PagedKVCache
-from actors.loader import load_model
-from actors.stopping import StopCriteria
-from actors.tokenizer import Tokenizer
+from actors.model.loader import load_model
+from actors.spec.stopping import StopCriteria
+from actors.model.tokenizer import Tokenizer
 from tests.conftest import divergences, hf_greedy
 
 pytestmark = pytest.mark.timeout(900)

@@ -1,4 +1,4 @@
-"""Padded fixed shapes (actors/buckets.py, PagedKVCache.prepare_padded): what CUDA-graph capture
+"""Padded fixed shapes (actors/model/buckets.py, PagedKVCache.prepare_padded): what CUDA-graph capture
 needs, proven on CPU.
 
   * a padded forward's real rows give the unpadded forward's logits, write exactly the positions
@@ -16,9 +16,9 @@ import random
 import pytest
 import torch
 
-from actors.buckets import Buckets, pad_tokens
+from actors.model.buckets import Buckets, pad_tokens
 from actors.kv import PagedKVCache
-from actors.loader import load_model
+from actors.model.loader import load_model
 
 K, BS, MAX_LEN = 4, 8, 160
 
@@ -177,9 +177,9 @@ def test_precompile_is_bounded_and_nothing_compiles_once_serving(target, tiny_pa
     target's rank 0 waits for its workers before compiling."""
     from torch._dynamo.utils import counters
 
-    from actors.buckets import PRECOMPILE_MAX
-    from actors.runner import Runner
-    from actors.spec import EngineSpec
+    from actors.model.buckets import PRECOMPILE_MAX
+    from actors.model.runner import Runner
+    from actors.engine_spec import EngineSpec
 
     big = Buckets(max_rows=1056, k=8, max_len=8210)   # a 70B drafter's rows and context
     assert big.n_shapes() == 12 * 2 * 12 and len(big.precompile_order()) == PRECOMPILE_MAX

@@ -17,17 +17,16 @@ import traceback
 import pytest
 import torch
 
-from actors.channel import (
+from actors.protocol.channel import (
     Channel,
     ChannelClosed,
     Frame,
     ProtocolError,
     Rec,
     Record,
-    listening_socket,
-    reserve_port,
 )
-from actors.frame import INLINE_INTS
+from actors.protocol.frame import INLINE_INTS
+from actors.protocol.ports import listening_socket, reserve_port
 
 log = logging.getLogger(__name__)
 CTX = mp.get_context("spawn")
@@ -305,7 +304,7 @@ def _master_posted_floats_dead_peer(sock, timeout_s: float) -> dict:
 
 
 def test_a_dead_peer_with_floats_posted_aborts_the_groups_at_once():
-    from actors.channel import bulk_timeout_s
+    from actors.protocol.channel import bulk_timeout_s
 
     sock, port = _bound()
     results, codes = _run({"master": (_master_posted_floats_dead_peer, sock, 3.0), "peer": (_peer_dies, port, 3.0)})

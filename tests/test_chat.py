@@ -9,8 +9,8 @@ import shutil
 import grpc
 import pytest
 
-from actors.chat import ChatError
-from actors.tokenizer import Tokenizer
+from actors.model.chat import ChatError
+from actors.model.tokenizer import Tokenizer
 
 # ChatML with a default system turn (the SmolLM2-Instruct family's shape).
 CHATML = (

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from actors.kv import PagedKVCache
-from actors.loader import load_model
+from actors.model.loader import load_model
 
 
 @pytest.fixture(scope="module")

@@ -171,3 +171,40 @@ def test_fuzzed_yaml_bytes_error_cleanly(tmp_path_factory, blob):
         load_config(path)
     except ConfigError as e:
         assert str(e)
+
+
+def test_the_engine_spec_is_derived_from_the_schema_by_name():
+    """One schema: every key of speculation:, engine: and models.<role>: reaches the engine's spec
+    (by its own name, as target_<key>/draft_<key>, or as listed in RENAMED) unless it is one the
+    host resolves itself; a key added to the schema fails here until it is one or the other."""
+    from dataclasses import fields
+
+    from actors.engine_spec import EngineSpec
+    from cluster.config import EngineConfig, ModelConfig, SpeculationConfig
+    from cluster.launch.deployment import COMPUTED, RENAMED, spec_fields
+
+    names = {f.name for f in fields(EngineSpec)}
+    assert names >= set(RENAMED) | COMPUTED
+    host = {"engine.kv_cache_memory",                    # the memory plan's budget: block counts reach the spec
+            "models.target.path", "models.draft.path",   # resolved checkpoint directories (target, draft)
+            "models.draft.tensor_parallel_size"}        # refused above 1 (only the target is split)
+    reached = set(RENAMED.values())
+    for section, model in (("speculation", SpeculationConfig), ("engine", EngineConfig)):
+        reached |= {f"{section}.{k}" for k in model.model_fields if k in names}
+    for role in ("target", "draft"):
+        reached |= {f"models.{role}.{k}" for k in ModelConfig.model_fields if f"{role}_{k}" in names}
+    keys = ({f"speculation.{k}" for k in SpeculationConfig.model_fields}
+            | {f"engine.{k}" for k in EngineConfig.model_fields}
+            | {f"models.{r}.{k}" for r in ("target", "draft") for k in ModelConfig.model_fields})
+    assert keys - reached == host
+
+    cfg = load_config("configs/local-cpu.yaml", {
+        "speculation.k": 3, "speculation.fan_out_budget": 5, "speculation.backup": "ngram", "engine.prefill_chunk": 64,
+        "engine.data_plane_timeout_s": 7.5, "engine.master_port": 29123, "models.draft.cpus": [1],
+        "models.target.resources": {"verifier_host": 1}, "speculation.adaptive": False, "cluster.address": "auto"})
+    got = spec_fields(cfg)
+    assert (got["k"], got["fan_out_budget"], got["backup"], got["prefill_chunk"], got["timeout_s"], got["master_port"],
+            got["draft_cpus"], got["target_resources"], got["adaptive"]) == (
+        3, 5, "ngram", 64, 7.5, 29123, (1,), {"verifier_host": 1}, False)
+    ar = spec_fields(load_config("configs/local-cpu.yaml", {"speculation.mode": "ar", "models.draft.cpus": [1]}))
+    assert not any(k.startswith("draft_") for k in ar)   # no drafter: its fields keep the spec's defaults

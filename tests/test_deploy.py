@@ -21,7 +21,7 @@ import yaml
 from ray.autoscaler._private.providers import _NODE_PROVIDERS, _get_node_provider_cls
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from actors.channel import free_port
+from actors.protocol.ports import free_port
 from cluster.cli import build_parser
 from cluster.config import load_config
 
@@ -74,7 +74,7 @@ def test_ray_up_accepts(name):
 def test_8gpu_host_places_a_tp4_verifier_and_a_drafter():
     """The 8-GPU example's bundles: four target ranks then the drafter, one GPU each, all on the one
     host (STRICT_PACK; STRICT_SPREAD with TP > 1 is a config error)."""
-    from actors.spec import EngineSpec
+    from actors.engine_spec import EngineSpec
     from cluster.launch.placement import drafter_bundle, placement_bundles
 
     cfg = load_config(REPO / "configs" / "llama70b-8gpu.yaml")

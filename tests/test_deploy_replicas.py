@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 from cluster.cli import build_parser
 from cluster.config import load_config
 from cluster.launch.placement import placement_bundles

@@ -34,9 +34,9 @@ import torch
 from scipy.stats import power_divergence
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.spec.stopping import StopCriteria
 
 pytestmark = pytest.mark.timeout(900)
 

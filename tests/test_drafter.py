@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 
 from actors.drafter import Drafter
-from actors.frame import Frame, Rec, Record
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.spec import EngineSpec
-from actors.wire import HIT, MISS, encode_params
+from actors.protocol.frame import Frame, Rec, Record
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.engine_spec import EngineSpec
+from actors.protocol.wire import HIT, MISS, encode_params
 
 K = 4
 

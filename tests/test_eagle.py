@@ -17,15 +17,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from actors.config import CheckpointError
+from actors.model.config import CheckpointError
 from cluster.models import eagle_smol
 from actors.eagle.checkpoint import is_head_dir, load_head, save_head
 from actors.eagle.draft import HeadStream
 from actors.eagle.generate import generate_sd_head
 from actors.eagle.head import EagleHead, HeadArgs, default_aux_layers, ttt_forward
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.spec.stopping import StopCriteria
 from tests.conftest import HF_NEW, assert_matches_or_near_tie
 
 

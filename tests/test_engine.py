@@ -10,9 +10,9 @@ import time
 import pytest
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.spec.stopping import StopCriteria
 from cluster.config import load_config
 from cluster.serving.coordinator import Coordinator, GenerateArgs
 from cluster.launch.deployment import engine_spec

@@ -1,4 +1,4 @@
-"""The verifier's event stream (actors/events.py) over real sockets on 127.0.0.1, and on Ray."""
+"""The verifier's event stream (actors/protocol/events.py) over real sockets on 127.0.0.1, and on Ray."""
 from __future__ import annotations
 
 import socket
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from actors.events import EventReader, EventStreamClosed, Outbox
+from actors.protocol.events import EventReader, EventStreamClosed, Outbox
 
 TOKEN = "4f1d0c2a9e"
 

@@ -5,7 +5,7 @@ import pytest
 
 import torch
 
-from actors.fanout import AcceptanceTracker, outcome_odds, split_budget, top_candidates
+from actors.spec.fanout import AcceptanceTracker, outcome_odds, split_budget, top_candidates
 
 
 @pytest.mark.parametrize("budget", [0, 1, 7, 16, 24])

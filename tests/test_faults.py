@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.stopping import StopCriteria
 from cluster.serving.client import OutriderClient
 from tests.conftest import wait_for
 
@@ -174,7 +174,7 @@ def test_drafter_restart_stalls_no_stream(served_local, ar_refs, held_out_prompt
     start, so one request would end before the join it is meant to measure). The drafter is
     SIGKILLed in the middle of their first requests; each user goes on until a request begun after
     the rejoin has finished. The verifier joins the new drafter in the background
-    (actors/drafter_link.py), so the largest gap between two chunks of a stream around the kill
+    (actors/drafter_client.py), so the largest gap between two chunks of a stream around the kill
     stays under MAX_GAP_S, the one timed bound of the reliability spec; when the loop joined the
     drafter itself, every stream froze until the new process had started (1.7 s measured)."""
     server, client = served_local

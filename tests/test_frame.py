@@ -1,10 +1,10 @@
-"""The data plane's frame format (actors/frame.py): pure encode / decode, no process group."""
+"""The data plane's frame format (actors/protocol/frame.py): pure encode / decode, no process group."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from actors.frame import HEADER_LEN, MAGIC, VERSION, Frame, ProtocolError, Rec, Record, decode, encode
+from actors.protocol.frame import HEADER_LEN, MAGIC, VERSION, Frame, ProtocolError, Rec, Record, decode, encode
 
 
 def _same(a: Record, b: Record) -> bool:
@@ -88,12 +88,12 @@ def test_encode_rejects_inconsistent_floats():
 
 
 def test_a_reply_for_another_step_is_a_protocol_error():
-    from actors.drafter_link import _check_step
+    from actors.protocol.rounds import check_step
 
     reply = Frame(Rec.DRAFT, 7, [Record(Rec.DRAFT, 1, 3, 0, 0, [5, 6])])
-    _check_step(reply, 7)
+    check_step(reply, 7)
     with pytest.raises(ProtocolError, match="answers step 7, expected 8: the data plane is out of step"):
-        _check_step(reply, 8)
+        check_step(reply, 8)
 
 
 def test_feature_rows_ride_beside_q_rows():

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from actors.generate import generate_ar, generate_sd
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.spec.stopping import StopCriteria
 from tests.conftest import assert_all_match_or_rare_near_ties
 
 NEW = 64  # must equal conftest.HF_NEW: hf_refs holds that many tokens per prompt

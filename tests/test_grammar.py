@@ -1,4 +1,4 @@
-"""actors/grammar.py on the tiny pair's tokenizer: parsing errors, the mask, rollback."""
+"""actors/spec/grammar.py on the tiny pair's tokenizer: parsing errors, the mask, rollback."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from actors.grammar import GrammarError, Grammars, GrammarSpec, check, choice_spec
+from actors.spec.grammar import GrammarError, Grammars, GrammarSpec, check, choice_spec
 
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
           "required": ["ok", "n"], "additionalProperties": False}
@@ -89,8 +89,8 @@ def test_a_grammar_that_allows_nothing_leaves_the_stop_tokens(grammars, tiny_tok
 
 
 def test_grammar_records_cross_the_data_plane():
-    from actors.frame import Frame, ProtocolError, Rec, decode, encode
-    from actors.wire import decode_grammar, grammar_record
+    from actors.protocol.frame import Frame, ProtocolError, Rec, decode, encode
+    from actors.protocol.wire import decode_grammar, grammar_record
 
     spec = choice_spec(['caf\u00e9 "x"', "no"])
     (rec,) = decode(*encode(Frame(Rec.OUTCOME, 3, [grammar_record(7, spec, 5)]))).records

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from actors.drafter import Drafter
-from actors.frame import Frame, Rec, Record
+from actors.protocol.frame import Frame, Rec, Record
 from actors.kv import BlockPool, CacheFullError, PagedKVCache
-from actors.loader import load_model
-from actors.sampling import SamplingParams
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
 from actors.sequence import Request
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 from actors.verifier import Verifier
-from actors.wire import encode_params
+from actors.protocol.wire import encode_params
 from tests.conftest import HF_NEW, assert_matches_or_near_tie
 
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.stopping import StopCriteria
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 
 CLIENTS, PER_CLIENT, NEW = 32, 3, 24

@@ -9,8 +9,8 @@ import grpc
 import pytest
 import torch
 
-from actors.logprobs import token_logprobs
-from actors.sampling import SamplingParams
+from actors.spec.logprobs import token_logprobs
+from actors.spec.sampling import SamplingParams
 from tests.conftest import openai_client, serve_with_chat_template
 
 ATOL = 1e-4      # float32 log_softmax of our forward's logits against transformers' (logits agree to 2e-5)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 from cluster.config import ConfigError, load_config, parse_config
 from cluster.launch.memory_plan import GiB, parse_memory, plan_memory
 

@@ -17,9 +17,9 @@ import json
 import pytest
 import torch
 
-from actors.config import CheckpointError
+from actors.model.config import CheckpointError
 from actors.kv import PagedKVCache
-from actors.loader import load_model
+from actors.model.loader import load_model
 from tests.conftest import assert_all_match_or_rare_near_ties
 
 ATOL = 2e-5
@@ -157,7 +157,7 @@ def test_families_exercise_what_they_claim(tmp_path):
     changes the logits in the test context (so ignoring it would fail test_logits_equal_transformers)."""
     import dataclasses
 
-    from actors.model import Transformer
+    from actors.model.model import Transformer
 
     ids = torch.randint(0, 96, (1, 40), generator=torch.Generator().manual_seed(3))
     for family, feature, off in [("qwen2", "qkv_bias", False), ("qwen3", "qk_norm", False),
@@ -183,7 +183,7 @@ def test_greedy_generation_equals_transformers(tmp_path, family):
     """generate_ar (prefill, then one token at a time through the KV cache) against
     transformers' generate, past the sliding window."""
     from actors.generate import generate_ar
-    from actors.stopping import StopCriteria
+    from actors.spec.stopping import StopCriteria
 
     hf, path = _save(tmp_path, family)
     hf.generation_config.eos_token_id = None  # random weights emit "EOS" too; run the full length

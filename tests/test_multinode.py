@@ -21,9 +21,9 @@ import psutil
 import pytest
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.spec import EngineSpec
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.engine_spec import EngineSpec
+from actors.spec.stopping import StopCriteria
 from cluster.launch.engine import interface_with
 from cluster.launch.placement import drafter_bundle, missing_resources, placement_bundles
 

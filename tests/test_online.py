@@ -1,4 +1,4 @@
-"""Online drafter learning (actors/online.py): the drafter trains on committed tokens while it
+"""Online drafter learning (actors/spec/online.py): the drafter trains on committed tokens while it
 serves, and the output stays exactly the target's (greedy against transformers, sampling by a
 chi-square test against plain AR sampling). The engines here make the drafter learn fast (high
 lr, many steps, pauses between waves of requests where it trains while idle)."""
@@ -13,15 +13,15 @@ from prometheus_client import generate_latest
 from safetensors.torch import load_file
 
 from actors.drafter import Drafter
-from actors.frame import Frame, Rec, Record
+from actors.protocol.frame import Frame, Rec, Record
 from actors.generate import generate_ar
 from actors.launch import LocalEngine
-from actors.loader import load_model
-from actors.online import IGNORE, OnlineLearner, ReplayBuffer
-from actors.sampling import SamplingParams
-from actors.spec import EngineSpec, OnlineLearningSpec
-from actors.stopping import StopCriteria
-from actors.wire import encode_params
+from actors.model.loader import load_model
+from actors.spec.online import IGNORE, OnlineLearner, ReplayBuffer
+from actors.spec.sampling import SamplingParams
+from actors.engine_spec import EngineSpec, OnlineLearningSpec
+from actors.spec.stopping import StopCriteria
+from actors.protocol.wire import encode_params
 from cluster.serving.metrics import Metrics
 from cluster.config import ConfigError, load_config
 from cluster.serving.coordinator import Coordinator, GenerateArgs

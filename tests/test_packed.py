@@ -1,4 +1,4 @@
-"""The inference forward on CPU: packed, fused projections (actors/packed.py) and attention with the
+"""The inference forward on CPU: packed, fused projections (actors/model/packed.py) and attention with the
 GQA group folded into the query axis (Attention.forward).
 
 Reference: transformers' eager attention (k/v repeated per query head, an explicit mask) over each
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from actors import packed as pk
+from actors.model import packed as pk
 from actors.kv import PagedKVCache
-from actors.loader import load_model
+from actors.model.loader import load_model
 
 ATOL = 3e-5   # float32, as tests/test_model_hf.py (same checkpoint, different kernels)
 
@@ -136,8 +136,8 @@ def test_training_drops_and_eval_rebuilds_the_packed_copies(tiny_pair):
 @pytest.mark.parametrize("target", ["tiny", "smol"])
 def test_bfloat16_rows_are_the_same_bits_in_a_decode_and_in_a_verify(tiny_pair, target, request):
     """In bfloat16 a position's logits do not depend on how many positions share the forward:
-    decoding 1 at a time, 2 at a time or 5 at a time gives the same bits (actors/packed.py,
-    row_pad and read_len in actors/model.py and actors/kv/common.py). This is what makes greedy
+    decoding 1 at a time, 2 at a time or 5 at a time gives the same bits (actors/model/packed.py,
+    row_pad and read_len in actors/model/model.py and actors/kv/common.py). This is what makes greedy
     SD and SSD token-identical to AR in bfloat16, not only equal up to near-ties."""
     if not pk.supported(torch.empty(0, dtype=torch.bfloat16)):
         pytest.skip("no oneDNN on this build")

@@ -9,8 +9,9 @@ import socket
 import pytest
 import torch
 
-from actors import channel as ch
-from actors.channel import Channel, Frame, Rec, Record, listening_socket, reserve_port
+from actors.protocol import ports
+from actors.protocol.channel import Channel, Frame, Rec, Record
+from actors.protocol.ports import listening_socket, reserve_port
 
 ADDR = "127.0.0.1"
 
@@ -46,7 +47,7 @@ def test_rank0_takes_over_a_socket_bound_before_the_port_was_shared(how):
     p.start()
     try:
         with Channel(0, ADDR, port, timeout_s=30, listen_sock=sock) as c:
-            assert port not in ch._reserved, "the reserved socket was not taken over"
+            assert port not in ports._reserved, "the reserved socket was not taken over"
             c.send(Frame(Rec.OUTCOME, 7, [Record(Rec.PING, 0)]))
             assert c.recv().step == 8
         assert q.get(timeout=60) == "ok"

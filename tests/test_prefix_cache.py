@@ -8,16 +8,16 @@ import pytest
 import torch
 
 from actors.drafter import Drafter
-from actors.frame import Frame, Rec, Record
+from actors.protocol.frame import Frame, Rec, Record
 from actors.kv import BlockPool, PagedKVCache
 from actors.kv.paged import build_indices, read_kv, write_kv
 from actors.kv import CacheFullError
-from actors.loader import load_model
-from actors.sampling import SamplingParams
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
 from actors.sequence import Request
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 from actors.verifier import Verifier
-from actors.wire import encode_params
+from actors.protocol.wire import encode_params
 from cluster.config import ConfigError, load_config
 from cluster.launch.deployment import engine_spec
 from cluster.serving.metrics import EngineCollector, InFlight

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from actors.generate import generate_ar
-from actors.loader import load_model
-from actors.stopping import StopCriteria
+from actors.model.loader import load_model
+from actors.spec.stopping import StopCriteria
 
 ROOT = Path(__file__).parent.parent
 NEW, LONG, AFTER = 160, 64, 24   # NEW: long enough for several scrapes of the gauges

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
+from actors.spec.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
 
 from tests.test_verify import N, _assert_distributed_as, _dist, _random_rows
 

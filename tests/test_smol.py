@@ -13,8 +13,8 @@ import torch
 
 from cluster.models.chat_prompts import HELD_OUT
 from cluster.models.smol import fetch_gguf
-from actors.loader import load_model
-from actors.tokenizer import Tokenizer
+from actors.model.loader import load_model
+from actors.model.tokenizer import Tokenizer
 from tests.conftest import assert_matches_or_near_tie, hf_greedy
 
 pytestmark = pytest.mark.timeout(900)
@@ -85,7 +85,7 @@ def test_logits_match_transformers_gguf(smol_pair, hf_gguf):
     model = load_model(target)
     ids = htok(TEXTS[0] + TEXTS[2] + TEXTS[3], add_special_tokens=False).input_ids
     x = torch.tensor([ids])
-    # Logits reach ~40 here: oneDNN's packed float32 matmuls (actors/packed.py) and transformers'
+    # Logits reach ~40 here: oneDNN's packed float32 matmuls (actors/model/packed.py) and transformers'
     # MKL ones round differently by a few ulps per layer, ~1e-4 after 30 layers.
     atol = 2e-4
     with torch.inference_mode():

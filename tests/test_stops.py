@@ -1,5 +1,5 @@
 """Stop strings never reach the client, and usage counts exactly the tokens the client got; the
-one token-level stop rule (actors/stopping.py) serves the verifier and the generators alike.
+one token-level stop rule (actors/spec/stopping.py) serves the verifier and the generators alike.
 
 The expected text and token count come from decoding the unstopped continuation with the
 tokenizer directly (not from the streaming code under test): the text is cut where the first stop
@@ -38,7 +38,7 @@ def expected(tok, ids: list[int], stops: list[str]) -> tuple[str, list[int]] | N
     ([1, 2], 5, (1, "stop")),           # the first stop wins
 ])
 def test_token_stop_rule(new, room, want):
-    from actors.stopping import token_stop
+    from actors.spec.stopping import token_stop
 
     assert token_stop(new, room, {1}, {2}) == want
 
@@ -49,7 +49,7 @@ def test_verifier_and_generator_stops_are_one_rule():
     from types import SimpleNamespace
 
     from actors.sequence import Request, apply_stops
-    from actors.stopping import StopCriteria
+    from actors.spec.stopping import StopCriteria
 
     rng = random.Random(0)
     for _ in range(2000):

@@ -17,8 +17,8 @@ import grpc
 import pytest
 import torch
 
-from actors.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
-from actors.sampling import SamplingParams
+from actors.spec.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
+from actors.spec.sampling import SamplingParams
 from tests import test_logprobs
 from tests.conftest import openai_client
 

@@ -1,4 +1,4 @@
-"""The target split over two tensor-parallel ranks (actors/tp/), on CPU over gloo: real processes.
+"""The target split over two tensor-parallel ranks (actors/model/tp/), on CPU over gloo: real processes.
 
 Rank 0 runs in this process (the Verifier, or its model and cache alone), rank 1 in a spawned
 process; they form a real gloo group. Checked: the split forward's logits against the whole
@@ -20,13 +20,13 @@ import torch
 
 from actors.generate import generate_ar
 from actors.kv import PagedKVCache
-from actors.loader import load_model
-from actors.sampling import SamplingParams
-from actors.spec import EngineSpec
-from actors.stopping import StopCriteria
-from actors.tp.group import COMPILE_S, TPLead, group_timeout_s, indexed_device
-from actors.tp.shard import rank_device
-from actors.tp.worker import end_workers, spawn_workers
+from actors.model.loader import load_model
+from actors.spec.sampling import SamplingParams
+from actors.engine_spec import EngineSpec
+from actors.spec.stopping import StopCriteria
+from actors.model.tp.group import COMPILE_S, TPLead, group_timeout_s, indexed_device
+from actors.model.tp.shard import rank_device
+from actors.model.tp.worker import end_workers, spawn_workers
 from cluster.config import ConfigError, load_config
 from cluster.serving.coordinator import Coordinator, GenerateArgs
 from cluster.launch.deployment import engine_spec

@@ -10,9 +10,9 @@ import time
 def test_a_join_that_times_out_leaves_speculation_off(tiny_pair, held_out_prompts, caplog):
     """Nobody joins the port the verifier was sent to: the loop keeps decoding meanwhile, the
     join gives up after timeout_s with an error in the log, and speculation stays off."""
-    from actors.channel import reserve_port
+    from actors.protocol.ports import reserve_port
     from actors.sequence import Request
-    from actors.spec import EngineSpec
+    from actors.engine_spec import EngineSpec
     from actors.verifier import Verifier
 
     spec = EngineSpec(target=str(tiny_pair / "target"), draft=str(tiny_pair / "draft"), mode="ssd",
@@ -29,7 +29,7 @@ def test_a_join_that_times_out_leaves_speculation_off(tiny_pair, held_out_prompt
     tokens: list[int] = []
     done = _take_events(v, tokens)
     assert steps > 1 and tokens, "the loop stood still while the join waited"
-    assert not v.drafter_ok and v.channel is None and v._reconnect is None
+    assert not v.drafter_ok and v.drafter.channel is None and v.drafter.rejoin is None
     while not done:  # the sequence finishes without drafts
         v.step()
         done = _take_events(v, tokens)
@@ -50,13 +50,13 @@ def test_a_dead_local_verifier_loop_fails_open_requests(tiny_pair, held_out_prom
     verify loop dies of an exception, the open request ends with an error instead of waiting
     for events that will never come."""
     from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
-    from actors.spec import EngineSpec
+    from actors.spec.sampling import SamplingParams
+    from actors.engine_spec import EngineSpec
     from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     engine = LocalEngine(EngineSpec(target=str(tiny_pair / "target"), mode="ar", max_batch=2, max_seq_len=256))
 
-    def broken(seqs):   # a fault inside the round, as a bug or a device error would raise it
+    def broken(seqs, rt):   # a fault inside the round, as a bug or a device error would raise it
         raise RuntimeError("injected fault in the round")
 
     engine.verifier._verify = broken

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from actors.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
-from actors.verify import Outcome, round_outcomes, verify_greedy, verify_sampling
+from actors.spec.sampling import SamplingParams, probs_from_logits, saguaro_scale, sample
+from actors.spec.verify import Outcome, round_outcomes, verify_greedy, verify_sampling
 
 N = 20_000  # rounds per distribution test
 ALPHA = 0.01
@@ -288,7 +288,7 @@ def test_batched_greedy_round_matches_row_by_row(seed: int, B: int, V: int) -> N
     lengths and pending tokens agrees with verify_greedy on each row's own logits."""
     from types import SimpleNamespace
 
-    from actors.sampling import SamplingParams
+    from actors.spec.sampling import SamplingParams
 
     g = torch.Generator().manual_seed(seed)
     ks = torch.randint(0, 5, (B,), generator=g).tolist()

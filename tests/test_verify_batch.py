@@ -1,7 +1,7 @@
 """Batched verification against the per-sequence rule.
 
-verify_batch (actors/verify.py) must give exactly the (k, t*) of verify_greedy / verify_sampling
-for the same keyed uniforms, edge cases included, and probs_per_row (actors/sampling.py) must give
+verify_batch (actors/spec/verify.py) must give exactly the (k, t*) of verify_greedy / verify_sampling
+for the same keyed uniforms, edge cases included, and probs_per_row (actors/spec/sampling.py) must give
 each row what probs_from_logits gives it alone; round_outcomes, which joins the two, must agree
 with the per-sequence rule on batches that mix greedy and sampling sequences. The chi-square
 tests then check that what the batched rule emits follows p, as tests/test_verify.py does for the
@@ -16,8 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.sampling import SamplingParams, probs_from_logits, probs_per_row, row_settings
-from actors.verify import round_outcomes, round_uniforms, verify_batch, verify_greedy, verify_sampling
+from actors.spec.sampling import SamplingParams, probs_from_logits, probs_per_row, row_settings
+from actors.spec.verify import round_outcomes, round_uniforms, verify_batch, verify_greedy, verify_sampling
 from tests.test_verify import N, _assert_distributed_as, _case, _draw_drafts, _fit_pvalue, _random_rows
 
 torch.set_num_threads(1)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.config import CheckpointError, ModelArgs
+from actors.model.config import CheckpointError, ModelArgs
 from actors.eagle.head import EagleHead, HeadArgs, default_aux_layers
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def load_head_for(path: str | Path, target_path: str | Path, dtype: torch.dtype,
     `target_path` (the drafter holds that one tensor of the target, nothing else)."""
     from safetensors import safe_open
 
-    from actors.loader import weight_files
+    from actors.model.loader import weight_files
 
     target_args = ModelArgs.from_dir(target_path)
     for f in weight_files(Path(target_path)):

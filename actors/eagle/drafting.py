@@ -13,14 +13,14 @@ import torch
 
 from actors.draft_state import DraftSeq
 from actors.eagle.drafter_model import HeadModel
-from actors.frame import ProtocolError
-from actors.sampling import probs_from_logits
-from actors.spec import EngineSpec
+from actors.protocol.frame import ProtocolError
+from actors.spec.sampling import probs_from_logits
+from actors.engine_spec import EngineSpec
 
 
 def load_head_model(spec: EngineSpec, device: str) -> HeadModel:
     from actors.eagle.checkpoint import load_head_for
-    from actors.loader import parse_dtype
+    from actors.model.loader import parse_dtype
 
     return HeadModel(load_head_for(spec.draft, spec.target, parse_dtype(spec.draft_dtype, device), device))
 

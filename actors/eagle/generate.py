@@ -14,11 +14,11 @@ import torch
 from actors.eagle.draft import HeadStream
 from actors.eagle.head import EagleHead
 from actors.generate import Generation, Stream, _finish, _generator, _pick, _result, check_context
-from actors.model import Transformer
-from actors.sampling import SamplingParams, probs_from_logits, sample
-from actors.stats import SpecStats
-from actors.stopping import StopCriteria
-from actors.verify import verify_greedy, verify_sampling
+from actors.model.model import Transformer
+from actors.spec.sampling import SamplingParams, probs_from_logits, sample
+from actors.spec.stats import SpecStats
+from actors.spec.stopping import StopCriteria
+from actors.spec.verify import verify_greedy, verify_sampling
 
 
 def draft_tokens(head: EagleHead, hs: HeadStream, logits: torch.Tensor, hidden: torch.Tensor, k: int,

@@ -11,7 +11,7 @@ is trained unrolled on its own outputs (actors/eagle/train.py).
 The vocabulary head covers `draft_vocab` tokens only (the most frequent in the target's own
 output); `d2t` maps a draft id to the target's (`target = draft + d2t[draft]`, the public EAGLE-3
 convention). The draft's q is zero outside that set, and verification against the target's full p
-stays exact: the residual max(0, p - q) covers every other token (actors/verify.py).
+stays exact: the residual max(0, p - q) covers every other token (actors/spec/verify.py).
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.config import ModelArgs, rope_inv_freq
+from actors.model.config import ModelArgs, rope_inv_freq
 from actors.kv import PagedKVCache, read_len
-from actors.model import MLP, Attention, RMSNorm, attention_masks, rope, rope_tables
+from actors.model.model import MLP, Attention, RMSNorm, attention_masks, rope, rope_tables
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ max_new_tokens + K), so an admitted sequence never runs out of cache halfway; `c
 tells the admitter whether the next one fits. Sides that fork (the drafter) are sized by the
 memory plan (cluster/launch/memory_plan.py) so they never need to refuse.
 
-With padded shapes (actors/buckets.py) one block is the *scratch* block: taken out of the free
+With padded shapes (actors/model/buckets.py) one block is the *scratch* block: taken out of the free
 list for good, never in any table, it is where dummy rows and padding positions write and what
 reads past a table's end point at. Reservations count the other blocks only (`capacity`).
 """
@@ -223,13 +223,13 @@ class PagedKVCache:
                                    bs, device, lo[0], hi[0])
 
     def prepare_padded(self, handles: list[int], input_pos: torch.Tensor, kv_len: int, shape) -> torch.Tensor:
-        """`prepare` for a forward padded to `shape` = (rows, T', kv_len') (actors/buckets.py):
+        """`prepare` for a forward padded to `shape` = (rows, T', kv_len') (actors/model/buckets.py):
         input_pos [B, T] are the real rows' host positions, kv_len >= theirs. Real rows own blocks
         for their real positions only (no extra blocks, reservations hold); dummy rows and padding
         positions write into the scratch block; reads past a table's end read scratch. The plan
         is always masked (aligned/causal False), so each real query sees exactly the keys it sees
         unpadded. Returns the padded host positions [rows, T'] the forward must be given."""
-        from actors.buckets import pad_positions
+        from actors.model.buckets import pad_positions
         from actors.kv.paged import build_padded_indices
 
         if self.scratch is None:

@@ -1,5 +1,5 @@
 """What the KV cache and the model's attention share: the error a full cache raises, and how
-many keys a forward reads (the same function on every rank, actors/tp/)."""
+many keys a forward reads (the same function on every rank, actors/model/tp/)."""
 from __future__ import annotations
 
 import torch
@@ -26,7 +26,7 @@ def read_len(kv_len: int, causal: bool, like: torch.Tensor) -> int:
     blocks it gets the same (tests/test_packed.py), and greedy SD/SSD stay token-identical to AR.
     A fresh prefill (`causal`, SDPA's own causal mask) reads exactly kv_len. `like`: a tensor of
     the KV's dtype and device. The model and the cache call this same function, so a plan built
-    on one rank and a forward on another agree (actors/tp/)."""
+    on one rank and a forward on another agree (actors/model/tp/)."""
     if causal or like.dtype == torch.float32 or like.device.type != "cpu":
         return kv_len
     return -(-kv_len // KEY_BLOCK) * KEY_BLOCK

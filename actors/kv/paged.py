@@ -87,7 +87,7 @@ def read_kv(pool, layer: int, plan: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_padded_indices(tables: list[list[int]], pos: torch.Tensor, n_real: int, kv_len: int, block_size: int,
                          scratch: int, device: torch.device) -> tuple:
-    """(write, read) for a padded forward (actors/buckets.py), always as index tensors so their
+    """(write, read) for a padded forward (actors/model/buckets.py), always as index tensors so their
     shapes depend on the bucket alone: write [rows*T], read ("gather", [rows*kv_len], kv_len).
     `pos` is the padded [rows, T]; `tables` are the real rows', whose first `n_real` positions are
     theirs. Every other write (a dummy row's, a real row's padding) lands in the `scratch` block,

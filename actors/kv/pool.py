@@ -32,7 +32,7 @@ class BlockPool:
         self._free = list(range(n_blocks))   # a heap
         self.copies = 0                      # copy-on-write block copies so far
         # A list: every copy is also logged as (src, dst), for a tensor-parallel rank 0 to have its
-        # workers make the same copies in their pools (actors/tp/); None: not logged.
+        # workers make the same copies in their pools (actors/model/tp/); None: not logged.
         self.copy_log: list[tuple[int, int]] | None = None
         self.prefix: PrefixIndex | None = PrefixIndex() if prefix else None
 

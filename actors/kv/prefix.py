@@ -14,7 +14,7 @@ admission never waits on them.
 A block the index names is never written: PagedKVCache._own copies it first, even when no table
 but the writer holds it (copy on write, as for forks). Decisions are made from host bookkeeping
 only (token ids, tables, counts), so a tensor-parallel rank 0 decides and its workers replay the
-resulting forwards' plans and copies (actors/tp/).
+resulting forwards' plans and copies (actors/model/tp/).
 """
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
 
 
 def random_drafter(src: str | Path, out: str | Path, seed: int = 0) -> Path:

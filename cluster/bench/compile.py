@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 
 def forward_ab(target_dir: str, k: int, ctx: int = 128, steps: int = 40, padded: bool = False) -> dict:
     """Median ms of the target's forward at T = 1 and T = K+1, eager vs compiled, alternating.
-    `padded`: the compiled side is the fixed-shape path CUDA graphs need (actors/buckets.py): one
+    `padded`: the compiled side is the fixed-shape path CUDA graphs need (actors/model/buckets.py): one
     real row padded to a batch of 2, kv_len to a multiple of 128, a static-shape compile."""
-    from actors.buckets import Buckets, pad_tokens
-    from actors.compiled import compile_forward, compile_static
+    from actors.model.buckets import Buckets, pad_tokens
+    from actors.model.compiled import compile_forward, compile_static
     from actors.kv import PagedKVCache
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     eager, compiled = load_model(target_dir), load_model(target_dir)
     fwd = {"eager": eager, "compiled": compiled}

@@ -21,7 +21,7 @@ ROUNDS = 5   # A/B rounds; each times every dtype's t(1) and t(K+1) with a few r
 def measure_dtypes(target_dir: str, ctx: list[int], k: int, max_len: int, device: str = "cpu") -> dict:
     """Per dtype: t_decode(1), t_verify(K+1) (medians over interleaved rounds), their ratio and the
     memory floor (streamed weight bytes over measured copy bandwidth)."""
-    from actors.loader import cpu_has_fast_bf16, load_model
+    from actors.model.loader import cpu_has_fast_bf16, load_model
 
     dtypes = ["float32"] + (["bfloat16"] if torch.device(device).type == "cuda" or cpu_has_fast_bf16() else [])
     with torch_threads(1):

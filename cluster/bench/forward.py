@@ -2,7 +2,7 @@
 
 One process, everything interleaved round by round (this host is shared, so read ratios and
 medians): per dtype and thread count, t(1), t(5) and t(17) through the paged cache at a
-256-token context, with packed weights (actors/packed.py) and with the plain modules; the
+256-token context, with packed weights (actors/model/packed.py) and with the plain modules; the
 memory floor (streamed weight bytes over the copy bandwidth of one and of two threads); greedy
 decoding tokens/s against transformers' greedy at the same dtype and threads; and where one
 bfloat16 decode step's time goes (torch.profiler, self time by kind of kernel).
@@ -55,7 +55,7 @@ def _time(fn, reps: int) -> float:
 
 
 def forward_table(target: str, rounds: int, dtypes, threads) -> dict:
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     models = {}
     for d in dtypes:
@@ -89,8 +89,8 @@ def ar_vs_hf(target: str, rounds: int, dtypes, threads, n: int = 48) -> dict:
     from transformers import AutoModelForCausalLM
 
     from actors.generate import generate_ar
-    from actors.loader import load_model, parse_dtype
-    from actors.stopping import StopCriteria
+    from actors.model.loader import load_model, parse_dtype
+    from actors.spec.stopping import StopCriteria
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, 49152 if "smol" in target else 4096, (128,), generator=g).tolist()
@@ -131,7 +131,7 @@ def profile_decode(target: str, dtype: str, steps: int = 10) -> dict:
     """Self CPU time per decode step by kind of kernel (one thread)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     with torch_threads(1):
         fn = _step_fn(load_model(target, dtype), 1)
@@ -155,7 +155,7 @@ def profile_decode(target: str, dtype: str, steps: int = 10) -> dict:
 
 def main() -> None:
     from cluster.models.build import models_root
-    from actors.loader import cpu_has_fast_bf16
+    from actors.model.loader import cpu_has_fast_bf16
 
     ap = argparse.ArgumentParser()
     ap.add_argument("target", nargs="?", default=str(models_root() / "smol-v1" / "target"))

@@ -100,7 +100,7 @@ class VerifyProbe:
 
     def __init__(self, target_dir: str, ctx: list[int], k: int, max_len: int, reps: int = 5,
                  cpus: set[int] | None = None, device: str = "cpu", dtype: str = "float32"):
-        from actors.loader import load_model
+        from actors.model.loader import load_model
 
         with torch_threads(1):
             self.model = load_model(target_dir, dtype, device=device)
@@ -117,7 +117,7 @@ def load_draft(draft_dir: str, target_dir: str, dtype: str, device: str):
     """The drafter as the engine runs it: a draft model, or a draft head in the drafter's seat."""
     from actors.eagle.checkpoint import is_head_dir, load_head_for
     from actors.eagle.drafter_model import HeadModel
-    from actors.loader import load_model, parse_dtype
+    from actors.model.loader import load_model, parse_dtype
 
     if is_head_dir(draft_dir):
         return HeadModel(load_head_for(draft_dir, target_dir, parse_dtype(dtype, device), device))
@@ -129,7 +129,7 @@ def measure_kernels(target_dir: str, draft_dir: str, ctx: list[int], ks: list[in
                     draft_dtype: str = "float32") -> dict:
     """Direct timings on one thread. `target`: the target model already loaded in this process
     (else it is loaded here, in `dtype`)."""
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     with torch_threads(1):
         target = target or load_model(target_dir, dtype, device=device)

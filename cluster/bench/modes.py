@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
 
 PROMPT_TOKENS = 128
 SAGUARO_T, SAGUARO_C = 0.7, 0.8

@@ -58,7 +58,7 @@ def untrained_drafter(pair: Path) -> Path:
 
 def agreement(drafter_dir: Path, target, prompts: list[list[int]], conts: list[list[int]]) -> float:
     """Share of the target's continuation tokens the drafter's argmax predicts (teacher-forced)."""
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     d = load_model(drafter_dir)
     hit = tot = 0
@@ -73,7 +73,7 @@ def agreement(drafter_dir: Path, target, prompts: list[list[int]], conts: list[l
 
 def run_arm(spec, prompts, concurrency: int, gap_s: float, max_new: int) -> tuple[list[dict], dict]:
     from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
+    from actors.spec.sampling import SamplingParams
     from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     engine = LocalEngine(spec).start()
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
 
     from cluster.models.build import build_pair
     from cluster.models.corpus import prompts as corpus_prompts
-    from actors.tokenizer import Tokenizer
+    from actors.model.tokenizer import Tokenizer
     from cluster.config import load_config
     from cluster.launch.deployment import engine_spec
 
@@ -194,9 +194,9 @@ def main(argv=None) -> int:
                 raise SystemExit(f"request {i}: arms {first} and {arm} give different greedy outputs: "
                                  "exactness is broken")
     from actors.generate import generate_ar
-    from actors.loader import load_model
-    from actors.sampling import SamplingParams
-    from actors.stopping import StopCriteria
+    from actors.model.loader import load_model
+    from actors.spec.sampling import SamplingParams
+    from actors.spec.stopping import StopCriteria
 
     target = load_model(pair / "target")
     ar = lambda p: generate_ar(target, p, StopCriteria(a.max_new), SamplingParams()).tokens  # noqa: E731

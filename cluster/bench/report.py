@@ -17,7 +17,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from actors.stats import SpecStats
+from actors.spec.stats import SpecStats
 from cluster.bench.plot import plot
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from actors.sampling import SamplingParams
+from actors.spec.sampling import SamplingParams
 from cluster.config import load_config
 from cluster.serving.coordinator import Coordinator, GenerateArgs
 from cluster.bench.kernels import VerifyProbe, measure_kernels, torch_threads
@@ -86,7 +86,7 @@ class HF:
         transformers.utils.logging.disable_progress_bar()
         self.version = transformers.__version__
         self.device = device
-        from actors.loader import parse_dtype
+        from actors.model.loader import parse_dtype
 
         dt = parse_dtype(dtype, device)   # the target's dtype as outrider runs it: a same-dtype comparison
         self.model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dt).to(device).eval()

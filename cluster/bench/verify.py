@@ -18,8 +18,8 @@ from types import SimpleNamespace
 
 import torch
 
-from actors.sampling import SamplingParams
-from actors.verify import round_outcomes
+from actors.spec.sampling import SamplingParams
+from actors.spec.verify import round_outcomes
 
 log = logging.getLogger(__name__)
 

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         if a.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        from actors.sampling import SamplingParams
+        from actors.spec.sampling import SamplingParams
 
         params = [SamplingParams(temperature=temp, top_k=top_k, seed=1000 + i) for i in range(n_samples)]
         max_seq = 32 + max(new, depth) + 4 * a.k + 16

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def run_engine(spec: EngineSpec, prompts: list[list[int]], new: int, sampling: t
     """Greedy continuations of `prompts` (and, with sampling = (prompt, n, new, params list), n
     sampled continuations) from a LocalEngine; its speculation stats, wall time and memory."""
     from actors.launch import LocalEngine
-    from actors.sampling import SamplingParams
+    from actors.spec.sampling import SamplingParams
     from cluster.serving.coordinator import Coordinator, GenerateArgs
 
     plan = plan_for(spec)
@@ -53,7 +53,7 @@ def run_engine(spec: EngineSpec, prompts: list[list[int]], new: int, sampling: t
     engine = LocalEngine(spec).start()
     up_s = time.perf_counter() - t0
     coord = Coordinator(engine, None, max_queue=4096)
-    channel = getattr(engine.verifier, "channel", None)
+    channel = engine.verifier.drafter.channel
     res: dict = {"mode": spec.mode, "up_s": up_s, "plan": plan,
                  "backend": channel.backend if channel is not None else "none"}
     try:
@@ -110,8 +110,8 @@ def timings(tdir, device: str, dtype: str, k: int, ctx: int, reps: int, compile_
     """t_decode(1) and t_verify(K+1) eager, the HBM floor (bytes a forward streams / measured copy
     bandwidth), and with engine.compile's padded static forward: its capture time and the same
     two times."""
-    from actors.loader import load_model
-    from actors.runner import Runner
+    from actors.model.loader import load_model
+    from actors.model.runner import Runner
     from cluster.bench.kernels import copy_bandwidth, streamed_bytes
 
     model = load_model(tdir, dtype, device)

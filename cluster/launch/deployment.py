@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 from actors.affinity import check_cpus
-from actors.config import ModelArgs
-from actors.spec import EngineSpec, OnlineLearningSpec
-from actors.tokenizer import Tokenizer, vocab_mismatch
-from actors.tp.shard import rank_args, rank_device, split_error
-from cluster.config import ConfigError, DeploymentConfig
+from actors.model.config import ModelArgs
+from actors.engine_spec import EngineSpec, OnlineLearningSpec
+from actors.model.tokenizer import Tokenizer, vocab_mismatch
+from actors.model.tp.shard import rank_args, rank_device, split_error
+from cluster.config import ConfigError, DeploymentConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +41,59 @@ def _dtype(mc) -> str:
     plan and the actors see the same concrete dtype."""
     if mc.dtype != "auto":
         return mc.dtype
-    from actors.loader import auto_dtype
+    from actors.model.loader import auto_dtype
 
     name = str(auto_dtype(mc.device)).removeprefix("torch.")
     log.info("dtype auto on %s: %s", mc.device, name)
     return name
+
+
+# How the engine's spec follows from the deployment schema, in one place. An EngineSpec field named
+# like a key of `speculation:` or `engine:` takes that key's value; `target_<key>` and `draft_<key>`
+# take `models.<role>.<key>`; the few whose names differ are listed here. Fields computed from the
+# config (resolved paths, dtype auto, the head's layers, online learning) are set by engine_spec;
+# the rest (the memory plan's block counts, addresses) keep their defaults.
+RENAMED = {"timeout_s": "engine.data_plane_timeout_s", "num_threads": "models.target.num_threads",
+           "draft_num_threads": "models.draft.num_threads",
+           "tensor_parallel_size": "models.target.tensor_parallel_size"}
+COMPUTED = {"target", "draft", "target_dtype", "draft_dtype", "draft_head_layers", "online_learning"}
+
+
+def spec_fields(cfg: DeploymentConfig) -> dict:
+    """The EngineSpec fields the config sets directly (see RENAMED)."""
+    from dataclasses import fields
+
+    draft = cfg.models.draft if cfg.speculation.mode != "ar" else None
+    out = {}
+    for f in fields(EngineSpec):
+        if f.name in COMPUTED or (f.name.startswith("draft_") and draft is None):
+            continue
+        role, _, key = f.name.partition("_")
+        if f.name in RENAMED:
+            value = _at(cfg, RENAMED[f.name])
+        elif f.name in type(cfg.speculation).model_fields:
+            value = getattr(cfg.speculation, f.name)
+        elif f.name in type(cfg.engine).model_fields:
+            value = getattr(cfg.engine, f.name)
+        elif role in ("target", "draft") and key in ModelConfig.model_fields:
+            value = getattr(getattr(cfg.models, role), key)
+        else:
+            continue
+        if value is not None:   # unset (or no drafter): the spec's own default
+            out[f.name] = tuple(value) if f.name.endswith("_cpus") else _plain(value)
+    return out
+
+
+def _at(cfg: DeploymentConfig, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part, None) if node is not None else None
+    return node
+
+
+def _plain(value):
+    """A config value as the plain spec holds it (lists and dicts, not pydantic's own)."""
+    return dict(value) if isinstance(value, dict) else list(value) if isinstance(value, list) else value
 
 
 def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
@@ -63,20 +111,8 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
     spec = EngineSpec(
         target=target_path, draft=draft_path, draft_head_layers=head_layers,
         target_dtype=_dtype(m.target), draft_dtype=_dtype(draft) if draft else "float32",
-        target_device=m.target.device, draft_device=draft.device if draft else "cpu",
-        mode=sp.mode, k=sp.k, adaptive=sp.adaptive, fan_out=list(sp.fan_out) if sp.fan_out is not None else None,
-        fan_out_budget=sp.fan_out_budget, backup=sp.backup, saguaro_c=sp.saguaro_c,
-        max_batch=en.max_batch, max_seq_len=en.max_seq_len, timeout_s=en.data_plane_timeout_s,
-        master_port=en.master_port or 0, num_threads=m.target.num_threads,
-        draft_num_threads=draft.num_threads if draft else 1,
-        target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
-        draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
-        kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk, compile=en.compile,
-        prefix_caching=en.prefix_caching,
-        pad_shapes=en.pad_shapes,
         online_learning=_online_spec(sp.online_learning) if draft else None,
-        tensor_parallel_size=m.target.tensor_parallel_size,
-        target_resources=dict(m.target.resources), draft_resources=dict(draft.resources) if draft else {},
+        **spec_fields(cfg),
     )
     from cluster.launch.memory_plan import plan_memory  # KV pools sized by the budget; a plan that cannot fit fails
 
@@ -106,7 +142,7 @@ def _head_layers(draft_path: str, target_path: str) -> tuple[int, ...] | None:
     """The target layers a draft head reads, when models.draft.path is one (actors/eagle/)."""
     import json
 
-    from actors.config import CheckpointError
+    from actors.model.config import CheckpointError
     from actors.eagle.checkpoint import head_args, is_head_dir
 
     if not is_head_dir(draft_path):

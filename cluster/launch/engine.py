@@ -5,7 +5,7 @@ each gets its own GPU, or its own CPU core on a laptop), starts, health-checks a
 The per-round traffic goes over the torch.distributed channel the two actors form between
 themselves. The coordinator lives in the serving process (the Ray driver), which holds no Ray
 resources (the `num_cpus=0` role): it submits and aborts through Ray calls, and committed tokens
-come back over a TCP stream the verify loop writes (actors/events.py), read here and long-polled
+come back over a TCP stream the verify loop writes (actors/protocol/events.py), read here and long-polled
 locally by the coordinator.
 """
 from __future__ import annotations
@@ -20,12 +20,12 @@ import psutil
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from actors.channel import reserve_port
-from actors.buckets import PRECOMPILE_S
+from actors.protocol.ports import reserve_port
+from actors.model.buckets import PRECOMPILE_S
 from actors.drafter import Drafter
-from actors.events import EventReader, EventStreamClosed
-from actors.spec import EngineSpec
-from actors.tp.worker import TPWorker
+from actors.protocol.events import EventReader, EventStreamClosed
+from actors.engine_spec import EngineSpec
+from actors.model.tp.worker import TPWorker
 from actors.verifier import Verifier
 from cluster.launch.placement import actor_options, drafter_bundle, missing_resources, placement_bundles
 
@@ -126,7 +126,7 @@ class RayEngine:
         self.placement_strategy = placement_strategy
         self.ready_timeout_s = ready_timeout_s
         # Waits that include building a role (loading, and with engine.compile precompiling its
-        # bucket shapes: minutes on a GPU, actors/runner.py) get the compile on top.
+        # bucket shapes: minutes on a GPU, actors/model/runner.py) get the compile on top.
         self.build_timeout_s = ready_timeout_s + (PRECOMPILE_S if spec.compile else 0.0)
         self.verifier = None
         self.drafter = None
@@ -136,7 +136,7 @@ class RayEngine:
         self.events: EventReader | None = None
         self._events_token = secrets.token_hex(16)
         self._runs: list = []
-        self.tp_workers: list = []   # the target's ranks 1..N-1 (actors/tp/), in bundles 1..N-1
+        self.tp_workers: list = []   # the target's ranks 1..N-1 (actors/model/tp/), in bundles 1..N-1
         self._tp_runs: list = []     # their join_and_run() calls: one resolves only if its loop ends
         self._drafter_ready = None   # the drafter's ready() call: resolves once Ray placed and built it
         self._drafter_run = None     # its join_and_run(): resolves when its loop ends; None until it joins
@@ -193,7 +193,7 @@ class RayEngine:
                                + (f" (none declares {missing})" if missing else "") + "; see `ray status`")
 
     def _open_events(self, timeout_s: float | None = None) -> None:
-        """Committed tokens come over a stream of their own (actors/events.py), not Ray calls.
+        """Committed tokens come over a stream of their own (actors/protocol/events.py), not Ray calls.
         Reopened after a break, it continues after the last event the old stream delivered."""
         timeout_s = timeout_s or self.ready_timeout_s
         addr = ray.get(self.verifier.node_ip.remote(), timeout=timeout_s)

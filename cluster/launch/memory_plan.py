@@ -22,7 +22,7 @@ plan, the verifier's reservations and the drafter's sizing count them as free.
     and its loaded kernels, cuBLAS workspaces, NCCL's buffers per communicator it joins (the
     TP group, the drafter channel's bulk group), and with engine.compile on CUDA the CUDA-graph
     pool (the captured buckets' activations: one workspace more). Padded shapes add the scratch
-    block; their rows, T and kv_len never exceed the unpadded maxima (actors/buckets.py).
+    block; their rows, T and kv_len never exceed the unpadded maxima (actors/model/buckets.py).
 
 Devices. Under the Ray launcher every role (and every TP rank) gets a GPU bundle of its own and
 sees it as "cuda" (Ray narrows CUDA_VISIBLE_DEVICES), so two roles on "cuda" are two GPUs; they
@@ -42,7 +42,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 from cluster.errors import ConfigError
 
 GiB = 1 << 30
@@ -190,7 +190,7 @@ class MemoryPlan:
 def _weights(args, dtype: str) -> int:
     import torch
 
-    from actors.model import Transformer
+    from actors.model.model import Transformer
 
     with torch.device("meta"):
         m = Transformer(args)
@@ -215,7 +215,7 @@ def _step_bytes(args, dtype: str, rows: int, T: int, kv_len: int) -> int:
 def _draft_args(spec: EngineSpec):
     """The drafter's shapes: a draft model's, or a draft head's one layer (with the target's
     vocabulary: its embedding is the one tensor of the target the drafter holds)."""
-    from actors.config import ModelArgs
+    from actors.model.config import ModelArgs
 
     if spec.draft_head_layers is not None:
         import json
@@ -233,7 +233,7 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
     """The plan for `spec` (its model directories are read for config.json only). `memory` gives
     device totals (by device name, or by its type: "cuda"); missing ones are looked up here.
     `launcher` ("ray" | "local") decides whether two roles on "cuda" share a GPU (role_devices)."""
-    from actors.config import ModelArgs
+    from actors.model.config import ModelArgs
 
     ta = target_args or ModelArgs.from_dir(spec.target)
     da = draft_args if draft_args is not None else (_draft_args(spec) if spec.draft and spec.speculative else None)

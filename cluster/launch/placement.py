@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 from cluster.config import BUILTIN_RESOURCES
 
 

@@ -30,10 +30,10 @@ def measure(target_dir, draft_dir, k: int = 4, n: int = 12, new_tokens: int = 96
     from cluster.models.chat_prompts import HELD_OUT
     from cluster.models.corpus import prompts
     from actors.generate import generate_sd
-    from actors.loader import load_model
-    from actors.stats import SpecStats
-    from actors.stopping import StopCriteria
-    from actors.tokenizer import Tokenizer
+    from actors.model.loader import load_model
+    from actors.spec.stats import SpecStats
+    from actors.spec.stopping import StopCriteria
+    from actors.model.tokenizer import Tokenizer
 
     from actors.eagle.checkpoint import is_head_dir, load_head
     from actors.eagle.generate import generate_sd_head

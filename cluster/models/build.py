@@ -98,7 +98,7 @@ def resolve_demo(spec: str) -> Path:
 def per_token_ms(model_dir: Path, ctx: int = 200, n: int = 20) -> float:
     """One-core, batch-1 decode cost at a `ctx`-token context, with the KV cache."""
     from actors.kv import PagedKVCache
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

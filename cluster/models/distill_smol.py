@@ -172,9 +172,9 @@ def generate_labelled(target, prompts: list[list[int]], new_tokens: int, batch: 
 
 def student_from_target(target_dir: Path, layers: tuple[int, ...]):
     """The drafter before training: the target's `layers`, embedding, norm and tied head."""
-    from actors.config import ModelArgs
+    from actors.model.config import ModelArgs
     from cluster.models.smol import truncated_state
-    from actors.model import Transformer
+    from actors.model.model import Transformer
 
     cfg = json.loads((target_dir / "config.json").read_text())
     cfg["num_hidden_layers"] = len(layers)
@@ -293,8 +293,8 @@ def labelled_data(target_dir: Path, spec: DistillSpec) -> list[dict]:
     code prompts (generated), then standard-library windows it reads (teacher-forced). Cached
     beside the target, so a killed build or a retrain reuses them."""
     from cluster.models.chat_prompts import training_requests
-    from actors.loader import load_model
-    from actors.tokenizer import Tokenizer
+    from actors.model.loader import load_model
+    from actors.model.tokenizer import Tokenizer
 
     cached = target_dir.parent / f"distill-data-{spec.data_key()}.pt"
     if cached.is_file():

@@ -54,7 +54,7 @@ def build_drafter(pair: Path, size: str, name: str, force: bool = False) -> Path
 def _distil(pair: Path, size: str, shape, out: Path) -> dict:
     from cluster.models.build import SIZES, per_token_ms, training_texts
     from cluster.models.train import EOS, agreement, distill, encode_corpus, hf_config, new_model, save_hf
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     t0 = time.perf_counter()
     spec = SIZES[size]

@@ -63,7 +63,7 @@ SPEC = HeadSpec()
 def feature_data(target_dir: Path, data: list[dict], aux: tuple[int, ...], spec: DistillSpec) -> list[torch.Tensor]:
     """The target's features [n, len(aux) * dim] (float16) at every position of every sequence,
     cached beside the labelled data."""
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     key = f"{spec.data_key()}-{'.'.join(map(str, aux))}"
     cached = target_dir.parent / f"head-feats-{key}.pt"
@@ -190,7 +190,7 @@ def agreement(head, items: list[tuple], steps: int) -> list[float]:
 def train_head(target_dir: Path, out: Path, spec: HeadSpec = SPEC) -> dict:
     from actors.eagle.checkpoint import save_head
     from actors.eagle.head import default_aux_layers
-    from actors.loader import load_model
+    from actors.model.loader import load_model
 
     t0 = time.perf_counter()
     torch.manual_seed(spec.seed)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from actors.config import ModelArgs
+from actors.model.config import ModelArgs
 from cluster.models.progress import Progress
-from actors.model import Transformer
+from actors.model.model import Transformer
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"

@@ -15,10 +15,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from actors.grammar import GrammarSpec
-from actors.sampling import SamplingParams
-from actors.stats import SpecStats
-from actors.tokenizer import Tokenizer
+from actors.spec.grammar import GrammarSpec
+from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
+from actors.model.tokenizer import Tokenizer
 from actors.sequence import Request
 from cluster.serving.textstream import TextStream
 
@@ -38,7 +38,7 @@ class Chunk:
     token_ids: list[int]
     text: str
     # With GenerateArgs.logprobs: one (logprob, [(id, logprob), ...top n]) per token id
-    # (actors/logprobs.py); None otherwise.
+    # (actors/spec/logprobs.py); None otherwise.
     logprobs: list | None = None
 
 
@@ -68,7 +68,7 @@ class GenerateArgs:
     request_id: str = ""
     k: int | None = None                 # the request's own K (0 = off); None: the engine's policy
     logprobs: int | None = None          # None: no logprobs; n: each token's logprob and the top n
-    grammar: GrammarSpec | None = None   # structured outputs: the output matches it (actors/grammar.py)
+    grammar: GrammarSpec | None = None   # structured outputs: the output matches it (actors/spec/grammar.py)
 
 
 class Handle:

@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.samples import Sample
 
-from actors.stats import SpecStats
+from actors.spec.stats import SpecStats
 from cluster.serving.prefix_metrics import prefix_families
 
 log = logging.getLogger(__name__)

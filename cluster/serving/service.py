@@ -13,7 +13,7 @@ import sys
 import grpc
 from google.protobuf.message import DecodeError
 
-from actors.stats import SpecStats
+from actors.spec.stats import SpecStats
 from cluster.serving.coordinator import Chunk, Coordinator, EngineUnavailable, Final, QueueFull
 from cluster.serving.metrics import Metrics
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from actors.tokenizer import IncrementalDecoder, Tokenizer
+from actors.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
 @dataclass

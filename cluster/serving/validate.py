@@ -8,11 +8,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from actors.chat import ChatError
-from actors.grammar import GrammarError, GrammarSpec, check, choice_spec
-from actors.logprobs import MAX_TOP_LOGPROBS
-from actors.sampling import SamplingParams
-from actors.tokenizer import Tokenizer
+from actors.model.chat import ChatError
+from actors.spec.grammar import GrammarError, GrammarSpec, check, choice_spec
+from actors.spec.logprobs import MAX_TOP_LOGPROBS
+from actors.spec.sampling import SamplingParams
+from actors.model.tokenizer import Tokenizer
 from cluster.serving.coordinator import GenerateArgs
 
 MAX_STOP_STRINGS = 16

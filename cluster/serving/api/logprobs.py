@@ -1,5 +1,5 @@
 """OpenAI's logprobs objects from the coordinator's per-token entries (cluster/serving/coordinator.py
-Chunk.logprobs: (logprob, [(id, logprob), ...]) per token, defined in actors/logprobs.py).
+Chunk.logprobs: (logprob, [(id, logprob), ...]) per token, defined in actors/spec/logprobs.py).
 
 Completions (legacy shape): {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, where
 each top_logprobs entry is a {token text: logprob} dict of the top n plus the emitted token (so
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import codecs
 
-from actors.tokenizer import Tokenizer
+from actors.model.tokenizer import Tokenizer
 
 
 class LogprobsShape:

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from actors.logprobs import MAX_TOP_LOGPROBS
+from actors.spec.logprobs import MAX_TOP_LOGPROBS
 from cluster.rpc.outrider.v1 import outrider_pb2 as pb
 from cluster.serving.api.structured import FormatError, structured_of
 from cluster.serving.api.tools import ToolCalls, tool_calls_of

@@ -2,7 +2,7 @@
 forwards have in common.
 
 `runner(tokens, host positions, handles, last)` prepares the cache from host bookkeeping (padded
-to a bucket shape when fixed shapes are on, actors/buckets.py), lets the other tensor-parallel
+to a bucket shape when fixed shapes are on, actors/model/buckets.py), lets the other tensor-parallel
 ranks run the very same forward (the verifier of a split target sets `tp`), runs the model
 (compiled as `engine.compile` says) and returns float32 logits left on the device: nothing is
 read back here.
@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from actors.buckets import PRECOMPILE_MAX, Buckets, Shape, kv_step_for, pad_tokens
-from actors.compiled import compile_forward, compile_static
+from actors.model.buckets import PRECOMPILE_MAX, Buckets, Shape, kv_step_for, pad_tokens
+from actors.model.compiled import compile_forward, compile_static
 from actors.kv import PagedKVCache
-from actors.spec import EngineSpec
+from actors.engine_spec import EngineSpec
 
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Runner:
                 compile_static(model, role, self.cache, self.buckets.n_shapes(), backend)
             else:
                 compile_forward(model, role)
-        self.tp = None   # the verifier's TPLead when the target is split (actors/tp/)
+        self.tp = None   # the verifier's TPLead when the target is split (actors/model/tp/)
         # A split target's rank 0 compiles once its workers have joined (Verifier.join_tp), so they
         # compile the same graphs in step; every other role compiles now, before the data plane.
         if precompile and self._static and not (role == "verifier" and spec.tensor_parallel_size > 1):
@@ -98,7 +98,7 @@ class Runner:
             shape = self.buckets.shape(B, T, kv_len, last) if self.buckets and not aux else None
             if shape is not None and self._static and self.compiled is None and self._auto:
                 self.precompile()   # not called at start-up (a TP verifier before join_tp): now
-            if shape is not None:   # fixed shapes (actors/buckets.py): pad, run, slice back
+            if shape is not None:   # fixed shapes (actors/model/buckets.py): pad, run, slice back
                 pos = self.cache.prepare_padded(handles, pos, kv_len, shape)
                 tokens, kv_len = pad_tokens(tokens, shape), shape[2]
             else:

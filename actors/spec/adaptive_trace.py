@@ -55,6 +55,7 @@ _FEED = {
     "prespec": lambda c, e: c.observe_prespec(e["steps"], e["s"], e["t_verify"], e.get("n", 1),
                                               e.get("catch_up_s", 0.0)),
     "lookup": lambda c, e: c.observe_lookup(e["hit"]),
+    "table_wait": lambda c, e: c.observe_table_wait(e["s"]),
     "step": lambda c, e: c.observe_round_time(e["ks"], e["s"]),
     "round": lambda c, e: c.observe_round(e["sid"], e["n_draft"], e["accepted"]),
 }

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class OnlineLearningSpec:
-    """Online drafter adaptation (actors/online.py): the drafter trains on the committed tokens it
+    """Online drafter adaptation (actors/spec/online.py): the drafter trains on the committed tokens it
     already receives, in the gaps of its own loop. None on EngineSpec (the default): off."""
     lr: float = 1e-4
     max_steps_per_s: float = 20.0   # optimizer steps per second at most (the duty bound)
@@ -34,7 +34,7 @@ class EngineSpec:
     draft_device: str = "cpu"
     mode: str = "ssd"               # ar | sd | ssd
     k: int = 4                      # the largest K; adaptive picks each sequence's K in 0..k
-    adaptive: bool = True           # K per sequence and round from live measurements (actors/adaptive.py)
+    adaptive: bool = True           # K per sequence and round from live measurements (actors/spec/adaptive.py)
     fan_out: list[int] | None = None  # explicit per-depth list (length k+1), else geometric
     fan_out_budget: int = 16
     backup: str = "jit"             # jit | ngram | none
@@ -46,7 +46,7 @@ class EngineSpec:
     draft_kv_blocks: int | None = None    # the drafter's; None: derived from the verifier's (draft_blocks)
     prefill_chunk: int = 512        # prompt positions per prefill forward (bounds the logits buffer)
     prefix_caching: bool = True     # keep full KV blocks by prefix digest and reuse them (actors/kv/prefix.py)
-    compile: bool = False           # torch.compile the cached forwards (actors/compiled.py)
+    compile: bool = False           # torch.compile the cached forwards (actors/model/compiled.py)
     pad_shapes: bool = False        # pad decode/verify forwards to fixed buckets even off CUDA (testing knob)
     timeout_s: float = 30.0
     master_addr: str = "127.0.0.1"
@@ -115,7 +115,7 @@ class EngineSpec:
 
     def pads(self, device: str) -> bool:
         """Whether a role on `device` pads its decode/verify forwards to fixed shapes
-        (actors/buckets.py): always for CUDA-graph capture (compile on CUDA), else if forced."""
+        (actors/model/buckets.py): always for CUDA-graph capture (compile on CUDA), else if forced."""
         return self.pad_shapes or (self.compile and str(device).startswith("cuda"))
 
     def target_blocks(self) -> int:

@@ -16,8 +16,9 @@ expected tokens per second of the whole batch, not acceptance alone:
     ascent from "all off" and from "all at the cap" (the better of the two).
 
 Everything it needs is measured by the caller: acceptance by position per sequence
-(`Acceptance`), t_verify per batch shape (`ShapeCost`), and the drafter's costs (`Costs`), the
-last two in actors/adaptive_costs.py.
+(`Acceptance`, with the choice itself in actors/spec/adaptive_choice.py), t_verify per batch
+shape (`ShapeCost`), and the drafter's costs (`Costs`), the last two in actors/spec/adaptive_costs.py.
+`Controller` below keeps the policy's state for one engine and takes the measurements.
 A sequence at K = 0 still keeps its drafter in sync; `Probe` asks for one small draft now and
 then (backing off while speculation keeps not paying), so speculation comes back when the
 drafter starts to agree again.
@@ -26,176 +27,13 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from dataclasses import dataclass
 
-from actors.adaptive_costs import Costs, modelled_time, round_time
-from actors.adaptive_trace import writer_from_env
+from actors.spec.adaptive_costs import Costs, modelled_time, round_time
+from actors.spec.adaptive_choice import (PRIOR_ALPHA, PROBE_FIRST, Acceptance, Probe, best_speculating_k, choose_ks,
+                                        expected_curve, expected_tokens, fan_budget)
+from actors.spec.adaptive_trace import writer_from_env
 
-PRIOR_ALPHA = 0.6     # what a sequence assumes before anything was measured
-PROBE_K = 1           # the draft length of a probe from K = 0
-# Speculation must be predicted to beat plain decoding by this much: with a drafter that never
-# agrees, the prior keeps its estimated acceptance a little above 0, and when drafting looks
-# nearly free (a flat t_verify, pre-speculation hidden) that alone would keep it drafting.
-SPEC_MARGIN = 0.05
-PROBE_FIRST, PROBE_MAX = 8, 64   # rounds at K = 0 before the first probe; the backoff's cap
-# Rounds at one K > 0 before one round at K + 1. The costs of a K the policy does not choose are
-# never measured again, so one slow measurement there (a preempted forward, a pre-speculation that
-# carried a prefill) would keep it unchosen for good; near the best K the rate curve is flat, so a
-# round one step up costs little and refreshes what the next step costs.
-EXPLORE_EVERY = 16
 TRANSPORT_WINDOW = 15  # frame round trips the transport estimate is the median of
-
-
-class Acceptance:
-    """Per-position conditional acceptance with decayed counts and a prior.
-
-    reached[i]: drafts whose position i+1 was verified (it existed and positions 1..i were
-    accepted); kept[i]: of those, how many accepted it. a_{i+1} = (kept + w * prior) / (reached + w),
-    where the prior of a position is `prior[i]` when given, else the estimate of the position
-    before it (acceptance is measured position by position; a position never reached borrows
-    its neighbour's)."""
-
-    def __init__(self, k_max: int, prior: list[float] | float = PRIOR_ALPHA, weight: float = 2.0,
-                 decay: float = 0.97):
-        self.k_max, self.weight, self.decay = k_max, weight, decay
-        self.prior = list(prior) if isinstance(prior, (list, tuple)) else [float(prior)] + [None] * (k_max - 1)
-        self.prior += [None] * (k_max - len(self.prior))
-        self.reached = [0.0] * k_max
-        self.kept = [0.0] * k_max
-        self.rounds = 0
-
-    def update(self, n_draft: int, accepted: int) -> None:
-        """One verified draft of `n_draft` tokens of which the first `accepted` were kept."""
-        if n_draft <= 0:
-            return
-        self.rounds += 1
-        d = self.decay
-        for i in range(self.k_max):
-            self.reached[i] *= d
-            self.kept[i] *= d
-        for i in range(min(accepted + 1, n_draft, self.k_max)):
-            self.reached[i] += 1.0
-            if i < accepted:
-                self.kept[i] += 1.0
-
-    def rates(self) -> list[float]:
-        out, prev = [], PRIOR_ALPHA
-        for i in range(self.k_max):
-            base = self.prior[i] if self.prior[i] is not None else prev
-            prev = (self.kept[i] + self.weight * base) / (self.reached[i] + self.weight)
-            out.append(prev)
-        return out
-
-
-def expected_tokens(a: list[float], k: int) -> float:
-    """E(K) = 1 + sum_{j=1..K} prod_{i<=j} a_i: tokens a round commits with K drafts."""
-    e, p = 1.0, 1.0
-    for j in range(min(k, len(a))):
-        p *= a[j]
-        e += p
-    return e
-
-
-def expected_curve(a: list[float], k_cap: int) -> list[float]:
-    """[E(0), E(1), ..., E(k_cap)]."""
-    out, e, p = [1.0], 1.0, 1.0
-    for j in range(k_cap):
-        p *= a[j] if j < len(a) else 0.0
-        e += p
-        out.append(e)
-    return out
-
-
-def choose_ks(curves: list[list[float]], mode: str, costs: Costs,
-              fixed: list[tuple[int, float]] = ()) -> list[int]:
-    """Each sequence's K maximising the batch's expected tokens per second. curves[s] is
-    [E_s(0), .., E_s(cap_s)] (expected_curve over the sequence's own cap); `fixed` are the
-    batch's sequences whose K is not the policy's, as (K, expected tokens): they share the round."""
-    if not curves:
-        return []
-    fixed_ks = [k for k, _ in fixed]
-    fixed_e = sum(e for _, e in fixed)
-
-    def rate(ks: list[int]) -> float:
-        e = fixed_e + sum(c[k] for c, k in zip(curves, ks))
-        return e / max(round_time(mode, ks + fixed_ks, costs), 1e-12)
-
-    best_ks, best = None, -1.0
-    for start in ([0] * len(curves), [len(c) - 1 for c in curves]):
-        ks = list(start)
-        for _ in range(3):
-            changed = False
-            for s, c in enumerate(curves):
-                here, pick = rate(ks), ks[s]
-                for k in range(len(c)):
-                    if k == ks[s]:
-                        continue
-                    trial = ks[:s] + [k] + ks[s + 1:]
-                    r = rate(trial)
-                    if r > here * (1 + 1e-9):
-                        here, pick = r, k
-                if pick != ks[s]:
-                    ks[s], changed = pick, True
-            if not changed:
-                break
-        r = rate(ks)
-        if r > best:
-            best_ks, best = ks, r
-    off = [0] * len(curves)
-    if any(best_ks) and best <= rate(off) * (1 + SPEC_MARGIN):
-        return off
-    return best_ks
-
-
-def fan_budget(current: int, max_budget: int, t_verify: float, t_prespec: float | None,
-               miss_cost: float = 0.0) -> int:
-    """The fan-out budget for the next round. Pre-speculation hides behind the verify; a table
-    that comes later than that is still worth its wait while the wait is shorter than what a
-    miss costs (a just-in-time draft and a round trip). When the last one was later than that,
-    shrink in proportion to fit the verify (10 % margin); otherwise grow back by one."""
-    if t_prespec is None or t_verify <= 0:
-        return max_budget
-    if t_prespec > t_verify + miss_cost:
-        return max(1, min(current - 1, int(current * 0.9 * t_verify / t_prespec)))
-    return min(max_budget, current + 1)
-
-
-def best_speculating_k(curve: list[float], mode: str, costs: Costs, rest: list[int]) -> int:
-    """The K >= 1 with the most expected tokens per second for a sequence whose tokens per round
-    are `curve`, beside the batch's other K's `rest` (what a probe drafts)."""
-    if len(curve) < 2:
-        return PROBE_K
-    return max(range(1, len(curve)), key=lambda k: curve[k] / max(round_time(mode, [k] + rest, costs), 1e-12))
-
-
-@dataclass
-class Probe:
-    """Per sequence at K = 0: after `every` rounds off, ask for one draft; each probe after which
-    the policy still says K = 0 doubles the wait (up to PROBE_MAX). The probe drafts the K the
-    policy would pick if it had to speculate (`probe_k`), not one token: at K = 0 neither the
-    acceptance of later positions nor the costs of longer drafts are measured, and one-token
-    probes only ever refresh the first of them."""
-    every: int = PROBE_FIRST
-    off: int = 0
-    probing: bool = False
-    up: int = 0          # rounds at K > 0 since the last round one K up
-
-    def next_k(self, chosen: int, probe_k=lambda: PROBE_K, cap: int = 0) -> int:
-        """The K to draft this round given the policy's choice; `probe_k()` gives a probe's K."""
-        if chosen > 0:
-            self.every, self.off, self.probing = PROBE_FIRST, 0, False
-            self.up += 1
-            if chosen < cap and self.up >= EXPLORE_EVERY:
-                self.up = 0
-                return chosen + 1
-            return chosen
-        if self.probing:  # the probe came back and speculation still does not pay
-            self.every, self.probing = min(self.every * 2, PROBE_MAX), False
-        self.off += 1
-        if self.off >= self.every:
-            self.off, self.probing = 0, True
-            return max(1, probe_k())
-        return 0
 
 
 class Controller:
@@ -218,10 +56,10 @@ class Controller:
         self.budget = max_budget
         self._lookups, self._hits = 0.0, 0.0
         self._probe_every = PROBE_FIRST   # where the last finished sequence's probe backoff stood
-        # What the current round measured of its own parts, for `observe_round_time`: its
-        # just-in-time draft (with the drafter's catch-up and the wire) and the catch-up exposed in
-        # the table wait, gathered until the verify; then (tokens, verify, jit, catch-up) of the round.
-        self._step_jit, self._step_extra = 0.0, 0.0
+        # What the current round measured of its own waits, for `observe_round_time`: for the
+        # drafter's reply (a just-in-time draft with its catch-up and the wire) and for the table,
+        # gathered until the verify; then (tokens, verify, reply wait, table wait) of the round.
+        self._step_jit, self._step_wait = 0.0, 0.0
         # the frame round trip: a median of recent samples, not a mean. One exchange that waited
         # for a descheduled drafter (another engine busy on the same cores) measured 140-180 ms
         # against a usual 0.4-1 ms, and a mean kept every K > 0 priced out for hundreds of rounds
@@ -272,8 +110,8 @@ class Controller:
         if self.trace:
             self.trace.write({"ev": "verify", "n": n_tokens, "s": seconds})
         self.costs.verify.add(n_tokens, seconds)
-        self._round_parts = (n_tokens, seconds, self._step_jit, self._step_extra)
-        self._step_jit, self._step_extra = 0.0, 0.0
+        self._round_parts = (n_tokens, seconds, self._step_jit, self._step_wait)
+        self._step_jit, self._step_wait = 0.0, 0.0
 
     def observe_draft(self, steps: int, draft_s: float, transport_s: float, catch_up_s: float = 0.0) -> None:
         """A just-in-time draft of `steps` batched steps took `draft_s` in the drafter; the frame
@@ -298,8 +136,6 @@ class Controller:
         if self.trace:
             self.trace.write({"ev": "prespec", "steps": steps, "s": seconds, "t_verify": t_verify, "n": n_seqs,
                               "catch_up_s": catch_up_s})
-        s, cu = max(seconds, 0.0), max(catch_up_s, 0.0)
-        self._step_extra += max(0.0, s + cu - t_verify) - max(0.0, s - t_verify)
         if steps <= 0:
             return
         c = self.costs
@@ -309,14 +145,25 @@ class Controller:
         self.budget = fan_budget(self.budget, self.max_budget, t_verify, seconds,
                                  steps * c.draft_step() + c.transport_s)
 
+    def observe_table_wait(self, seconds: float) -> None:
+        """SSD: the verifier waited `seconds` for the drafter's table at the start of this round
+        (pre-speculation it did not hide, and the wire)."""
+        if self.trace:
+            self.trace.write({"ev": "table_wait", "s": seconds})
+        self._step_wait += max(seconds, 0.0)
+
     def observe_round_time(self, ks: list[int], seconds: float) -> None:
         """A whole round (the loop's step: exchange, verify, bookkeeping) where the batch drafted
         `ks` took `seconds`; what the model does not explain goes to its overhead (a decayed
         median-like update: steps of at most a tenth of the round, so one preempted step moves it
         little).
 
-        The round is compared with what it measured of its own parts: its verify, its
-        just-in-time draft if it had one (with a catch-up), a catch-up exposed in its table wait.
+        The round is compared with what it measured of its own parts: its verify and its waits
+        for the drafter (the table, the reply with a just-in-time draft), so the overhead is the
+        verifier's own work. Compared with a modelled table wait (the pre-speculation line
+        beside the verify), a probe after rounds at K = 0 (no table to wait for) or a line
+        skewed by a cold pre-speculation drove the speculating overhead negative, -2 to -16 ms
+        on the real pair at T = 0.7, and speculation there looked cheaper than plain decoding.
         Against the expected parts (the t_verify line, a miss priced at the hit rate) a verify
         slower than the line went into the overhead and then, once the slow times filled the
         shape's window, into the line too: counted twice. And at K = 0 the only speculating rounds
@@ -331,8 +178,8 @@ class Controller:
         if parts is None or parts[0] != sum(k + 1 for k in ks):   # no verify of this round seen
             model = modelled_time(self.mode, ks, c)
         else:
-            _, tv, jit, extra = parts
-            model = modelled_time(self.mode, ks, c, tv=tv, jit=jit) + extra
+            _, tv, jit, wait = parts
+            model = tv + jit + wait
         resid = min(max(seconds - model, -0.5 * model), model)
         attr = "overhead_spec_s" if max(ks) else "overhead_off_s"
         cur = getattr(c, attr)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_from_logits, probs_per_row, row_settings, sample
+from actors.spec.sampling import ACCEPT, TOKEN, keyed_uniforms, probs_from_logits, probs_per_row, row_settings, sample
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def verify_greedy(draft: torch.Tensor, target_logits: torch.Tensor) -> Outcome:
 def verify_sampling(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                     generator: torch.Generator | None = None, key: tuple[int, int] | None = None) -> Outcome:
     """draft [K], q [K, V], p [K+1, V] -> Outcome. All randomness comes from `generator`, or with
-    `key` = (seed, position of draft[0]) from keyed draws (actors/sampling.py: the test at each
+    `key` = (seed, position of draft[0]) from keyed draws (actors/spec/sampling.py: the test at each
     position and the token emitted there each have their own uniform).
 
     q must be the distribution each draft token was really drawn from (after temperature, top-k,
@@ -129,7 +129,7 @@ def verify_batch(draft: torch.Tensor, lengths: torch.Tensor, p: torch.Tensor, q:
     accepted k [B] and token t* [B] as tensors on p's device: nothing here waits on the device.
 
     Gives the same (k, t*) as the per-sequence functions for the same uniforms: the same float64
-    test u * q(d) < p(d), the same edge cases, the same inverse-CDF draw (actors/sampling.py
+    test u * q(d) < p(d), the same edge cases, the same inverse-CDF draw (actors/spec/sampling.py
     `sample`) from the same float64 rows.
     """
     dev, (B, K), V = p.device, draft.shape, p.shape[-1]

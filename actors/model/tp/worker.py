@@ -1,6 +1,6 @@
 """Tensor-parallel ranks 1..N-1: a shard of the target and a KV pool of its own heads.
 
-A TPWorker does nothing but what rank 0 asks: it waits for a call (actors/tp/group.py), makes the
+A TPWorker does nothing but what rank 0 asks: it waits for a call (actors/model/tp/group.py), makes the
 copy-on-write block copies rank 0's prepare made, runs the same forward over its shard with rank
 0's write/read plan (its pool has rank 0's n_blocks and block_size, so the same rows hold the same
 positions), and waits again, until told to stop. It holds no sequences and samples nothing, so it
@@ -18,14 +18,14 @@ import multiprocessing as mp
 import torch
 import torch.distributed as dist
 
-from actors.channel import reserve_port
-from actors.compiled import compile_forward
+from actors.protocol.ports import reserve_port
+from actors.model.compiled import compile_forward
 from actors.kv import BlockPool
 from actors.kv.paged import read_kv, write_kv
-from actors.loader import load_model
-from actors.spec import EngineSpec
-from actors.tp.group import HEADER, STOP, close_group, decode, form_group, group_timeout_s
-from actors.tp.shard import attach, rank_device
+from actors.model.loader import load_model
+from actors.engine_spec import EngineSpec
+from actors.model.tp.group import HEADER, STOP, close_group, decode, form_group, group_timeout_s
+from actors.model.tp.shard import attach, rank_device
 
 log = logging.getLogger(__name__)
 

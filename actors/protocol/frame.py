@@ -13,7 +13,7 @@ A frame travels as up to three tensors, always in this order:
     =========  =======  ==========  ===================================================
 
 Each record inside `ints` is ``[record_kind, seq_id, round, a, b, n, *payload(n)]``. The channel
-gives meaning only to DRAFT's b; the other fields are the engine's (see actors/wire.py):
+gives meaning only to DRAFT's b; the other fields are the engine's (see actors/protocol/wire.py):
 
     ========  ===================  ===================  =================  =============
     kind      a                    b                    payload (n ints)   floats
@@ -32,7 +32,7 @@ gives meaning only to DRAFT's b; the other fields are the engine's (see actors/w
     PING      generic (timestamps) generic              -                  -
     ========  ===================  ===================  =================  =============
 
-The engine's K per sequence and round (actors/adaptive.py) rides on ADMIT (a, b) and in
+The engine's K per sequence and round (actors/spec/adaptive.py) rides on ADMIT (a, b) and in
 OUTCOME's payload: the draft length and fan-out budget the drafter uses from that frame on.
 
 frame_kind is a Rec naming the frame's main content (OUTCOME for the verifier's step frame,
@@ -42,7 +42,7 @@ row in a frame has the same width V (the vocabulary size), so the receiver recov
 FEATS (verifier -> drafter, beside OUTCOME) carries the target's hidden states at positions
 a..a+b-1 of a sequence, for a feature-conditioned draft head (actors/eagle/).
 
-On the wire (actors/channel.py) the header and, when they fit, the ints travel together in one
+On the wire (actors/protocol/channel.py) the header and, when they fit, the ints travel together in one
 fixed-size message of HEADER_LEN + INLINE_INTS int64: a typical step frame (a few records) is
 then a single message each way instead of two, and every extra gloo message is another round
 of rendezvous between the processes. ints longer than INLINE_INTS (a long prompt at admission)
@@ -84,7 +84,7 @@ class Rec(IntEnum):
     PING = 6
     TABLE = 7   # the drafter's speculation cache for the round being verified (SSD)
     FEATS = 8   # the target's hidden states at committed positions, for a draft head
-    GRAMMAR = 9   # a constrained request's grammar, just before its ADMIT (actors/grammar.py)
+    GRAMMAR = 9   # a constrained request's grammar, just before its ADMIT (actors/spec/grammar.py)
 
 
 @dataclass(slots=True, eq=False)

@@ -9,7 +9,7 @@ remain for what changes the computation (one query row or several, masked or not
 prefill), a handful per role, compiled on first use.
 
 With padded shapes (`EngineSpec.pads`: compile on CUDA, or `engine.pad_shapes`) decode/verify
-forwards run at fixed bucket shapes (actors/buckets.py, PagedKVCache.prepare_padded), so the
+forwards run at fixed bucket shapes (actors/model/buckets.py, PagedKVCache.prepare_padded), so the
 static forward compiles with `dynamic=False`, one graph per bucket, and on CUDA with
 mode="reduce-overhead": CUDA graphs, the pool's k/v marked static so their in-place writes are
 captured instead of copied. Prefill chunks keep the eager forward. docs/compiled.md has the CPU

@@ -3,7 +3,7 @@
 Reads config.json plus model.safetensors or a sharded model.safetensors.index.json. Weights
 are built on the meta device and assigned straight from the safetensors files, so loading does
 not first allocate and randomly initialise a second copy. A tensor-parallel rank (`tp=(rank, N)`)
-reads only its slices of the split tensors (actors/tp/shard.py), so no process ever holds the
+reads only its slices of the split tensors (actors/model/tp/shard.py), so no process ever holds the
 whole target; a rank without `head` (a TP worker: rank 0 alone samples) skips the vocabulary head.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from actors.config import CheckpointError, ModelArgs, rope_inv_freq
-from actors.model import Transformer
-from actors.tp.shard import load_part, rank_args
+from actors.model.config import CheckpointError, ModelArgs, rope_inv_freq
+from actors.model.model import Transformer
+from actors.model.tp.shard import load_part, rank_args
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,9 @@ def weight_files(path: Path) -> list[Path]:
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu",
                tp: tuple[int, int] = (0, 1), head: bool = True, pack: bool = True) -> Transformer:
     """The checkpoint at `path`; with `tp=(rank, N)` rank `rank`'s part of it (its heads and MLP
-    features, actors/tp/shard.py); without `head`, no vocabulary head (forward returns the final
+    features, actors/model/tp/shard.py); without `head`, no vocabulary head (forward returns the final
     hidden states). `dtype` may be "auto" (auto_dtype). `pack`: on CPU, inference runs on
-    oneDNN-packed fused copies of the projections (actors/packed.py)."""
+    oneDNN-packed fused copies of the projections (actors/model/packed.py)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory does not exist")

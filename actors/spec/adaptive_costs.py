@@ -1,4 +1,4 @@
-"""The adaptive policy's cost model (actors/adaptive.py chooses K with it): t_verify by batch
+"""The adaptive policy's cost model (actors/spec/adaptive.py chooses K with it): t_verify by batch
 tokens (`ShapeCost`), the drafter's costs on or hidden from the critical path (`Costs`), and the
 expected seconds of a round for a batch's K's (`round_time`, `modelled_time`).
 """
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 
 # Samples after which a shape not measured again leaves its cost line (t_verify, pre-speculation):
-# about two rounds one K up (EXPLORE_EVERY in actors/adaptive.py) at batch 1.
+# about two rounds one K up (EXPLORE_EVERY in actors/spec/adaptive_choice.py) at batch 1.
 STALE_AFTER = 32
 
 
@@ -131,22 +131,17 @@ def round_time(mode: str, ks: list[int], costs: Costs) -> float:
     return modelled_time(mode, ks, costs) + (costs.overhead_spec_s if k_max else costs.overhead_off_s)
 
 
-def modelled_time(mode: str, ks: list[int], costs: Costs, tv: float | None = None,
-                  jit: float | None = None) -> float:
-    """`round_time` without the measured overhead: the verify and what drafting exposes. `tv`
-    and `jit`: what one round measured for its verify and its just-in-time draft (0: none), in
-    place of the expected values (what a measured round is compared with)."""
+def modelled_time(mode: str, ks: list[int], costs: Costs) -> float:
+    """`round_time` without the measured overhead: the verify and what drafting exposes."""
     n = sum(k + 1 for k in ks)
-    tv = costs.verify(n) if tv is None else tv
+    tv = costs.verify(n)
     k_max = max(ks, default=0)
     if k_max == 0:
         return tv
-    jit_s = k_max * costs.draft_step() + costs.transport_s if jit is None else jit
+    jit_s = k_max * costs.draft_step() + costs.transport_s
     if mode != "ssd":
         return tv + jit_s
     n_spec = sum(1 for k in ks if k > 0)
     hit = max(tv, costs.prespec_time(k_max, n_spec)) + costs.transport_s
-    if jit is not None:
-        return hit + jit
     p_all_hit = costs.hit_rate ** n_spec
     return hit + (1.0 - p_all_hit) * jit_s

@@ -39,7 +39,7 @@ frames are collected first in, first out, in the order they are sent; a frame ma
 behind another only when everything of the one before it is posted too (its ints fit the first
 message), or the later frame's first message would be matched to the earlier one's ints.
 
-The frame format is in actors/frame.py.
+The frame format is in actors/protocol/frame.py.
 
 Backends: `backend="auto"` picks NCCL iff `device` starts with "cuda", CUDA is available and
 OUTRIDER_SAME_GPU != "1" (NCCL refuses two ranks on one device); otherwise gloo, which also serves
@@ -54,7 +54,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections import deque
 from contextlib import contextmanager
@@ -63,55 +62,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.frame import (  # noqa: F401 (re-exported: the channel speaks frames)
+from actors.protocol.frame import (  # noqa: F401 (re-exported: the channel speaks frames)
     HEADER_LEN, INLINE_INTS, MAGIC, ChannelClosed, Frame, ProtocolError, Rec, Record, check_header, decode,
     decode_parts, encode,
 )
+from actors.protocol.ports import take_reserved
 
 log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
 # the channel
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port on `host` ("" = every interface, for a peer on another node). Racy by
-    nature (the port is free now, not when someone binds it): for a port another program must
-    bind. The data plane uses reserve_port(), which binds at once and hands the socket over."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-_reserved: dict[int, socket.socket] = {}
-_reserved_lock = threading.Lock()
-
-
-def listening_socket(host: str = "127.0.0.1") -> socket.socket:
-    """A TCP socket bound to an ephemeral port on `host` and listening: a rank-0 Channel given it
-    (`listen_sock=`) serves the group's store on it, so no other process can take the port between
-    choosing it and using it."""
-    s = socket.create_server((host, 0), backlog=16)
-    s.set_inheritable(False)
-    return s
-
-
-def reserve_port(host: str = "127.0.0.1") -> int:
-    """Bind and listen on an ephemeral port now and keep the socket for a rank-0 Channel of this
-    process on that port, which takes it over when it connects; the port goes to the peer."""
-    s = listening_socket(host)
-    port = s.getsockname()[1]
-    with _reserved_lock:
-        _reserved[port] = s
-    return port
-
-
-def take_reserved(port: int) -> socket.socket | None:
-    """The socket reserve_port() bound for `port` (a store that serves on it takes it over), or
-    None; the caller owns it from then on (the TP group's rendezvous takes it the same way)."""
-    with _reserved_lock:
-        return _reserved.pop(port, None)
 
 
 def pick_backend(device: str) -> str:

@@ -2,7 +2,7 @@
 
 Groups. The TP ranks form the process's default group (NCCL on GPUs, gloo on CPU): the row-
 parallel all-reduces and each call's index payload run on it. The drafter's channel never uses
-the default group (actors/channel.py builds its own), so both live in rank 0's process. Each
+the default group (actors/protocol/channel.py builds its own), so both live in rank 0's process. Each
 call's small header goes over a second, gloo group (`dist.new_group(backend="gloo")`): on GPUs,
 announcing a call then costs no device sync. The default group's timeout is the data plane's
 (a collective with a dead rank fails within it, or at once when its socket closes); the header
@@ -26,8 +26,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from actors.channel import take_reserved
-from actors.tp.shard import attach
+from actors.protocol.ports import take_reserved
+from actors.model.tp.shard import attach
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def group_timeout_s(data_plane_s: float, compiles: bool) -> float:
     plane's timeout; but with engine.compile a rank that meets a new bucket compiles it while the
     others already wait in the step's all-reduce, and NCCL's watchdog would abort them after the
     timeout. So a compiling group waits longer than any one compile (buckets are precompiled at
-    start-up, actors/buckets.py, which leaves only the rare shape outside the set)."""
+    start-up, actors/model/buckets.py, which leaves only the rare shape outside the set)."""
     return max(data_plane_s, COMPILE_S) if compiles else data_plane_s
 
 

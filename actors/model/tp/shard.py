@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from actors.config import ModelArgs
+from actors.model.config import ModelArgs
 
 COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW = ("o_proj", "down_proj")

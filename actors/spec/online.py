@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from actors.spec import OnlineLearningSpec
+from actors.engine_spec import OnlineLearningSpec
 
 log = logging.getLogger(__name__)
 IGNORE = -100

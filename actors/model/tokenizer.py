@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders
 
-from actors.chat import ChatError, ChatTemplate, check_messages
+from actors.model.chat import ChatError, ChatTemplate, check_messages
 
 
 class Tokenizer:

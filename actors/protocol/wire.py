@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import struct
 
-from actors.frame import ProtocolError, Rec, Record
-from actors.grammar import KINDS, GrammarError, GrammarSpec
-from actors.sampling import SamplingParams
+from actors.protocol.frame import ProtocolError, Rec, Record
+from actors.spec.grammar import KINDS, GrammarError, GrammarSpec
+from actors.spec.sampling import SamplingParams
 
 MISS, HIT, NO_LOOKUP = 0, 1, 2   # DRAFT.a: cache miss, cache hit, no lookup (sync SD)
 _N_PARAMS = 4

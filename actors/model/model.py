@@ -14,8 +14,8 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from actors import packed as pk
-from actors.config import ModelArgs, rope_inv_freq
+from actors.model import packed as pk
+from actors.model.config import ModelArgs, rope_inv_freq
 from actors.kv import PagedKVCache, read_len
 
 
@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
 
 def tp_reduce(x: torch.Tensor, group) -> torch.Tensor:
     """A row-parallel layer's output: its partial sums added over the tensor-parallel group
-    (actors/tp/), or x itself without one. Traced, a functional collective (what torch.compile
+    (actors/model/tp/), or x itself without one. Traced, a functional collective (what torch.compile
     captures, as in gpt-fast); eager, the plain in-place one (gloo: about 4x less overhead)."""
     if group is None:
         return x
@@ -45,7 +45,7 @@ def tp_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 
 def eager(packed):
-    """Packed weights (actors/packed.py) in eager mode; None while torch.compile traces the forward:
+    """Packed weights (actors/model/packed.py) in eager mode; None while torch.compile traces the forward:
     inductor cannot lower oneDNN's opaque packed layout, and packs and fuses on its own."""
     return None if torch.compiler.is_compiling() else packed
 
@@ -87,8 +87,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(a.head_dim, a.norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.norm_eps)
         self.qk_norm = a.qk_norm
-        self.tp = None   # the tensor-parallel group when `a` holds this rank's heads only (actors/tp/)
-        self.packed = None   # (qkv, o) for inference on CPU (actors/packed.py), set by Transformer.pack
+        self.tp = None   # the tensor-parallel group when `a` holds this rank's heads only (actors/model/tp/)
+        self.packed = None   # (qkv, o) for inference on CPU (actors/model/packed.py), set by Transformer.pack
 
     def forward(self, x, cos, sin, mask, causal: bool, layer: int, cache: PagedKVCache | None):
         """x [B, T, dim]; cos/sin [B, T, 1, head_dim] (sin signed, see `rope`); mask: None or
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         packed = eager(self.packed)
-        if packed is not None:   # q, k and v in one oneDNN call (actors/packed.py)
+        if packed is not None:   # q, k and v in one oneDNN call (actors/model/packed.py)
             qkv = packed[0](x).view(B, T, H + 2 * Hkv, D)
             q, k, v = qkv.split((H, Hkv, Hkv), dim=2)
         else:
@@ -237,7 +237,7 @@ class Transformer(nn.Module):
         logits = head(x) if head is not None else self.lm_head(x)
         return (logits, torch.cat(feats, dim=-1)) if aux else logits
 
-    # -- packed CPU weights (actors/packed.py) ------------------------------------------------
+    # -- packed CPU weights (actors/model/packed.py) ------------------------------------------------
     _head = None       # the packed vocabulary head, when packed
     _packing = False   # pack() was asked for: eval mode packs, training mode drops the packed copies
 
