@@ -64,7 +64,8 @@ class Seq:
     outcome: tuple[int, int] | None = None   # (k, t*) not yet sent to the drafter
     last_k: int = 0                          # depth of the last outcome (for hit-by-depth)
     k: int = 0                               # the draft length asked of the drafter (policy's K)
-    on_drafter: bool = False
+    on_drafter: bool = False                 # its drafter (`drafter`) holds it and drafts for it
+    drafter: int = 0                         # which of the verifier's drafters owns it (models.draft.replicas)
     t_first: float = 0.0
     # a draft head's input (actors/eagle/): the target's features at committed positions the
     # drafter has not received yet, as (first position, rows [n, width]) pieces

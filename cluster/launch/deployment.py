@@ -71,6 +71,7 @@ def engine_spec(cfg: DeploymentConfig) -> EngineSpec:
         draft_num_threads=draft.num_threads if draft else 1,
         target_cpus=tuple(m.target.cpus) if m.target.cpus else None,
         draft_cpus=tuple(draft.cpus) if draft and draft.cpus else None,
+        draft_replicas=draft.replicas if draft else 1,
         kv_block_size=en.kv_block_size, prefill_chunk=en.prefill_chunk, compile=en.compile,
         prefix_caching=en.prefix_caching,
         pad_shapes=en.pad_shapes,
