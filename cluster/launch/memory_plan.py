@@ -267,7 +267,8 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
     chunk = min(spec.prefill_chunk, spec.max_seq_len)
     t_ws = max(_step_bytes(ta, spec.target_dtype, spec.max_batch, K + 1, spec.target_max_len),
                _step_bytes(ta, spec.target_dtype, 1, chunk, spec.target_max_len))
-    t_res = role_reserve(spec.target_device, int(spec.tensor_parallel_size > 1) + nccl_channel, t_ws)
+    # (the verifier joins one channel per drafter)
+    t_res = role_reserve(spec.target_device, int(spec.tensor_parallel_size > 1) + n_d * nccl_channel, t_ws)
     t_scratch = int(spec.pads(spec.target_device))   # padded shapes' scratch block
     per_seq = -(-spec.target_max_len // bs)
     full = spec.max_batch * per_seq
