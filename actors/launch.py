@@ -209,7 +209,7 @@ class LocalEngine:
             return
         self.verifier.reconnect("127.0.0.1", port)
 
-    def drafter_pid(self) -> int:
+    def drafter_pid(self, i: int = 0) -> int:
         return self.proc.pid
 
     def tp_pids(self) -> list[int]:
