@@ -26,7 +26,7 @@ from actors.kv import PagedKVCache, blocks_for
 from actors.protocol.events import Outbox
 from actors.protocol.frame import Rec, Record
 from actors.protocol.wire import encode_params
-from actors.sequence import Request, Seq
+from actors.sequence import Request, Seq, held_per_drafter
 from actors.spec.adaptive import Controller
 from actors.spec.stats import SpecStats
 
@@ -108,10 +108,7 @@ class Scheduler:
 
     def _owner(self, live: list[bool]) -> int | None:
         """The live drafter holding the fewest sequences (ties: the lowest index); None if none is live."""
-        held = [0] * len(live)
-        for s in self.seqs.values():
-            if s.on_drafter:
-                held[s.drafter] += 1
+        held = held_per_drafter(self.seqs.values(), len(live))
         return min((i for i, ok in enumerate(live) if ok), key=lambda i: (held[i], i), default=None)
 
     def finish(self, s: Seq, reason: str) -> None:

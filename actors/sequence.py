@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,14 @@ class Seq:
         """Forget every piece of drafter state: the drafter is gone, or a new one joins."""
         self.on_drafter, self.outcome, self.draft, self.q, self.table = False, None, [], None, None
         self.feats = []
+
+
+def held_per_drafter(seqs: Iterable[Seq], n: int) -> list[int]:
+    """How many of `seqs` each of n drafters holds."""
+    held = [0] * n
+    for s in seqs:
+        held[s.drafter] += s.on_drafter
+    return held
 
 
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:

@@ -60,7 +60,7 @@ from actors.spec.sampling import TOKEN, keyed_uniforms, probs_from_logits, sampl
 from actors.engine_spec import EngineSpec
 from actors.model.runner import Runner
 from actors.scheduler import Scheduler
-from actors.sequence import Request, Seq, apply_stops
+from actors.sequence import Request, Seq, apply_stops, held_per_drafter
 from actors.model.tp.group import TPLead, group_timeout_s
 from actors.spec.verify import round_outcomes
 from actors.timing import RoundTiming, VerifierTimes
@@ -185,10 +185,12 @@ class Verifier:
 
     def metrics(self) -> dict:
         pool = self.cache.pool
+        # (a copy of the sequences: the loop thread admits and finishes meanwhile)
+        held = held_per_drafter(list(self.seqs.values()), len(self.drafters))
         # kv_blocks_used: held by sequences; parked prefix-cache blocks are reclaimable, not used
         return {**vars(self.times), "active": len(self.seqs), "waiting": self.scheduler.n_waiting(),
                 "drafter_ok": self.drafter_ok, "drafters_ok": [c.ok for c in self.drafters],
-                "drafter_seqs": [sum(s.on_drafter for s in c.owned()) for c in self.drafters],
+                "drafter_seqs": held,
                 "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
                 "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_used,
                 "kv_blocks_reserved": self.cache.n_reserved, **(pool.prefix.stats() if pool.prefix else {})}
