@@ -14,6 +14,7 @@ import pytest
 from actors.engine_spec import EngineSpec
 from actors.protocol.frame import Rec
 from actors.sequence import Request
+from actors.spec.sampling import SamplingParams
 from actors.verifier import Verifier
 from cluster.config import ConfigError, parse_config
 from tests.conftest import HF_NEW, assert_matches_or_near_tie, wait_for
@@ -98,6 +99,20 @@ def test_two_drafters_share_the_batch_and_the_policy_decides_once(drafters, hf_r
         assert d.times.frames > 0 and d.times.branches > 0
     # both drafters' sequences were decided together, for the one batched verify
     assert any({0, 1} <= set(s) for s in decided)
+    assert all(f["stats"]["cache_hits"] > 0 for f in finals)
+
+
+def test_sampling_q_rows_come_from_each_drafter_and_a_seed_reproduces(drafters, held_out_prompts):
+    p = drafters()
+    params = [SamplingParams(temperature=0.8, top_p=0.95, seed=1234 + i) for i in range(2)]
+    prompts = [list(q) for q in held_out_prompts[3:5]]
+    outs, finals = p.serve([Request(i, prompts[i], 48, params[i]) for i in range(2)])
+    again, _ = p.serve([Request(2 + i, prompts[i], 48, params[i]) for i in range(2)])
+    assert outs == again and all(len(o) == 48 for o in outs)
+    assert p.admitted(0) == [0, 2] and p.admitted(1) == [1, 3]
+    for plane, _, _ in p.ends:   # each drafter's sampling drafts came with their q rows
+        drafts = [r for f in plane.drafter.sent if f.kind == Rec.DRAFT for r in f.records if r.kind == Rec.DRAFT]
+        assert drafts and all(r.b == len(r.tokens) and r.floats is not None for r in drafts)
     assert all(f["stats"]["cache_hits"] > 0 for f in finals)
 
 
