@@ -1,8 +1,10 @@
-"""The verifier's drafter client: its side of the data plane. Each step it sends the frame of
-ADMIT / FEATS / OUTCOME / RELEASE records (`exchange`), collects the drafter's speculation table
-and DRAFT replies (checking they answer the frame just sent), and loses, rejoins and shuts down
-the drafter. The verifier (actors/verifier.py) owns one and hands it what it works on: the live
-sequences, the verifier's time accounts and the adaptive policy.
+"""The verifier's drafter client: its side of the data plane to one drafter. Each step it collects
+the drafter's speculation table (`take_table`), sends the frame of ADMIT / FEATS / OUTCOME /
+RELEASE records (`exchange`), collects DRAFT replies (checking they answer the frame just sent),
+and loses, rejoins and shuts down the drafter. The verifier (actors/verifier.py) owns one per
+drafter (models.draft.replicas) and hands each what it works on: the live sequences (a client
+speaks only of those whose `drafter` is its index), the verifier's time accounts and the
+adaptive policy. A client's protocol is the same whether it is one of one or one of several.
 
 Rejoining never stops the loop. A restarted drafter's Channel is formed in a background thread
 (`_join`): the store rendezvous and the groups' construction are what wait for the new process to
@@ -35,8 +37,8 @@ PING_EVERY_S = 1.0
 
 class DrafterClient:
     def __init__(self, spec: EngineSpec, device: str, vocab: int, seqs: dict[int, Seq], times: VerifierTimes,
-                 policy: Controller):
-        self.spec, self.device, self.vocab = spec, device, vocab
+                 policy: Controller, index: int = 0):
+        self.spec, self.device, self.vocab, self.index = spec, device, vocab, index
         self.seqs, self.times, self.policy = seqs, times, policy   # the verifier's own
         self.channel: Channel | None = None
         self.ok = False                            # a drafter is on the data plane
@@ -58,6 +60,17 @@ class DrafterClient:
         """Sampling hits' q rows come with a reply posted before the forward (`q_rows_arrived`)."""
         return self._deferred is not None
 
+    def owned(self) -> list[Seq]:
+        return [s for s in self.seqs.values() if s.drafter == self.index]
+
+    def going(self) -> list[Seq]:
+        """Its sequences with an outcome to send this step: the ones the policy decides a K for."""
+        return [s for s in self.seqs.values() if s.drafter == self.index and s.outcome is not None and s.on_drafter]
+
+    def _mine(self, sid: int) -> Seq | None:
+        s = self.seqs.get(sid)
+        return s if s is not None and s.drafter == self.index else None
+
     def heartbeat_due(self) -> bool:
         return self.ok and time.perf_counter() - self.last_exchange > PING_EVERY_S
 
@@ -66,18 +79,28 @@ class DrafterClient:
         self._use_channel(self._form_channel(addr, port))
 
     # -- one round ----------------------------------------------------------------------------
-    def exchange(self, records: list[Record], last_verify_s: float) -> None:
-        """Send this step's frame (the records, then each going sequence's FEATS and OUTCOME with
-        its K) and take what is due back: the table of the round just verified, a DRAFT reply.
-        `last_verify_s`: the verify forward the table now collected was drafted behind."""
+    def take_table(self, last_verify_s: float) -> None:
+        """The step's first half: collect the table of the round just verified, before the policy
+        decides this step's K's (its pre-drafting time informs them). `last_verify_s`: the verify
+        forward the table was drafted behind."""
         t0 = time.perf_counter_ns()
         try:
             self._take_table(t0, last_verify_s)
+        except (ChannelClosed, ProtocolError) as e:
+            self.lost(e)
+            return
+        self.times.wait_s += (time.perf_counter_ns() - t0) / 1e9
+
+    def exchange(self, records: list[Record], ks: dict[int, int]) -> None:
+        """The step's second half: send this step's frame (the records, then each going sequence's
+        FEATS and OUTCOME with its K from `ks`, the policy's decision for the whole batch) and take
+        what is due back now: a DRAFT reply."""
+        t0 = time.perf_counter_ns()
+        try:
             ping = any(r.kind == Rec.PING for r in records)
             asks: list[Ask] = []
             sampled: list[Seq] = []  # hits whose q rows still come with the drafter's reply
-            going = [s for s in self.seqs.values() if s.outcome is not None and s.on_drafter]
-            ks = self.policy.decide([s.req.id for s in going]) if going else {}
+            going = self.going()
             budget, self._jit_steps = self.policy.budget, 0
             for s in going:
                 k, t = s.outcome
@@ -150,8 +173,8 @@ class DrafterClient:
                 self.policy.observe_table_wait((t1 - t0) / 1e9)
                 self.policy.observe_prespec(p.steps, (p.drafting_ns - p.catch_up_ns) / 1e9, last_verify_s,
                                             self._table_seqs, p.catch_up_ns / 1e9)
-            elif r.kind == Rec.TABLE and r.seq in self.seqs:
-                self.seqs[r.seq].table = decode_table(r.tokens, r.a, r.b)
+            elif r.kind == Rec.TABLE and (s := self._mine(r.seq)) is not None:
+                s.table = decode_table(r.tokens, r.a, r.b)
 
     def _take_reply(self, reply: Frame, t0: int | None, from_table: set[int] = frozenset()) -> None:
         """Apply a DRAFT reply; with `t0` (when the frame it answers was sent) also estimate its
@@ -163,14 +186,13 @@ class DrafterClient:
         for r in reply.records:
             # An idle heartbeat's round trip (no sequence in flight; the drafter may sleep behind
             # another process) prices nothing.
-            if r.kind == Rec.PING and t0 is not None and self.seqs:
+            if r.kind == Rec.PING and t0 is not None and self.owned():
                 p = ReplyPing.of(r)
                 wire = (max(0, p.received_ns - max(t0, p.posted_ns)) + max(0, t1 - p.sent_ns)) / 1e9
                 self.times.transport_s += wire
                 self.policy.observe_draft(self._jit_steps, (p.sent_ns - p.received_ns - p.catch_up_ns) / 1e9, wire,
                                           p.catch_up_ns / 1e9)
-            elif r.kind == Rec.DRAFT and r.seq in self.seqs:
-                s = self.seqs[r.seq]
+            elif r.kind == Rec.DRAFT and (s := self._mine(r.seq)) is not None:
                 if r.round != s.round:  # a draft for another round would be verified against the wrong q
                     raise ProtocolError(f"sequence {r.seq}: a draft for round {r.round}, expected {s.round}")
                 s.draft = [int(t) for t in r.tokens]
@@ -180,11 +202,11 @@ class DrafterClient:
                     self.policy.observe_lookup(r.a == HIT)
 
     def lost(self, err: Exception) -> None:
-        log.error("drafter lost (%s); continuing without speculation", err)
+        log.error("drafter lost (%s; drafter %d); its sequences continue without drafts", err, self.index)
         self.ok, self._deferred, self._held = False, None, []
         if self.channel is not None:
             self.channel.close()
-        for s in self.seqs.values():
+        for s in self.owned():
             s.off_drafter()
 
     # -- joining a drafter ---------------------------------------------------------------------
@@ -199,7 +221,7 @@ class DrafterClient:
             self.channel.close()
         self.channel = channel
         self.ok, self._deferred, self._held = True, None, []
-        for s in self.seqs.values():  # re-admitted to the new drafter by the next step's _control
+        for s in self.owned():  # re-admitted by the next step's control
             s.off_drafter()
 
     def join_in_background(self, addr: str, port: int) -> None:

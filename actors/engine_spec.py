@@ -2,7 +2,7 @@
 actors never read YAML or import Ray, so the same classes also run as bare processes."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass
@@ -55,7 +55,8 @@ class EngineSpec:
     num_threads: int = 1            # the verifier's torch threads (and Ray CPUs)
     draft_num_threads: int = 1      # the drafter's
     target_cpus: tuple[int, ...] | None = None  # pin the verifier's loop thread to these CPUs (Linux)
-    draft_cpus: tuple[int, ...] | None = None   # the drafter's
+    draft_cpus: tuple[int, ...] | None = None   # the drafter's (with several drafters: theirs, split evenly)
+    draft_replicas: int = 1         # drafter processes per verifier, each owning some sequences
     tensor_parallel_size: int = 1   # the target's ranks: one placement bundle (device) each
     # Custom Ray resources on each of a role's placement bundles: they pin the role to the nodes
     # that declare them (cluster/placement.py). Empty: any node with the CPUs/GPUs will do.
@@ -83,6 +84,8 @@ class EngineSpec:
                              f"{self.prefill_chunk}")
         if not 0.0 < self.saguaro_c <= 1.0:
             raise ValueError(f"saguaro_c must be in (0, 1], got {self.saguaro_c}")
+        if self.draft_replicas < 1:
+            raise ValueError(f"draft_replicas must be >= 1, got {self.draft_replicas}")
         if self.tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
         if self.draft_head_layers is not None and self.online_learning is not None:
@@ -156,6 +159,13 @@ class EngineSpec:
     def draft_rows(self) -> int:
         """The most rows one drafter forward batches: every sequence's branches and its own row."""
         return self.max_batch * (1 + self.max_branches)
+
+    def for_drafter(self, i: int) -> EngineSpec:
+        """Drafter i's spec: its own share of draft_cpus, so several drafters never pin one core."""
+        if self.draft_cpus is None or self.draft_replicas == 1:
+            return self
+        n = len(self.draft_cpus) // self.draft_replicas
+        return replace(self, draft_cpus=self.draft_cpus[i * n:(i + 1) * n])
 
     def reserve_tokens(self, prompt_len: int, max_new_tokens: int) -> int:
         """Positions a verifier sequence can ever write: prompt + max_new_tokens + a padded K."""

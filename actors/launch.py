@@ -59,6 +59,9 @@ def same_gpu(a: str, b: str) -> bool:
 
 class LocalEngine:
     def __init__(self, spec: EngineSpec):
+        if spec.speculative and spec.draft_replicas > 1:
+            raise ValueError(f"draft_replicas={spec.draft_replicas}: several drafters are placed by Ray; "
+                             "the local launcher runs one")
         if spec.speculative and spec.backend == "auto" and same_gpu(spec.target_device, spec.draft_device):
             # NCCL refuses two ranks on one GPU; the data plane's few ints go over gloo instead.
             spec = dataclasses.replace(spec, backend="gloo")
@@ -186,10 +189,10 @@ class LocalEngine:
         """False once the verifier's loop has ended with an error, or a tensor-parallel rank has died."""
         return self._thread is not None and self._error is None and all(p.is_alive() for p in self.tp_procs)
 
-    def check_drafter(self) -> bool:
+    def check_drafter(self, i: int = 0) -> bool:   # one drafter: several need Ray (cluster/config.py)
         return self.proc is not None and (self.proc.is_alive() or self.proc.exitcode == 0)
 
-    def restart_drafter(self) -> None:
+    def restart_drafter(self, i: int = 0) -> None:
         """Replace a dead drafter. The verifier keeps serving (without drafts) while the new
         process starts; it joins it in the background and swaps it in between two steps."""
         if self.proc is not None and self.proc.is_alive():
@@ -206,7 +209,7 @@ class LocalEngine:
             return
         self.verifier.reconnect("127.0.0.1", port)
 
-    def drafter_pid(self) -> int:
+    def drafter_pid(self, i: int = 0) -> int:
         return self.proc.pid
 
     def tp_pids(self) -> list[int]:

@@ -3,9 +3,13 @@
 It takes submitted requests (checked against the whole KV cache), applies aborts, admits waiting
 requests while the batch has room and the KV blocks for everything a request can ever write
 (prompt + max_new_tokens + K) can be reserved, so a sequence never runs out halfway, and finishes
-sequences: their blocks go back, the drafter is told, the final event goes out. What the drafter
-must hear of it comes back as records: RELEASE for finished sequences, ADMIT for new ones and for
-live ones a (re)joined drafter has not seen yet.
+sequences: their blocks go back, the drafter is told, the final event goes out. What the drafters
+must hear of it comes back as records, one list per drafter: RELEASE for its finished sequences,
+ADMIT for new ones and for live ones no drafter holds (after a drafter was lost or rejoined).
+
+With several drafters (models.draft.replicas) each sequence belongs to one. An admission goes to
+the live drafter that owns the fewest live sequences (ties: the lowest index), so a dead one gets
+no new work and the sequences it held move to the others at their re-admission.
 
 Other threads call `submit` and `abort` only; everything else runs on the verifier's loop thread.
 """
@@ -22,7 +26,7 @@ from actors.kv import PagedKVCache, blocks_for
 from actors.protocol.events import Outbox
 from actors.protocol.frame import Rec, Record
 from actors.protocol.wire import encode_params, grammar_record
-from actors.sequence import Request, Seq
+from actors.sequence import Request, Seq, held_per_drafter
 from actors.spec.adaptive import Controller
 from actors.spec.grammar import Grammars
 from actors.spec.stats import SpecStats
@@ -40,7 +44,7 @@ class Scheduler:
         self._waiting: list[tuple[Request, float]] = []
         self._aborts: set[int] = set()
         self._lock = threading.Lock()
-        self._release: list[int] = []
+        self._release: list[tuple[int, int]] = []   # (drafter, sequence) finished since the last control
         self.eos = eos                 # the model's stop tokens: a complete grammar allows them
         self._grammars: Grammars | None = None   # made on the first constrained request (actors/spec/grammar.py)
         self._grammars_lock = threading.Lock()
@@ -79,8 +83,9 @@ class Scheduler:
         with contextlib.suppress(queue.Empty):
             self._waiting.append(self._inbox.get(timeout=timeout))
 
-    def control(self, drafter_ok: bool) -> tuple[list[Record], list[Seq]]:
-        """Aborts, admissions, releases as records for the drafter; the admitted, to prefill next."""
+    def control(self, live: list[bool]) -> tuple[list[list[Record]], list[Seq]]:
+        """Aborts, admissions, releases as records for each drafter (`live`: which drafters are on
+        the data plane); the admitted, to prefill next."""
         while True:
             try:
                 self._waiting.append(self._inbox.get_nowait())
@@ -94,12 +99,14 @@ class Scheduler:
             elif any(w[0].id == rid for w in self._waiting):
                 self._waiting = [w for w in self._waiting if w[0].id != rid]
                 self.events.put({"id": rid, "tokens": [], "done": True, "reason": "abort"})
-        records = [Record(Rec.RELEASE, sid) for sid in self._release]
+        records: list[list[Record]] = [[] for _ in live]
+        for owner, sid in self._release:
+            records[owner].append(Record(Rec.RELEASE, sid))
         self._release = []
-        for s in self.seqs.values():  # re-admit after a drafter (re)join
-            if drafter_ok and s.req.speculate and not s.on_drafter and self.readmit:
+        for s in self.seqs.values():  # re-admit after a drafter (re)join, or a lost one's to the others
+            if s.req.speculate and not s.on_drafter and self.readmit and (owner := self._owner(live)) is not None:
                 # Its last committed token plays the first token's part: the outcome of an empty draft.
-                records += self._admit_records(s, s.tokens[:-1])
+                records[owner] += self._admit_records(s, s.tokens[:-1], owner)
                 s.outcome, s.round = (0, s.tokens[-1]), s.round + 1
         admitted = []
         while (self._waiting and len(self.seqs) < self.spec.max_batch
@@ -108,9 +115,14 @@ class Scheduler:
             req, t_submit = self._waiting.pop(0)
             s = self._admit(req, t_submit)
             admitted.append(s)
-            if drafter_ok and req.speculate:
-                records += self._admit_records(s, s.tokens)
+            if req.speculate and (owner := self._owner(live)) is not None:
+                records[owner] += self._admit_records(s, s.tokens, owner)
         return records, admitted
+
+    def _owner(self, live: list[bool]) -> int | None:
+        """The live drafter holding the fewest sequences (ties: the lowest index); None if none is live."""
+        held = held_per_drafter(self.seqs.values(), len(live))
+        return min((i for i, ok in enumerate(live) if ok), key=lambda i: (held[i], i), default=None)
 
     def finish(self, s: Seq, reason: str) -> None:
         now = time.perf_counter()
@@ -118,16 +130,16 @@ class Scheduler:
         self.policy.remove(s.req.id)
         self.cache.free(s.slot)
         if s.on_drafter:
-            self._release.append(s.req.id)
+            self._release.append((s.drafter, s.req.id))
         self.events.put({
             "id": s.req.id, "tokens": [], "done": True, "reason": reason,
             "prompt_tokens": len(s.req.prompt), "completion_tokens": s.n_generated, "cached_tokens": s.cached,
             "stats": s.stats.to_dict(), "ttft_s": s.t_first - s.t_submit, "total_s": now - s.t_submit,
         })
 
-    def _admit_records(self, s: Seq, tokens: list[int]) -> list[Record]:
+    def _admit_records(self, s: Seq, tokens: list[int], owner: int) -> list[Record]:
         """ADMIT, after a constrained request's GRAMMAR: the drafter drafts under the same mask."""
-        s.on_drafter, s.outcome = True, None
+        s.on_drafter, s.drafter, s.outcome = True, owner, None
         s.k = self.policy.admit_k(s.req.id)
         grammar = [] if s.req.grammar is None else [grammar_record(s.req.id, s.req.grammar,
                                                                    len(tokens) - len(s.req.prompt))]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -66,7 +67,8 @@ class Seq:
     outcome: tuple[int, int] | None = None   # (k, t*) not yet sent to the drafter
     last_k: int = 0                          # depth of the last outcome (for hit-by-depth)
     k: int = 0                               # the draft length asked of the drafter (policy's K)
-    on_drafter: bool = False
+    on_drafter: bool = False                 # its drafter (`drafter`) holds it and drafts for it
+    drafter: int = 0                         # which of the verifier's drafters owns it (models.draft.replicas)
     t_first: float = 0.0
     # a draft head's input (actors/eagle/): the target's features at committed positions the
     # drafter has not received yet, as (first position, rows [n, width]) pieces
@@ -81,6 +83,14 @@ class Seq:
         """Forget every piece of drafter state: the drafter is gone, or a new one joins."""
         self.on_drafter, self.outcome, self.draft, self.q, self.table = False, None, [], None, None
         self.feats = []
+
+
+def held_per_drafter(seqs: Iterable[Seq], n: int) -> list[int]:
+    """How many of `seqs` each of n drafters holds."""
+    held = [0] * n
+    for s in seqs:
+        held[s.drafter] += s.on_drafter
+    return held
 
 
 def apply_stops(s: Seq, new: list[int], eos: frozenset[int]) -> tuple[list[int], str | None]:

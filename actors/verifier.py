@@ -3,7 +3,8 @@
 Its loop is the engine's critical path. One step, top to bottom:
 
   1. apply aborts and take queued requests in (actors/scheduler.py);
-  2. exchange with the drafter: send ADMIT / OUTCOME (k, t*) / RELEASE records, then prefill the
+  2. exchange with the drafter (with each of them, when there are several: below): send
+     ADMIT / OUTCOME (k, t*) / RELEASE records, then prefill the
      admitted prompts (the last logits give the first token). The ADMIT goes out first, so the
      drafter reads the prompt meanwhile and, in SSD mode, pre-drafts for the likely first
      tokens: a prefill is a round with an empty draft and outcome (0, first token). In SSD mode
@@ -25,8 +26,15 @@ round where every sequence is at K = 0 sends none, up to a heartbeat a second); 
 feeds the committed tokens to its cache when a draft is asked for again. The policy probes with a
 one-token draft now and then, so speculation comes back when it pays.
 
+Several drafters (models.draft.replicas): each sequence belongs to one (actors/scheduler.py picks
+it at admission), and the verifier holds one client, with its own channel, per drafter. A step
+collects every live drafter's table, has the policy decide the K's once for the whole batch (it
+prices the one batched verify), then sends each drafter the frame of its own sequences: per
+drafter, exactly the protocol of a single one. The verify stays one forward over all sequences.
+
 Without a drafter (mode `ar`, a request that disabled speculation, or a drafter that died) a
-sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact.
+sequence simply has an empty draft, so step 3 is a plain decode step: output stays exact. A dead
+drafter's sequences move to the live ones at their re-admission, and new ones go to live ones.
 Other threads only touch the queues (submit, abort, poll), never torch or the channel in use; a
 rejoining drafter's new channel is formed by a thread of its own and handed to the loop, which
 swaps it in between two steps (actors/drafter_client.py).
@@ -52,7 +60,7 @@ from actors.spec.sampling import TOKEN, keyed_uniforms, probs_from_logits, sampl
 from actors.engine_spec import EngineSpec
 from actors.model.runner import Runner
 from actors.scheduler import Scheduler
-from actors.sequence import Request, Seq, apply_stops
+from actors.sequence import Request, Seq, apply_stops, held_per_drafter
 from actors.model.tp.group import TPLead, group_timeout_s
 from actors.spec.verify import round_outcomes
 from actors.timing import RoundTiming, VerifierTimes
@@ -99,7 +107,8 @@ class Verifier:
         self._stop = threading.Event()
         self.loop_tid: int | None = None           # the OS id of the thread running the loop
         self.policy = Controller(spec.k, spec.mode, spec.max_branches, prior=pair_agreement(spec))
-        self.drafter = DrafterClient(spec, self.device, self.vocab, self.seqs, self.times, self.policy)
+        self.drafters = [DrafterClient(spec, self.device, self.vocab, self.seqs, self.times, self.policy, index=i)
+                         for i in range(spec.draft_replicas)]
         self._last_verify_s = 0.0
         self._timer = DeviceTimer(self.device)   # the verify forward's device time
         # a draft head reads the target's features at these layers: each forward also returns
@@ -109,17 +118,22 @@ class Verifier:
                                    readmit=not self.aux, eos=tuple(sorted(self.eos)))
 
     # -- lifecycle (called by cluster/ or a launcher) ---------------------------------------
-    def connect(self, master_addr: str | None = None, master_port: int | None = None) -> None:
-        """Form the data plane with the drafter and wait for it: the bring-up, before the loop runs."""
+    @property
+    def drafter(self) -> DrafterClient:
+        """The first drafter's client (the only one unless models.draft.replicas > 1)."""
+        return self.drafters[0]
+
+    def connect(self, master_addr: str | None = None, master_port: int | None = None, index: int = 0) -> None:
+        """Form the data plane with drafter `index` and wait for it: the bring-up, before the loop runs."""
         if not self.spec.speculative:
             return
-        self.drafter.connect(master_addr or self.spec.master_addr, master_port or self.spec.master_port)
+        self.drafters[index].connect(master_addr or self.spec.master_addr, master_port or self.spec.master_port)
 
-    def reconnect(self, master_addr: str, master_port: int) -> None:
-        """Join a restarted drafter without stopping the loop (any thread may ask): its Channel
+    def reconnect(self, master_addr: str, master_port: int, index: int = 0) -> None:
+        """Join a restarted drafter `index` without stopping the loop (any thread may ask): its Channel
         forms in a background thread and the loop swaps it in between two steps (drafter_client.py)."""
         if self.spec.speculative:
-            self.drafter.join_in_background(master_addr, master_port)
+            self.drafters[index].join_in_background(master_addr, master_port)
 
     def join_tp(self, addr: str, port: int) -> None:
         """Form the tensor-parallel group with ranks 1..N-1 (TPWorkers joining on addr:port), before the loop;
@@ -132,7 +146,8 @@ class Verifier:
 
     @property
     def drafter_ok(self) -> bool:
-        return self.drafter.ok
+        """Every drafter is on the data plane."""
+        return all(c.ok for c in self.drafters)
 
     def run(self) -> None:
         pin_this_thread(self.spec.target_cpus)
@@ -142,7 +157,8 @@ class Verifier:
             while not self._stop.is_set():
                 self.step()
         finally:
-            self.drafter.shutdown()
+            for c in self.drafters:
+                c.shutdown()
             if self.tp is not None:
                 self.tp.close()
             self.events.close()
@@ -169,26 +185,30 @@ class Verifier:
 
     def metrics(self) -> dict:
         pool = self.cache.pool
+        # (a copy of the sequences: the loop thread admits and finishes meanwhile)
+        held = held_per_drafter(list(self.seqs.values()), len(self.drafters))
         # kv_blocks_used: held by sequences; parked prefix-cache blocks are reclaimable, not used
         return {**vars(self.times), "active": len(self.seqs), "waiting": self.scheduler.n_waiting(),
-                "drafter_ok": self.drafter.ok, "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
+                "drafter_ok": self.drafter_ok, "drafters_ok": [c.ok for c in self.drafters],
+                "drafter_seqs": held,
+                "mode": self.spec.mode, "adaptive": self.policy.snapshot(),
                 "kv_blocks": pool.n_blocks, "kv_blocks_used": pool.n_used,
                 "kv_blocks_reserved": self.cache.n_reserved, **(pool.prefix.stats() if pool.prefix else {})}
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> None:
         rt = RoundTiming(time.perf_counter())
-        if self.drafter.rejoin is not None:
-            self.drafter.take_over()
-        records, admitted = self.scheduler.control(self.drafter.ok)
+        for c in self.drafters:
+            if c.rejoin is not None:
+                c.take_over()
+        records, admitted = self.scheduler.control([c.ok for c in self.drafters])
         self.events.flush()
         rt.control_s = time.perf_counter() - rt.t0
-        if not self.seqs and not records:
+        if not self.seqs and not any(records):
             rt.idle_s = self._idle()
             self._record(rt)
             return
-        if self.drafter.ok:
-            self.drafter.exchange(records, self._last_verify_s)
+        self._exchange(records)
         for s in admitted:
             rt.prefill_s += self._prefill(s)
         self.events.flush()  # first tokens out before the verify
@@ -202,6 +222,18 @@ class Verifier:
         self.events.flush()
         rt.steps = 1
         self._record(rt)
+
+    def _exchange(self, records: list[list[Record]]) -> None:
+        """Every live drafter's table first, then one K decision for the whole verify batch, then
+        each drafter's frame (`records[i]` and its own sequences' outcomes)."""
+        live = [c for c in self.drafters if c.ok]
+        for c in live:
+            c.take_table(self._last_verify_s)
+        live = [c for c in live if c.ok]
+        going = [s.req.id for c in live for s in c.going()]
+        ks = self.policy.decide(going) if going else {}
+        for c in live:
+            c.exchange(records[c.index], ks)
 
     def _record(self, rt: RoundTiming) -> None:
         """One step's clocks, handed over once: to the running sums and to the adaptive policy."""
@@ -274,8 +306,11 @@ class Verifier:
         """Nothing to do: wait a little for a request, keep the drafter's heartbeat; the seconds it took."""
         t0 = time.perf_counter()
         self.scheduler.wait(0.05)
-        if self.drafter.heartbeat_due():
-            self.drafter.exchange([Record(Rec.PING, 0)], self._last_verify_s)
+        for c in self.drafters:
+            if c.heartbeat_due():
+                c.take_table(self._last_verify_s)
+                if c.ok:
+                    c.exchange([Record(Rec.PING, 0)], {})
         return time.perf_counter() - t0
 
     # -- verification ------------------------------------------------------------------------
@@ -290,12 +325,14 @@ class Verifier:
         if self.aux:
             logits, feats = logits
         self._timer.stop()
-        if self.drafter.awaiting_q_rows:
+        waiting = [c for c in self.drafters if c.awaiting_q_rows]
+        if waiting:
             tq = time.perf_counter()
-            arrived = self.drafter.q_rows_arrived()
-            q_wait = time.perf_counter() - tq   # the drafter's wait, not verification
-            if not arrived:   # drafter lost before the q rows came: drafts are void, commit the target's token only
-                rows = [r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
+            arrived = [c.q_rows_arrived() for c in waiting]
+            q_wait = time.perf_counter() - tq   # the drafters' wait, not verification
+            if not all(arrived):   # a drafter lost before its q rows came voided its sequences' drafts
+                # (off_drafter): commit the target's token only for them
+                rows = [r if s.draft else r[:len(s.tokens) - s.length] for r, s in zip(rows, seqs)]
         advanced = self._mask(seqs, logits)
         outcomes = round_outcomes(seqs, rows, logits, self.vocab)
         rt.forward_s = self._timer.seconds()   # the read-back above waited for the forward

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--replicas", type=_csv(int), default=None, metavar="R,...",
                        help="--concurrency through a served endpoint with cluster.replicas R (e.g. 1,2): aggregate "
                             "tokens/s, p50/p99 latency and host CPU per point, in the config's mode")
+    bench.add_argument("--draft-replicas", type=_csv(int), default=None, metavar="M,...",
+                       help="--concurrency through a served endpoint with models.draft.replicas M (e.g. 1,2): as "
+                            "--replicas, with the speculation table's hit rate")
     bench.add_argument("--compile", action="store_true",
                        help="engine.compile off against on: forward times and AR/SD/SSD tokens/s, interleaved")
     return ap
@@ -134,13 +137,15 @@ def main(argv: list[str] | None = None) -> int:
                 from cluster.bench.compile import run as run_compile_ab
 
                 return run_compile_ab(args.config, args.out, 2 if args.quick else 6, 16 if args.quick else 64)
-            if args.replicas and not args.concurrency:
-                raise ValueError("--replicas needs --concurrency (e.g. --concurrency 1,8 --replicas 1,2)")
-            if args.concurrency and args.replicas:
+            if (args.replicas or args.draft_replicas) and not args.concurrency:
+                raise ValueError("--replicas and --draft-replicas need --concurrency (e.g. --concurrency 1,8 "
+                                 "--replicas 1,2)")
+            if args.concurrency and (args.replicas or args.draft_replicas):
                 from cluster.bench.replicas import run as run_replicas
 
-                return run_replicas(args.config, args.out, args.replicas, args.concurrency,
-                                    new=16 if args.quick else 64, runs=1 if args.quick else 2)
+                return run_replicas(args.config, args.out, args.replicas or [1], args.concurrency,
+                                    new=16 if args.quick else 64, runs=1 if args.quick else 2,
+                                    drafters=args.draft_replicas or [1])
             if args.concurrency:
                 from cluster.bench.paged import run_concurrency
 

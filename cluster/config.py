@@ -109,9 +109,23 @@ class ModelConfig(_Section):
         raise ValueError(f"must be cpu, cuda or cuda:N, got {v!r}")
 
 
+class DraftConfig(ModelConfig):
+    # Drafter processes per verifier (docs/replicas.md): each owns the sequences admitted to it and
+    # runs on a device (a placement bundle) of its own; with `cpus`, each pins its own share of them.
+    replicas: int = Field(1, ge=1, le=64)
+
+    @model_validator(mode="after")
+    def _cpus_per_drafter(self):
+        if self.cpus is not None and len(self.cpus) < self.replicas * self.num_threads:
+            raise ValueError(f"cpus: lists {len(self.cpus)} CPU(s), but replicas: {self.replicas} drafters of "
+                             f"num_threads={self.num_threads} each pin CPUs of their own "
+                             f"({self.replicas * self.num_threads} needed)")
+        return self
+
+
 class ModelsConfig(_Section):
     target: ModelConfig
-    draft: ModelConfig | None = None
+    draft: DraftConfig | None = None
 
 
 class OnlineLearningConfig(_Section):
@@ -264,13 +278,18 @@ class DeploymentConfig(_Section):
                              "share one; keep PACK and separate the roles with models.target.resources and "
                              "models.draft.resources")
         embedded = c.launcher == "ray" and c.address is None
-        if embedded and c.num_cpus is not None and c.replicas > 1:
-            t, d = self.models.target, self.models.draft
-            per = tp * t.num_threads + (d.num_threads if d is not None and self.speculation.mode != "ar" else 0)
+        t, d = self.models.target, self.models.draft
+        drafters = d.replicas if d is not None and self.speculation.mode != "ar" else 0
+        if c.launcher == "local" and drafters > 1:
+            raise ValueError(f"models.draft.replicas: {drafters} drafters are placed by Ray, but cluster.launcher: "
+                             "local runs one drafter process; use launcher: ray or replicas: 1")
+        if embedded and c.num_cpus is not None and (c.replicas > 1 or drafters > 1):
+            per = tp * t.num_threads + (drafters * d.num_threads if drafters else 0)
             if per * c.replicas > c.num_cpus:
-                raise ValueError(f"cluster.replicas: {c.replicas} replicas of {per} CPU(s) each need "
-                                 f"{per * c.replicas}, but the embedded cluster has cluster.num_cpus={c.num_cpus}; "
-                                 "raise num_cpus or lower replicas")
+                key = "cluster.replicas" if c.replicas > 1 else "models.draft.replicas"
+                raise ValueError(f"{key}: {c.replicas} replica(s) of {per} CPU(s) each (a verifier and "
+                                 f"{drafters} drafter(s)) need {per * c.replicas}, but the embedded cluster has "
+                                 f"cluster.num_cpus={c.num_cpus}; raise num_cpus or lower {key}")
         if c.placement_strategy == "STRICT_SPREAD" and embedded and self.speculation.mode != "ar":
             raise ValueError("cluster.placement_strategy: STRICT_SPREAD needs a node per role, and the embedded "
                              "cluster (cluster.address: null) is one node; join a cluster (cluster.address: auto)")

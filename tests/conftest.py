@@ -41,6 +41,19 @@ def held_out_prompts(tiny_tok):
 
 
 HF_NEW = 64
+AR_NEW = 300
+
+
+@pytest.fixture(scope="session")
+def ar_refs(tiny_pair, held_out_prompts):
+    """Our own in-process AR, AR_NEW tokens for each of the first six held-out prompts (itself
+    checked against transformers in test_generate_hf)."""
+    from actors.generate import generate_ar
+    from actors.model.loader import load_model
+    from actors.spec.stopping import StopCriteria
+
+    target = load_model(tiny_pair / "target")
+    return [generate_ar(target, p, StopCriteria(AR_NEW)).tokens for p in held_out_prompts[:6]]
 
 
 @pytest.fixture(scope="session")

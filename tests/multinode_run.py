@@ -91,7 +91,7 @@ def run(args: dict, seen: dict) -> None:
         seen["without_drafter"] = generate(client, args["prompts"], args["new"])
         wait(lambda: sup.checks >= checks + 3, 10, "the supervisor keeps checking")
         seen["supervisor_checks"] = sup.checks - checks
-        seen["drafter_waits"] = engine._drafter_run is None and sup.drafter_restarts == 1
+        seen["drafter_waits"] = engine.drafters[0].run is None and sup.drafter_restarts == 1
         seen["without_drafter_s"] = time.monotonic() - t1
 
         t2 = time.monotonic()

@@ -180,7 +180,7 @@ def test_the_engine_spec_is_derived_from_the_schema_by_name():
     from dataclasses import fields
 
     from actors.engine_spec import EngineSpec
-    from cluster.config import EngineConfig, ModelConfig, SpeculationConfig
+    from cluster.config import DraftConfig, EngineConfig, ModelConfig, SpeculationConfig
     from cluster.launch.deployment import COMPUTED, RENAMED, spec_fields
 
     names = {f.name for f in fields(EngineSpec)}
@@ -191,20 +191,22 @@ def test_the_engine_spec_is_derived_from_the_schema_by_name():
     reached = set(RENAMED.values())
     for section, model in (("speculation", SpeculationConfig), ("engine", EngineConfig)):
         reached |= {f"{section}.{k}" for k in model.model_fields if k in names}
-    for role in ("target", "draft"):
-        reached |= {f"models.{role}.{k}" for k in ModelConfig.model_fields if f"{role}_{k}" in names}
+    roles = {"target": ModelConfig, "draft": DraftConfig}
+    for role, model in roles.items():
+        reached |= {f"models.{role}.{k}" for k in model.model_fields if f"{role}_{k}" in names}
     keys = ({f"speculation.{k}" for k in SpeculationConfig.model_fields}
             | {f"engine.{k}" for k in EngineConfig.model_fields}
-            | {f"models.{r}.{k}" for r in ("target", "draft") for k in ModelConfig.model_fields})
+            | {f"models.{r}.{k}" for r, model in roles.items() for k in model.model_fields})
     assert keys - reached == host
 
     cfg = load_config("configs/local-cpu.yaml", {
         "speculation.k": 3, "speculation.fan_out_budget": 5, "speculation.backup": "ngram", "engine.prefill_chunk": 64,
-        "engine.data_plane_timeout_s": 7.5, "engine.master_port": 29123, "models.draft.cpus": [1],
-        "models.target.resources": {"verifier_host": 1}, "speculation.adaptive": False, "cluster.address": "auto"})
+        "engine.data_plane_timeout_s": 7.5, "engine.master_port": 29123,
+        "models.target.resources": {"verifier_host": 1}, "speculation.adaptive": False, "cluster.address": "auto",
+        "models.draft.replicas": 2, "models.draft.cpus": [0, 1]})
     got = spec_fields(cfg)
     assert (got["k"], got["fan_out_budget"], got["backup"], got["prefill_chunk"], got["timeout_s"], got["master_port"],
-            got["draft_cpus"], got["target_resources"], got["adaptive"]) == (
-        3, 5, "ngram", 64, 7.5, 29123, (1,), {"verifier_host": 1}, False)
+            got["draft_cpus"], got["target_resources"], got["adaptive"], got["draft_replicas"]) == (
+        3, 5, "ngram", 64, 7.5, 29123, (0, 1), {"verifier_host": 1}, False, 2)
     ar = spec_fields(load_config("configs/local-cpu.yaml", {"speculation.mode": "ar", "models.draft.cpus": [1]}))
     assert not any(k.startswith("draft_") for k in ar)   # no drafter: its fields keep the spec's defaults

@@ -17,15 +17,12 @@ import psutil
 import pytest
 import torch
 
-from actors.generate import generate_ar
-from actors.model.loader import load_model
-from actors.spec.stopping import StopCriteria
 from cluster.serving.client import OutriderClient
-from tests.conftest import wait_for
+from tests.conftest import AR_NEW, wait_for
 
 ROOT = Path(__file__).parent.parent
 log = logging.getLogger(__name__)
-NEW = 300
+NEW = AR_NEW
 USERS, RESTART_NEW, MAX_GAP_S = 3, 200, 1.0   # the timed restart: streams, tokens per request, bound
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,17 +36,10 @@ def served(serve_tiny):
     server.stop(grace_s=1)
 
 
-@pytest.fixture(scope="module")
-def ar_refs(tiny_pair, held_out_prompts):
-    """Our own in-process AR (itself checked against transformers in test_generate_hf)."""
-    target = load_model(tiny_pair / "target")
-    return [generate_ar(target, p, StopCriteria(NEW)).tokens for p in held_out_prompts[:6]]
-
-
-def _run_streams(client, prompts, results):
+def _run_streams(client, prompts, results, new: int = NEW):
     def one(i):
         try:
-            results[i] = client.generate_ids(prompts[i], max_new_tokens=NEW, ignore_eos=True)
+            results[i] = client.generate_ids(prompts[i], max_new_tokens=new, ignore_eos=True)
         except grpc.RpcError as e:
             results[i] = e
 

@@ -87,6 +87,42 @@ def _spec(tiny_pair, **kw) -> EngineSpec:
                       **{"mode": "ssd", "k": 4, "adaptive": False, "max_batch": 4, "max_seq_len": 256, **kw})
 
 
+def start_drafter(spec: EngineSpec, errors: list[BaseException]):
+    """A Drafter on a new MemoryPlane, its loop in a thread: (plane, drafter, thread)."""
+    plane, d = MemoryPlane(), Drafter(spec)
+    d.channel = plane.drafter
+
+    def run():
+        try:
+            d.run()
+        except ChannelClosed:   # lost on purpose
+            pass
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=run, name="test-drafter", daemon=True)
+    t.start()
+    return plane, d, t
+
+
+def serve(v: Verifier, reqs: list[Request], on_step=None, max_steps: int = 20000):
+    """Submit every request, step the verifier until all are done; tokens and final events."""
+    for r in reqs:
+        v.submit(r)
+    out, finals = {r.id: [] for r in reqs}, {}
+    for _ in range(max_steps):
+        v.step()
+        for e in v.poll(timeout=0):
+            out[e["id"]] += e["tokens"]
+            if e["done"]:
+                finals[e["id"]] = e
+        if on_step is not None:
+            on_step()
+        if len(finals) == len(reqs):
+            return [out[r.id] for r in reqs], [finals[r.id] for r in reqs]
+    raise AssertionError(f"{len(finals)} of {len(reqs)} requests done after {max_steps} steps")
+
+
 class Pair:
     """A verifier joined to a drafter over a MemoryPlane; `lose` and `rejoin` swap drafters."""
 
@@ -94,50 +130,20 @@ class Pair:
         self.spec = spec
         self.v = Verifier(spec)
         self.errors: list[BaseException] = []
-        self.plane, self.d, self._thread = self._start_drafter()
+        self.plane, self.d, self._thread = start_drafter(spec, self.errors)
         self.v.drafter._form_channel = lambda addr, port: self.plane.verifier.connect()
         self.v.connect()
-
-    def _start_drafter(self):
-        plane, d = MemoryPlane(), Drafter(self.spec)
-        d.channel = plane.drafter
-
-        def run():
-            try:
-                d.run()
-            except ChannelClosed:   # lost on purpose
-                pass
-            except BaseException as e:
-                self.errors.append(e)
-
-        t = threading.Thread(target=run, name="test-drafter", daemon=True)
-        t.start()
-        return plane, d, t
 
     def lose(self) -> None:
         self.plane.drafter.close()
         self._thread.join(10)
 
     def rejoin(self) -> None:
-        self.plane, self.d, self._thread = self._start_drafter()
+        self.plane, self.d, self._thread = start_drafter(self.spec, self.errors)
         self.v.reconnect("127.0.0.1", 0)
 
     def serve(self, reqs: list[Request], on_step=None, max_steps: int = 20000):
-        """Submit every request, step the verifier until all are done; tokens and final events."""
-        for r in reqs:
-            self.v.submit(r)
-        out, finals = {r.id: [] for r in reqs}, {}
-        for _ in range(max_steps):
-            self.v.step()
-            for e in self.v.poll(timeout=0):
-                out[e["id"]] += e["tokens"]
-                if e["done"]:
-                    finals[e["id"]] = e
-            if on_step is not None:
-                on_step()
-            if len(finals) == len(reqs):
-                return [out[r.id] for r in reqs], [finals[r.id] for r in reqs]
-        raise AssertionError(f"{len(finals)} of {len(reqs)} requests done after {max_steps} steps")
+        return serve(self.v, reqs, on_step, max_steps)
 
     def close(self) -> None:
         self.v.drafter.shutdown()

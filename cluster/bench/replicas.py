@@ -1,17 +1,20 @@
-"""`outrider bench --concurrency N,... --replicas R,...`: the served endpoint at scale.
+"""`outrider bench --concurrency N,... --replicas R,... --draft-replicas M,...`: the served
+endpoint at scale.
 
-For each replica count R a real server starts (gRPC on a free port, `cluster.replicas: R`, the
-config's models and mode, the embedded Ray cluster given the CPUs R replicas ask for unless the
-config joins a cluster), and for each concurrency N, `runs` rounds of N greedy streams of `new`
-tokens each (EOS ignored, distinct prompts) go through the gRPC client at once. Reported per
-point: aggregate tokens/s (all tokens over the round's wall time, median over rounds), p50 and
-p99 request latency over every request of every round, the host's CPU use during the rounds
-(psutil, 100 % = every core busy) and the cores the engines' own processes (every replica's
-verifier and drafter) used on average: the figures that show when a host has no cores left for
-another replica.
+For each replica count R and drafter count M a real server starts (gRPC on a free port,
+`cluster.replicas: R`, `models.draft.replicas: M`, the config's models and mode, the embedded Ray
+cluster given the CPUs R replicas of M drafters ask for unless the config joins a cluster), and
+for each concurrency N, `runs` rounds of N greedy streams of `new` tokens each (EOS ignored,
+distinct prompts) go through the gRPC client at once. Reported per point: aggregate tokens/s
+(all tokens over the round's wall time, median over rounds), p50 and p99 request latency over
+every request of every round, the speculation table's hit rate, the host's CPU use during the
+rounds (psutil, 100 % = every core busy) and the cores the engines' own processes (every
+replica's verifier and drafters) used on average: the figures that show when a host has no cores
+left for another replica.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -31,7 +34,9 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s), max(1, math.ceil(q * len(s)))) - 1]
 
 
-def _round(client, prompts: list[list[int]], new: int) -> tuple[float, list[float]]:
+def _round(client, prompts: list[list[int]], new: int, hits: list[int] | None = None) -> tuple[float, list[float]]:
+    """One round of concurrent streams: its wall time and each request's latency; `hits` gathers
+    [table hits, lookups] over its requests."""
     lat: dict[int, float] = {}
     errors: list[str] = []
 
@@ -41,6 +46,9 @@ def _round(client, prompts: list[list[int]], new: int) -> tuple[float, list[floa
             ids, final = client.generate_ids(prompts[i], max_new_tokens=new, ignore_eos=True)
             if final.finish_reason != "length" or len(ids) != new:
                 errors.append(f"request {i}: {final.finish_reason}, {len(ids)} tokens")
+            if hits is not None:
+                hits[0] += final.stats.cache_hits
+                hits[1] += final.stats.cache_hits + final.stats.cache_misses
         except Exception as e:  # noqa: BLE001 (reported below, with the others)
             errors.append(f"request {i}: {e}")
         lat[i] = time.perf_counter() - t0
@@ -58,13 +66,16 @@ def _round(client, prompts: list[list[int]], new: int) -> tuple[float, list[floa
 
 
 def _engine_procs(server) -> list[psutil.Process]:
-    """Every replica's verifier and drafter process (on this host; others are skipped)."""
+    """Every replica's verifier and drafter processes (on this host; others are skipped)."""
     procs = []
     for r in server.coord.replicas:
-        for pid in (r.engine.verifier_pid, getattr(r.engine, "drafter_pid", None)):
+        e = r.engine
+        drafters = [functools.partial(e.drafter_pid, i) for i in range(e.spec.draft_replicas if e.spec.speculative
+                                                                          else 0)]
+        for pid in (e.verifier_pid, *drafters):
             try:
                 procs.append(psutil.Process(pid()))
-            except Exception:  # noqa: BLE001 (no drafter, or a process on another node)
+            except Exception:  # noqa: BLE001 (a process on another node)
                 pass
     return procs
 
@@ -80,7 +91,7 @@ def _cpu_s(procs: list[psutil.Process]) -> float:
     return total
 
 
-def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: int) -> list[dict]:
+def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: int, drafters: int = 1) -> list[dict]:
     from cluster.models.corpus import prompts as corpus_prompts
     from cluster.serving.client import OutriderClient
     from cluster.config import load_config
@@ -89,11 +100,14 @@ def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: 
 
     over = {"server.port": 0, "http.enabled": False, "metrics.enabled": False, "engine.max_batch": max(concurrency)}
     base = load_config(config, over)   # one replica: what each of them asks for
+    speculative = base.models.draft is not None and base.speculation.mode != "ar"
     if base.cluster.address is None and base.cluster.launcher == "ray":
         m = base.models
-        draft = m.draft.num_threads if m.draft is not None and base.speculation.mode != "ar" else 0
+        draft = m.draft.num_threads * drafters if speculative else 0
         over["cluster.num_cpus"] = (m.target.tensor_parallel_size * m.target.num_threads + draft) * replicas
     over["cluster.replicas"] = replicas
+    if speculative:
+        over["models.draft.replicas"] = drafters
     server = OutriderServer(load_config(config, over)).start()
     rows = []
     try:
@@ -104,22 +118,24 @@ def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: 
         _round(client, ids[:replicas], 8)   # warm-up: every replica once
         procs = _engine_procs(server)
         for n in concurrency:
-            walls, lats = [], []
+            walls, lats, hits = [], [], [0, 0]
             psutil.cpu_percent()
             cpu0, t0 = _cpu_s(procs), time.perf_counter()
             for r in range(runs):
-                wall, lat = _round(client, [ids[(r * n + i) % len(ids)] for i in range(n)], new)
+                wall, lat = _round(client, [ids[(r * n + i) % len(ids)] for i in range(n)], new, hits)
                 walls.append(wall)
                 lats += lat
             cpu = psutil.cpu_percent()
             engine_cores = (_cpu_s(procs) - cpu0) / (time.perf_counter() - t0)
-            row = {"engine_cores": engine_cores, "replicas": replicas, "concurrency": n,
+            row = {"engine_cores": engine_cores, "replicas": replicas, "drafters": drafters, "concurrency": n,
                    "tok_s": statistics.median(n * new / w for w in walls),
+                   "hit_rate": hits[0] / hits[1] if hits[1] else None,
                    "p50_s": percentile(lats, 0.5), "p99_s": percentile(lats, 0.99), "cpu_percent": cpu,
                    "cores": psutil.cpu_count(), "requests": len(lats)}
             rows.append(row)
-            print(f"{replicas:8d} {n:11d} {row['tok_s']:7.1f} {row['p50_s']:7.2f} {row['p99_s']:7.2f} "
-                  f"{cpu:5.0f} % {engine_cores:12.2f}", flush=True)
+            hit = "-" if row["hit_rate"] is None else f"{row['hit_rate']:.2f}"
+            print(f"{replicas:8d} {drafters:8d} {n:11d} {row['tok_s']:7.1f} {row['p50_s']:7.2f} {row['p99_s']:7.2f} "
+                  f"{hit:>8} {cpu:5.0f} % {engine_cores:12.2f}", flush=True)
         client.close()
     finally:
         server.stop(grace_s=1)
@@ -128,11 +144,12 @@ def measure(config: str, replicas: int, concurrency: list[int], new: int, runs: 
 
 
 def run(config: str, out: str | None, replicas: list[int], concurrency: list[int], new: int = 64,
-        runs: int = 2) -> int:
-    print("replicas concurrency   tok/s  p50 (s) p99 (s)   host CPU  engine cores", flush=True)
+        runs: int = 2, drafters: list[int] = (1,)) -> int:
+    print("replicas drafters concurrency   tok/s  p50 (s) p99 (s) hit rate   host CPU  engine cores", flush=True)
     rows = []
     for r in replicas:
-        rows += measure(config, r, concurrency, new, runs)
+        for m in drafters:
+            rows += measure(config, r, concurrency, new, runs, m)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "replicas.json").write_text(json.dumps({"config": config, "new_tokens": new, "runs": runs,

@@ -10,7 +10,7 @@ from actors.model.config import ModelArgs
 from actors.engine_spec import EngineSpec, OnlineLearningSpec
 from actors.model.tokenizer import Tokenizer, vocab_mismatch
 from actors.model.tp.shard import rank_args, rank_device, split_error
-from cluster.config import ConfigError, DeploymentConfig, ModelConfig
+from cluster.config import ConfigError, DeploymentConfig
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def spec_fields(cfg: DeploymentConfig) -> dict:
             value = getattr(cfg.speculation, f.name)
         elif f.name in type(cfg.engine).model_fields:
             value = getattr(cfg.engine, f.name)
-        elif role in ("target", "draft") and key in ModelConfig.model_fields:
+        elif role in ("target", "draft") and key in type(getattr(cfg.models, role)).model_fields:
             value = getattr(getattr(cfg.models, role), key)
         else:
             continue

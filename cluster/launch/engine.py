@@ -1,12 +1,13 @@
-"""Bring the engine up on Ray: the verifier and the drafter as actors on separate devices.
+"""Bring the engine up on Ray: the verifier and its drafters as actors on separate devices.
 
-Ray is the control plane only: it places the two processes (one placement-group bundle each, so
+Ray is the control plane only: it places the processes (one placement-group bundle each, so
 each gets its own GPU, or its own CPU core on a laptop), starts, health-checks and restarts them.
-The per-round traffic goes over the torch.distributed channel the two actors form between
-themselves. The coordinator lives in the serving process (the Ray driver), which holds no Ray
-resources (the `num_cpus=0` role): it submits and aborts through Ray calls, and committed tokens
-come back over a TCP stream the verify loop writes (actors/protocol/events.py), read here and long-polled
-locally by the coordinator.
+The per-round traffic goes over the torch.distributed channel the verifier forms with each
+drafter, on a port of its own (models.draft.replicas may ask for several drafters). The
+coordinator lives in the serving process (the Ray driver), which holds no Ray resources (the
+`num_cpus=0` role): it submits and aborts through Ray calls, and committed tokens come back over
+a TCP stream the verify loop writes (actors/protocol/events.py), read here and long-polled locally
+by the coordinator.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from actors.engine_spec import EngineSpec
 from actors.model.tp.worker import TPWorker
 from actors.verifier import Verifier
 from cluster.launch.placement import actor_options, drafter_bundle, missing_resources, placement_bundles
+from cluster.serving.metrics import numbers_added
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 10.0          # a quick call to a live actor (the supervisor's thread makes some)
@@ -115,6 +117,18 @@ class TPWorkerActor(_OnRay, TPWorker):
         self.run()
 
 
+class DrafterSlot:
+    """One drafter of the engine: its actor in its bundle, its start, its join and its restart."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.actor = None
+        self.ready = None   # its ready() call: resolves once Ray placed and built it
+        self.run = None     # its join_and_run(): resolves when its loop ends; None until it joins
+        self.since = 0.0    # when the current drafter was asked for
+        self.said = 0.0     # when a drafter still waiting for a node was last reported
+
+
 class RayEngine:
     """Verifier + drafter actors and their data plane. `submit/abort/poll/metrics` mirror the
     Verifier's own methods, so the coordinator works the same on Ray or in plain processes."""
@@ -129,19 +143,20 @@ class RayEngine:
         # bucket shapes: minutes on a GPU, actors/model/runner.py) get the compile on top.
         self.build_timeout_s = ready_timeout_s + (PRECOMPILE_S if spec.compile else 0.0)
         self.verifier = None
-        self.drafter = None
+        self.drafters = [DrafterSlot(i) for i in range(spec.draft_replicas if spec.speculative else 0)]
         self.pg = None
         self.bundles = placement_bundles(spec)
-        self.rendezvous: tuple[str, int] | None = None   # the data plane's address and port, last formed
+        self.rendezvous: tuple[str, int] | None = None   # a data plane's address and port, last formed
         self.events: EventReader | None = None
         self._events_token = secrets.token_hex(16)
         self._runs: list = []
         self.tp_workers: list = []   # the target's ranks 1..N-1 (actors/model/tp/), in bundles 1..N-1
         self._tp_runs: list = []     # their join_and_run() calls: one resolves only if its loop ends
-        self._drafter_ready = None   # the drafter's ready() call: resolves once Ray placed and built it
-        self._drafter_run = None     # its join_and_run(): resolves when its loop ends; None until it joins
-        self._drafter_since = 0.0    # when the current drafter was asked for
-        self._drafter_said = 0.0     # when a drafter still waiting for a node was last reported
+
+    @property
+    def drafter(self):
+        """The first drafter's actor (the only one unless models.draft.replicas > 1)."""
+        return self.drafters[0].actor if self.drafters else None
 
     # -- bring-up ------------------------------------------------------------------------------
     def start(self) -> RayEngine:
@@ -152,14 +167,15 @@ class RayEngine:
             **actor_options(self.bundles[0], self.pg, 0, max_concurrency=16, name=None, max_restarts=0)).remote(s)
         if s.tensor_parallel_size > 1:
             self._start_tp_ranks()
-        if s.speculative:
-            self._new_drafter()
-            ray.get(self._drafter_ready, timeout=self.build_timeout_s)
+        for d in self.drafters:   # built side by side; each joins on a port of its own
+            self._new_drafter(d)
+        for d in self.drafters:
+            ray.get(d.ready, timeout=self.build_timeout_s)
             addr, port = self._data_plane(timeout_s=self.build_timeout_s)
-            v = self.verifier.connect.remote(addr, port)   # the loop is not running yet: form the group directly
-            self._drafter_run = self.drafter.join_and_run.remote(addr, port)
+            v = self.verifier.connect.remote(addr, port, d.index)   # the loop is not running yet: form it directly
+            d.run = d.actor.join_and_run.remote(addr, port)
             ray.get(v, timeout=self.build_timeout_s)
-            log.info("engine up: mode=%s k=%d, data plane on %s:%d", s.mode, s.k, addr, port)
+            log.info("engine up: mode=%s k=%d, drafter %d's data plane on %s:%d", s.mode, s.k, d.index, addr, port)
         self._runs.append(self.verifier.run.remote())
         ray.get(self.verifier.ready.remote(), timeout=self.build_timeout_s)
         self._open_events()
@@ -210,43 +226,45 @@ class RayEngine:
         self.rendezvous = (addr, ray.get(self.verifier.free_port.remote(), timeout=timeout_s))
         return self.rendezvous
 
-    def _new_drafter(self) -> None:
-        """Ask Ray for a drafter in the drafter's bundle. Returns at once: the actor starts when
-        its bundle is placed, which after losing its node waits for a node with the resources."""
-        i = drafter_bundle(self.spec)
-        self.drafter = ray.remote(DrafterActor).options(
-            **actor_options(self.bundles[i], self.pg, i, max_concurrency=2)).remote(self.spec)
-        self._drafter_ready = self.drafter.ready.remote()
-        self._drafter_run = None
-        self._drafter_since = self._drafter_said = time.monotonic()
+    def _new_drafter(self, d: DrafterSlot) -> None:
+        """Ask Ray for drafter `d` in its bundle. Returns at once: the actor starts when its bundle
+        is placed, which after losing its node waits for a node with the resources."""
+        i = drafter_bundle(self.spec, d.index)
+        d.actor = ray.remote(DrafterActor).options(
+            **actor_options(self.bundles[i], self.pg, i, max_concurrency=2)).remote(self.spec.for_drafter(d.index))
+        d.ready = d.actor.ready.remote()
+        d.run = None
+        d.since = d.said = time.monotonic()
 
-    def restart_drafter(self) -> None:
-        """Replace a dead drafter without waiting for it: the verifier keeps serving (without
-        drafts), and the replacement joins from check_drafter() once Ray has started it."""
-        if self.drafter is not None:
-            ray.kill(self.drafter, no_restart=True)
-        self._new_drafter()
+    def restart_drafter(self, i: int = 0) -> None:
+        """Replace dead drafter i without waiting for it: the verifier keeps serving (its sequences
+        without drafts), and the replacement joins from check_drafter() once Ray has started it."""
+        d = self.drafters[i]
+        if d.actor is not None:
+            ray.kill(d.actor, no_restart=True)
+        self._new_drafter(d)
 
-    def _join_when_started(self) -> bool:
+    def _join_when_started(self, d: DrafterSlot) -> bool:
         """A replacement drafter joins the running loop once it is up; False if it failed to start."""
-        ready, _ = ray.wait([self._drafter_ready], timeout=0)
+        ready, _ = ray.wait([d.ready], timeout=0)
         if not ready:
             now = time.monotonic()
-            if now - self._drafter_said >= DRAFTER_WAIT_REPORT_S:
-                self._drafter_said = now
-                log.warning("the drafter has waited %.0fs for Ray to place it (bundle %s); serving without "
-                            "speculation meanwhile", now - self._drafter_since, self.bundles[drafter_bundle(self.spec)])
+            if now - d.said >= DRAFTER_WAIT_REPORT_S:
+                d.said = now
+                log.warning("drafter %d has waited %.0fs for Ray to place it (bundle %s); its sequences go "
+                            "without speculation meanwhile", d.index, now - d.since,
+                            self.bundles[drafter_bundle(self.spec, d.index)])
             return True
         try:
             ray.get(ready[0])
         except Exception as e:
-            log.error("the replacement drafter did not start: %s", e)
+            log.error("the replacement drafter %d did not start: %s", d.index, e)
             return False
         addr, port = self._data_plane(timeout_s=CALL_TIMEOUT_S)
-        self.verifier.reconnect.remote(addr, port)   # formed in the background, swapped in between steps
-        self._drafter_run = self.drafter.join_and_run.remote(addr, port)
-        log.info("drafter started after %.1fs; joining the data plane on %s:%d",
-                 time.monotonic() - self._drafter_since, addr, port)
+        self.verifier.reconnect.remote(addr, port, d.index)   # formed in the background, swapped in between steps
+        d.run = d.actor.join_and_run.remote(addr, port)
+        log.info("drafter %d started after %.1fs; joining the data plane on %s:%d", d.index,
+                 time.monotonic() - d.since, addr, port)
         return True
 
     # -- the verifier's API, through Ray -------------------------------------------------------
@@ -267,17 +285,24 @@ class RayEngine:
 
     def metrics(self) -> dict:
         m = ray.get(self.verifier.metrics.remote())
-        if self.drafter is not None:
-            m["drafter"] = None   # while a replacement waits to be placed, or a dead one
-            if self._drafter_run is not None:
-                try:
-                    m["drafter"] = ray.get(self.drafter.stats.remote(), timeout=5)
-                except Exception:  # a dead drafter must not break metrics
-                    pass
+        if self.drafters:
+            stats = [self._drafter_stats(d) for d in self.drafters]
+            m["drafter"] = stats[0] if len(stats) == 1 else numbers_added([x for x in stats if x]) or None
+            m["drafters"] = stats
         return m
 
-    def drafter_pid(self) -> int:
-        return ray.get(self.drafter.pid.remote())
+    @staticmethod
+    def _drafter_stats(d: DrafterSlot) -> dict | None:
+        """None while a replacement waits to be placed, or for a dead one (it must not break metrics)."""
+        if d.run is None:
+            return None
+        try:
+            return ray.get(d.actor.stats.remote(), timeout=5)
+        except Exception:
+            return None
+
+    def drafter_pid(self, i: int = 0) -> int:
+        return ray.get(self.drafters[i].actor.pid.remote())
 
     def verifier_alive(self) -> bool:
         """False once the verifier's run loop has ended with an error (its process died), or the
@@ -296,8 +321,8 @@ class RayEngine:
             return False
 
     def loop_threads(self, timeout_s: float = 10.0) -> list[int]:
-        """The OS thread ids of the verifier's and the drafter's loops, once they run."""
-        actors = [a for a in (self.verifier, self.drafter) if a is not None]
+        """The OS thread ids of the verifier's and the drafters' loops, once they run."""
+        actors = [a for a in (self.verifier, *(d.actor for d in self.drafters)) if a is not None]
         deadline = time.perf_counter() + timeout_s
         while True:
             tids = ray.get([a.loop_thread.remote() for a in actors])
@@ -310,15 +335,17 @@ class RayEngine:
 
     def node_ids(self) -> dict[str, str]:
         """The Ray node each role runs on."""
-        actors = {"verifier": self.verifier, "drafter": self.drafter}
+        actors = {"verifier": self.verifier, "drafter": self.drafter,
+                  **{f"drafter {d.index}": d.actor for d in self.drafters[1:]}}
         return {role: ray.get(a.node_id.remote(), timeout=CALL_TIMEOUT_S) for role, a in actors.items() if a}
 
-    def check_drafter(self) -> bool:
-        """True when the drafter's run loop is still going (or cleanly finished), or while a
+    def check_drafter(self, i: int = 0) -> bool:
+        """True when drafter i's run loop is still going (or cleanly finished), or while a
         replacement waits to be placed; a replacement that has started joins here."""
-        if self._drafter_run is None:
-            return self._join_when_started()
-        ready, _ = ray.wait([self._drafter_run], timeout=0)
+        d = self.drafters[i]
+        if d.run is None:
+            return self._join_when_started(d)
+        ready, _ = ray.wait([d.run], timeout=0)
         if not ready:
             return True
         try:
@@ -334,7 +361,7 @@ class RayEngine:
                 ray.wait(self._runs, timeout=timeout_s)
             except Exception as e:
                 log.warning("verifier did not stop cleanly: %s", e)
-        for a in (self.drafter, self.verifier, *self.tp_workers):
+        for a in (*(d.actor for d in self.drafters), self.verifier, *self.tp_workers):
             if a is not None:
                 try:
                     ray.kill(a)
@@ -344,7 +371,9 @@ class RayEngine:
             self.events.close()
         if self.pg is not None:
             remove_placement_group(self.pg)
-        self.verifier = self.drafter = self.pg = self.events = None
+        for d in self.drafters:
+            d.actor = None
+        self.verifier = self.pg = self.events = None
 
 
 EMBEDDED_START_ATTEMPTS = 3

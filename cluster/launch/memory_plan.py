@@ -27,7 +27,10 @@ plan, the verifier's reservations and the drafter's sizing count them as free.
 Devices. Under the Ray launcher every role (and every TP rank) gets a GPU bundle of its own and
 sees it as "cuda" (Ray narrows CUDA_VISIBLE_DEVICES), so two roles on "cuda" are two GPUs; they
 share one only when both name the same explicit index. Under `launcher: local` both run on this
-host, where "cuda" is "cuda:0": equal devices share.
+host, where "cuda" is "cuda:0": equal devices share. Several drafters (models.draft.replicas: M)
+are M drafter rows, each with the whole pool (all sequences move to one when the others die): on
+devices of their own (a bundle each, "<device> #i") or, where the drafter shares the target's
+device (the CPU, or an explicit index under Ray), all M on that one.
 
 `engine.kv_cache_memory`: bytes (int), a string ("12GiB", "512MiB", "20GB"), or a fraction
 0 < f <= 1 of the target device's memory. Default: enough for max_batch sequences of
@@ -239,7 +242,9 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
     da = draft_args if draft_args is not None else (_draft_args(spec) if spec.draft and spec.speculative else None)
     bs, K = spec.kv_block_size, spec.k
     tdev, ddev = role_devices(spec.target_device, spec.draft_device, launcher)
-    raw = {tdev: spec.target_device} | ({ddev: spec.draft_device} if da is not None else {})
+    n_d = spec.draft_replicas if da is not None else 0
+    dkeys = [ddev if n_d == 1 or tdev == ddev else f"{ddev} #{i}" for i in range(n_d)]
+    raw = {tdev: spec.target_device} | {k: spec.draft_device for k in dkeys}
     devices: dict[str, int | None] = {}
     for d, name in raw.items():
         devices[d] = ((memory or {}).get(name, (memory or {}).get(device_key(name), (memory or {}).get(
@@ -262,7 +267,8 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
     chunk = min(spec.prefill_chunk, spec.max_seq_len)
     t_ws = max(_step_bytes(ta, spec.target_dtype, spec.max_batch, K + 1, spec.target_max_len),
                _step_bytes(ta, spec.target_dtype, 1, chunk, spec.target_max_len))
-    t_res = role_reserve(spec.target_device, int(spec.tensor_parallel_size > 1) + nccl_channel, t_ws)
+    # (the verifier joins one channel per drafter)
+    t_res = role_reserve(spec.target_device, int(spec.tensor_parallel_size > 1) + n_d * nccl_channel, t_ws)
     t_scratch = int(spec.pads(spec.target_device))   # padded shapes' scratch block
     per_seq = -(-spec.target_max_len // bs)
     full = spec.max_batch * per_seq
@@ -279,8 +285,9 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
         d_res = role_reserve(spec.draft_device, nccl_channel, d_ws)   # its own process (both launchers)
     else:
         d_w = d_bb = d_ws = extra = d_res = d_scratch = 0
-    fixed = t_w + t_ws + t_res + t_scratch * t_bb + ((d_w + d_ws + d_res + (extra + d_scratch) * d_bb) if same else 0)
-    per_block = t_bb + (d_bb if same else 0)   # a verifier block costs a drafter block too on a shared device
+    fixed = t_w + t_ws + t_res + t_scratch * t_bb + (n_d * (d_w + d_ws + d_res + (extra + d_scratch) * d_bb)
+                                                     if same else 0)
+    per_block = t_bb + (n_d * d_bb if same else 0)   # a verifier block costs each drafter a block on a shared device
 
     keys = "engine.kv_cache_memory"
     if kv_cache_memory is None:
@@ -314,9 +321,9 @@ def plan_memory(spec: EngineSpec, kv_cache_memory=None, memory: dict[str, int | 
     d_blocks = blocks + extra if da is not None else None
     roles = [RolePlan("target", spec.target_device, spec.target_dtype, t_w, (blocks + t_scratch) * t_bb, t_ws,
                       blocks, t_bb, t_res, tdev)]
-    if da is not None:
-        roles.append(RolePlan("draft", spec.draft_device, spec.draft_dtype, d_w, (d_blocks + d_scratch) * d_bb, d_ws,
-                              d_blocks, d_bb, d_res, ddev))
+    for i, key in enumerate(dkeys):
+        roles.append(RolePlan("draft" if n_d == 1 else f"draft {i}", spec.draft_device, spec.draft_dtype, d_w,
+                              (d_blocks + d_scratch) * d_bb, d_ws, d_blocks, d_bb, d_res, key))
     plan = MemoryPlan(roles, devices, bs, blocks, d_blocks, notes)
     for d, ok in plan.fits().items():
         if not ok:

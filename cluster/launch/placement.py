@@ -1,7 +1,8 @@
 """Where each role runs: one Ray placement group, one bundle per device.
 
 The bundle list is the target's ranks first (one bundle each: `tensor_parallel_size` of them,
-indices 0..N-1, rank 0 being the verifier), then the drafter's (index N). Every bundle of a role
+indices 0..N-1, rank 0 being the verifier), then the drafters' (indices N..N+M-1, one per
+drafter: `models.draft.replicas`). Every bundle of a role
 carries that role's custom resources (`models.<role>.resources`), so a role lands only on nodes
 started with them (`ray start --resources '{"verifier_host": 1}'`; a node hosting a TP-4 target
 declares 4 units). `cluster.placement_strategy` then decides how the bundles share nodes: PACK
@@ -25,17 +26,18 @@ def role_bundle(device: str, num_threads: int, resources: dict[str, float]) -> d
 
 
 def placement_bundles(spec: EngineSpec) -> list[dict[str, float]]:
-    """The target's ranks, then the drafter (when there is one)."""
+    """The target's ranks, then the drafters (when there are any)."""
     target = role_bundle(spec.target_device, spec.num_threads, spec.target_resources)
     bundles = [dict(target) for _ in range(spec.tensor_parallel_size)]
     if spec.speculative:
-        bundles.append(role_bundle(spec.draft_device, spec.draft_num_threads, spec.draft_resources))
+        draft = role_bundle(spec.draft_device, spec.draft_num_threads, spec.draft_resources)
+        bundles += [dict(draft) for _ in range(spec.draft_replicas)]
     return bundles
 
 
-def drafter_bundle(spec: EngineSpec) -> int:
-    """The drafter's bundle index: after the target's ranks."""
-    return spec.tensor_parallel_size
+def drafter_bundle(spec: EngineSpec, i: int = 0) -> int:
+    """Drafter i's bundle index: after the target's ranks."""
+    return spec.tensor_parallel_size + i
 
 
 def actor_options(bundle: dict[str, float], pg, index: int, **kw) -> dict:

@@ -1,6 +1,7 @@
 """Keep the engine whole: restart a dead drafter, rebuild the pair when the verifier dies.
 
-A dead drafter costs speed, never correctness: the verifier notices the broken data plane,
+A dead drafter (any one of several: each is watched and restarted on its own, with a backoff of
+its own) costs speed, never correctness: the verifier notices the broken data plane,
 keeps decoding without drafts, and joins the replacement between two steps. Restarting only asks
 for the replacement; it may wait minutes for Ray to place it (its node is gone until one with the
 same resources joins), and it joins from a later check once it has started, so this loop never
@@ -30,8 +31,8 @@ class Supervisor:
         self.drafter_restarts = 0
         self.verifier_rebuilds = 0
         self.checks = 0                # completed checks: the loop is alive and not stuck
-        self._last_restart = -QUICK_DEATH_S
-        self._backoff_s = 0.0
+        self._last_restart: dict[int, float] = {}   # per drafter: when it was last restarted
+        self._backoff_s: dict[int, float] = {}      # per drafter: the wait before its next restart
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="outrider-supervisor", daemon=True)
 
@@ -58,21 +59,23 @@ class Supervisor:
         if not engine.verifier_alive():
             self._rebuild(engine)
             return
-        if engine.spec.speculative and not engine.check_drafter():
-            self._restart_drafter(engine)
+        for i in range(engine.spec.draft_replicas if engine.spec.speculative else 0):
+            if not engine.check_drafter(i):
+                self._restart_drafter(engine, i)
         self.replica.refresh_load()
 
-    def _restart_drafter(self, engine) -> None:
+    def _restart_drafter(self, engine, i: int) -> None:
         """A drafter that keeps dying soon after its restart (it cannot start where Ray puts it: a
         checkpoint missing on that node, a bad device) is retried less and less often."""
         now = time.monotonic()
-        if now < self._last_restart + self._backoff_s:
+        last, backoff = self._last_restart.get(i, -QUICK_DEATH_S), self._backoff_s.get(i, 0.0)
+        if now < last + backoff:
             return
-        quick = now - self._last_restart < QUICK_DEATH_S
-        self._backoff_s = min(max(1.0, 2 * self._backoff_s), MAX_BACKOFF_S) if quick else 0.0
-        self._last_restart = now
-        log.warning("drafter died: restarting it (the verifier decodes without drafts meanwhile)")
-        engine.restart_drafter()
+        quick = now - last < QUICK_DEATH_S
+        self._backoff_s[i] = min(max(1.0, 2 * backoff), MAX_BACKOFF_S) if quick else 0.0
+        self._last_restart[i] = now
+        log.warning("drafter %d died: restarting it (its sequences decode without drafts meanwhile)", i)
+        engine.restart_drafter(i)
         self.drafter_restarts += 1
 
     def _rebuild(self, dead) -> None:

@@ -66,15 +66,20 @@ def summed(ms: list[dict]) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = out.get(k, 0) + v
     if drafters:
-        d: dict = {}
-        for x in drafters:
-            for k, v in x.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    d[k] = d.get(k, 0) + v
-        if "train_loss_ema" in d:
-            d["train_loss_ema"] /= len(drafters)
-        out["drafter"] = d
+        out["drafter"] = numbers_added(drafters)
     return out
+
+
+def numbers_added(stats: list[dict]) -> dict:
+    """Several drafters' stats() as one: numbers added (the training loss averaged)."""
+    d: dict = {}
+    for x in stats:
+        for k, v in x.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                d[k] = d.get(k, 0) + v
+    if "train_loss_ema" in d:
+        d["train_loss_ema"] /= len(stats)
+    return d
 
 
 class EngineCollector:
