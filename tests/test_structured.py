@@ -17,6 +17,7 @@ import grpc
 import pytest
 import torch
 
+from actors.protocol.frame import Rec
 from actors.spec.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
 from actors.spec.sampling import SamplingParams
 from tests import test_logprobs
@@ -145,6 +146,26 @@ def test_answers_match_their_grammar(greedy_runs, tiny_tok):
 
 
 
+
+def test_two_drafters_draft_their_own_sequences_grammars(tiny_pair, greedy_runs):
+    """models.draft.replicas: 2 (a real verifier and two real drafters in one process, as in
+    tests/test_drafters.py): each drafter gets the grammars of the sequences it owns, and the
+    output equals constrained AR."""
+    from actors.engine_spec import EngineSpec
+    from actors.sequence import Request
+    from tests.test_drafters import Drafters
+
+    jobs, runs = greedy_runs
+    p = Drafters(EngineSpec(target=str(tiny_pair / "target"), draft=str(tiny_pair / "draft"), mode="ssd", k=4,
+                            adaptive=False, max_batch=8, max_seq_len=1024, draft_replicas=2))
+    try:
+        outs, finals = p.serve([Request(i, prompt, NEW, grammar=spec) for i, (prompt, spec) in enumerate(jobs)])
+        grammars = [[r.seq for f in end[0].verifier.sent for r in f.records if r.kind == Rec.GRAMMAR]
+                    for end in p.ends]
+        assert grammars == [p.admitted(0), p.admitted(1)] and all(grammars)
+    finally:
+        p.close()
+    assert outs == [h.tokens for h in runs["ar"][0]]
 
 def test_logprobs_are_the_masked_targets(greedy_runs, reference):
     """A constrained request's logprobs are those of the target's masked logits (refused tokens
