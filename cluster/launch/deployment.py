@@ -7,6 +7,7 @@ from pathlib import Path
 
 from actors.affinity import check_cpus
 from actors.model.config import ModelArgs
+from actors.engine_api import Engine
 from actors.engine_spec import EngineSpec, OnlineLearningSpec
 from actors.model.tokenizer import Tokenizer, vocab_mismatch
 from actors.model.tp.shard import rank_args, rank_device, split_error
@@ -184,7 +185,7 @@ def tokenizer_for(spec: EngineSpec) -> Tokenizer:
     return Tokenizer(spec.target)
 
 
-def start_engine(cfg: DeploymentConfig, spec: EngineSpec | None = None):
+def start_engine(cfg: DeploymentConfig, spec: EngineSpec | None = None) -> Engine:
     """Bring the verifier and drafter up: as plain processes (`cluster.launcher: local`), or as
     Ray actors on an embedded or joined cluster (Ray is initialised here if need be)."""
     spec = spec or engine_spec(cfg)

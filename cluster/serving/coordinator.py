@@ -19,6 +19,7 @@ from actors.spec.grammar import GrammarSpec
 from actors.spec.sampling import SamplingParams
 from actors.spec.stats import SpecStats
 from actors.model.tokenizer import Tokenizer
+from actors.engine_api import Engine
 from actors.sequence import Request
 from cluster.serving.textstream import TextStream
 
@@ -117,7 +118,7 @@ class Handle:
 
 
 class Coordinator:
-    def __init__(self, engine, tokenizer: Tokenizer | None = None, max_queue: int = 64,
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None = None, max_queue: int = 64,
                  stream_interval_s: float = 0.02):
         self.engine = engine
         self.tok = tokenizer
