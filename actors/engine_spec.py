@@ -24,6 +24,21 @@ class OnlineLearningSpec:
             raise ValueError(f"online learning settings out of range: {self}")
 
 
+MODES = ("ar", "sd", "ssd")
+BACKUPS = ("jit", "ngram", "none")   # what a miss in the speculation table drafts
+
+
+def fan_out_error(fan_out: list[int] | None, k: int) -> str | None:
+    """The one rule for an explicit fan-out (the YAML schema and the spec both apply it)."""
+    if fan_out is None:
+        return None
+    if len(fan_out) != k + 1:
+        return f"fan_out: needs k+1 = {k + 1} entries (depth 0..k), got {list(fan_out)}"
+    if any(f < 0 for f in fan_out):
+        return f"fan_out: entries must be >= 0, got {list(fan_out)}"
+    return None
+
+
 @dataclass
 class EngineSpec:
     target: str                     # checkpoint directory (already resolved)
@@ -69,16 +84,16 @@ class EngineSpec:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.mode not in ("ar", "sd", "ssd"):
-            raise ValueError(f"mode must be ar, sd or ssd, got {self.mode!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode != "ar" and not self.draft:
             raise ValueError(f"mode {self.mode} needs a draft model")
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.fan_out is not None and len(self.fan_out) != self.k + 1:
-            raise ValueError(f"fan_out needs k+1 = {self.k + 1} entries, got {len(self.fan_out)}")
-        if self.backup not in ("jit", "ngram", "none"):
-            raise ValueError(f"backup must be jit, ngram or none, got {self.backup!r}")
+        if why := fan_out_error(self.fan_out, self.k):
+            raise ValueError(why)
+        if self.backup not in BACKUPS:
+            raise ValueError(f"backup must be one of {BACKUPS}, got {self.backup!r}")
         if self.kv_block_size < 1 or self.prefill_chunk < 1:
             raise ValueError(f"kv_block_size and prefill_chunk must be >= 1, got {self.kv_block_size}, "
                              f"{self.prefill_chunk}")

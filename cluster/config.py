@@ -16,6 +16,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
+from actors.engine_spec import BACKUPS, MODES, fan_out_error
 from cluster.errors import ConfigError  # noqa: F401 (defined without pydantic, re-exported)
 
 
@@ -151,22 +152,19 @@ class OnlineLearningConfig(_Section):
 
 
 class SpeculationConfig(_Section):
-    mode: Literal["ar", "sd", "ssd"] = "ssd"
+    mode: Literal[MODES] = "ssd"
     k: int = Field(4, ge=1, le=16)      # the largest K (with adaptive: each sequence's K is in 0..k)
     adaptive: bool = True               # K per sequence and round from live measurements; false: always k
     fan_out: list[int] | None = None    # per depth 0..k; None = geometric from measured acceptance
     fan_out_budget: int = Field(16, ge=1, le=256)
-    backup: Literal["jit", "ngram", "none"] = "jit"
+    backup: Literal[BACKUPS] = "jit"
     saguaro_c: float = Field(1.0, gt=0.0, le=1.0)
     online_learning: OnlineLearningConfig = OnlineLearningConfig()
 
     @model_validator(mode="after")
     def _fan_out_len(self):
-        if self.fan_out is not None:
-            if len(self.fan_out) != self.k + 1:
-                raise ValueError(f"fan_out: needs k+1 = {self.k + 1} entries (depth 0..k), got {self.fan_out}")
-            if any(f < 0 for f in self.fan_out):
-                raise ValueError(f"fan_out: entries must be >= 0, got {self.fan_out}")
+        if why := fan_out_error(self.fan_out, self.k):
+            raise ValueError(why)
         return self
 
 
