@@ -158,3 +158,43 @@ def test_ssd_greedy_equals_transformers(ray_local, smol_pair, hf_gguf, smol_prom
     for f in finals[1:]:
         stats.merge(f.stats)
     assert stats.drafts > 0  # speculation really ran (and was really checked)
+
+
+def test_openai_client_gets_exact_logprobs_and_a_prefix_hit_from_the_real_pair(serve_tiny, smol_pair, hf_gguf):
+    """SmolLM2-135M-Instruct served in SSD (its cheap drafter, K = 4 every round, float32) and
+    called with the openai client: two chat requests share a system prompt. The second is a
+    prefix-cache hit; both carry logprobs, and those equal transformers' teacher-forced
+    log-probabilities of the very tokens served (a wrong cached block or a wrong verify row would
+    move them). The same pair's json_schema answer: tests/test_structured.py."""
+    from tests.conftest import openai_client
+    from tests.test_logprobs import grpc_logprobs, teacher_forced
+
+    hf, htok = hf_gguf
+    server, client = serve_tiny({"models.target.path": "demo:smol/target", "models.draft.path": "demo:smol/cheap",
+                                 "models.target.dtype": "float32", "models.draft.dtype": "float32",
+                                 "speculation.adaptive": False, "engine.max_seq_len": 512, "http.model_name": "smol"})
+    system = "You answer questions about numbers, briefly and exactly, in one sentence. " * 5
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": q}]
+             for q in ("Is 97 a prime number?", "Is 91 a prime number?")]
+    try:
+        with openai_client(server) as oai:
+            served = [oai.chat.completions.create(model="smol", messages=m, max_tokens=16, temperature=0, logprobs=True,
+                                                  top_logprobs=2, extra_body={"ignore_eos": True}) for m in chats]
+        ids = [grpc_logprobs(client, m, 0, max_new_tokens=16, ignore_eos=True)[0] for m in chats]
+        stats = served[0].model_extra["metrics"]["speculative_decoding"]
+    finally:
+        client.close()
+        server.stop(grace_s=1)
+    assert served[0].usage.prompt_tokens_details.cached_tokens == 0
+    assert served[1].usage.prompt_tokens_details.cached_tokens >= 64   # the shared system prompt's full blocks
+    assert stats["drafts"] > 0                                        # speculation really ran
+    for m, r, out in zip(chats, served, ids):
+        prompt = htok(htok.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False).input_ids
+        content = r.choices[0].logprobs.content
+        assert [bytes(c.bytes) for c in content] == [server.tok.token_bytes(t) for t in out]   # the same tokens
+        ref = teacher_forced(hf, prompt, out)
+        for i, (t, c) in enumerate(zip(out, content)):
+            assert abs(c.logprob - float(ref[i, t])) <= 1e-3, (i, c.logprob, float(ref[i, t]))
+            torch.testing.assert_close(torch.tensor([a.logprob for a in c.top_logprobs]), ref[i].topk(2).values,
+                                       atol=1e-3, rtol=0)
