@@ -84,7 +84,7 @@ def worker(a) -> None:
 
 
 def run_worker(a, caching: str) -> dict:
-    tree = str(HERE.parents[1])
+    tree = str(HERE.parents[2])   # the repository root
     cmd = [sys.executable, "-m", "cluster.bench.prefix", "worker", "--caching", caching, "--config", a.config,
            "--system", str(a.system), "--requests", str(a.requests), "--streams", str(a.streams),
            "--new", str(a.new), "--mode", a.mode]
