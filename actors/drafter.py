@@ -42,17 +42,15 @@ import torch
 
 from actors.affinity import check_cpus, pin_this_thread
 from actors.protocol.channel import Channel
-from actors.draft_state import Branch, DrafterTimes, DraftSeq
-from actors.eagle.drafting import add_features, catch_up_depths, load_head_model, n_real, row_features
+from actors.draft_state import DrafterTimes, DraftSeq
+from actors.drafting import Drafting
+from actors.eagle.drafting import add_features, load_head_model
 from actors.protocol.frame import Frame, Rec, Record
 from actors.protocol.rounds import Ask, ReplyPing, TablePing, reply_due, table_due
-from actors.spec.fanout import split_budget, top_candidates
-from actors.spec.grammar import GrammarSpec, Grammars, Matcher
+from actors.spec.grammar import GrammarSpec, Grammars
 from actors.model.loader import load_model
-from actors.spec.ngram import propose_ngram
 from actors.spec.online import OnlineLearner, TrainWhileWaiting
 from actors.model.runner import Runner
-from actors.spec.sampling import DRAFT, keyed_uniforms, probs_from_logits, saguaro_scale, sample
 from actors.engine_spec import EngineSpec
 from actors.protocol.wire import HIT, MISS, NO_LOOKUP, decode_grammar, decode_params, encode_table
 
@@ -72,9 +70,6 @@ class Drafter:
         self.seqs: dict[int, DraftSeq] = {}
         self.channel: Channel | None = None
         self.times = DrafterTimes()
-        self._prespec = (0, 0)   # the last pre-speculation: (draft steps, ns), for the table's PING
-        self._prespec_catch_up_ns = 0   # of which a prefill of tokens committed at K = 0 or a new prompt
-        self._catch_up_ns = 0    # this frame's catch-up prefill before just-in-time drafts (in the reply's PING)
         self.loop_tid: int | None = None   # the OS id of the thread running the loop
         self.online = None       # online learning (actors/spec/online.py): None unless the spec turns it on
         self._waiter = None      # with online learning: receives frames while the loop trains
@@ -85,6 +80,8 @@ class Drafter:
                                spec.draft_max_len, compile_ok=self.online is None and not self.head,
                                prefix=spec.draft_prefix_caching)
         self.cache = self._forward.cache
+        # the forwards: just-in-time drafts and pre-speculation (actors/drafting.py)
+        self.drafting = Drafting(spec, self.model, self._forward, self.times, self.head)
         self._grammars: Grammars | None = None   # made in the background on the first constrained request
         self._grammars_thread: threading.Thread | None = None
         self._grammar_of: dict[int, tuple[GrammarSpec, int]] = {}   # GRAMMAR records awaiting their ADMIT
@@ -116,14 +113,14 @@ class Drafter:
                 self.times.reply_s += t2 - t1
                 if self.spec.mode == "ssd" and table_due(frame):
                     self.prespeculate()
-                    self._prespec = (self._prespec[0], int((time.perf_counter() - t2) * 1e9))
+                    self.drafting.prespec_ns = int((time.perf_counter() - t2) * 1e9)
                     self.channel.send(self.table_frame(frame.step))
                     self.times.prespec_s += time.perf_counter() - t2
                     self.times.prespec_cpu_s += time.thread_time() - c2
                 elif self.spec.mode != "ssd" and not self.head:  # read new prompts while the verifier prefills them
                     for s in self.seqs.values():   # (a head waits for the prompt's features)
                         if s.k:  # at K = 0 the cache catches up when a draft is asked for
-                            self._prefill(s, len(s.tokens))
+                            self.drafting.prefill(s, len(s.tokens))
         finally:
             self.close()
 
@@ -184,12 +181,11 @@ class Drafter:
                     need_draft.append(s)
             elif rec.kind == Rec.RELEASE:
                 self._release(rec.seq)
-        self._catch_up_ns = 0
-        self._backup(need_draft)
+        catch_up_ns = self.drafting.backup(need_draft)   # the drafts no cached branch gave
         if not reply_due(must_reply, (Ask(self.seqs[sid].k, hit == HIT, self.seqs[sid].params.greedy)
                                       for sid, hit in replies.items())):
             return None
-        records = [ReplyPing(recv_posted_ns, recv_done_ns, time.perf_counter_ns(), self._catch_up_ns).record()]
+        records = [ReplyPing(recv_posted_ns, recv_done_ns, time.perf_counter_ns(), catch_up_ns).record()]
         for sid, hit in replies.items():
             s = self.seqs[sid]
             if hit == HIT and s.params.greedy:  # the verifier took this draft from the table
@@ -199,12 +195,16 @@ class Drafter:
                                   tokens=list(s.draft), floats=None if q is None else q.reshape(-1)))
         return Frame(Rec.DRAFT, frame.step, records)
 
+    def prespeculate(self) -> None:
+        """Pre-draft the next round for the likely outcomes of the round being verified."""
+        self.drafting.prespeculate(self.seqs.values())
+
     def table_frame(self, step: int) -> Frame:
         """The speculation cache as the verifier needs it: per sequence, its branches' tokens."""
-        steps, ns = self._prespec
+        d = self.drafting
         # the catch-up prefill is not pre-speculation's cost per round (it comes once, after a
         # prompt or a stretch at K = 0): the verifier's policy must not price every round with it
-        records = [TablePing(steps, ns, time.perf_counter_ns(), self._prespec_catch_up_ns).record()]
+        records = [TablePing(d.prespec_steps, d.prespec_ns, time.perf_counter_ns(), d.prespec_catch_up_ns).record()]
         for s in self.seqs.values():
             if s.branches:
                 table = {key: br.tokens for key, br in s.branches.items()}
@@ -256,30 +256,6 @@ class Drafter:
         except Exception:
             log.exception("drafter: the grammar engine did not start; constrained requests draft unmasked")
 
-    def _branch_matcher(self, s: DraftSeq, tokens: list[int]) -> tuple[bool, Matcher | None]:
-        """A branch's own matcher: the sequence's, forked and advanced through `tokens` (the draft
-        prefix and the correction token it starts from). (False, None) when the grammar refuses
-        them: the verifier's mask never lets that outcome happen, so the branch is not drafted."""
-        if s.matcher is None:
-            return True, None
-        m = s.matcher.fork()
-        return (True, m) if m.advance(tokens) else (False, None)
-
-    def _prefill(self, s: DraftSeq, upto: int) -> None:
-        """Feed committed tokens the cache has not seen, up to (not including) index `upto`."""
-        step = self.spec.prefill_chunk
-        if self.head:   # rows the target's features reach (row r reads the feature at r - 1)
-            upto = min(upto, n_real(s) + 1)
-        while s.length < upto:
-            end = min(upto, s.length + step)
-            if self.head:
-                self.model.feats = row_features(self.model, s, s.length, end)
-            self._forward(torch.tensor([s.tokens[s.length:end]]), torch.arange(s.length, end)[None], [s.slot],
-                          last=True)   # only the cache matters here: skip the vocabulary head for all but one row
-            s.length = end
-            self.cache.advance(s.slot, end)
-            self.cache.publish(s.slot, s.tokens, end)
-
     def _release(self, sid: int) -> None:
         s = self.seqs.pop(sid, None)
         if s is None:
@@ -320,7 +296,7 @@ class Drafter:
 
     def _refresh_kv(self, s: DraftSeq) -> None:
         """online_learning.recompute_kv: once optimizer steps ran since this sequence's KV was
-        (re)computed, drop it all, so the next catch-up (`_backup`'s prefill, or `_catch_up` in
+        (re)computed, drop it all, so the next catch-up (the backup's prefill, or the catch-up in
         pre-speculation) recomputes it, and the depth distributions the next fan-out picks from,
         with the current weights. The adopted draft's tokens (and q rows) stay: the verifier
         already holds them."""
@@ -344,169 +320,3 @@ class Drafter:
         s.hid = s.hid[:k] if s.hid is not None and k else None
         s.length = min(s.length, len(s.tokens) - 1 + k)
         self.cache.truncate(s.slot, s.length)
-
-    # -- drafting --------------------------------------------------------------------------
-    def _backup(self, seqs: list[DraftSeq]) -> None:
-        """Draft for sequences that have no cached draft this round."""
-        if not seqs:
-            return
-        backup = self.spec.backup if self.spec.mode == "ssd" else "jit"
-        jit = seqs if backup == "jit" else []
-        if backup == "ngram":
-            for s in seqs:
-                s.draft = propose_ngram(s.tokens, s.k)
-                s.q = torch.nn.functional.one_hot(torch.tensor(s.draft, dtype=torch.long, device=self.device),
-                                                  self.model.args.vocab_size).float() if s.draft else None
-        if jit:
-            t0 = time.perf_counter_ns()
-            for s in jit:  # tokens committed while at K = 0: a prefill, not drafting cost
-                self._prefill(s, len(s.tokens) - 1)
-            self._catch_up_ns = time.perf_counter_ns() - t0
-            for K, group in self._by_k(jit):
-                rows = [(s, s.slot, s.length, s.tokens[-1], None, self._first_feature(s),
-                         None if s.matcher is None else s.matcher.fork()) for s in group]
-                for (s, *_), (toks, q, dists, hid, length) in zip(rows, self._draft_rows(rows, K)):
-                    s.draft, s.q, s.dists, s.hid, s.length = toks, q, dists, hid, length
-
-    @staticmethod
-    def _by_k(items, k_of=lambda s: s.k):
-        """Group by draft length (one batched draft per K)."""
-        groups: dict[int, list] = {}
-        for it in items:
-            groups.setdefault(k_of(it), []).append(it)
-        return sorted(groups.items())
-
-    def _first_feature(self, s: DraftSeq) -> torch.Tensor | None:
-        """A draft head's feature for the row after the committed tokens: the target's last."""
-        return s.real[len(s.tokens) - 2] if self.head else None
-
-    def _draft_rows(self, rows, K: int) -> list[tuple]:
-        """Draft K tokens for each row (seq, slot, start position, first token, depth-fan-out,
-        a draft head's feature for the first step, a matcher after the first token or None), one
-        batched forward per step; a row with a matcher drafts under its grammar's mask, the
-        verifier's. Returns per row
-        (tokens, q rows, dists, a head's hidden states, cache length); the rows' q and dists are
-        views into one [B, K, V] tensor each (no per-row copies)."""
-        B, V, dev = len(rows), self.model.args.vocab_size, self.device
-        slots = [r[1] for r in rows]
-        pos = torch.tensor([r[2] for r in rows])         # host bookkeeping (the cache's plan)
-        cur = torch.tensor([r[3] for r in rows], device=dev)
-        toks = torch.empty(B, K, dtype=torch.long, device=dev)   # every step stays on the device
-        sampled: dict[int, list[int]] = {}   # sampling sequences' rows; greedy rows take the argmax
-        for i, r in enumerate(rows):
-            if not r[0].params.greedy:
-                sampled.setdefault(r[0].id, []).append(i)
-        dists = torch.empty(B, K, V, device=dev)
-        qs = torch.empty(B, K, V, device=dev) if sampled else None
-        hids = feats = None
-        if self.head:   # step 0 reads the given features, each later step the head's last output
-            feats = torch.stack([r[5] for r in rows])[:, None]
-            hids = torch.empty(B, K, self.model.dim, dtype=self.model.dtype, device=dev)
-        matchers = {i: r[6] for i, r in enumerate(rows) if r[6] is not None}
-        for step in range(K):
-            self.model.feats = feats
-            logits = self._forward(cur[:, None], pos[:, None], slots)[:, 0]
-            if self.head:
-                feats = self.model.hidden
-                hids[:, step] = feats[:, 0]
-            for i, m in matchers.items():   # (a row whose grammar ended at a drafted stop token: left as is)
-                m.mask_rows(logits[i:i + 1], [])
-            nxt = logits.argmax(-1)
-            dists[:, step] = logits
-            for idx in sampled.values():
-                s = rows[idx[0]][0]
-                p = probs_from_logits(logits[idx], s.params)
-                q = p
-                if self.spec.saguaro_c < 1.0:
-                    # Next round pre-drafts the top-F_step tokens of this very distribution at
-                    # depth `step`: those are the ones Saguaro scales by c.
-                    q = saguaro_scale(p, self._fan_out(s, K)[step], self.spec.saguaro_c)
-                # keyed by the drafted token's position: a branch and a just-in-time draft of the
-                # same context draw the same token (actors/spec/sampling.py)
-                nxt[idx] = sample(q, uniforms=keyed_uniforms(s.params.seed, (pos[idx] + 1).tolist(), DRAFT))
-                dists[idx, step] = p
-                qs[idx, step] = q
-            toks[:, step] = nxt
-            cur, pos = nxt, pos + 1
-            if matchers:   # each masked row's matcher takes the token it drafted
-                drafted = nxt.tolist()
-                for i, m in matchers.items():
-                    m.advance([drafted[i]])
-        sampled_rows = {i for idx in sampled.values() for i in idx}
-        out = []
-        for i, (r, t) in enumerate(zip(rows, toks.tolist())):   # the one read back: the drafted tokens
-            length = r[2] + K
-            self.cache.advance(slots[i], length)
-            out.append((t, qs[i] if i in sampled_rows else None, dists[i], None if hids is None else hids[i], length))
-        return out
-
-    def _fan_out(self, s: DraftSeq, depth_max: int) -> list[int]:
-        if self.spec.fan_out is not None:
-            return list(self.spec.fan_out[:depth_max + 1])
-        return split_budget(s.budget, s.tracker.odds(depth_max))
-
-    def _catch_up(self, s: DraftSeq) -> None:
-        """Feed the cache whatever it lacks of tokens + draft, so every depth has a distribution."""
-        full = s.tokens + s.draft
-        if s.length >= len(full):
-            return
-        if self.head:
-            t0 = time.perf_counter_ns()
-            self._prefill(s, len(s.tokens) - 1)
-            self._prespec_catch_up_ns += time.perf_counter_ns() - t0
-            catch_up_depths(self.model, self._forward, self.cache, s)
-            return
-        if s.length < len(s.tokens) - 1:  # rows before depth 0 give no distribution: prefill them in chunks
-            t0 = time.perf_counter_ns()
-            self._prefill(s, len(s.tokens) - 1)
-            self._prespec_catch_up_ns += time.perf_counter_ns() - t0
-        new = full[s.length:]
-        logits = self._forward(torch.tensor([new]), torch.arange(s.length, len(full))[None], [s.slot])[0]
-        first_depth = s.length - (len(s.tokens) - 1)   # the depth of logits[0]
-        if first_depth < 0:  # a new prompt: only its last row is a depth (0)
-            logits, first_depth = logits[-first_depth:], 0
-        ok, m = self._branch_matcher(s, s.draft[:first_depth])
-        if m is not None and ok:   # the depths' candidates are the ones the grammar allows
-            m.mask_rows(logits, s.draft[first_depth:])
-        rows = logits if s.params.greedy else probs_from_logits(logits, s.params)
-        s.dists = rows if s.dists is None or first_depth == 0 else torch.cat([s.dists[:first_depth], rows])
-        s.length = len(full)
-        self.cache.advance(s.slot, s.length)
-
-    def prespeculate(self) -> None:
-        """Pre-draft the next round for the likely outcomes of the round being verified."""
-        rows, keys = [], []
-        self._prespec_catch_up_ns = 0
-        depth_rows, dists, drafted, fans = [], [], [], []   # every (sequence, depth) to branch from
-        for s in self.seqs.values():
-            if s.branches or s.speculated:  # already pre-drafted for this round (a frame that moved nothing on)
-                continue
-            if s.k == 0:  # speculation off: its cache catches up when a draft is asked for
-                continue
-            if self.head and n_real(s) < len(s.tokens) - 1:   # a new prompt: its features come with its
-                continue                                      # first outcome (its first draft is drafted then)
-            s.speculated = True
-            self._catch_up(s)
-            n, depths = len(s.tokens), len(s.draft)
-            fan = self._fan_out(s, depths)
-            for j in range(depths + 1):
-                if fan[j] > 0:
-                    depth_rows.append((s, n, j))
-                    dists.append(s.dists[j])
-                    drafted.append(s.draft[j] if j < depths else None)
-                    fans.append(fan[j])
-        # the candidates of every sequence and depth in one topk and one read-back
-        for (s, n, j), cands in zip(depth_rows, top_candidates(dists, drafted, fans)):
-            for t in cands:
-                ok, m = self._branch_matcher(s, s.draft[:j] + [t])
-                if not ok:
-                    continue
-                rows.append((s, self.cache.fork(s.slot, n + j), n + j, t, j, s.hid[j] if self.head else None, m))
-                keys.append((s, (j, t)))
-        self._prespec = (max((r[0].k for r in rows), default=0), 0)
-        if not rows:
-            return
-        for K, group in self._by_k(list(zip(keys, rows)), k_of=lambda kr: kr[0][0].k):
-            for ((s, key), row), (toks, q, dists, _, length) in zip(group, self._draft_rows([r for _, r in group], K)):
-                s.branches[key] = Branch(row[1], row[2], length, toks, q, dists)
-        self.times.branches += len(rows)

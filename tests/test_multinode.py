@@ -24,7 +24,7 @@ from actors.generate import generate_ar
 from actors.model.loader import load_model
 from actors.engine_spec import EngineSpec
 from actors.spec.stopping import StopCriteria
-from cluster.launch.engine import interface_with
+from cluster.launch.ray_actors import interface_with
 from cluster.launch.placement import drafter_bundle, missing_resources, placement_bundles
 
 ROOT = Path(__file__).parent.parent

@@ -50,7 +50,7 @@ def row_features(model: HeadModel, s: DraftSeq, start: int, end: int) -> torch.T
 def catch_up_depths(model: HeadModel, forward, cache, s: DraftSeq) -> None:
     """Give every depth 0..len(draft) of `s` a distribution and hidden state: the row after the
     committed tokens from the target's last feature, each draft row from the head's row before.
-    The committed rows before are already in the cache (Drafter._prefill)."""
+    The committed rows before are already in the cache (Drafting.prefill, actors/drafting.py)."""
     n = len(s.tokens)
     full = s.tokens + s.draft
     first = s.length - (n - 1)   # the first depth without a row
