@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
+from cluster.bench.worker import run_arm
+
 QUESTION = 32
 
 
@@ -84,16 +83,9 @@ def worker(a) -> None:
 
 
 def run_worker(a, caching: str) -> dict:
-    tree = str(HERE.parents[2])   # the repository root
-    cmd = [sys.executable, "-m", "cluster.bench.prefix", "worker", "--caching", caching, "--config", a.config,
-           "--system", str(a.system), "--requests", str(a.requests), "--streams", str(a.streams),
-           "--new", str(a.new), "--mode", a.mode]
-    out = subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True,
-                         timeout=1800)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker ({caching}) failed ({out.returncode}): {out.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return run_arm("cluster.bench.prefix", ["--caching", caching, "--config", a.config, "--system", str(a.system),
+                                            "--requests", str(a.requests), "--streams", str(a.streams),
+                                            "--new", str(a.new), "--mode", a.mode])
 
 
 KEYS = ("ttft_first_s", "ttft_rest_s", "ttft_concurrent_s", "tok_s")

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
+from cluster.bench.worker import run_arm
+
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
           "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0,
                                                                                "maximum": 120},
@@ -102,15 +101,8 @@ def _loads(text: str):
 
 
 def run_worker(a, mode: str) -> dict:
-    tree = str(HERE.parents[2])   # the repository root
-    cmd = [sys.executable, "-m", "cluster.bench.structured", "worker", "--mode", mode, "--config", a.config,
-           "--prompts", str(a.prompts), "--new", str(a.new)]
-    out = subprocess.run(cmd, cwd=tree, env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True,
-                         timeout=1800)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"worker ({mode}) failed ({out.returncode}): {out.stderr[-2000:]}")
-    return json.loads(lines[-1])
+    return run_arm("cluster.bench.structured", ["--mode", mode, "--config", a.config, "--prompts", str(a.prompts),
+                                                "--new", str(a.new)])
 
 
 def compare(a) -> int:
