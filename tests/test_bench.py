@@ -46,6 +46,7 @@ def _check_report(out: Path, stdout: str, modes: set[str]) -> dict:
     return rep
 
 
+@pytest.mark.slow   # a bench run (36 s), as every run of `outrider bench` here: `pytest -m slow`
 @pytest.mark.timeout(300)
 def test_bench_quick_tiny(ray_local, tiny_pair, tmp_path, capsys):
     cfg = yaml.safe_load(Path("configs/local-cpu.yaml").read_text())
@@ -71,7 +72,7 @@ def test_bench_full(tmp_path, capsys):
     assert rep["wall_s"] < 600
 
 
-@pytest.mark.slow   # a bench run (23 s); `make test` keeps the quick bench above
+@pytest.mark.slow   # a bench run (23 s)
 @pytest.mark.timeout(400)
 def test_explore_grid_with_a_drafter_variant(ray_local, tiny_pair, tmp_path, capsys):
     from cluster.bench.explore import run_explore

@@ -87,7 +87,8 @@ BASE = {"models": {"target": {"path": "t"}, "draft": {"path": "d"}}}
     ({"replicas": 0}, r"cluster\.replicas: Input should be greater than or equal to 1"),
     ({"replicas": "two"}, r"cluster\.replicas: Input should be a valid integer"),
     ({"replicas": 2, "launcher": "local"}, r"cluster\.replicas: 2 engine replicas are placed by Ray"),
-    ({"replicas": 3, "num_cpus": 4}, r"cluster\.replicas: 3 replica\(s\) of 2 CPU\(s\) each \(a verifier and 1 drafter\(s\)\) need 6"),
+    ({"replicas": 3, "num_cpus": 4},
+     r"cluster\.replicas: 3 replica\(s\) of 2 CPU\(s\) each \(a verifier and 1 drafter\(s\)\) need 6"),
 ])
 def test_replicas_config_errors_name_the_key(cluster, match):
     with pytest.raises(ConfigError, match=match):

@@ -145,7 +145,8 @@ class TestServing:
         assert_same_outcome_law(whole, split, "sampling on the split target")
 
 
-@pytest.mark.parametrize("launcher", ["local", "ray"])
+# the plain-process launcher's run is in the slow set (19 s): the Ray one covers the same recovery
+@pytest.mark.parametrize("launcher", [pytest.param("local", marks=pytest.mark.slow), "ray"])
 def test_a_killed_rank_fails_open_streams_then_the_server_serves_again(launcher, request, held_out_prompts):
     """SIGKILL rank 1 mid-stream: open streams end UNAVAILABLE, the supervisor rebuilds every rank,
     health is SERVING again within 60 s and a new request completes. `local`: rank 0 in this very

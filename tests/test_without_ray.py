@@ -41,7 +41,7 @@ def test_serves_over_grpc_without_ray(tiny_pair, tmp_path):
     assert float(hits) > 0, out.stdout   # the drafter (a child process) drafted
 
 
-@pytest.mark.slow   # a bench run (29 s); make test keeps the quick bench on Ray (tests/test_bench.py)
+@pytest.mark.slow   # a bench run (29 s)
 def test_bench_runs_without_ray(tiny_pair, tmp_path):
     report = tmp_path / "out"
     out = _run(f"from cluster.bench.run import run_bench\n"
