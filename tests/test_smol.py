@@ -165,7 +165,7 @@ def test_openai_client_gets_exact_logprobs_and_a_prefix_hit_from_the_real_pair(s
     called with the openai client: two chat requests share a system prompt. The second is a
     prefix-cache hit; both carry logprobs, and those equal transformers' teacher-forced
     log-probabilities of the very tokens served (a wrong cached block or a wrong verify row would
-    move them). The same pair's json_schema answer: tests/test_structured.py."""
+    move them). The same pair's json_schema answer: tests/test_structured_api.py."""
     from tests.conftest import openai_client
     from tests.test_logprobs import grpc_logprobs, teacher_forced
 
