@@ -37,6 +37,7 @@ from actors.generate import generate_ar
 from actors.model.loader import load_model
 from actors.spec.sampling import SamplingParams
 from actors.spec.stopping import StopCriteria
+from actors.spec.stats import SpecStats
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -197,9 +198,7 @@ def _ssd_draws(prompt, case: Case, n) -> list[tuple[int, ...]]:
         coord.stop()
         engine.stop()
     assert all(f.finish_reason == "length" for f in finals)
-    stats = finals[0].stats
-    for f in finals[1:]:
-        stats.merge(f.stats)
+    stats = SpecStats.total(f.stats for f in finals)
     # Speculation really happened: drafts were accepted and rejected.
     assert stats.drafts > 0 and 0 < stats.accepted_tokens < stats.draft_tokens, stats.summary()
     if case.speculation.get("k") == 1:

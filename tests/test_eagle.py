@@ -27,6 +27,7 @@ from actors.model.loader import load_model
 from actors.spec.sampling import SamplingParams
 from actors.spec.stopping import StopCriteria
 from tests.conftest import HF_NEW, assert_matches_or_near_tie
+from actors.spec.stats import SpecStats
 
 
 @pytest.fixture(scope="module")
@@ -284,9 +285,7 @@ def _engine_run(head_dir, prompts, mode: str, params=None, max_new=HF_NEW, **spe
     finally:
         coord.stop()
         engine.stop()
-    stats = finals[0].stats
-    for f in finals[1:]:
-        stats.merge(f.stats)
+    stats = SpecStats.total(f.stats for f in finals)
     return [h.tokens for h in handles], stats
 
 

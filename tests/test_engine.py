@@ -18,6 +18,7 @@ from cluster.serving.coordinator import Coordinator, GenerateArgs
 from cluster.launch.deployment import engine_spec
 from cluster.launch.engine import RayEngine
 from tests.conftest import HF_NEW, assert_matches_or_near_tie, assert_same_outcome_law
+from actors.spec.stats import SpecStats
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -55,9 +56,7 @@ def test_ssd_greedy_equals_hf(ssd, hf_refs, held_out_prompts):
     assert len(held_out_prompts) >= 20
     outs, finals = _run_all(coord, held_out_prompts)
     _check_exact(hf_refs, held_out_prompts, outs)
-    stats = finals[0].stats
-    for f in finals[1:]:
-        stats.merge(f.stats)
+    stats = SpecStats.total(f.stats for f in finals)
     # Speculation really happened and the cache really served drafts.
     assert stats.drafts > 0 and stats.accepted_tokens > 0
     assert stats.cache_hits > 0, stats.summary()

@@ -18,6 +18,7 @@ import torch
 from actors.protocol.frame import Rec
 from actors.spec.grammar import MAX_JSON_WHITESPACE, GrammarSpec, choice_spec
 from actors.spec.sampling import SamplingParams
+from actors.spec.stats import SpecStats
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -310,9 +311,7 @@ def test_ssd_sampling_follows_the_masked_target(reference, held_out_prompts, par
     args = [GenerateArgs(prompt, N_TOKENS, SamplingParams(params.temperature, params.top_k, params.top_p, seed=i),
                          ignore_eos=True, grammar=SAMPLED) for i in range(N_DRAWS)]
     handles, finals, _ = run_engine("ssd", args, **{"engine.max_batch": 32})
-    stats = finals[0].stats
-    for f in finals[1:]:
-        stats.merge(f.stats)
+    stats = SpecStats.total(f.stats for f in finals)
     assert stats.drafts > 0 and 0 < stats.accepted_tokens < stats.draft_tokens, stats.summary()
     draws = [tuple(h.tokens) for h in handles]
     with torch.inference_mode():

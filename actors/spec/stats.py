@@ -54,6 +54,14 @@ class SpecStats:
         else:
             self.cache_misses += 1
 
+    @classmethod
+    def total(cls, stats) -> SpecStats:
+        """A fresh sum of several generations' statistics (none of them changed)."""
+        out = cls()
+        for st in stats:
+            out.merge(st)
+        return out
+
     def merge(self, other: SpecStats) -> None:
         if other.k > self.k:  # widen to the larger K so per-position lists line up
             pad = other.k - self.k

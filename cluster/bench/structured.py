@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.bench.worker import run_arm
+from cluster.bench.worker import ab_main, ab_parser, run_arm
+from actors.spec.stats import SpecStats
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
           "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer", "minimum": 0,
@@ -69,9 +70,7 @@ def worker(a) -> None:
     finally:
         coord.stop()
         eng.stop()
-    stats = finals[0].stats
-    for f in finals[1:]:
-        stats.merge(f.stats)
+    stats = SpecStats.total(f.stats for f in finals)
     done = [tok.decode(t) for t, f in zip(tokens, finals) if f.finish_reason == "stop"]
     print(json.dumps({
         "mode": a.mode, "tok_s": sum(map(len, tokens)) / wall, "tokens": tokens,
@@ -124,20 +123,10 @@ def compare(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench_structured", description=__doc__.split("\n")[0])
-    p.add_argument("cmd", nargs="?", default="compare", choices=["compare", "worker"])
-    p.add_argument("--config", default="configs/local-cpu.yaml")
+    p = ab_parser("bench_structured", __doc__, new=64)
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--new", type=int, default=64)
-    p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--out", default=None)
     p.add_argument("--mode", choices=["ar", "ssd"], default="ssd", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.cmd == "worker":
-        worker(a)
-        return 0
-    return compare(a)
-
+    return ab_main(p, argv, worker, compare)
 
 if __name__ == "__main__":
     sys.exit(main())
