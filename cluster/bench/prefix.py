@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.bench.worker import run_arm
+from cluster.bench.worker import ab_main, ab_parser, run_arm
 
 QUESTION = 32
 
@@ -113,23 +113,13 @@ def compare(a) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="bench_prefix", description=__doc__.split("\n")[0])
-    p.add_argument("cmd", nargs="?", default="compare", choices=["compare", "worker"])
-    p.add_argument("--config", default="configs/local-cpu.yaml")
+    p = ab_parser("bench_prefix", __doc__, new=32)
     p.add_argument("--system", type=int, default=512, help="system prompt tokens shared by every request")
     p.add_argument("--requests", type=int, default=8, help="sequential requests (time to first token)")
     p.add_argument("--streams", type=int, default=4, help="concurrent requests (throughput)")
-    p.add_argument("--new", type=int, default=32)
     p.add_argument("--mode", default="ssd")
-    p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--out", default=None)
     p.add_argument("--caching", choices=["on", "off"], default="on", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.cmd == "worker":
-        worker(a)
-        return 0
-    return compare(a)
-
+    return ab_main(p, argv, worker, compare)
 
 if __name__ == "__main__":
     sys.exit(main())
